@@ -1,0 +1,55 @@
+// The record a timed-out device wait leaves for the host, shared by device code (which writes it) and host code
+// (which reads it and throws). Lives in host-mapped pinned memory, so the host can read it while the kernel runs
+// and after it has exited.
+#pragma once
+
+#include <cstdint>
+
+namespace ep {
+
+enum class ErrorCode : int {
+    kNone = 0,
+    // A writer won the compare-and-swap and is filling in the fields; the host waits for kTimeout.
+    kClaiming = 1,
+    kTimeout = 2,
+};
+
+// What a wait was waiting for. Each spin-wait in the kernels names its site, so the Python error says what hung.
+// A new wait adds its site here and its name in wait_site_name().
+enum class WaitSite : int {
+    kUnknown = 0,
+    kSelfTest = 1,
+    kNotifyBarrier = 2,
+    kDispatchSenderFreeSlots = 3,
+    kDispatchReceiverTail = 4,
+    kCombineSenderFreeSlots = 5,
+    kCombineReceiverTail = 6,
+    kLowLatencyRecvCount = 7,
+    kLowLatencyRecvFlag = 8,
+};
+
+inline const char* wait_site_name(int site) {
+    switch (static_cast<WaitSite>(site)) {
+        case WaitSite::kSelfTest: return "self-test flag that is never set";
+        case WaitSite::kNotifyBarrier: return "notify barrier (peer ranks' signals)";
+        case WaitSite::kDispatchSenderFreeSlots: return "dispatch sender: free slots in the peer's receive queue";
+        case WaitSite::kDispatchReceiverTail: return "dispatch receiver: tokens from the sender (queue tail)";
+        case WaitSite::kCombineSenderFreeSlots: return "combine sender: free slots in the peer's receive queue";
+        case WaitSite::kCombineReceiverTail: return "combine receiver: tokens from the sender (queue tail)";
+        case WaitSite::kLowLatencyRecvCount: return "low-latency receiver: per-expert token count";
+        case WaitSite::kLowLatencyRecvFlag: return "low-latency receiver: per-expert arrival flag";
+        case WaitSite::kUnknown: break;
+    }
+    return "unknown wait site";
+}
+
+// First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout.
+struct DeviceErrorRecord {
+    int code;     // ErrorCode
+    int rank;     // rank whose kernel timed out
+    int channel;  // channel (or block) index within that kernel, -1 when not meaningful
+    int site;     // WaitSite
+    uint64_t waited_ns;
+};
+
+}  // namespace ep

@@ -1,0 +1,67 @@
+// Typed kernel launches, and the one place that turns runtime values into template parameters.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "exception.hpp"
+
+namespace ep {
+
+struct LaunchConfig {
+    dim3 grid;
+    dim3 block;
+    size_t smem_bytes = 0;
+    cudaStream_t stream = nullptr;
+    // All blocks must be resident at once (grid-wide sync, or blocks that spin-wait on each other).
+    bool cooperative = false;
+};
+
+// Launches `kernel` with arguments checked against its signature by the compiler (the C++ overload of
+// cudaLaunchKernelEx), not a `void* args[]` matched by position.
+template <typename... KernelParams, typename... Args>
+void launch_kernel(const LaunchConfig& config, void (*kernel)(KernelParams...), Args&&... args) {
+    static_assert(sizeof...(KernelParams) == sizeof...(Args), "launch_kernel: argument count differs from kernel");
+    if (config.smem_bytes > 48 * 1024) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(config.smem_bytes)));
+    }
+    cudaLaunchAttribute attributes[1];
+    cudaLaunchConfig_t launch_config = {};
+    launch_config.gridDim = config.grid;
+    launch_config.blockDim = config.block;
+    launch_config.dynamicSmemBytes = config.smem_bytes;
+    launch_config.stream = config.stream;
+    launch_config.attrs = attributes;
+    launch_config.numAttrs = 0;
+    if (config.cooperative) {
+        attributes[0].id = cudaLaunchAttributeCooperative;
+        attributes[0].val.cooperative = 1;
+        launch_config.numAttrs = 1;
+    }
+    CUDA_CHECK(cudaLaunchKernelEx(&launch_config, kernel, static_cast<KernelParams>(std::forward<Args>(args))...));
+}
+
+// Supported compile-time values, in one spot. A kernel templated on one of these is instantiated for each listed
+// value only: add a value here to support it (and pay its compile time).
+template <int... kValues>
+struct IntList {};
+using SupportedNumRanks = IntList<2, 4, 8>;
+using SupportedNumTopk = IntList<1, 2, 4, 6, 8, 9>;
+
+// switch_int(SupportedNumRanks{}, num_ranks, "num_ranks", [&](auto kNumRanks) { ... kNumRanks() ... });
+// calls the lambda with std::integral_constant<int, value>; a value not in the list throws, naming the list.
+template <int kFirst, int... kRest, typename Fn>
+decltype(auto) switch_int(IntList<kFirst, kRest...>, int value, const char* name, Fn&& fn) {
+    if (value == kFirst) return fn(std::integral_constant<int, kFirst>{});
+    if constexpr (sizeof...(kRest) > 0) {
+        return switch_int(IntList<kRest...>{}, value, name, std::forward<Fn>(fn));
+    } else {
+        throw EPException(detail::concat("unsupported ", name, " = ", value,
+                                         " (supported values are listed in csrc/common/launch.cuh)"));
+    }
+}
+
+}  // namespace ep

@@ -1,0 +1,53 @@
+// timeout_while: the one spin-wait helper. Every device wait goes through it, so no kernel can hang forever:
+// past the deadline it records who waited for what in the host-mapped DeviceErrorRecord and returns false, and
+// the kernel exits; the host then raises deep_ep_py.errors.DeepEPTimeoutError from the record.
+#pragma once
+
+#include <cstdint>
+
+#include "error_record.hpp"
+#include "ptx.cuh"
+
+namespace ep {
+
+// Passed by value in kernel arguments.
+struct TimeoutContext {
+    DeviceErrorRecord* record;  // device view of a host-mapped record (runtime/error_record.hpp)
+    uint64_t timeout_ns;        // default from default_timeout_ns(): 100 s, or DEEP_EP_PY_TIMEOUT_S
+    int rank;
+    int channel;
+};
+
+__device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
+    int* code = &ctx.record->code;
+    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
+        static_cast<int>(ErrorCode::kNone))
+        return;  // someone else already reported; theirs is the first failure
+    ctx.record->rank = ctx.rank;
+    ctx.record->channel = ctx.channel;
+    ctx.record->site = static_cast<int>(site);
+    ctx.record->waited_ns = waited_ns;
+    // The fields above become visible to the host before code == kTimeout does.
+    ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
+}
+
+// Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
+// another waiter has already failed (then this one stops too, so the whole kernel drains instead of hanging).
+// The caller must leave the kernel (or skip the work that needed the wait) on false.
+template <typename KeepWaiting>
+__device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const TimeoutContext& ctx, WaitSite site) {
+    const uint64_t start_ns = ptx::read_globaltimer();
+    uint32_t num_polls = 0;
+    while (keep_waiting()) {
+        if ((++num_polls & 255u) != 0) continue;  // check the clock and the record every 256 polls
+        const uint64_t waited_ns = ptx::read_globaltimer() - start_ns;
+        if (waited_ns > ctx.timeout_ns) {
+            record_device_timeout(ctx, site, waited_ns);
+            return false;
+        }
+        if (ptx::ld_volatile_global(&ctx.record->code) != static_cast<int>(ErrorCode::kNone)) return false;
+    }
+    return true;
+}
+
+}  // namespace ep

@@ -1,0 +1,94 @@
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/exception.hpp"
+#include "../common/launch.cuh"
+#include "../common/timeout.cuh"
+#include "error_record.hpp"
+#include "host_wait.hpp"
+
+namespace ep {
+
+uint64_t default_timeout_ns() {
+    static const uint64_t timeout_ns = [] {
+        double seconds = 100.0;
+        if (const char* env = std::getenv("DEEP_EP_PY_TIMEOUT_S")) {
+            char* end = nullptr;
+            const double parsed = std::strtod(env, &end);
+            EP_HOST_ASSERT_MSG((end != env && parsed > 0.0),
+                               "DEEP_EP_PY_TIMEOUT_S must be a positive number, got '", env, "'");
+            seconds = parsed;
+        }
+        return static_cast<uint64_t>(seconds * 1e9);
+    }();
+    return timeout_ns;
+}
+
+void check_device_error_record(const DeviceErrorRecord* record, const std::string& what) {
+    if (record == nullptr) return;
+    const volatile int* code = &record->code;
+    if (*code == static_cast<int>(ErrorCode::kNone)) return;
+    // A device writer has claimed the record; its release store of kTimeout follows the field writes.
+    while (*code == static_cast<int>(ErrorCode::kClaiming)) std::this_thread::yield();
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const volatile DeviceErrorRecord* r = record;
+    throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
+                                            ", waiting for ", wait_site_name(r->site), " (site ", r->site,
+                                            ") after ", static_cast<double>(r->waited_ns) * 1e-9,
+                                            " s; noticed by ", what));
+}
+
+ErrorRecord::ErrorRecord() {
+    void* host = nullptr;
+    CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceErrorRecord), cudaHostAllocMapped));
+    std::memset(host, 0, sizeof(DeviceErrorRecord));
+    host_ptr_ = static_cast<DeviceErrorRecord*>(host);
+    void* device = nullptr;
+    const cudaError_t status = cudaHostGetDevicePointer(&device, host, 0);
+    if (status != cudaSuccess) {
+        cudaFreeHost(host);
+        CUDA_CHECK(status);
+    }
+    device_ptr_ = static_cast<DeviceErrorRecord*>(device);
+}
+
+ErrorRecord::~ErrorRecord() {
+    if (host_ptr_ != nullptr) cudaFreeHost(host_ptr_);  // no throw from a destructor
+}
+
+bool ErrorRecord::has_error() const {
+    return *static_cast<const volatile int*>(&host_ptr_->code) != static_cast<int>(ErrorCode::kNone);
+}
+
+void ErrorRecord::check(const std::string& what) const { check_device_error_record(host_ptr_, what); }
+
+void ErrorRecord::reset() {
+    std::memset(host_ptr_, 0, sizeof(DeviceErrorRecord));
+    std::atomic_thread_fence(std::memory_order_release);
+}
+
+namespace {
+
+__global__ void timeout_self_test_kernel(TimeoutContext ctx) {
+    __shared__ volatile int never_set;
+    if (threadIdx.x == 0) never_set = 0;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    timeout_while([&] { return never_set == 0; }, ctx, WaitSite::kSelfTest);
+}
+
+}  // namespace
+
+void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel,
+                              cudaStream_t stream) {
+    EP_HOST_ASSERT(record_device_ptr != 0);
+    EP_HOST_ASSERT(timeout_s > 0.0);
+    const TimeoutContext ctx{reinterpret_cast<DeviceErrorRecord*>(record_device_ptr),
+                             static_cast<uint64_t>(timeout_s * 1e9), rank, channel};
+    launch_kernel(LaunchConfig{dim3(1), dim3(32), 0, stream, false}, timeout_self_test_kernel, ctx);
+}
+
+}  // namespace ep

@@ -1,0 +1,95 @@
+"""Finds and loads the compiled extension ``deep_ep_py._C``; never raises at import.
+
+The extension is optional: a build without nvcc or NVSHMEM installs pure Python, and the reference backend serves
+every call. ``has_kernels()`` says whether the kernels are there, ``kernels_unavailable_reason()`` why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+__all__ = ["load_extension", "has_kernels", "kernels_unavailable_reason", "gpu_available"]
+
+_NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
+
+_loaded = False
+_extension: Optional[ModuleType] = None
+_unavailable_reason = ""
+
+
+def _preload_nvshmem_host() -> Optional[str]:
+    """Loads libnvshmem_host.so.3 from the installed nvidia-nvshmem wheel with RTLD_GLOBAL, so the extension
+    resolves it whatever its build-time rpath says (pip's isolated build env is gone by now). NVSHMEM_HOME, when
+    set, wins, as it does in the build. Returns an error text, or None when loaded (or nothing to load: the
+    extension's own rpath then gets its chance)."""
+    candidates = []
+    nvshmem_home = os.environ.get("NVSHMEM_HOME")
+    if nvshmem_home:
+        candidates.append(os.path.join(nvshmem_home, "lib", _NVSHMEM_HOST_LIBRARY))
+    try:
+        import nvidia.nvshmem as nvshmem_package
+
+        candidates.extend(os.path.join(path, "lib", _NVSHMEM_HOST_LIBRARY) for path in nvshmem_package.__path__)
+    except ImportError:
+        pass
+    errors = []
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return None
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    return "; ".join(errors) or None
+
+
+def load_extension() -> Optional[ModuleType]:
+    """Returns ``deep_ep_py._C``, or None when it is not built or cannot load (see kernels_unavailable_reason()).
+    Cached: the import is tried once per process."""
+    global _loaded, _extension, _unavailable_reason
+    if _loaded:
+        return _extension
+    _loaded = True
+    preload_error = _preload_nvshmem_host()
+    try:
+        _extension = importlib.import_module("deep_ep_py._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "deep_ep_py._C":
+            _unavailable_reason = f"deep_ep_py._C failed to import: {exc!r}"
+        else:
+            _unavailable_reason = (
+                "deep_ep_py was installed without its CUDA extension (no nvcc or NVSHMEM at build time); "
+                "reinstall with the CUDA toolkit on PATH and nvidia-nvshmem-cu13 installed"
+            )
+    except Exception as exc:  # an ImportError from the loader, or anything the module init raised
+        _unavailable_reason = f"deep_ep_py._C failed to import: {exc!r}"
+        if preload_error:
+            _unavailable_reason += f" (preloading {_NVSHMEM_HOST_LIBRARY} failed: {preload_error})"
+    return _extension
+
+
+def has_kernels() -> bool:
+    """True when the CUDA extension is built and importable (a GPU may still be missing: see gpu_available())."""
+    return load_extension() is not None
+
+
+def kernels_unavailable_reason() -> str:
+    """Why has_kernels() is False; empty when it is True."""
+    load_extension()
+    return _unavailable_reason
+
+
+def gpu_available() -> bool:
+    """True when the kernels are built and at least one CUDA device is visible."""
+    extension = load_extension()
+    if extension is None:
+        return False
+    try:
+        return extension.device_count() > 0
+    except Exception:
+        return False

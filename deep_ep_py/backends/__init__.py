@@ -1,0 +1,32 @@
+"""Backend choice: the CUDA kernels where they are built and a GPU exists, else the reference."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch.distributed as dist
+
+from ..topology import Topology
+from .reference import ReferenceBackend
+
+BACKEND_ENV = "DEEP_EP_PY_BACKEND"
+BACKEND_NAMES = ("auto", "cuda", "reference")
+
+
+def select_backend(requested: Optional[str], group: dist.ProcessGroup, topology: Topology) -> ReferenceBackend:
+    """`requested` (Buffer's backend=) wins over DEEP_EP_PY_BACKEND; "auto" takes the kernels when they can run."""
+    source = "backend"
+    if requested is None:
+        requested, source = os.environ.get(BACKEND_ENV, "auto") or "auto", BACKEND_ENV
+    if requested not in BACKEND_NAMES:
+        raise ValueError(f"{source}: expected one of {BACKEND_NAMES}, got {requested!r}")
+    from .._ext import gpu_available, kernels_unavailable_reason
+
+    if requested == "reference" or (requested == "auto" and not gpu_available()):
+        return ReferenceBackend(group, topology)
+    if not gpu_available():
+        raise RuntimeError(f"{source}: 'cuda' requested, but the kernels cannot run here: {kernels_unavailable_reason()}")
+    from .cuda import CudaBackend
+
+    return CudaBackend(group, topology)

@@ -1,0 +1,721 @@
+"""deep_ep_py.Buffer: DeepEP V1's deep_ep.Buffer, argument for argument.
+
+Buffer checks every argument (raising ValueError/TypeError that name the argument, the expected and the actual
+value) before any work, allocates nothing it does not need, runs the work on the communication stream with
+DeepEP's event semantics, and hands the rest to a backend: "cuda" (the kernels of deep_ep_py._C) or
+"reference" (torch.distributed, any device, any process-group backend).
+
+Shapes: T tokens on this rank, H hidden, K top-k, R ranks in the group, E experts, L = E / R local experts,
+M = num_max_dispatch_tokens_per_rank, N tokens received by this rank. Expert e lives on rank e // L.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _validate as check
+from .backends import select_backend
+from .backends.reference import DispatchHandle, LowLatencyHandle
+from .config import (
+    FP8_GROUP_SIZE,
+    Config,
+    default_combine_config,
+    default_dispatch_config,
+    low_latency_rdma_size_hint,
+)
+from .events import CpuStream, EventHandle, EventOverlap
+from .topology import detect_topology
+
+DispatchInput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+Hook = Callable[[], None]
+
+
+class Buffer:
+    """Communication buffers and the dispatch/combine calls of one expert-parallel group.
+
+    Args (DeepEP V1's, in its order):
+        group: a torch.distributed process group of any backend (gloo included).
+        num_nvl_bytes: bytes of intranode (NVLink) buffer per rank for the normal kernels.
+        num_rdma_bytes: bytes of NVSHMEM buffer per rank (internode normal kernels, low-latency kernels).
+        low_latency_mode: enable the low-latency calls.
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: transport hints, kept
+            for compatibility (NVSHMEM picks the transport).
+        explicitly_destroy: the caller will call destroy(); otherwise resources go with the object.
+        enable_shrink: enable rank masking (low_latency_update/query/clean_mask_buffer).
+        comm: DeepEP's optional mpi4py communicator; deep_ep_py needs only `group`.
+    Keyword-only extensions:
+        backend: "cuda", "reference" or None (DEEP_EP_PY_BACKEND, else kernels where built and a GPU exists).
+        num_ranks_per_node: ranks that form one node (NVLink domain); overrides DEEP_EP_PY_RANKS_PER_NODE and
+            the hosts the ranks run on, so one machine can play several nodes.
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup],
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: Any = None,
+        *,
+        backend: Optional[str] = None,
+        num_ranks_per_node: Optional[int] = None,
+    ) -> None:
+        if group is None:
+            raise ValueError(
+                "group: expected a torch.distributed process group, got None"
+                + (" (an mpi4py comm alone is not supported; pass a torch.distributed group)" if comm else "")
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes = check.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
+        self.num_rdma_bytes = check.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
+        self.low_latency_mode = check.check_bool("low_latency_mode", low_latency_mode)
+        self.num_qps_per_rank = check.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+        self.allow_nvlink_for_low_latency_mode = check.check_bool(
+            "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
+        )
+        self.allow_mnnvl = check.check_bool("allow_mnnvl", allow_mnnvl)
+        self.use_fabric = check.check_bool("use_fabric", use_fabric)
+        self.explicitly_destroy = check.check_bool("explicitly_destroy", explicitly_destroy)
+        self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
+        self.topology = detect_topology(group, num_ranks_per_node)
+        self._backend = select_backend(backend, group, self.topology)
+        self.backend = self._backend.name
+        self._comm_stream: Any = None
+        self._local_buffers: dict[bool, torch.Tensor] = {}
+        self._destroyed = False
+
+    # ------------------------------------------------------------------------------------------- static API
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs the normal kernels use (even: a send and a receive SM per channel)."""
+        check.check_int("new_num_sms", new_num_sms, minimum=2, even=True)
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An EventOverlap recorded on the current stream."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """The default normal-mode dispatch Config for a group of num_ranks, with Buffer.num_sms SMs."""
+        return default_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """The default normal-mode combine Config for a group of num_ranks, with Buffer.num_sms SMs."""
+        return default_combine_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of num_rdma_bytes the low-latency calls need for these sizes."""
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Whether the kernels were built for SM90 (Hopper)."""
+        from ._ext import load_extension
+
+        ext = load_extension()
+        if ext is None:
+            return False
+        archs = str(ext.build_info().get("cuda_archs", ""))
+        return "90" in archs
+
+    # ------------------------------------------------------------------------------------- streams, buffers
+
+    def get_comm_stream(self) -> Any:
+        """The stream the communication runs on: a torch.cuda.Stream, or a no-op stand-in without CUDA."""
+        if self._comm_stream is None:
+            self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else CpuStream()
+        return self._comm_stream
+
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: Optional[Union[torch.Size, Sequence[int]]] = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """A view of this rank's NVLink buffer (or RDMA buffer) from byte `offset`, as `dtype`, shaped `size`
+        (default: all that fits)."""
+        self._check_alive()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+        total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        name = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        check.check_int("offset", offset, minimum=0)
+        if offset % element_size != 0:
+            raise ValueError(f"offset: expected a multiple of the {dtype} element size {element_size}, got {offset}")
+        available = (total - offset) // element_size if offset <= total else -1
+        if available < 0:
+            raise ValueError(f"offset: expected at most {name} ({total}), got {offset}")
+        numel = available
+        if size is not None:
+            numel = 1
+            for extent in size:
+                numel *= check.check_int("size", extent, minimum=0)
+            if numel > available:
+                raise ValueError(
+                    f"size: expected at most {available} elements of {dtype} after offset {offset} in {name} "
+                    f"({total} bytes), got {tuple(size)} ({numel} elements)"
+                )
+        if use_rdma_buffer not in self._local_buffers:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=device)
+        raw = self._local_buffers[use_rdma_buffer][offset : offset + numel * element_size]
+        view = raw.view(dtype)
+        return view.view(tuple(size)) if size is not None else view
+
+    def destroy(self) -> None:
+        """Release the buffers now; the object is unusable afterwards."""
+        if self._destroyed:
+            return
+        self._backend.barrier()
+        self._local_buffers.clear()
+        self._backend = None  # type: ignore[assignment]
+        self._destroyed = True
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("Buffer: this buffer was destroyed; create a new one")
+
+    def _run(
+        self,
+        on_cuda: bool,
+        work: Callable[[], Any],
+        previous_event: Optional[EventOverlap],
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+        inputs: Sequence[Optional[torch.Tensor]] = (),
+    ) -> tuple[Any, EventOverlap]:
+        """Run `work` with DeepEP's stream semantics: on the communication stream after previous_event (else
+        after the current stream); the current stream waits for it unless async_finish, in which case the
+        returned EventOverlap carries the event."""
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event: expected EventOverlap or None, got {type(previous_event).__name__}")
+        check.check_bool("async_finish", async_finish)
+        check.check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
+        if allocate_on_comm_stream and not async_finish:
+            raise ValueError("allocate_on_comm_stream: expected async_finish=True with it, got async_finish=False")
+        if not on_cuda:
+            result = work()
+            return result, EventOverlap(EventHandle() if async_finish else None)
+        compute = torch.cuda.current_stream()
+        comm = self.get_comm_stream()
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event.stream_wait(comm)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            result = work()
+            done = EventHandle.recorded_on(comm)
+        # Outputs were allocated on the communication stream and will be used on the compute stream.
+        for tensor in _tensors_in(result):
+            tensor.record_stream(compute)
+        if async_finish:
+            for tensor in inputs:
+                if tensor is not None and tensor.is_cuda:
+                    tensor.record_stream(comm)
+            return result, EventOverlap(done, extra_tensors=[t for t in inputs if t is not None])
+        done.current_stream_wait()
+        return result, EventOverlap(None)
+
+    # ---------------------------------------------------------------------------------------- normal mode
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Count what each rank and expert will receive from this rank.
+
+        Args:
+            topk_idx: int64 [T, K] global expert ids, -1 for none.
+            num_experts: E, a multiple of the group size.
+        Returns:
+            num_tokens_per_rank int32 [R] (a token counts once per rank), num_tokens_per_rdma_rank int32
+            [R / ranks_per_node] or None within one node, num_tokens_per_expert int32 [E], is_token_in_rank
+            bool [T, R], and the EventOverlap.
+        """
+        self._check_alive()
+        check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(None, None), contiguous=True)
+        self._check_num_experts(num_experts)
+        check.check_expert_ids("topk_idx", topk_idx, num_experts)
+        return self._with_event(
+            self._run(
+                topk_idx.is_cuda,
+                lambda: self._backend.get_dispatch_layout(topk_idx, num_experts),
+                previous_event,
+                async_finish,
+                allocate_on_comm_stream,
+                inputs=(topk_idx,),
+            )
+        )
+
+    def dispatch(
+        self,
+        x: DispatchInput,
+        handle: Optional[DispatchHandle] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[
+        DispatchInput,
+        Optional[torch.Tensor],
+        Optional[torch.Tensor],
+        Optional[list[int]],
+        Optional[DispatchHandle],
+        EventOverlap,
+    ]:
+        """Send each token to every rank that holds one of its experts.
+
+        Args:
+            x: bf16 [T, H] (H a multiple of 8), or (float8_e4m3fn [T, H], float32 scales [T, H / 128]) with H a
+                multiple of 128; the scales may have any strides (column-major included).
+            handle: from an earlier dispatch (cached mode): same layout, new data; then topk_idx and
+                topk_weights must be None and the layout arguments are ignored.
+            num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] (needed across nodes),
+            is_token_in_rank bool [T, R], num_tokens_per_expert int32 [E]: from get_dispatch_layout.
+            topk_idx int64 [T, K] and topk_weights float32 [T, K]: both or neither.
+            expert_alignment: each per-expert count is rounded up to a multiple of it.
+            num_worst_tokens: > 0 pads the received tensors to exactly that many rows with no host sync.
+        Returns:
+            recv_x (same form as x) [N, H], recv_topk_idx int64 [N, K] (local expert ids, -1 elsewhere),
+            recv_topk_weights float32 [N, K] (0 where not local), num_recv_tokens_per_expert_list (L ints,
+            aligned; empty with num_worst_tokens), handle, EventOverlap. Rows are ordered by (source rank,
+            source token index). In cached mode: (recv_x, None, None, None, None, event).
+        """
+        self._check_alive()
+        values, scales = self._check_dispatch_x(x)
+        num_tokens, hidden = values.shape
+        check.check_int("expert_alignment", expert_alignment, minimum=1)
+        check.check_int("num_worst_tokens", num_worst_tokens, minimum=0)
+        num_ranks = self.group_size
+        if handle is not None:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx/topk_weights: expected None with a cached handle, got a tensor")
+            if num_tokens != handle.num_tokens:
+                raise ValueError(
+                    f"x: expected {handle.num_tokens} tokens (the dispatch that made the handle), got {num_tokens}"
+                )
+        else:
+            if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+                raise ValueError(
+                    "num_tokens_per_rank/is_token_in_rank/num_tokens_per_expert: expected tensors from "
+                    "get_dispatch_layout when no handle is given, got None"
+                )
+            check.check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32, shape=(num_ranks,))
+            check.check_tensor(
+                "is_token_in_rank", is_token_in_rank, dtype=torch.bool, shape=(num_tokens, num_ranks), contiguous=True
+            )
+            check.check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, shape=(None,))
+            self._check_num_experts(num_tokens_per_expert.numel(), name="num_tokens_per_expert")
+            if self.topology.num_nodes > 1:
+                if num_tokens_per_rdma_rank is None:
+                    raise ValueError(
+                        f"num_tokens_per_rdma_rank: expected int32 [{self.topology.num_nodes}] from "
+                        "get_dispatch_layout (the group spans several nodes), got None"
+                    )
+                check.check_tensor(
+                    "num_tokens_per_rdma_rank",
+                    num_tokens_per_rdma_rank,
+                    dtype=torch.int32,
+                    shape=(self.topology.num_nodes,),
+                )
+            if (topk_idx is None) != (topk_weights is None):
+                raise ValueError("topk_idx/topk_weights: expected both or neither, got only one")
+            if topk_idx is not None:
+                check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), contiguous=True)
+                check.check_tensor(
+                    "topk_weights",
+                    topk_weights,
+                    dtype=torch.float32,
+                    shape=tuple(topk_idx.shape),
+                    contiguous=True,
+                )
+                check.check_expert_ids("topk_idx", topk_idx, num_tokens_per_expert.numel())
+        config = self._check_config(config, self.get_dispatch_config(num_ranks), hidden * max(values.element_size(), 2))
+        result, event = self._run(
+            values.is_cuda,
+            lambda: self._backend.dispatch(
+                values,
+                scales,
+                handle,
+                is_token_in_rank,
+                num_tokens_per_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+            ),
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+            inputs=(values, scales, is_token_in_rank, topk_idx, topk_weights),
+        )
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle = result
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        if handle is not None:
+            return recv, None, None, None, None, event
+        return recv, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor], None] = None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Send each received row back to its source and sum there (float32, then bf16).
+
+        Args:
+            x: bf16 [N, H], the rows in the order dispatch returned them (N = received count, or the
+                num_worst_tokens the dispatch padded to).
+            handle: the handle of that dispatch.
+            topk_weights: float32 [N, K] or None; summed the same way.
+            bias: None, one or two bf16 [T, H] tensors added to the sum.
+        Returns:
+            combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None, EventOverlap.
+        """
+        self._check_alive()
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}")
+        allowed_rows = {handle.num_recv_tokens, handle.num_worst_tokens} - {0} or {0}
+        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
+        if x.shape[0] not in allowed_rows:
+            raise ValueError(
+                f"x: expected {' or '.join(str(n) for n in sorted(allowed_rows))} rows (what the handle's dispatch "
+                f"received), got {x.shape[0]}"
+            )
+        rows = handle.num_recv_tokens
+        if topk_weights is not None:
+            check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(x.shape[0], None), contiguous=True)
+        biases: tuple[torch.Tensor, ...]
+        if bias is None:
+            biases = ()
+        elif isinstance(bias, torch.Tensor):
+            biases = (bias,)
+        elif isinstance(bias, (tuple, list)) and len(bias) <= 2:
+            biases = tuple(bias)
+        else:
+            raise TypeError(f"bias: expected None, a tensor or a tuple of up to 2 tensors, got {type(bias).__name__}")
+        for i, b in enumerate(biases):
+            check.check_tensor(f"bias[{i}]", b, dtype=torch.bfloat16, shape=(handle.num_tokens, x.shape[1]))
+        self._check_config(config, self.get_combine_config(self.group_size), x.shape[1] * 2)
+        (combined_x, combined_weights), event = self._run(
+            x.is_cuda,
+            lambda: self._backend.combine(
+                x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases
+            ),
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+            inputs=(x, topk_weights, *biases),
+        )
+        return combined_x, combined_weights, event
+
+    def internode_dispatch(self, *args: Any, **kwargs: Any):
+        """dispatch() for a group spanning several nodes (dispatch routes here itself); same arguments."""
+        return self.dispatch(*args, **kwargs)
+
+    def internode_combine(self, *args: Any, **kwargs: Any):
+        """combine() for a group spanning several nodes (combine routes here itself); same arguments."""
+        return self.combine(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ low latency
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[DispatchInput, torch.Tensor, LowLatencyHandle, EventOverlap, Hook]:
+        """Send each (token, expert) pair straight to the expert's rank, into a packed per-expert layout.
+
+        Args:
+            x: bf16 [T, H], T <= M; every rank passes the same M (num_max_dispatch_tokens_per_rank).
+            topk_idx: int64 [T, K] global expert ids, -1 for none.
+            cumulative_local_expert_recv_stats: int32 [L] or None; this call's recv_count is added to it.
+            dispatch_wait_recv_cost_stats: int64 [R] or None; time spent waiting for each source is added.
+            use_fp8 / round_scale / use_ue8m0: the FP8 format (H a multiple of 128; 512 with ue8m0, which
+                needs round_scale).
+            return_recv_hook: send only; hook() completes the receive.
+        Returns:
+            recv_x: bf16 [L, R*M, H], or (float8_e4m3fn [L, R*M, H], scales float32 [L, R*M, H/128] or with
+            ue8m0 int32 [L, R*M, H/512], column-major in the last two dims); recv_count int32 [L] (rows
+            [0, recv_count[e]) of expert e are valid); handle; EventOverlap; hook.
+        """
+        self._check_alive()
+        self._check_low_latency_mode("low_latency_dispatch")
+        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
+        num_tokens, hidden = x.shape
+        check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), contiguous=True)
+        max_tokens = check.check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        if num_tokens > max_tokens:
+            raise ValueError(
+                f"x: expected at most num_max_dispatch_tokens_per_rank={max_tokens} tokens, got {num_tokens}"
+            )
+        self._check_num_experts(num_experts)
+        experts_per_rank = num_experts // self.group_size
+        for name, flag in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
+                           ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):
+            check.check_bool(name, flag)
+        if round_scale and not use_fp8:
+            raise ValueError("round_scale: expected use_fp8=True with it (it rounds FP8 scales), got use_fp8=False")
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0: expected round_scale=True with it (ue8m0 needs power-of-two scales)")
+        if use_fp8 and hidden % FP8_GROUP_SIZE != 0:
+            raise ValueError(f"x: expected hidden to be a multiple of {FP8_GROUP_SIZE} with use_fp8, got {hidden}")
+        if use_ue8m0 and hidden % (4 * FP8_GROUP_SIZE) != 0:
+            raise ValueError(f"x: expected hidden to be a multiple of {4 * FP8_GROUP_SIZE} with use_ue8m0, got {hidden}")
+        if not use_fp8 and hidden % 8 != 0:
+            raise ValueError(f"x: expected hidden to be a multiple of 8, got {hidden}")
+        if cumulative_local_expert_recv_stats is not None:
+            check.check_tensor(
+                "cumulative_local_expert_recv_stats",
+                cumulative_local_expert_recv_stats,
+                dtype=torch.int32,
+                shape=(experts_per_rank,),
+            )
+        if dispatch_wait_recv_cost_stats is not None:
+            check.check_tensor(
+                "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, dtype=torch.int64, shape=(self.group_size,)
+            )
+        self._check_rdma_bytes(max_tokens, hidden, num_experts)
+        check.check_expert_ids("topk_idx", topk_idx, num_experts)
+        (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
+            x.is_cuda,
+            lambda: self._backend.low_latency_dispatch(
+                x,
+                topk_idx,
+                max_tokens,
+                num_experts,
+                cumulative_local_expert_recv_stats,
+                dispatch_wait_recv_cost_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                return_recv_hook,
+            ),
+            None,
+            async_finish,
+            False,
+            inputs=(x, topk_idx),
+        )
+        recv = (recv_x, recv_scales) if use_fp8 else recv_x
+        return recv, recv_count, handle, event, hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Hook]:
+        """Send expert outputs back and reduce: combined_x[t] = sum over k with topk_idx[t, k] >= 0 of
+        topk_weights[t, k] * x[row of (t, k)], accumulated in float32.
+
+        Args:
+            x: bf16 [L, R*M, H], rows in the layout low_latency_dispatch returned.
+            topk_idx: int64 [T, K] and topk_weights float32 [T, K]: as passed to that dispatch.
+            handle: that dispatch's handle.
+            use_logfmt: accepted for compatibility; this backend sends bf16 (no compression loss).
+            zero_copy: x already sits in get_next_low_latency_combine_buffer(handle).
+            return_recv_hook: send only; hook() completes the receive and the sum.
+            out: bf16 [T, H] to write into instead of a new tensor.
+            combine_wait_recv_cost_stats: int64 [R] or None; time spent waiting for each source is added.
+        Returns:
+            combined_x bf16 [T, H], EventOverlap, hook.
+        """
+        self._check_alive()
+        self._check_low_latency_mode("low_latency_combine")
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle low_latency_dispatch returned, got {type(handle).__name__}")
+        experts_per_rank = handle.num_experts // self.group_size
+        slots = self.group_size * handle.num_max_dispatch_tokens_per_rank
+        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(experts_per_rank, slots, handle.hidden), contiguous=True)
+        check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(handle.num_tokens, None), contiguous=True)
+        check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), contiguous=True)
+        for name, flag in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
+                           ("return_recv_hook", return_recv_hook)):
+            check.check_bool(name, flag)
+        if out is not None:
+            check.check_tensor("out", out, dtype=torch.bfloat16, shape=(handle.num_tokens, handle.hidden), contiguous=True)
+        if combine_wait_recv_cost_stats is not None:
+            check.check_tensor(
+                "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, dtype=torch.int64, shape=(self.group_size,)
+            )
+        (combined, hook), event = self._run(
+            x.is_cuda,
+            lambda: self._backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats
+            ),
+            None,
+            async_finish,
+            False,
+            inputs=(x, topk_idx, topk_weights),
+        )
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The bf16 [L, R*M, H] buffer the next low_latency_combine reads with zero_copy=True."""
+        self._check_alive()
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the handle low_latency_dispatch returned, got {type(handle).__name__}")
+        return self._backend.next_combine_buffer(handle, handle.src_info.device)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Zero the low-latency buffers (before switching from normal to low-latency calls); collective."""
+        self._check_alive()
+        self._check_low_latency_mode("clean_low_latency_buffer")
+        check.check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        check.check_int("hidden", hidden, minimum=1)
+        self._check_num_experts(num_experts)
+        self._check_rdma_bytes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._backend.clean_low_latency_buffer()
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (mask=True) or unmask a rank: low-latency calls stop sending to and waiting for it."""
+        self._check_shrink("low_latency_update_mask_buffer")
+        check.check_int("rank_to_mask", rank_to_mask, minimum=0)
+        if rank_to_mask >= self.group_size:
+            raise ValueError(f"rank_to_mask: expected a rank in [0, {self.group_size}), got {rank_to_mask}")
+        self._backend.update_mask(rank_to_mask, check.check_bool("mask", mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Write 1 for each masked rank and 0 for the others into mask_status, int32 [R]."""
+        self._check_shrink("low_latency_query_mask_buffer")
+        check.check_tensor("mask_status", mask_status, dtype=torch.int32, shape=(self.group_size,))
+        self._backend.query_mask(mask_status)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank."""
+        self._check_shrink("low_latency_clean_mask_buffer")
+        self._backend.clean_mask()
+
+    # -------------------------------------------------------------------------------------------- checks
+
+    def _check_num_experts(self, num_experts: Any, name: str = "num_experts") -> None:
+        check.check_int(name, num_experts, minimum=1)
+        if num_experts % self.group_size != 0:
+            raise ValueError(
+                f"{name}: expected a number of experts divisible by the group size {self.group_size}, got {num_experts}"
+            )
+
+    def _check_dispatch_x(self, x: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise ValueError(f"x: expected (float8_e4m3fn values, float32 scales), got a tuple of {len(x)}")
+            values, scales = x
+            check.check_tensor("x[0]", values, dtype=torch.float8_e4m3fn, shape=(None, None), contiguous=True)
+            num_tokens, hidden = values.shape
+            if hidden % FP8_GROUP_SIZE != 0:
+                raise ValueError(f"x[0]: expected hidden to be a multiple of {FP8_GROUP_SIZE} for FP8, got {hidden}")
+            check.check_tensor("x[1]", scales, dtype=torch.float32, shape=(num_tokens, hidden // FP8_GROUP_SIZE))
+            return values, scales
+        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
+        if x.shape[1] % 8 != 0:
+            raise ValueError(f"x: expected hidden to be a multiple of 8 (16-byte rows), got {x.shape[1]}")
+        return x, None
+
+    def _check_config(self, config: Optional[Config], default: Config, hidden_bytes: int) -> Config:
+        if config is None:
+            config = default
+        elif not isinstance(config, Config):
+            raise TypeError(f"config: expected deep_ep_py.Config or None, got {type(config).__name__}")
+        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        if self.num_nvl_bytes < needed:
+            raise ValueError(
+                f"num_nvl_bytes: expected at least {needed} bytes for {config} and hidden_bytes={hidden_bytes}, "
+                f"got {self.num_nvl_bytes}"
+            )
+        if self.topology.num_nodes > 1:
+            needed = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
+            if self.num_rdma_bytes < needed:
+                raise ValueError(
+                    f"num_rdma_bytes: expected at least {needed} bytes for {config} across "
+                    f"{self.topology.num_nodes} nodes, got {self.num_rdma_bytes}"
+                )
+        return config
+
+    def _check_rdma_bytes(self, max_tokens: int, hidden: int, num_experts: int) -> None:
+        needed = low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < needed:
+            raise ValueError(
+                f"num_rdma_bytes: expected at least {needed} (get_low_latency_rdma_size_hint({max_tokens}, {hidden}, "
+                f"{self.group_size}, {num_experts})), got {self.num_rdma_bytes}"
+            )
+
+    def _check_low_latency_mode(self, call: str) -> None:
+        if not self.low_latency_mode:
+            raise ValueError(f"low_latency_mode: {call} expected Buffer(low_latency_mode=True), got False")
+
+    def _check_shrink(self, call: str) -> None:
+        self._check_alive()
+        if not self.enable_shrink:
+            raise ValueError(f"enable_shrink: {call} expected Buffer(enable_shrink=True), got False")
+
+    @staticmethod
+    def _with_event(result_and_event: tuple[tuple, EventOverlap]) -> tuple:
+        result, event = result_and_event
+        return (*result, event)
+
+
+def _tensors_in(result: Any) -> list[torch.Tensor]:
+    """Every CUDA tensor in a (nested) result tuple, for record_stream."""
+    if isinstance(result, torch.Tensor):
+        return [result] if result.is_cuda else []
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _tensors_in(item)]
+    return []

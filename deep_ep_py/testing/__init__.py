@@ -1,0 +1,5 @@
+"""Test utilities: a launcher that runs a function on N ranks with torch.distributed initialised."""
+
+from .launcher import RankFailedError, find_free_port, launch
+
+__all__ = ["launch", "RankFailedError", "find_free_port"]
