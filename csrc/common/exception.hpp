@@ -54,6 +54,15 @@ std::string stringify(const T& value) {
     return out.str();
 }
 
+// "csrc/x/y.cu" rather than the build machine's absolute path.
+constexpr const char* source_path(const char* file) {
+    const char* result = file;
+    for (const char* p = file; *p != '\0'; ++p) {
+        if (p[0] == 'c' && p[1] == 's' && p[2] == 'r' && p[3] == 'c' && p[4] == '/') result = p;
+    }
+    return result;
+}
+
 template <typename... Parts>
 std::string concat(Parts&&... parts) {
     std::ostringstream out;
@@ -128,7 +137,7 @@ CheckResult to_result(const ExprLhs<L>& expr) {
 
 [[noreturn]] inline void throw_check_failure(const char* file, int line, const char* expr, const std::string& values,
                                              const std::string& message) {
-    std::string text = concat(file, ":", line, ": check failed: ", expr, " (values: ", values, ")");
+    std::string text = concat(source_path(file), ":", line, ": check failed: ", expr, " (values: ", values, ")");
     if (!message.empty()) text += ": " + message;
     throw EPException(text);
 }
@@ -149,23 +158,24 @@ CheckResult to_result(const ExprLhs<L>& expr) {
                                               ::ep::detail::concat(__VA_ARGS__));                          \
     } while (0)
 
-#define CUDA_CHECK(expr)                                                                                    \
-    do {                                                                                                    \
-        const cudaError_t ep_cuda_status_ = (expr);                                                         \
-        if (ep_cuda_status_ != cudaSuccess)                                                                 \
-            throw ::ep::EPException(::ep::detail::concat(__FILE__, ":", __LINE__, ": CUDA error ",           \
-                                                         cudaGetErrorName(ep_cuda_status_), " (",            \
-                                                         static_cast<int>(ep_cuda_status_), "): ",           \
-                                                         cudaGetErrorString(ep_cuda_status_), " in ", #expr)); \
+#define CUDA_CHECK(expr)                                                                                   \
+    do {                                                                                                   \
+        const cudaError_t ep_cuda_status_ = (expr);                                                        \
+        if (ep_cuda_status_ != cudaSuccess)                                                                \
+            throw ::ep::EPException(::ep::detail::concat(                                                  \
+                ::ep::detail::source_path(__FILE__), ":", __LINE__, ": CUDA error ",                       \
+                cudaGetErrorName(ep_cuda_status_), " (", static_cast<int>(ep_cuda_status_),                \
+                "): ", cudaGetErrorString(ep_cuda_status_), " in ", #expr));                               \
     } while (0)
 
 // NVSHMEM host calls return 0 on success.
-#define NVSHMEM_CHECK(expr)                                                                                  \
-    do {                                                                                                     \
-        const int ep_nvshmem_status_ = static_cast<int>(expr);                                               \
-        if (ep_nvshmem_status_ != 0)                                                                         \
-            throw ::ep::EPException(::ep::detail::concat(__FILE__, ":", __LINE__, ": NVSHMEM error ",         \
-                                                         ep_nvshmem_status_, " in ", #expr));                \
+#define NVSHMEM_CHECK(expr)                                                                                \
+    do {                                                                                                   \
+        const int ep_nvshmem_status_ = static_cast<int>(expr);                                             \
+        if (ep_nvshmem_status_ != 0)                                                                       \
+            throw ::ep::EPException(::ep::detail::concat(::ep::detail::source_path(__FILE__), ":",         \
+                                                         __LINE__, ": NVSHMEM error ", ep_nvshmem_status_, \
+                                                         " in ", #expr));                                  \
     } while (0)
 
 // Device-side assert that stays on in release builds: prints where and why, then traps, which surfaces on the

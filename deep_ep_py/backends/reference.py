@@ -133,14 +133,12 @@ class ReferenceBackend:
         recv_counts = counts[:, rank].tolist()
         num_recv_tokens = sum(recv_counts)
 
-        fields_per_dest = []
-        for idx in send_idx:
-            fields = [x.cpu()[idx], idx.to(torch.int32)]
-            if x_scales is not None:
-                fields.append(x_scales.cpu()[idx])
-            if topk_idx is not None:
-                fields += [topk_idx.cpu()[idx], topk_weights.cpu()[idx]]
-            fields_per_dest.append(fields)
+        per_token = [x.cpu()]
+        if x_scales is not None:
+            per_token.append(x_scales.cpu())
+        if topk_idx is not None:
+            per_token += [topk_idx.cpu(), topk_weights.cpu()]
+        fields_per_dest = [[per_token[0][idx], idx.to(torch.int32), *(t[idx] for t in per_token[1:])] for idx in send_idx]
         received = self.exchange.exchange_rows(fields_per_dest, recv_counts, fields_per_dest[0])
         recv_x, recv_src_idx = received[0], received[1]
         recv_x_scales = received[2] if x_scales is not None else None
