@@ -12,6 +12,11 @@ with the layout and top-k instead. Low-latency combine is timed after an untimed
 Bandwidth is DeepEP's count: bytes received per rank over time, a received token (normal) or a received
 (token, expert) row (low latency) counting H * 2 bytes in bf16 and H * (1 + 4/128) in fp8; combine counts the
 bf16 bytes each rank sends back. Across ranks: the slowest rank's median time, the mean of the ranks' GB/s.
+
+``--device cuda`` puts every rank on the GPU (rank % device_count); several ranks on one GPU need the MPS daemon
+running (the GPU check script starts it), since the kernels of all ranks spin-wait on each other. There, rank 0
+also measures the device-to-device copy roof in the same run, and each row is shown as a fraction of it
+(see bench/report.py).
 """
 
 from __future__ import annotations
@@ -56,8 +61,8 @@ QUICK = {
     "experts": 256,
     "ll_tokens": 64,
     "ranks": "2",
-    "warmup": 2,
-    "iters": 10,
+    "warmup": 1,
+    "iters": 5,
 }
 DEFAULT_ITERS = {"cuda": (10, 50), "cpu": (2, 5)}  # device -> (warmup, iters)
 
@@ -387,13 +392,13 @@ def _notes(cfg: BenchConfig, backends: Sequence[str], has_kernels: bool) -> list
     return notes
 
 
-def _parse_ranks(text: str) -> list[int]:
+def _parse_ranks(text: str, parser: argparse.ArgumentParser) -> list[int]:
     try:
         ranks = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ranks: expected a comma-separated list of ints, got {text!r}") from None
+        parser.error(f"--ranks: expected a comma-separated list of ints, got {text!r}")
     if not ranks or any(r < 1 for r in ranks):
-        raise argparse.ArgumentTypeError(f"--ranks: expected positive ints, got {text!r}")
+        parser.error(f"--ranks: expected positive ints, got {text!r}")
     return ranks
 
 
@@ -436,7 +441,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         value = getattr(args, name)
         return value if value is not None else preset.get(name, fallback)
 
-    ranks = _parse_ranks(pick("ranks", "2" if device == "cpu" else "2,4,8"))
+    ranks = _parse_ranks(pick("ranks", "2" if device == "cpu" else "2,4,8"), parser)
     modes = tuple(m.strip() for m in args.paths.split(",") if m.strip())
     bad = [m for m in modes if m not in (NORMAL, LOW_LATENCY)]
     if bad or not modes:
@@ -474,10 +479,14 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _default_timeout_s(cfg: BenchConfig, num_ranks: int) -> float:
-    # Generous: the CPU reference at full size moves hundreds of MB per call through gloo.
-    work = (cfg.tokens + cfg.ll_tokens * cfg.experts // max(cfg.topk, 1)) * cfg.hidden * num_ranks
-    per_iter_s = 1.0 if cfg.device == "cuda" else max(1.0, work / 2e8)
-    return 120.0 + per_iter_s * (cfg.warmup + cfg.iters + 2) * len(CASES) * 2
+    """Seconds one rank count may take: generous, since the CPU reference pushes every byte through gloo."""
+    if cfg.device == "cuda":
+        per_iter_s = 1.0
+    else:
+        # bf16 bytes each rank moves per call in either mode, at a pessimistic 50 MB/s on a small CPU box
+        num_bytes = (cfg.tokens + cfg.ll_tokens * cfg.topk) * cfg.hidden * 2 * num_ranks
+        per_iter_s = max(1.0, num_bytes / 50e6)
+    return 120.0 + per_iter_s * (cfg.warmup + cfg.iters + 2) * len(CASES)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:

@@ -62,9 +62,11 @@ def load_extension() -> Optional[ModuleType]:
         if exc.name != "deep_ep_py._C":
             _unavailable_reason = f"deep_ep_py._C failed to import: {exc!r}"
         else:
+            package_dir = os.path.dirname(os.path.abspath(__file__))
             _unavailable_reason = (
-                "deep_ep_py was installed without its CUDA extension (no nvcc or NVSHMEM at build time); "
-                "reinstall with the CUDA toolkit on PATH and nvidia-nvshmem-cu13 installed"
+                f"no deep_ep_py._C in {package_dir}: deep_ep_py was installed (or is imported from a source tree) "
+                "without its CUDA extension (no nvcc or NVSHMEM at build time); reinstall with the CUDA toolkit "
+                "on PATH and nvidia-nvshmem-cu13 installed"
             )
     except Exception as exc:  # an ImportError from the loader, or anything the module init raised
         _unavailable_reason = f"deep_ep_py._C failed to import: {exc!r}"

@@ -13,10 +13,13 @@ import sys
 
 import pytest
 
-# Children unpickle test functions by module name; make sure tests/ is importable there too.
+# Children unpickle test functions by module name and get this sys.path: make tests/ (for the brute-force
+# helpers) and the repository root (for an uninstalled deep_ep_py) importable in both.
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
+_REPO_ROOT = os.path.dirname(_TESTS_DIR)
+for _path in (_REPO_ROOT, _TESTS_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 def pytest_addoption(parser):

@@ -302,7 +302,7 @@ def _run_masking(rank: int, num_ranks: int, backend: str, masked_rank: int):
         _, recv_count, handle, recv_bf16 = _dispatch_and_check(buffer, case, rank, num_ranks, inputs, stats, masked)
     else:
         # The masked rank plays along (it stands for a dead rank); its own results are not specified.
-        _, recv_count, handle, _ = buffer.low_latency_dispatch(
+        _, recv_count, handle, _, _ = buffer.low_latency_dispatch(
             inputs[rank].x, inputs[rank].topk_idx, case.max_tokens, num_experts, use_fp8=False
         )
         recv_bf16 = torch.zeros((case.experts_per_rank, num_ranks * case.max_tokens, case.hidden), dtype=torch.bfloat16)

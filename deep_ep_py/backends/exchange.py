@@ -77,7 +77,10 @@ class RowExchange:
         fields = []
         start = 0
         for template, field_width in zip(like, row_widths):
-            column = recv[:, start : start + field_width].contiguous().view(template.dtype)
+            # a fresh [n, width] tensor: offset 0 and a row stride of exactly `width`, so it can be re-typed
+            column = torch.empty(recv.shape[0], field_width, dtype=torch.uint8, device=recv.device)
+            column.copy_(recv[:, start : start + field_width])
+            column = column.view(template.dtype)
             fields.append(column.reshape(sum(recv_counts), *template.shape[1:]))
             start += field_width
         return fields

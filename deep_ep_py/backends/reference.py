@@ -71,10 +71,9 @@ class ReferenceBackend:
         num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])."""
         num_tokens = topk_idx.shape[0]
         experts_per_rank = num_experts // self.num_ranks
-        valid = topk_idx >= 0
-        safe_idx = torch.where(valid, topk_idx, torch.zeros_like(topk_idx))
+        token_of, slot_of = torch.nonzero(topk_idx >= 0, as_tuple=True)
         token_has_expert = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=topk_idx.device)
-        token_has_expert.scatter_(1, safe_idx, valid)
+        token_has_expert[token_of, topk_idx[token_of, slot_of]] = True
         num_tokens_per_expert = token_has_expert.sum(0, dtype=torch.int32)
         is_token_in_rank = token_has_expert.view(num_tokens, self.num_ranks, experts_per_rank).any(-1)
         num_tokens_per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
@@ -325,14 +324,12 @@ class ReferenceBackend:
         keep = ~masked[recv_source]
         received = [t[keep] for t in received]
         recv_source = recv_source[keep]
+        # Pack: for each local expert, source rank 0's rows, then rank 1's, ...; inside a source, token order.
+        order = torch.argsort(received[1], stable=True)
+        received = [t[order] for t in received]
+        recv_source = recv_source[order]
         recv_payload, recv_expert, recv_token, recv_slot = received[:4]
         recv_scales = received[4] if scales is not None else None
-
-        # Pack: for each local expert, source rank 0's rows, then rank 1's, ...; inside a source, token order.
-        order = torch.argsort(recv_expert, stable=True)
-        recv_payload, recv_expert, recv_token, recv_slot, recv_source = (
-            t[order] for t in (recv_payload, recv_expert, recv_token, recv_slot, recv_source)
-        )
         recv_count = torch.bincount(recv_expert.long(), minlength=experts_per_rank).to(torch.int32)
         expert_start = torch.cumsum(recv_count, 0) - recv_count
         position = torch.arange(recv_expert.numel()) - expert_start[recv_expert.long()]

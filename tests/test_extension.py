@@ -1,0 +1,169 @@
+"""The compiled extension deep_ep_py._C: loading, error translation, host-side timeouts. Runs without a GPU.
+
+Skipped when the package was installed without its extension, unless DEEP_EP_PY_EXPECT_KERNELS=1 (CI builds with
+nvcc and sets it), in which case a missing extension fails.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from deep_ep_py import _ext
+from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+EXPECT_KERNELS = os.environ.get("DEEP_EP_PY_EXPECT_KERNELS") == "1"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not _ext.has_kernels():
+        if EXPECT_KERNELS:
+            pytest.fail(f"DEEP_EP_PY_EXPECT_KERNELS=1 but: {_ext.kernels_unavailable_reason()}")
+        pytest.skip(f"CUDA extension not built: {_ext.kernels_unavailable_reason()}")
+    return _ext.load_extension()
+
+
+def test_ext_helpers_never_raise():
+    assert isinstance(_ext.has_kernels(), bool)
+    assert isinstance(_ext.kernels_unavailable_reason(), str)
+    assert isinstance(_ext.gpu_available(), bool)
+    assert (_ext.kernels_unavailable_reason() == "") == _ext.has_kernels()
+
+
+def test_kernels_built_when_expected():
+    if not EXPECT_KERNELS:
+        pytest.skip("DEEP_EP_PY_EXPECT_KERNELS is not 1")
+    assert _ext.has_kernels(), _ext.kernels_unavailable_reason()
+
+
+def test_timeout_error_is_a_deep_ep_error_and_a_timeout_error():
+    assert issubclass(DeepEPTimeoutError, DeepEPError)
+    assert issubclass(DeepEPTimeoutError, TimeoutError)
+    assert issubclass(DeepEPError, RuntimeError)
+
+
+def test_no_gpu_is_reported_not_raised(ext):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert ext.device_count() == 0
+    assert "no GPU" in ext.gpu_status()
+    assert not _ext.gpu_available()
+
+
+def test_cuda_failure_raises_deep_ep_error_without_gpu(ext):
+    if ext.device_count() > 0:
+        pytest.skip("a GPU is visible")
+    with pytest.raises(DeepEPError, match="CUDA error"):
+        ext.HostCounters(4)
+
+
+def test_host_assert_message_carries_values(ext):
+    with pytest.raises(DeepEPError) as info:
+        ext._test_host_assert(12345, 67890)
+    message = str(info.value)
+    assert "12345" in message and "67890" in message
+    assert "a == b" in message
+    assert "csrc/" in message  # file:line of the check
+    assert not isinstance(info.value, TimeoutError)
+    ext._test_host_assert(7, 7)
+
+
+def test_host_timeout_raises_naming_what_it_waited_for(ext):
+    start = time.monotonic()
+    with pytest.raises(DeepEPTimeoutError, match="counter X") as info:
+        ext._test_host_timeout(0.2, "counter X")
+    elapsed = time.monotonic() - start
+    assert isinstance(info.value, TimeoutError)
+    assert 0.2 <= elapsed < 5.0
+
+
+def test_host_timeout_releases_the_gil(ext):
+    errors = []
+
+    def wait():
+        try:
+            ext._test_host_timeout(0.5, "gil check")
+        except DeepEPTimeoutError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    num_steps = 0
+    while waiter.is_alive():  # runs only if the waiting thread let go of the GIL
+        num_steps += 1
+        time.sleep(0.001)
+    waiter.join()
+    assert len(errors) == 1
+    assert num_steps > 10
+
+
+def test_build_info(ext):
+    info = ext.build_info()
+    for key in ("cuda_version", "cuda_archs", "nvshmem_version"):
+        assert isinstance(info[key], str) and info[key], key
+
+
+def test_nvshmem_versions(ext):
+    def as_tuple(version):
+        return tuple(int(part) for part in version.split("."))
+
+    assert ext.nvshmem_compiled_version() == ext.build_info()["nvshmem_version"]
+    # The device library linked in must not be newer than the host library loaded now.
+    assert as_tuple(ext.nvshmem_compiled_version()) <= as_tuple(ext.nvshmem_host_version())
+    ext.nvshmem_check_version()
+    assert not ext.nvshmem_is_initialized()
+    with pytest.raises(DeepEPError, match="nvshmem_init"):
+        ext.nvshmem_my_pe()
+
+
+@pytest.mark.parametrize(
+    "num_topk, num_experts, num_ranks, num_ranks_per_node, expected",
+    [
+        (33, 64, 8, 8, "num_topk <= kMaxNumTopk"),
+        (8, 60, 8, 8, "num_experts % num_ranks"),
+        (8, 96, 12, 8, "num_ranks % num_ranks_per_node"),
+    ],
+)
+def test_layout_rejects_bad_shapes_before_any_launch(ext, num_topk, num_experts, num_ranks, num_ranks_per_node,
+                                                     expected):
+    with pytest.raises(DeepEPError, match=expected.replace("%", ".")):
+        # Fake non-null pointers: the checks run before anything touches them.
+        ext.get_dispatch_layout(8, 4, num_topk, num_experts, num_ranks, num_ranks_per_node, 8, 8, 8, 8, 0)
+
+
+@pytest.mark.gpu
+def test_device_timeout_becomes_an_exception(ext):
+    if not _ext.gpu_available():
+        pytest.skip("no GPU")
+    torch = pytest.importorskip("torch")
+    record = ext.ErrorRecord()
+    assert not record.has_error()
+    record.check("before the launch")  # no error: does not raise
+    ext.launch_timeout_self_test(record.device_ptr, 0.2, 3, 5, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert record.has_error()
+    with pytest.raises(DeepEPTimeoutError, match="rank 3, channel 5.*self-test.*noticed by the test"):
+        record.check("the test")
+    record.reset()
+    assert not record.has_error()
+
+
+@pytest.mark.gpu
+def test_host_counters(ext):
+    if not _ext.gpu_available():
+        pytest.skip("no GPU")
+    counters = ext.HostCounters(4)
+    assert len(counters) == 4 and counters.device_ptr != 0
+    assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
+    counters.set(2, 5)
+    assert counters.get(2) == 5
+    counters.wait_ge(2, 5, 1.0, "counter 2")
+    with pytest.raises(DeepEPTimeoutError, match="counter 3"):
+        counters.wait_ge(3, 1, 0.1, "counter 3")
+    with pytest.raises(DeepEPError, match="out of range"):
+        counters.get(4)

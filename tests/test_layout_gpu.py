@@ -1,0 +1,123 @@
+"""get_dispatch_layout kernel against a brute-force torch reference: exact comparison (it counts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deep_ep_py import _ext
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+POISON_INT = -7
+
+
+def reference_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int):
+    """topk_idx int64 [T, K] on CPU, -1 = none. Returns per-rank [R], per-node [R / rpn], per-expert [E] int32 counts
+    and is_token_in_rank bool [T, R]."""
+    num_tokens = topk_idx.shape[0]
+    is_token_in_expert = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    for token_idx in range(num_tokens):
+        for expert_idx in topk_idx[token_idx].tolist():
+            if expert_idx >= 0:
+                is_token_in_expert[token_idx, expert_idx] = True
+    is_token_in_rank = is_token_in_expert.view(num_tokens, num_ranks, num_experts // num_ranks).any(dim=2)
+    num_nodes = max(1, num_ranks // num_ranks_per_node)
+    is_token_in_node = is_token_in_rank.view(num_tokens, num_nodes, -1).any(dim=2)
+    return (
+        is_token_in_rank.sum(dim=0, dtype=torch.int32),
+        is_token_in_node.sum(dim=0, dtype=torch.int32),
+        is_token_in_expert.sum(dim=0, dtype=torch.int32),
+        is_token_in_rank,
+    )
+
+
+def random_topk_idx(num_tokens: int, num_topk: int, num_experts: int, generator: torch.Generator) -> torch.Tensor:
+    """Random experts with repeats within a token allowed, ~20% of choices masked to -1, some all -1 rows."""
+    topk_idx = torch.randint(0, num_experts, (num_tokens, num_topk), generator=generator, dtype=torch.int64)
+    masked = torch.rand(num_tokens, num_topk, generator=generator) < 0.2
+    topk_idx[masked] = -1
+    if num_tokens > 2:
+        topk_idx[num_tokens // 2] = -1
+    return topk_idx
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node",
+    [
+        (0, 8, 64, 8, 8),  # no tokens
+        (1, 1, 8, 8, 8),
+        (5, 2, 4, 1, 8),  # one rank
+        (129, 8, 256, 8, 8),  # one node (DeepEP intranode shape)
+        (4096, 8, 256, 16, 8),  # two nodes
+        (1000, 6, 48, 12, 4),  # three nodes
+        (333, 32, 1024, 1024, 8),  # K = 32, one expert per rank, 128 nodes
+        (257, 9, 16384, 16, 2),  # counters too big for shared memory: global atomics path
+    ],
+)
+def test_dispatch_layout_matches_reference(num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node):
+    if not _ext.gpu_available():
+        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+    ext = _ext.load_extension()
+    generator = torch.Generator().manual_seed(num_tokens * 7919 + num_experts)
+    topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
+    device = torch.device("cuda")
+    topk_idx = topk_idx_cpu.to(device)
+    multi_node = num_ranks > num_ranks_per_node
+    num_nodes = num_ranks // num_ranks_per_node if multi_node else 1
+
+    # Poisoned outputs: the launcher must write every element.
+    num_tokens_per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device=device)
+    num_tokens_per_rdma_rank = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device=device)
+    num_tokens_per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device=device)
+    is_token_in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device=device)
+
+    ext.get_dispatch_layout(
+        topk_idx.data_ptr(),
+        num_tokens,
+        num_topk,
+        num_experts,
+        num_ranks,
+        num_ranks_per_node,
+        num_tokens_per_rank.data_ptr(),
+        num_tokens_per_rdma_rank.data_ptr() if multi_node else 0,
+        num_tokens_per_expert.data_ptr(),
+        is_token_in_rank.data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )
+    torch.cuda.synchronize()
+
+    ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
+        topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
+    )
+    assert torch.equal(num_tokens_per_rank.cpu(), ref_per_rank)
+    assert torch.equal(num_tokens_per_expert.cpu(), ref_per_expert)
+    assert torch.equal(is_token_in_rank.cpu(), ref_in_rank)
+    if multi_node:
+        assert torch.equal(num_tokens_per_rdma_rank.cpu(), ref_per_node)
+    else:
+        # Not asked for (null pointer): left untouched.
+        assert torch.equal(num_tokens_per_rdma_rank.cpu(), torch.full((1,), POISON_INT, dtype=torch.int32))
+
+
+def test_dispatch_layout_runs_on_the_given_stream():
+    if not _ext.gpu_available():
+        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+    ext = _ext.load_extension()
+    num_tokens, num_topk, num_experts, num_ranks = 512, 8, 64, 8
+    stream = torch.cuda.Stream()
+    generator = torch.Generator().manual_seed(0)
+    topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
+    with torch.cuda.stream(stream):
+        topk_idx = topk_idx_cpu.cuda()
+        per_rank = torch.empty(num_ranks, dtype=torch.int32, device="cuda")
+        per_expert = torch.empty(num_experts, dtype=torch.int32, device="cuda")
+        in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device="cuda")
+        ext.get_dispatch_layout(topk_idx.data_ptr(), num_tokens, num_topk, num_experts, num_ranks, 8,
+                                per_rank.data_ptr(), 0, per_expert.data_ptr(), in_rank.data_ptr(), stream.cuda_stream)
+    stream.synchronize()
+    ref_per_rank, _, ref_per_expert, ref_in_rank = reference_layout(topk_idx_cpu, num_experts, num_ranks, 8)
+    assert torch.equal(per_rank.cpu(), ref_per_rank)
+    assert torch.equal(per_expert.cpu(), ref_per_expert)
+    assert torch.equal(in_rank.cpu(), ref_in_rank)
