@@ -1,7 +1,7 @@
 """deep_ep_py: expert-parallel dispatch/combine for Mixture-of-Experts, a drop-in for DeepEP V1's deep_ep.
 
-    import deep_ep_py as deep_ep          # or: deep_ep_py.alias(); import deep_ep
-    buffer = deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes)
+import deep_ep_py as deep_ep          # or: deep_ep_py.alias(); import deep_ep
+buffer = deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes)
 """
 
 from __future__ import annotations

@@ -10,18 +10,17 @@ import ctypes
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
 
-__all__ = ["load_extension", "has_kernels", "kernels_unavailable_reason", "gpu_available"]
+__all__ = ["gpu_available", "has_kernels", "kernels_unavailable_reason", "load_extension"]
 
 _NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
 
 _loaded = False
-_extension: Optional[ModuleType] = None
+_extension: ModuleType | None = None
 _unavailable_reason = ""
 
 
-def _preload_nvshmem_host() -> Optional[str]:
+def _preload_nvshmem_host() -> str | None:
     """Loads libnvshmem_host.so.3 from the installed nvidia-nvshmem wheel with RTLD_GLOBAL, so the extension
     resolves it whatever its build-time rpath says (pip's isolated build env is gone by now). NVSHMEM_HOME, when
     set, wins, as it does in the build. Returns an error text, or None when loaded (or nothing to load: the
@@ -48,7 +47,7 @@ def _preload_nvshmem_host() -> Optional[str]:
     return "; ".join(errors) or None
 
 
-def load_extension() -> Optional[ModuleType]:
+def load_extension() -> ModuleType | None:
     """Returns ``deep_ep_py._C``, or None when it is not built or cannot load (see kernels_unavailable_reason()).
     Cached: the import is tried once per process."""
     global _loaded, _extension, _unavailable_reason

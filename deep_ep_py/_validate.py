@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,7 +15,7 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d) for d in dtypes)
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, even: bool = False) -> int:
+def check_int(name: str, value: Any, *, minimum: int | None = None, even: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected int, got {type(value).__name__} ({value!r})")
     if minimum is not None and value < minimum:
@@ -34,10 +35,10 @@ def check_tensor(
     name: str,
     tensor: Any,
     *,
-    dtype: Optional[torch.dtype | Sequence[torch.dtype]] = None,
-    shape: Optional[Sequence[Optional[int]]] = None,
+    dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
     contiguous: bool = False,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """`shape` entries of None match any size; the tensor must have exactly len(shape) dims."""
     if not isinstance(tensor, torch.Tensor):

@@ -11,7 +11,8 @@ M = num_max_dispatch_tokens_per_rank, N tokens received by this rank. Expert e l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,7 @@ class Buffer:
 
     def __init__(
         self,
-        group: Optional[dist.ProcessGroup],
+        group: dist.ProcessGroup | None,
         num_nvl_bytes: int = 0,
         num_rdma_bytes: int = 0,
         low_latency_mode: bool = False,
@@ -68,8 +69,8 @@ class Buffer:
         enable_shrink: bool = False,
         comm: Any = None,
         *,
-        backend: Optional[str] = None,
-        num_ranks_per_node: Optional[int] = None,
+        backend: str | None = None,
+        num_ranks_per_node: int | None = None,
     ) -> None:
         if group is None:
             raise ValueError(
@@ -149,7 +150,7 @@ class Buffer:
     def get_local_buffer_tensor(
         self,
         dtype: torch.dtype,
-        size: Optional[Union[torch.Size, Sequence[int]]] = None,
+        size: torch.Size | Sequence[int] | None = None,
         offset: int = 0,
         use_rdma_buffer: bool = False,
     ) -> torch.Tensor:
@@ -201,10 +202,10 @@ class Buffer:
         self,
         on_cuda: bool,
         work: Callable[[], Any],
-        previous_event: Optional[EventOverlap],
+        previous_event: EventOverlap | None,
         async_finish: bool,
         allocate_on_comm_stream: bool,
-        inputs: Sequence[Optional[torch.Tensor]] = (),
+        inputs: Sequence[torch.Tensor | None] = (),
     ) -> tuple[Any, EventOverlap]:
         """Run `work` with DeepEP's stream semantics: on the communication stream after previous_event (else
         after the current stream); the current stream waits for it unless async_finish, in which case the
@@ -244,10 +245,10 @@ class Buffer:
         self,
         topk_idx: torch.Tensor,
         num_experts: int,
-        previous_event: Optional[EventOverlap] = None,
+        previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]:
         """Count what each rank and expert will receive from this rank.
 
         Args:
@@ -276,25 +277,25 @@ class Buffer:
     def dispatch(
         self,
         x: DispatchInput,
-        handle: Optional[DispatchHandle] = None,
-        num_tokens_per_rank: Optional[torch.Tensor] = None,
-        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
-        is_token_in_rank: Optional[torch.Tensor] = None,
-        num_tokens_per_expert: Optional[torch.Tensor] = None,
-        topk_idx: Optional[torch.Tensor] = None,
-        topk_weights: Optional[torch.Tensor] = None,
+        handle: DispatchHandle | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
         expert_alignment: int = 1,
         num_worst_tokens: int = 0,
-        config: Optional[Config] = None,
-        previous_event: Optional[EventOverlap] = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ) -> tuple[
         DispatchInput,
-        Optional[torch.Tensor],
-        Optional[torch.Tensor],
-        Optional[list[int]],
-        Optional[DispatchHandle],
+        torch.Tensor | None,
+        torch.Tensor | None,
+        list[int] | None,
+        DispatchHandle | None,
         EventOverlap,
     ]:
         """Send each token to every rank that holds one of its experts.
@@ -323,7 +324,9 @@ class Buffer:
         num_ranks = self.group_size
         if handle is not None:
             if not isinstance(handle, DispatchHandle):
-                raise TypeError(f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}")
+                raise TypeError(
+                    f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}"
+                )
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("topk_idx/topk_weights: expected None with a cached handle, got a tensor")
             if num_tokens != handle.num_tokens:
@@ -396,13 +399,13 @@ class Buffer:
         self,
         x: torch.Tensor,
         handle: DispatchHandle,
-        topk_weights: Optional[torch.Tensor] = None,
-        bias: Union[torch.Tensor, tuple[torch.Tensor, ...], list[torch.Tensor], None] = None,
-        config: Optional[Config] = None,
-        previous_event: Optional[EventOverlap] = None,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
         """Send each received row back to its source and sum there (float32, then bf16).
 
         Args:
@@ -426,7 +429,9 @@ class Buffer:
             )
         rows = handle.num_recv_tokens
         if topk_weights is not None:
-            check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=(x.shape[0], None), contiguous=True)
+            check.check_tensor(
+                "topk_weights", topk_weights, dtype=torch.float32, shape=(x.shape[0], None), contiguous=True
+            )
         biases: tuple[torch.Tensor, ...]
         if bias is None:
             biases = ()
@@ -467,8 +472,8 @@ class Buffer:
         topk_idx: torch.Tensor,
         num_max_dispatch_tokens_per_rank: int,
         num_experts: int,
-        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
         use_fp8: bool = True,
         round_scale: bool = False,
         use_ue8m0: bool = False,
@@ -502,8 +507,13 @@ class Buffer:
             )
         self._check_num_experts(num_experts)
         experts_per_rank = num_experts // self.group_size
-        for name, flag in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
-                           ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):
+        for name, flag in (
+            ("use_fp8", use_fp8),
+            ("round_scale", round_scale),
+            ("use_ue8m0", use_ue8m0),
+            ("async_finish", async_finish),
+            ("return_recv_hook", return_recv_hook),
+        ):
             check.check_bool(name, flag)
         if round_scale and not use_fp8:
             raise ValueError("round_scale: expected use_fp8=True with it (it rounds FP8 scales), got use_fp8=False")
@@ -512,7 +522,9 @@ class Buffer:
         if use_fp8 and hidden % FP8_GROUP_SIZE != 0:
             raise ValueError(f"x: expected hidden to be a multiple of {FP8_GROUP_SIZE} with use_fp8, got {hidden}")
         if use_ue8m0 and hidden % (4 * FP8_GROUP_SIZE) != 0:
-            raise ValueError(f"x: expected hidden to be a multiple of {4 * FP8_GROUP_SIZE} with use_ue8m0, got {hidden}")
+            raise ValueError(
+                f"x: expected hidden to be a multiple of {4 * FP8_GROUP_SIZE} with use_ue8m0, got {hidden}"
+            )
         if not use_fp8 and hidden % 8 != 0:
             raise ValueError(f"x: expected hidden to be a multiple of 8, got {hidden}")
         if cumulative_local_expert_recv_stats is not None:
@@ -524,7 +536,10 @@ class Buffer:
             )
         if dispatch_wait_recv_cost_stats is not None:
             check.check_tensor(
-                "dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, dtype=torch.int64, shape=(self.group_size,)
+                "dispatch_wait_recv_cost_stats",
+                dispatch_wait_recv_cost_stats,
+                dtype=torch.int64,
+                shape=(self.group_size,),
             )
         self._check_rdma_bytes(max_tokens, hidden, num_experts)
         check.check_expert_ids("topk_idx", topk_idx, num_experts)
@@ -560,8 +575,8 @@ class Buffer:
         zero_copy: bool = False,
         async_finish: bool = False,
         return_recv_hook: bool = False,
-        out: Optional[torch.Tensor] = None,
-        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, EventOverlap, Hook]:
         """Send expert outputs back and reduce: combined_x[t] = sum over k with topk_idx[t, k] >= 0 of
         topk_weights[t, k] * x[row of (t, k)], accumulated in float32.
@@ -584,17 +599,30 @@ class Buffer:
             raise TypeError(f"handle: expected the handle low_latency_dispatch returned, got {type(handle).__name__}")
         experts_per_rank = handle.num_experts // self.group_size
         slots = self.group_size * handle.num_max_dispatch_tokens_per_rank
-        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(experts_per_rank, slots, handle.hidden), contiguous=True)
+        check.check_tensor(
+            "x", x, dtype=torch.bfloat16, shape=(experts_per_rank, slots, handle.hidden), contiguous=True
+        )
         check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(handle.num_tokens, None), contiguous=True)
-        check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), contiguous=True)
-        for name, flag in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
-                           ("return_recv_hook", return_recv_hook)):
+        check.check_tensor(
+            "topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), contiguous=True
+        )
+        for name, flag in (
+            ("use_logfmt", use_logfmt),
+            ("zero_copy", zero_copy),
+            ("async_finish", async_finish),
+            ("return_recv_hook", return_recv_hook),
+        ):
             check.check_bool(name, flag)
         if out is not None:
-            check.check_tensor("out", out, dtype=torch.bfloat16, shape=(handle.num_tokens, handle.hidden), contiguous=True)
+            check.check_tensor(
+                "out", out, dtype=torch.bfloat16, shape=(handle.num_tokens, handle.hidden), contiguous=True
+            )
         if combine_wait_recv_cost_stats is not None:
             check.check_tensor(
-                "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, dtype=torch.int64, shape=(self.group_size,)
+                "combine_wait_recv_cost_stats",
+                combine_wait_recv_cost_stats,
+                dtype=torch.int64,
+                shape=(self.group_size,),
             )
         (combined, hook), event = self._run(
             x.is_cuda,
@@ -653,7 +681,7 @@ class Buffer:
                 f"{name}: expected a number of experts divisible by the group size {self.group_size}, got {num_experts}"
             )
 
-    def _check_dispatch_x(self, x: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _check_dispatch_x(self, x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(x, tuple):
             if len(x) != 2:
                 raise ValueError(f"x: expected (float8_e4m3fn values, float32 scales), got a tuple of {len(x)}")
@@ -669,7 +697,7 @@ class Buffer:
             raise ValueError(f"x: expected hidden to be a multiple of 8 (16-byte rows), got {x.shape[1]}")
         return x, None
 
-    def _check_config(self, config: Optional[Config], default: Config, hidden_bytes: int) -> Config:
+    def _check_config(self, config: Config | None, default: Config, hidden_bytes: int) -> Config:
         if config is None:
             config = default
         elif not isinstance(config, Config):

@@ -6,7 +6,8 @@ synchronously there, so there is never anything to wait for.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -21,14 +22,14 @@ class EventHandle:
     `event` is the underlying torch.cuda.Event, or None on a machine without CUDA.
     """
 
-    def __init__(self, event: Optional[torch.cuda.Event] = None) -> None:
+    def __init__(self, event: torch.cuda.Event | None = None) -> None:
         if event is None and _cuda_usable():
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream())
         self.event = event
 
     @classmethod
-    def recorded_on(cls, stream: Any) -> "EventHandle":
+    def recorded_on(cls, stream: Any) -> EventHandle:
         """An event recorded on `stream` when it is a CUDA stream, else on the current stream (if any)."""
         if isinstance(stream, torch.cuda.Stream):
             event = torch.cuda.Event()
@@ -57,7 +58,7 @@ class EventOverlap:
     stream is not reused early. `with overlap:` waits on exit.
     """
 
-    def __init__(self, event: Optional[EventHandle] = None, extra_tensors: Optional[Iterable[torch.Tensor]] = None):
+    def __init__(self, event: EventHandle | None = None, extra_tensors: Iterable[torch.Tensor] | None = None):
         self.event = event
         self.extra_tensors = tuple(extra_tensors) if extra_tensors is not None else None
 
@@ -67,7 +68,7 @@ class EventOverlap:
             self.event.current_stream_wait()
         self.extra_tensors = None
 
-    def __enter__(self) -> "EventOverlap":
+    def __enter__(self) -> EventOverlap:
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -50,7 +50,9 @@ def per_token_cast_to_fp8(
     if hidden % GROUP_SIZE != 0:
         raise ValueError(f"x: expected hidden to be a multiple of {GROUP_SIZE} for FP8, got {hidden}")
     if use_ue8m0 and not round_scale:
-        raise ValueError("use_ue8m0: expected round_scale=True (ue8m0 stores power-of-two scales), got round_scale=False")
+        raise ValueError(
+            "use_ue8m0: expected round_scale=True (ue8m0 stores power-of-two scales), got round_scale=False"
+        )
     if use_ue8m0 and hidden % (GROUP_SIZE * UE8M0_GROUPS_PER_INT32) != 0:
         raise ValueError(f"x: expected hidden to be a multiple of 512 with use_ue8m0, got {hidden}")
     groups = x.float().view(num_tokens, hidden // GROUP_SIZE, GROUP_SIZE)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -31,7 +30,7 @@ class Topology:
 
 def _ranks_per_node_from_hosts(group: dist.ProcessGroup, num_ranks: int) -> int:
     """Ranks per node from the hosts the ranks run on; nodes must be equal, contiguous blocks of ranks."""
-    hosts: list[Optional[str]] = [None] * num_ranks
+    hosts: list[str | None] = [None] * num_ranks
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     per_node = hosts.count(hosts[0])
     blocks = [hosts[i : i + per_node] for i in range(0, num_ranks, per_node)]
@@ -43,7 +42,7 @@ def _ranks_per_node_from_hosts(group: dist.ProcessGroup, num_ranks: int) -> int:
     return per_node
 
 
-def detect_topology(group: dist.ProcessGroup, num_ranks_per_node: Optional[int]) -> Topology:
+def detect_topology(group: dist.ProcessGroup, num_ranks_per_node: int | None) -> Topology:
     """The argument wins over the environment, which wins over the hosts the ranks run on."""
     num_ranks = dist.get_world_size(group)
     source = "num_ranks_per_node"

@@ -129,8 +129,9 @@ def test_nvshmem_versions(ext):
         (8, 96, 12, 8, "num_ranks % num_ranks_per_node"),
     ],
 )
-def test_layout_rejects_bad_shapes_before_any_launch(ext, num_topk, num_experts, num_ranks, num_ranks_per_node,
-                                                     expected):
+def test_layout_rejects_bad_shapes_before_any_launch(
+    ext, num_topk, num_experts, num_ranks, num_ranks_per_node, expected
+):
     with pytest.raises(DeepEPError, match=expected.replace("%", ".")):
         # Fake non-null pointers: the checks run before anything touches them.
         ext.get_dispatch_layout(8, 4, num_topk, num_experts, num_ranks, num_ranks_per_node, 8, 8, 8, 8, 0)
@@ -147,7 +148,7 @@ def test_device_timeout_becomes_an_exception(ext):
     ext.launch_timeout_self_test(record.device_ptr, 0.2, 3, 5, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert record.has_error()
-    with pytest.raises(DeepEPTimeoutError, match="rank 3, channel 5.*self-test.*noticed by the test"):
+    with pytest.raises(DeepEPTimeoutError, match=r"rank 3, channel 5.*self-test.*noticed by the test"):
         record.check("the test")
     record.reset()
     assert not record.has_error()

@@ -114,8 +114,19 @@ def test_dispatch_layout_runs_on_the_given_stream():
         per_rank = torch.empty(num_ranks, dtype=torch.int32, device="cuda")
         per_expert = torch.empty(num_experts, dtype=torch.int32, device="cuda")
         in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device="cuda")
-        ext.get_dispatch_layout(topk_idx.data_ptr(), num_tokens, num_topk, num_experts, num_ranks, 8,
-                                per_rank.data_ptr(), 0, per_expert.data_ptr(), in_rank.data_ptr(), stream.cuda_stream)
+        ext.get_dispatch_layout(
+            topk_idx.data_ptr(),
+            num_tokens,
+            num_topk,
+            num_experts,
+            num_ranks,
+            8,
+            per_rank.data_ptr(),
+            0,
+            per_expert.data_ptr(),
+            in_rank.data_ptr(),
+            stream.cuda_stream,
+        )
     stream.synchronize()
     ref_per_rank, _, ref_per_expert, ref_in_rank = reference_layout(topk_idx_cpu, num_experts, num_ranks, 8)
     assert torch.equal(per_rank.cpu(), ref_per_rank)

@@ -49,7 +49,6 @@ void launch_kernel(const LaunchConfig& config, void (*kernel)(KernelParams...), 
 template <int... kValues>
 struct IntList {};
 using SupportedNumRanks = IntList<2, 4, 8>;
-using SupportedNumTopk = IntList<1, 2, 4, 6, 8, 9>;
 
 // switch_int(SupportedNumRanks{}, num_ranks, "num_ranks", [&](auto kNumRanks) { ... kNumRanks() ... });
 // calls the lambda with std::integral_constant<int, value>; a value not in the list throws, naming the list.

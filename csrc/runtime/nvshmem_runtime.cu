@@ -105,6 +105,8 @@ uintptr_t nvshmem_malloc(size_t num_bytes, size_t alignment) {
                        ") failed: the symmetric heap is too small (raise NVSHMEM_SYMMETRIC_SIZE)");
     CUDA_CHECK(cudaMemset(ptr, 0, num_bytes));
     CUDA_CHECK(cudaDeviceSynchronize());
+    // No peer may write into this buffer before every rank has zeroed its own copy.
+    ::nvshmem_barrier_all();
     return reinterpret_cast<uintptr_t>(ptr);
 }
 

@@ -20,7 +20,8 @@ void nvshmem_check_version();
 
 // The nvshmemx_uniqueid_t made by rank 0, as raw bytes to broadcast to the other ranks.
 std::string nvshmem_get_unique_id();
-// Initialises NVSHMEM with the unique-id bootstrap (NVSHMEMX_INIT_WITH_UNIQUEID). Blocks until all ranks join.
+// Initialises NVSHMEM with the unique-id bootstrap (NVSHMEMX_INIT_WITH_UNIQUEID) on the current CUDA device (set it
+// first). Blocks until all ranks join.
 void nvshmem_init(const std::string& unique_id_bytes, int rank, int num_ranks);
 void nvshmem_finalize();
 bool nvshmem_is_initialized();

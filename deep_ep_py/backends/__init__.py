@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -14,7 +13,7 @@ BACKEND_ENV = "DEEP_EP_PY_BACKEND"
 BACKEND_NAMES = ("auto", "cuda", "reference")
 
 
-def select_backend(requested: Optional[str], group: dist.ProcessGroup, topology: Topology) -> ReferenceBackend:
+def select_backend(requested: str | None, group: dist.ProcessGroup, topology: Topology) -> ReferenceBackend:
     """`requested` (Buffer's backend=) wins over DEEP_EP_PY_BACKEND; "auto" takes the kernels when they can run."""
     source = "backend"
     if requested is None:
@@ -26,7 +25,9 @@ def select_backend(requested: Optional[str], group: dist.ProcessGroup, topology:
     if requested == "reference" or (requested == "auto" and not gpu_available()):
         return ReferenceBackend(group, topology)
     if not gpu_available():
-        raise RuntimeError(f"{source}: 'cuda' requested, but the kernels cannot run here: {kernels_unavailable_reason()}")
+        raise RuntimeError(
+            f"{source}: 'cuda' requested, but the kernels cannot run here: {kernels_unavailable_reason()}"
+        )
     from .cuda import CudaBackend
 
     return CudaBackend(group, topology)

@@ -7,7 +7,7 @@ all of a call's data. Groups whose backend cannot move device tensors (gloo, MPI
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,8 @@ class RowExchange:
         then rank 1, ..., concatenated.
         """
         send_rows = [
-            torch.cat([_as_byte_rows(self.stage(f)) for f in fields], dim=1) if fields and fields[0].shape[0] > 0
+            torch.cat([_as_byte_rows(self.stage(f)) for f in fields], dim=1)
+            if fields and fields[0].shape[0] > 0
             else None
             for fields in fields_per_dest
         ]

@@ -8,15 +8,15 @@ so each result follows the contract's definition directly. Inputs arrive validat
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
 from .. import fp8
-from .exchange import RowExchange
 from ..topology import Topology
+from .exchange import RowExchange
 
-_NO_HOOK: Callable[[], None] = lambda: None  # noqa: E731
+_NO_HOOK: Callable[[], None] = lambda: None
 
 
 class DispatchHandle(NamedTuple):
@@ -89,13 +89,13 @@ class ReferenceBackend:
     def dispatch(
         self,
         x: torch.Tensor,
-        x_scales: Optional[torch.Tensor],
-        handle: Optional[DispatchHandle],
-        is_token_in_rank: Optional[torch.Tensor],
-        num_tokens_per_rank: Optional[torch.Tensor],
-        num_tokens_per_expert: Optional[torch.Tensor],
-        topk_idx: Optional[torch.Tensor],
-        topk_weights: Optional[torch.Tensor],
+        x_scales: torch.Tensor | None,
+        handle: DispatchHandle | None,
+        is_token_in_rank: torch.Tensor | None,
+        num_tokens_per_rank: torch.Tensor | None,
+        num_tokens_per_expert: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
         expert_alignment: int,
         num_worst_tokens: int,
     ):
@@ -137,7 +137,9 @@ class ReferenceBackend:
             per_token.append(x_scales.cpu())
         if topk_idx is not None:
             per_token += [topk_idx.cpu(), topk_weights.cpu()]
-        fields_per_dest = [[per_token[0][idx], idx.to(torch.int32), *(t[idx] for t in per_token[1:])] for idx in send_idx]
+        fields_per_dest = [
+            [per_token[0][idx], idx.to(torch.int32), *(t[idx] for t in per_token[1:])] for idx in send_idx
+        ]
         received = self.exchange.exchange_rows(fields_per_dest, recv_counts, fields_per_dest[0])
         recv_x, recv_src_idx = received[0], received[1]
         recv_x_scales = received[2] if x_scales is not None else None
@@ -179,7 +181,7 @@ class ReferenceBackend:
             num_worst_tokens=num_worst_tokens,
             hidden=hidden,
         )
-        to_device = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        to_device = lambda t: t.to(device) if t is not None else None
         return (
             recv_x.to(device),
             to_device(recv_x_scales),
@@ -195,7 +197,7 @@ class ReferenceBackend:
         self,
         x: torch.Tensor,
         handle: DispatchHandle,
-        topk_weights: Optional[torch.Tensor],
+        topk_weights: torch.Tensor | None,
         bias: tuple[torch.Tensor, ...],
     ):
         """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None)."""
@@ -206,7 +208,7 @@ class ReferenceBackend:
 
         # Rows received from rank s sit at [prefix[s-1][me], prefix[s][me]) and go back to s in that order.
         column = handle.rank_prefix_matrix[:, rank].cpu().tolist()
-        starts = [0] + column[:-1]
+        starts = [0, *column[:-1]]
         x_cpu = x.cpu()
         weights_cpu = topk_weights.cpu() if topk_weights is not None else None
         fields_per_dest = []
@@ -218,9 +220,7 @@ class ReferenceBackend:
             fields_per_dest.append(fields)
         in_rank = handle.is_token_in_rank.cpu()
         send_idx = [torch.nonzero(in_rank[:, dst]).flatten() for dst in range(num_ranks)]
-        received = self.exchange.exchange_rows(
-            fields_per_dest, [int(i.numel()) for i in send_idx], fields_per_dest[0]
-        )
+        received = self.exchange.exchange_rows(fields_per_dest, [int(i.numel()) for i in send_idx], fields_per_dest[0])
         token_idx = torch.cat(send_idx)
         combined = torch.zeros(handle.num_tokens, x.shape[1], dtype=torch.float32)
         combined.index_add_(0, token_idx, received[0].float())
@@ -245,9 +245,7 @@ class ReferenceBackend:
         experts_per_rank = handle.num_experts // self.num_ranks
         key = (experts_per_rank, self.num_ranks * handle.num_max_dispatch_tokens_per_rank, handle.hidden, str(device))
         if key not in self.combine_buffers:
-            self.combine_buffers[key] = [
-                torch.zeros(key[:3], dtype=torch.bfloat16, device=device) for _ in range(2)
-            ]
+            self.combine_buffers[key] = [torch.zeros(key[:3], dtype=torch.bfloat16, device=device) for _ in range(2)]
         return self.combine_buffers[key][buffer_idx]
 
     def next_combine_buffer(self, handle: LowLatencyHandle, device: torch.device) -> torch.Tensor:
@@ -265,8 +263,8 @@ class ReferenceBackend:
         topk_idx: torch.Tensor,
         num_max_dispatch_tokens_per_rank: int,
         num_experts: int,
-        cumulative_local_expert_recv_stats: Optional[torch.Tensor],
-        dispatch_wait_recv_cost_stats: Optional[torch.Tensor],
+        cumulative_local_expert_recv_stats: torch.Tensor | None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None,
         use_fp8: bool,
         round_scale: bool,
         use_ue8m0: bool,
@@ -391,8 +389,8 @@ class ReferenceBackend:
         handle: LowLatencyHandle,
         zero_copy: bool,
         return_recv_hook: bool,
-        out: Optional[torch.Tensor],
-        combine_wait_recv_cost_stats: Optional[torch.Tensor],
+        out: torch.Tensor | None,
+        combine_wait_recv_cost_stats: torch.Tensor | None,
     ):
         """-> (combined_x bf16 [T, H], hook)."""
         device = topk_idx.device
@@ -428,7 +426,11 @@ class ReferenceBackend:
         keep = ~masked[recv_source]
         rows, tokens, slots = received[0][keep], received[1][keep].long(), received[2][keep].long()
 
-        combined = out if out is not None else torch.empty(topk_idx.shape[0], handle.hidden, dtype=torch.bfloat16, device=device)
+        combined = (
+            out
+            if out is not None
+            else torch.empty(topk_idx.shape[0], handle.hidden, dtype=torch.bfloat16, device=device)
+        )
 
         def receive() -> None:
             topk_cpu = topk_idx.cpu()
@@ -466,7 +468,7 @@ class ReferenceBackend:
         self.exchange.barrier()
 
 
-def _pad_rows(tensor: Optional[torch.Tensor], num_rows: int, fill: float) -> Optional[torch.Tensor]:
+def _pad_rows(tensor: torch.Tensor | None, num_rows: int, fill: float) -> torch.Tensor | None:
     if tensor is None:
         return None
     padded = torch.full((num_rows, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=tensor.device)

@@ -2,4 +2,4 @@
 
 from .launcher import RankFailedError, find_free_port, launch
 
-__all__ = ["launch", "RankFailedError", "find_free_port"]
+__all__ = ["RankFailedError", "find_free_port", "launch"]

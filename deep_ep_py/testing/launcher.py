@@ -30,10 +30,11 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable
 
-__all__ = ["launch", "RankFailedError", "find_free_port"]
+__all__ = ["RankFailedError", "find_free_port", "launch"]
 
 # How many times a launch is retried when the port picked for the rendezvous was taken in the meantime.
 _NUM_PORT_ATTEMPTS = 4
@@ -48,7 +49,7 @@ _ENV_LOCK = threading.Lock()
 class RankFailedError(RuntimeError):
     """A rank raised (or died). ``rank`` is the first failing rank, ``rank_traceback`` its traceback text."""
 
-    def __init__(self, rank: int, rank_traceback: str, message: Optional[str] = None) -> None:
+    def __init__(self, rank: int, rank_traceback: str, message: str | None = None) -> None:
         self.rank = rank
         self.rank_traceback = rank_traceback
         super().__init__(message or f"rank {rank} failed:\n{rank_traceback}")
@@ -62,7 +63,7 @@ class _RankSpec:
     num_ranks: int
     port: int
     backend: str
-    env: Dict[str, str]
+    env: dict[str, str]
     timeout_s: float
 
 
@@ -122,7 +123,7 @@ def _child_main(spec: _RankSpec, payload: bytes, conn: multiprocessing.connectio
 
 
 @contextlib.contextmanager
-def _patched_environ(env: Dict[str, str]):
+def _patched_environ(env: dict[str, str]):
     """Set env in this process while children are spawned, so they see it before their first import."""
     with _ENV_LOCK:
         saved = {key: os.environ.get(key) for key in env}
@@ -161,12 +162,12 @@ def _is_port_in_use(text: str) -> bool:
     return "EADDRINUSE" in text or "Address already in use" in text or f"errno: {errno.EADDRINUSE}" in text
 
 
-def _launch_once(fn_payload: bytes, num_ranks: int, backend: str, env: Dict[str, str], timeout_s: float) -> list:
+def _launch_once(fn_payload: bytes, num_ranks: int, backend: str, env: dict[str, str], timeout_s: float) -> list:
     ctx = multiprocessing.get_context("spawn")
     port = find_free_port()
     processes = []
-    conns: Dict[Any, int] = {}
-    results: List[Any] = [None] * num_ranks
+    conns: dict[Any, int] = {}
+    results: list[Any] = [None] * num_ranks
     reported = [False] * num_ranks
     try:
         with _patched_environ(env):
@@ -239,7 +240,7 @@ def launch(
     *args: Any,
     timeout_s: float = 120.0,
     backend: str = "gloo",
-    env: Optional[Dict[str, str]] = None,
+    env: dict[str, str] | None = None,
 ) -> list:
     """Run ``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned processes; return their results in rank order.
 

@@ -1,0 +1,193 @@
+"""Bad arguments raise ValueError or TypeError naming the argument and showing what was given, before any work.
+
+The Buffer cases run in one 2-rank launch where only rank 0 makes the bad calls while rank 1 waits at a
+barrier: a library that communicated before validating would leave rank 0 hanging, and the launch would time out.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from deep_ep_py.testing import launch
+
+T, H, K, R, E, M = 6, 256, 2, 2, 4, 8
+
+# name -> (patterns that must all appear in the message: the argument, then the offending value)
+BUFFER_CASES = {
+    "dispatch_x_float32": (r"\bx\b", r"float32|Float"),
+    "layout_topk_idx_int32": (r"topk_idx", r"int32|Int"),
+    "dispatch_topk_idx_int32": (r"topk_idx", r"int32|Int"),
+    "dispatch_topk_weights_shape": (r"topk_weights", rf"{K + 1}"),
+    "dispatch_is_token_in_rank_shape": (r"is_token_in_rank", rf"{T + 1}"),
+    "dispatch_x_non_contiguous": (r"\bx\b", r"contiguous|stride"),
+    "layout_expert_id_too_large": (r"topk_idx|expert", rf"\b{E}\b"),
+    "layout_expert_id_below_minus_one": (r"topk_idx|expert", r"-2"),
+    "layout_num_experts_not_divisible": (r"num_experts", r"\b5\b"),
+    "dispatch_fp8_hidden_not_128": (r"\bx\b|scales|hidden", r"200"),
+    "cached_dispatch_other_num_tokens": (r"\bx\b|handle", rf"{T + 2}"),
+    "combine_x_wrong_rows": (r"\bx\b|handle", rf"{T + 5}"),
+    "ll_too_many_tokens": (r"num_max_dispatch_tokens_per_rank|\bx\b", rf"{M + 1}"),
+    "ll_fp8_hidden_not_128": (r"hidden|\bx\b", r"200"),
+    "ll_topk_idx_int32": (r"topk_idx", r"int32|Int"),
+    "ll_combine_topk_weights_shape": (r"topk_weights", rf"{K + 1}"),
+    "ll_num_experts_not_divisible": (r"num_experts", r"\b5\b"),
+}
+
+
+def _bad_calls(buffer, ll_buffer):
+    """name -> a zero-argument callable that must raise."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16)
+    topk_idx = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [-1, -1], [2, 0]], dtype=torch.int64)
+    topk_weights = torch.rand((T, K), generator=gen)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, E)
+    layout = dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+    )
+
+    def dispatch(x_arg=x, **overrides):
+        kwargs = dict(layout, topk_idx=topk_idx, topk_weights=topk_weights)
+        kwargs.update(overrides)
+        return buffer.dispatch(x_arg, **kwargs)
+
+    def with_id(value):
+        bad = topk_idx.clone()
+        bad[1, 1] = value
+        return bad
+
+    fp8_values = torch.zeros((T, 200), dtype=torch.float8_e4m3fn)
+    fp8_scales = torch.ones((T, 2), dtype=torch.float32)
+    ll_x = torch.randn((T, H), generator=gen).to(torch.bfloat16)
+    return {
+        "dispatch_x_float32": lambda: dispatch(x.float()),
+        "layout_topk_idx_int32": lambda: buffer.get_dispatch_layout(topk_idx.int(), E),
+        "dispatch_topk_idx_int32": lambda: dispatch(topk_idx=topk_idx.int()),
+        "dispatch_topk_weights_shape": lambda: dispatch(topk_weights=torch.rand((T, K + 1))),
+        "dispatch_is_token_in_rank_shape": lambda: dispatch(is_token_in_rank=torch.ones((T + 1, R), dtype=torch.bool)),
+        "dispatch_x_non_contiguous": lambda: dispatch(torch.randn((H, T)).to(torch.bfloat16).T),
+        "layout_expert_id_too_large": lambda: buffer.get_dispatch_layout(with_id(E), E),
+        "layout_expert_id_below_minus_one": lambda: buffer.get_dispatch_layout(with_id(-2), E),
+        "layout_num_experts_not_divisible": lambda: buffer.get_dispatch_layout(topk_idx.clamp(max=4), 5),
+        "dispatch_fp8_hidden_not_128": lambda: dispatch((fp8_values, fp8_scales)),
+        "cached_dispatch_other_num_tokens": lambda: buffer.dispatch(
+            torch.zeros((T + 2, H), dtype=torch.bfloat16), handle=_HANDLE[0]
+        ),
+        "combine_x_wrong_rows": lambda: buffer.combine(torch.zeros((T + 5, H), dtype=torch.bfloat16), _HANDLE[0]),
+        "ll_too_many_tokens": lambda: ll_buffer.low_latency_dispatch(
+            torch.zeros((M + 1, H), dtype=torch.bfloat16), torch.zeros((M + 1, K), dtype=torch.int64), M, E
+        ),
+        "ll_fp8_hidden_not_128": lambda: ll_buffer.low_latency_dispatch(
+            torch.zeros((T, 200), dtype=torch.bfloat16), topk_idx, M, E, use_fp8=True
+        ),
+        "ll_topk_idx_int32": lambda: ll_buffer.low_latency_dispatch(ll_x, topk_idx.int(), M, E, use_fp8=False),
+        "ll_combine_topk_weights_shape": lambda: ll_buffer.low_latency_combine(
+            torch.zeros((E // R, R * M, H), dtype=torch.bfloat16), topk_idx, torch.rand((T, K + 1)), _LL_HANDLE[0]
+        ),
+        "ll_num_experts_not_divisible": lambda: ll_buffer.low_latency_dispatch(
+            ll_x, topk_idx.clamp(max=4), M, 5, use_fp8=False
+        ),
+    }
+
+
+_HANDLE: list = []
+_LL_HANDLE: list = []
+
+
+def _run_bad_calls(rank: int, num_ranks: int, backend: str):
+    import deep_ep_py
+    from harness import low_latency_buffer, normal_buffer
+
+    buffer = normal_buffer(dist.group.WORLD, H, backend)
+    ll_buffer = low_latency_buffer(dist.group.WORLD, M, H, E, backend)
+    # Valid handles made collectively, for the cached-dispatch / combine cases.
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn((T, H), generator=gen).to(torch.bfloat16)
+    topk_idx = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [-1, -1], [2, 0]], dtype=torch.int64)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, E)
+    handle = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=torch.rand((T, K)),
+    )[4]
+    _HANDLE[:] = [handle]
+    _LL_HANDLE[:] = [ll_buffer.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)[2]]
+
+    outcomes = {}
+    if rank == 0:
+        for name, call in _bad_calls(buffer, ll_buffer).items():
+            try:
+                call()
+            except (ValueError, TypeError) as exc:
+                outcomes[name] = (type(exc).__name__, str(exc))
+            except Exception as exc:  # wrong exception type: reported, not raised
+                outcomes[name] = (type(exc).__name__, str(exc))
+            else:
+                outcomes[name] = ("no exception", "")
+    dist.barrier()
+    del deep_ep_py
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def buffer_outcomes(backend):
+    return launch(_run_bad_calls, 2, backend, timeout_s=90)[0]
+
+
+@pytest.mark.parametrize("name", sorted(BUFFER_CASES))
+def test_buffer_bad_input(name, buffer_outcomes):
+    kind, message = buffer_outcomes[name]
+    assert kind in ("ValueError", "TypeError"), f"{name}: raised {kind}: {message}"
+    for pattern in BUFFER_CASES[name]:
+        assert re.search(pattern, message), f"{name}: message lacks /{pattern}/: {message!r}"
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,patterns",
+    [
+        ((21, 6, 256), {}, (r"num_sms", r"21")),  # odd
+        ((0, 6, 256), {}, (r"num_sms", r"\b0\b")),
+        ((-4, 6, 256), {}, (r"num_sms", r"-4")),
+        ((20, 0, 256), {}, (r"num_max_nvl_chunked_send_tokens", r"\b0\b")),
+        ((20, 6, -1), {}, (r"num_max_nvl_chunked_recv_tokens", r"-1")),
+        ((20, 6, 256), {"num_max_rdma_chunked_send_tokens": 0}, (r"num_max_rdma_chunked_send_tokens", r"\b0\b")),
+        ((20, 6, 256, 6, -128), {}, (r"num_max_rdma_chunked_recv_tokens", r"-128")),
+    ],
+)
+def test_config_bad_values(args, kwargs, patterns):
+    import deep_ep_py
+
+    with pytest.raises((ValueError, TypeError)) as info:
+        deep_ep_py.Config(*args, **kwargs)
+    for pattern in patterns:
+        assert re.search(pattern, str(info.value)), f"message lacks /{pattern}/: {info.value}"
+
+
+def test_config_rejects_non_int():
+    import deep_ep_py
+
+    with pytest.raises(TypeError, match="num_sms"):
+        deep_ep_py.Config("20", 6, 256)
+
+
+@pytest.mark.parametrize("value", [23, 0, -2])
+def test_set_num_sms_bad(value):
+    import deep_ep_py
+
+    before = deep_ep_py.Buffer.num_sms
+    with pytest.raises((ValueError, TypeError), match="num_sms") as info:
+        deep_ep_py.Buffer.set_num_sms(value)
+    assert str(value) in str(info.value)
+    assert deep_ep_py.Buffer.num_sms == before  # unchanged
+
+
+def test_buffer_without_group():
+    import deep_ep_py
+
+    with pytest.raises((ValueError, TypeError), match="group"):
+        deep_ep_py.Buffer(None, 0, 0)
