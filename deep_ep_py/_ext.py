@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import os
+import sys
+from importlib import metadata
 from types import ModuleType
 
 __all__ = ["gpu_available", "has_kernels", "kernels_unavailable_reason", "load_extension"]
@@ -47,6 +50,43 @@ def _preload_nvshmem_host() -> str | None:
     return "; ".join(errors) or None
 
 
+def _installed_extension_path() -> str | None:
+    """The _C of the installed deep_ep_py distribution, when this package is imported from elsewhere (a source
+    checkout on sys.path ahead of site-packages: `python -m bench` or `python -m pytest` in a clone after
+    `pip install .`). The checkout's Python then drives the installed build's kernels."""
+    try:
+        distribution = metadata.distribution("deep_ep_py")
+    except metadata.PackageNotFoundError:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    for file in distribution.files or ():
+        if file.parent.name == "deep_ep_py" and file.name.startswith("_C.") and file.name.endswith(".so"):
+            path = os.path.abspath(str(distribution.locate_file(file)))
+            if os.path.dirname(path) != here and os.path.exists(path):
+                return path
+    return None
+
+
+def _load_from(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deep_ep_py._C", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deep_ep_py._C"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["deep_ep_py._C"]
+        raise
+    return module
+
+
+def extension_path() -> str | None:
+    """Where the loaded deep_ep_py._C came from (None when not loaded)."""
+    extension = load_extension()
+    return getattr(extension, "__file__", None) if extension is not None else None
+
+
 def load_extension() -> ModuleType | None:
     """Returns ``deep_ep_py._C``, or None when it is not built or cannot load (see kernels_unavailable_reason()).
     Cached: the import is tried once per process."""
@@ -56,7 +96,13 @@ def load_extension() -> ModuleType | None:
     _loaded = True
     preload_error = _preload_nvshmem_host()
     try:
-        _extension = importlib.import_module("deep_ep_py._C")
+        try:
+            _extension = importlib.import_module("deep_ep_py._C")
+        except ModuleNotFoundError as exc:
+            installed = _installed_extension_path() if exc.name == "deep_ep_py._C" else None
+            if installed is None:
+                raise
+            _extension = _load_from(installed)
     except ModuleNotFoundError as exc:
         if exc.name != "deep_ep_py._C":
             _unavailable_reason = f"deep_ep_py._C failed to import: {exc!r}"
