@@ -456,13 +456,10 @@ class Buffer:
         )
         return combined_x, combined_weights, event
 
-    def internode_dispatch(self, *args: Any, **kwargs: Any):
-        """dispatch() for a group spanning several nodes (dispatch routes here itself); same arguments."""
-        return self.dispatch(*args, **kwargs)
-
-    def internode_combine(self, *args: Any, **kwargs: Any):
-        """combine() for a group spanning several nodes (combine routes here itself); same arguments."""
-        return self.combine(*args, **kwargs)
+    # What dispatch/combine route to when the group spans several nodes (they route there themselves);
+    # the same methods, so the same arguments and results.
+    internode_dispatch = dispatch
+    internode_combine = combine
 
     # ------------------------------------------------------------------------------------------ low latency
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -38,10 +38,12 @@ def check_equal(name: str, actual, expected) -> None:
         if not torch.equal(a, e):
             bad = (a != e).nonzero()
             first = tuple(bad[0].tolist()) if bad.numel() else ()
+            got_value = actual[first].item() if first else actual
+            want_value = expected[first].item() if first else expected
+            small = f"\nactual={actual}\nexpected={expected}" if expected.numel() <= 64 else ""
             raise AssertionError(
                 f"{name}: {bad.shape[0]} elements differ (not bitwise equal); first at {first}: "
-                f"actual {actual[first].item() if first else actual} expected {expected[first].item() if first else expected}"
-                f"\nactual={actual}\nexpected={expected}"
+                f"actual {got_value} expected {want_value}{small}"
             )
     else:
         check(actual == expected, f"{name}: {actual!r}, expected {expected!r}")
@@ -96,7 +98,7 @@ def make_rank_inputs(
     hidden: int,
     num_topk: int,
     num_experts: int,
-    allowed_experts: Optional[Sequence[int]] = None,
+    allowed_experts: Sequence[int] | None = None,
     drop_prob: float = 0.0,
     x_dtype: torch.dtype = torch.bfloat16,
 ) -> RankInput:
@@ -148,10 +150,10 @@ def layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_n
 
 @dataclasses.dataclass
 class ExpectedDispatch:
-    rows: List[Tuple[int, int]]  # (source rank, source token) in receive order
+    rows: list[tuple[int, int]]  # (source rank, source token) in receive order
     recv_topk_idx: torch.Tensor  # int64 [N, K]
     recv_topk_weights: torch.Tensor  # float32 [N, K]
-    num_recv_per_expert: List[int]  # before alignment
+    num_recv_per_expert: list[int]  # before alignment
     rank_prefix_matrix: torch.Tensor  # int32 [R, R]
 
 
@@ -192,7 +194,7 @@ def expected_dispatch(inputs: Sequence[RankInput], me: int, num_experts: int) ->
     return ExpectedDispatch(rows, recv_topk_idx, recv_topk_weights, counts, prefix)
 
 
-def gather_rows(rows: Sequence[Tuple[int, int]], per_rank: Sequence[torch.Tensor], width: int, dtype) -> torch.Tensor:
+def gather_rows(rows: Sequence[tuple[int, int]], per_rank: Sequence[torch.Tensor], width: int, dtype) -> torch.Tensor:
     if not rows:
         return torch.empty((0, width), dtype=dtype)
     return torch.stack([per_rank[src][t] for src, t in rows])
@@ -259,5 +261,5 @@ def row_key(*parts: torch.Tensor) -> bytes:
     return b"".join(_bits(p).numpy().tobytes() for p in parts)
 
 
-def multiset(keys) -> Dict[bytes, int]:
+def multiset(keys) -> dict[bytes, int]:
     return dict(collections.Counter(keys))

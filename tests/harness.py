@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,12 +10,12 @@ import torch.distributed as dist
 import deep_ep_py
 
 
-def backend_kwargs(backend: Optional[str]) -> dict:
+def backend_kwargs(backend: str | None) -> dict:
     """Buffer(..., backend=...) only when a backend is named ('default' or None: the library's choice)."""
     return {} if backend in (None, "default") else {"backend": backend}
 
 
-def normal_buffer(group: Any, hidden: int, backend: Optional[str], **kwargs: Any) -> "deep_ep_py.Buffer":
+def normal_buffer(group: Any, hidden: int, backend: str | None, **kwargs: Any) -> deep_ep_py.Buffer:
     """A normal-mode Buffer sized as Megatron-Core sizes it: the max of the dispatch and combine configs' hints."""
     num_ranks = group.size() if hasattr(group, "size") else dist.get_world_size(group)
     hidden_bytes = hidden * 2
@@ -27,8 +27,8 @@ def normal_buffer(group: Any, hidden: int, backend: Optional[str], **kwargs: Any
 
 
 def low_latency_buffer(
-    group: Any, max_tokens: int, hidden: int, num_experts: int, backend: Optional[str], **kwargs: Any
-) -> "deep_ep_py.Buffer":
+    group: Any, max_tokens: int, hidden: int, num_experts: int, backend: str | None, **kwargs: Any
+) -> deep_ep_py.Buffer:
     num_ranks = dist.get_world_size(group)
     num_rdma_bytes = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, num_ranks, num_experts)
     return deep_ep_py.Buffer(

@@ -87,7 +87,11 @@ BUFFER_METHODS = {
         ("out", None),
         ("combine_wait_recv_cost_stats", None),
     ],
-    "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", _EMPTY), ("hidden", _EMPTY), ("num_experts", _EMPTY)],
+    "clean_low_latency_buffer": [
+        ("num_max_dispatch_tokens_per_rank", _EMPTY),
+        ("hidden", _EMPTY),
+        ("num_experts", _EMPTY),
+    ],
     "get_next_low_latency_combine_buffer": [("handle", _EMPTY)],
     "low_latency_query_mask_buffer": [("mask_status", _EMPTY)],
     "low_latency_clean_mask_buffer": [],

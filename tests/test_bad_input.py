@@ -101,8 +101,9 @@ _LL_HANDLE: list = []
 
 
 def _run_bad_calls(rank: int, num_ranks: int, backend: str):
-    import deep_ep_py
     from harness import low_latency_buffer, normal_buffer
+
+    import deep_ep_py
 
     buffer = normal_buffer(dist.group.WORLD, H, backend)
     ll_buffer = low_latency_buffer(dist.group.WORLD, M, H, E, backend)
@@ -112,8 +113,13 @@ def _run_bad_calls(rank: int, num_ranks: int, backend: str):
     topk_idx = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0], [-1, -1], [2, 0]], dtype=torch.int64)
     per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, E)
     handle = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=torch.rand((T, K)),
+        x,
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=torch.rand((T, K)),
     )[4]
     _HANDLE[:] = [handle]
     _LL_HANDLE[:] = [ll_buffer.low_latency_dispatch(x, topk_idx, M, E, use_fp8=False)[2]]

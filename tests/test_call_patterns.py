@@ -15,7 +15,6 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-
 from brute_force import (
     check,
     check_close,
@@ -27,6 +26,7 @@ from brute_force import (
     layout,
     make_rank_inputs,
 )
+
 from deep_ep_py.testing import launch
 
 
@@ -59,7 +59,7 @@ def test_import_as_deep_ep(clean_alias):
     import deep_ep_py as deep_ep
 
     assert deep_ep.topk_idx_t == torch.int64
-    assert importlib.util.find_spec("deep_ep") is None or "deep_ep" not in sys.modules
+    assert "deep_ep" not in sys.modules
     deep_ep.alias()
     assert importlib.util.find_spec("deep_ep") is not None  # SGLang/vLLM probe for DeepEP this way
     import deep_ep as aliased
@@ -159,7 +159,9 @@ def _megatron_get_buffer(group, hidden_bytes: int):
 
 class _FusedDispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False):
+    def forward(
+        ctx, x, token_indices, token_probs, num_experts, group, async_finish=False, allocate_on_comm_stream=False
+    ):
         from deep_ep.utils import EventHandle, EventOverlap
 
         previous_event = None
@@ -278,7 +280,9 @@ def _run_megatron(rank: int, num_ranks: int, async_finish: bool):
     recv_x, recv_idx, recv_probs, tokens_per_expert, handle = _FusedDispatch.apply(
         x, mine.topk_idx, probs, num_experts, group, async_finish, async_finish
     )
-    check_equal("megatron recv_x", recv_x.detach(), gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16))
+    check_equal(
+        "megatron recv_x", recv_x.detach(), gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16)
+    )
     check_equal("megatron recv_token_indices", recv_idx, expected.recv_topk_idx)
     check_equal("megatron tokens_per_expert", tokens_per_expert, torch.tensor(expected.num_recv_per_expert))
 
@@ -316,7 +320,7 @@ def test_megatron_core(async_finish, launch_timeout_s):
 def _run_vllm(rank: int, num_ranks: int):
     deep_ep = _import_deep_ep()
     cpu_group = dist.new_group(list(range(num_ranks)), backend="gloo")
-    cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+    cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     # High-throughput (DeepEPHTAll2AllManager + DeepEPHTPrepareAndFinalize).
     num_experts, hidden, num_topk = 2 * num_ranks, 256, 2
@@ -349,7 +353,7 @@ def _run_vllm(rank: int, num_ranks: int):
                 allocate_on_comm_stream=False,
             )
         )
-        (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list, handle, event) = (
+        (token_data, expert_topk_ids, _expert_topk_weights, expert_num_tokens_per_expert_list, handle, event) = (
             buffer.dispatch(
                 x=token_data,
                 handle=None,
@@ -373,8 +377,11 @@ def _run_vllm(rank: int, num_ranks: int):
             expert_x, expert_x_scale = token_data
             want_v = gather_rows(expected.rows, [fp8_cast(i.x)[0] for i in inputs], hidden, torch.float8_e4m3fn)
             check_equal("vllm fp8 values", expert_x, want_v)
-            check_equal("vllm fp8 scales", expert_x_scale.contiguous(), fp8_cast(gather_rows(
-                expected.rows, [i.x for i in inputs], hidden, torch.bfloat16))[1])
+            check_equal(
+                "vllm fp8 scales",
+                expert_x_scale.contiguous(),
+                fp8_cast(gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16))[1],
+            )
             fused_expert_output = fp8_dequant(expert_x, expert_x_scale).to(torch.bfloat16)
         else:
             want_x = gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16)
@@ -438,19 +445,17 @@ def _run_vllm(rank: int, num_ranks: int):
             return_recv_hook=True,
         )
         hook()
-        want_counts = [
-            sum(int((inp.topk_idx == rank * 2 + le).any(1).sum()) for inp in ll_inputs) for le in range(2)
-        ]
+        want_counts = [sum(int((inp.topk_idx == rank * 2 + le).any(1).sum()) for inp in ll_inputs) for le in range(2)]
         check_equal("vllm ll expert_num_tokens", expert_num_tokens.tolist(), want_counts)
         if use_fp8:
             values, scales = expert_x
-            fused_expert_output = torch.stack(
-                [fp8_dequant(values[e], scales[e].contiguous()) for e in range(2)]
-            ).to(torch.bfloat16)
+            fused_expert_output = torch.stack([fp8_dequant(values[e], scales[e].contiguous()) for e in range(2)]).to(
+                torch.bfloat16
+            )
         else:
             fused_expert_output = expert_x.clone()
         output = torch.empty_like(a1)
-        _, _, recv_hook = ll_buffer.low_latency_combine(
+        _, _, _recv_hook = ll_buffer.low_latency_combine(
             fused_expert_output,
             topk_ids,
             topk_weights,
@@ -475,7 +480,9 @@ def _run_vllm(rank: int, num_ranks: int):
     check(raised, "vllm: a destroyed Buffer should refuse work")
     del buffer, ll_buffer, handle_buffer
     gc.collect()
-    check(len(cache) == 0, f"vllm: WeakValueDictionary still holds {len(cache)} buffer(s) after the last reference went")
+    check(
+        len(cache) == 0, f"vllm: WeakValueDictionary still holds {len(cache)} buffer(s) after the last reference went"
+    )
     return len(expected.rows)
 
 
@@ -490,15 +497,25 @@ def test_vllm(launch_timeout_s):
 def _run_sglang(rank: int, num_ranks: int):
     use_deepep = importlib.util.find_spec("deep_ep") is not None
     check(not use_deepep, "sglang: deep_ep found before alias()")
-    deep_ep = _import_deep_ep()
+    _import_deep_ep()
     check(importlib.util.find_spec("deep_ep") is not None, "sglang: find_spec('deep_ep') after alias()")
     from deep_ep import Buffer, Config
 
     config_json = {
-        "normal_dispatch": {"num_sms": 24, "num_max_nvl_chunked_send_tokens": 16, "num_max_nvl_chunked_recv_tokens": 256,
-                            "num_max_rdma_chunked_send_tokens": 6, "num_max_rdma_chunked_recv_tokens": 128},
-        "normal_combine": {"num_sms": 24, "num_max_nvl_chunked_send_tokens": 6, "num_max_nvl_chunked_recv_tokens": 256,
-                           "num_max_rdma_chunked_send_tokens": 6, "num_max_rdma_chunked_recv_tokens": 128},
+        "normal_dispatch": {
+            "num_sms": 24,
+            "num_max_nvl_chunked_send_tokens": 16,
+            "num_max_nvl_chunked_recv_tokens": 256,
+            "num_max_rdma_chunked_send_tokens": 6,
+            "num_max_rdma_chunked_recv_tokens": 128,
+        },
+        "normal_combine": {
+            "num_sms": 24,
+            "num_max_nvl_chunked_send_tokens": 6,
+            "num_max_nvl_chunked_recv_tokens": 256,
+            "num_max_rdma_chunked_send_tokens": 6,
+            "num_max_rdma_chunked_recv_tokens": 128,
+        },
     }
     normal_dispatch_config = Config(**json.loads(json.dumps(config_json["normal_dispatch"])))
     normal_combine_config = Config(**config_json["normal_combine"])
@@ -515,8 +532,14 @@ def _run_sglang(rank: int, num_ranks: int):
     num_rdma_bytes = max(
         Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, group.size(), num_experts), num_rdma_bytes
     )
-    buffer = Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_experts // group.size(),
-                    allow_mnnvl=True)
+    buffer = Buffer(
+        group,
+        num_nvl_bytes,
+        num_rdma_bytes,
+        low_latency_mode=True,
+        num_qps_per_rank=num_experts // group.size(),
+        allow_mnnvl=True,
+    )
     check(buffer.group_size == num_ranks and buffer.low_latency_mode is True, "sglang: buffer attributes")
 
     inputs = [make_rank_inputs(51, r, 11 - r, hidden, num_topk, num_experts) for r in range(num_ranks)]
@@ -533,7 +556,7 @@ def _run_sglang(rank: int, num_ranks: int):
             allocate_on_comm_stream=previous_event is not None,
         )
     )
-    (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event) = buffer.dispatch(
+    (recv_x, _recv_topk_idx, _recv_topk_weights, num_recv_tokens_per_expert_list, handle, event) = buffer.dispatch(
         mine.x,
         topk_idx=mine.topk_idx,
         topk_weights=mine.topk_weights,
@@ -588,7 +611,11 @@ def _run_sglang(rank: int, num_ranks: int):
     values, scales = hidden_states
     expert_out = torch.stack([fp8_dequant(values[e], scales[e].contiguous()) for e in range(2)]).to(torch.bfloat16)
     combined, event, hook = buffer.low_latency_combine(
-        expert_out, topk_idx, mine.topk_weights, handle, async_finish=not return_recv_hook,
+        expert_out,
+        topk_idx,
+        mine.topk_weights,
+        handle,
+        async_finish=not return_recv_hook,
         return_recv_hook=return_recv_hook,
     )
     event.current_stream_wait() if not return_recv_hook else hook()

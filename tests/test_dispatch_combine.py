@@ -11,12 +11,10 @@ combined_topk_weights is exact: each top-k slot gets a non-zero from the one ran
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from brute_force import (
     align_up,
     check,
@@ -28,6 +26,7 @@ from brute_force import (
     gather_rows,
     make_rank_inputs,
 )
+
 from deep_ep_py.testing import launch
 
 COMBINE_RTOL = 1e-2
@@ -37,12 +36,12 @@ COMBINE_ATOL = 1e-2
 @dataclasses.dataclass(frozen=True)
 class Case:
     seed: int
-    tokens: Tuple[int, ...]  # tokens per rank, indexed by group rank (cycled)
+    tokens: tuple[int, ...]  # tokens per rank, indexed by group rank (cycled)
     hidden: int
     num_topk: int
     experts_per_rank: int
     drop_prob: float = 0.0
-    excluded_ranks: Tuple[int, ...] = ()  # ranks no token routes to (they receive nothing)
+    excluded_ranks: tuple[int, ...] = ()  # ranks no token routes to (they receive nothing)
     fp8: bool = False
     alignment: int = 1
     worst: bool = False  # dispatch with num_worst_tokens = all tokens of the group
@@ -68,15 +67,27 @@ def _split_x(x_in):
     return (x_in,)
 
 
-def _check_case(buffer, group, case: Case, my_rank: int, num_ranks: int, seed_offset: int) -> str:
+def _check_case(
+    buffer, group, case: Case, my_rank: int, num_ranks: int, seed_offset: int, internode_entry: bool = False
+) -> str:
+    """internode_entry: call internode_dispatch / internode_combine directly instead of dispatch / combine."""
     import deep_ep_py
+
+    dispatch = buffer.internode_dispatch if internode_entry else buffer.dispatch
+    combine = buffer.internode_combine if internode_entry else buffer.combine
 
     num_experts = case.experts_per_rank * num_ranks
     allowed = [e for e in range(num_experts) if e // case.experts_per_rank not in case.excluded_ranks]
     inputs = [
         make_rank_inputs(
-            case.seed + seed_offset, r, case.tokens[r % len(case.tokens)], case.hidden, case.num_topk, num_experts,
-            allowed, case.drop_prob,
+            case.seed + seed_offset,
+            r,
+            case.tokens[r % len(case.tokens)],
+            case.hidden,
+            case.num_topk,
+            num_experts,
+            allowed,
+            case.drop_prob,
         )
         for r in range(num_ranks)
     ]
@@ -104,7 +115,7 @@ def _check_case(buffer, group, case: Case, my_rank: int, num_ranks: int, seed_of
     num_recv = len(expected.rows)
     num_worst = sum(inp.x.shape[0] for inp in inputs) + 3 if case.worst else 0
 
-    recv_x, recv_topk_idx, recv_topk_weights, num_recv_list, handle, event = buffer.dispatch(
+    recv_x, recv_topk_idx, recv_topk_weights, num_recv_list, handle, event = dispatch(
         x_in,
         num_tokens_per_rank=num_tokens_per_rank,
         num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
@@ -151,9 +162,11 @@ def _check_case(buffer, group, case: Case, my_rank: int, num_ranks: int, seed_of
             make_rank_inputs(case.seed + seed_offset + 1000, r, inp.x.shape[0], case.hidden, 1, num_experts)
             for r, inp in enumerate(inputs)
         ]
-        cached = buffer.dispatch(as_input(new_inputs[my_rank].x), handle=handle)
+        cached = dispatch(as_input(new_inputs[my_rank].x), handle=handle)
         check(len(cached) == 6, f"{where}: cached dispatch returned {len(cached)} values")
-        check(all(v is None for v in cached[1:5]), f"{where}: cached dispatch elements 1..4 must be None: {cached[1:5]}")
+        check(
+            all(v is None for v in cached[1:5]), f"{where}: cached dispatch elements 1..4 must be None: {cached[1:5]}"
+        )
         for i, got in enumerate(_split_x(cached[0])):
             want = gather_rows(
                 expected.rows, [_split_x(as_input(inp.x))[i] for inp in new_inputs], got.shape[1], got.dtype
@@ -171,7 +184,7 @@ def _check_case(buffer, group, case: Case, my_rank: int, num_ranks: int, seed_of
         torch.randn((num_tokens, case.hidden), generator=bias_gen).to(torch.bfloat16) for _ in range(case.num_biases)
     ]
     bias_arg = None if not biases else (biases[0] if len(biases) == 1 else tuple(biases))
-    combined_x, combined_w, event = buffer.combine(send_back, handle, topk_weights=send_weights, bias=bias_arg)
+    combined_x, combined_w, event = combine(send_back, handle, topk_weights=send_weights, bias=bias_arg)
 
     want_x = torch.zeros((num_tokens, case.hidden), dtype=torch.float32)
     want_w = torch.zeros((num_tokens, case.num_topk), dtype=torch.float32)
@@ -192,14 +205,14 @@ def _check_case(buffer, group, case: Case, my_rank: int, num_ranks: int, seed_of
     check_equal(f"{where} combined_topk_weights", combined_w, want_w)
 
     # Without topk_weights: no combined weights, same sum.
-    combined_x2, combined_w2, _ = buffer.combine(send_back, handle)
+    combined_x2, combined_w2, _ = combine(send_back, handle)
     check(combined_w2 is None, f"{where}: combined_topk_weights should be None without topk_weights")
     want_x2 = want_x - sum((b.float() for b in biases), torch.zeros_like(want_x))
     check_close(f"{where} combined_x (no bias)", combined_x2, want_x2, COMBINE_RTOL, COMBINE_ATOL)
     return f"{case.seed}:{num_recv}"
 
 
-def _run_cases(rank: int, num_ranks: int, backend: str, cases, subgroup_size: int):
+def _run_cases(rank: int, num_ranks: int, backend: str, cases, subgroup_size: int, internode_entry: bool = False):
     from harness import normal_buffer
 
     if subgroup_size == num_ranks:
@@ -214,7 +227,11 @@ def _run_cases(rank: int, num_ranks: int, backend: str, cases, subgroup_size: in
     buffer = normal_buffer(group, max_hidden, backend)
     check(buffer.rank == my_rank, f"buffer.rank {buffer.rank}, expected the group rank {my_rank}")
     check(buffer.group_size == group_size, f"buffer.group_size {buffer.group_size}, expected {group_size}")
-    done = [_check_case(buffer, group, case, my_rank, group_size, 500 * group_idx) for case in cases]
+    # With internode_entry, every other case calls internode_dispatch / internode_combine directly.
+    done = [
+        _check_case(buffer, group, case, my_rank, group_size, 500 * group_idx, internode_entry and i % 2 == 1)
+        for i, case in enumerate(cases)
+    ]
     return done
 
 
@@ -237,9 +254,10 @@ def test_dispatch_combine_in_subgroups(backend, launch_timeout_s):
 
 
 def test_dispatch_combine_two_nodes(backend, launch_timeout_s):
-    """4 ranks as 2 nodes x 2 (DEEP_EP_PY_RANKS_PER_NODE=2): the internode path gives the same results."""
+    """4 ranks as 2 nodes x 2 (DEEP_EP_PY_RANKS_PER_NODE=2): the internode path gives the same results, through
+    dispatch / combine and through internode_dispatch / internode_combine called directly."""
     cases = [CASES[1], CASES[2], CASES[4], CASES[5]]
     results = launch(
-        _run_cases, 4, backend, cases, 4, env={"DEEP_EP_PY_RANKS_PER_NODE": "2"}, timeout_s=launch_timeout_s
+        _run_cases, 4, backend, cases, 4, True, env={"DEEP_EP_PY_RANKS_PER_NODE": "2"}, timeout_s=launch_timeout_s
     )
     assert all(len(r) == len(cases) for r in results)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from brute_force import fp8_cast, round_scale_up_pow2, ue8m0_pack, ue8m0_unpack
+
 from deep_ep_py import fp8
 
 SHAPES = [(1, 128), (7, 512), (33, 1024), (4, 2048), (0, 512)]
@@ -86,7 +86,9 @@ def test_round_trip_error_bound(num_tokens, hidden, round_scale, column_major):
     assert back.shape == (num_tokens, hidden)
     assert back.dtype in (torch.float32, torch.bfloat16)
     # Exactly value * scale per group.
-    want_back = (values.float().view(num_tokens, hidden // 128, 128) * scales.float().unsqueeze(-1)).view(num_tokens, hidden)
+    want_back = (values.float().view(num_tokens, hidden // 128, 128) * scales.float().unsqueeze(-1)).view(
+        num_tokens, hidden
+    )
     assert torch.equal(back.float(), want_back)
     scale_per_elem = scales.float().repeat_interleave(128, dim=1)
     bound = 2.0**-4 * x.float().abs() + 2.0**-10 * scale_per_elem

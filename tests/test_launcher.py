@@ -138,3 +138,31 @@ def test_env_reaches_children_before_imports():
 def test_unpicklable_fn_is_rejected():
     with pytest.raises(TypeError, match="picklable"):
         launch(lambda rank, num_ranks: rank, 2)
+
+
+def test_port_taken_between_pick_and_bind_is_retried(monkeypatch):
+    """The first port handed out is held by a listening socket: rank 0's store cannot bind it; launch retries."""
+    import socket
+
+    import deep_ep_py.testing.launcher as launcher_module
+
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(8)
+    taken_port = blocker.getsockname()[1]
+    picked = []
+    real_find_free_port = launcher_module.find_free_port
+
+    def first_taken_then_free():
+        port = taken_port if not picked else real_find_free_port()
+        picked.append(port)
+        return port
+
+    monkeypatch.setattr(launcher_module, "find_free_port", first_taken_then_free)
+    try:
+        results = launch(_identity_and_allreduce, 2, "retry", timeout_s=60)
+    finally:
+        blocker.close()
+    assert [r["rank"] for r in results] == [0, 1]
+    assert picked[0] == taken_port and len(picked) >= 2
+    assert multiprocessing.active_children() == []

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-
 from brute_force import check, check_equal, layout, make_rank_inputs
+
 from deep_ep_py.testing import launch
 
 # (seed, tokens per rank by rank index (cycled), top-k, experts per rank, -1 probability, excluded ranks)
@@ -22,8 +22,9 @@ _CASES = [
 
 
 def _run_layout_cases(rank: int, num_ranks: int, backend: str, ranks_per_node: int, buffer_kwargs: dict):
-    import deep_ep_py
     from harness import normal_buffer
+
+    import deep_ep_py
 
     group = dist.group.WORLD
     buffer = normal_buffer(group, 256, backend, **buffer_kwargs)

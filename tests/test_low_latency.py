@@ -13,12 +13,10 @@ rtol = atol = 1e-2 (one bf16 rounding of the float32 sum is <= 2^-9 relative).
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from brute_force import (
     FP8_GROUP,
     check,
@@ -32,6 +30,7 @@ from brute_force import (
     ue8m0_pack,
     ue8m0_unpack,
 )
+
 from deep_ep_py.testing import launch
 
 COMBINE_RTOL = 1e-2
@@ -42,7 +41,7 @@ COMBINE_ATOL = 1e-2
 class LLCase:
     seed: int
     max_tokens: int  # M, the same on every rank
-    tokens: Tuple[int, ...]  # T per rank (cycled), each <= M
+    tokens: tuple[int, ...]  # T per rank (cycled), each <= M
     hidden: int
     num_topk: int
     experts_per_rank: int
@@ -51,7 +50,7 @@ class LLCase:
     round_scale: bool = False
     use_ue8m0: bool = False
     recv_hook: bool = False
-    excluded_ranks: Tuple[int, ...] = ()
+    excluded_ranks: tuple[int, ...] = ()
 
 
 LL_CASES = [
@@ -236,7 +235,13 @@ def _make_inputs(case: LLCase, num_ranks: int):
     allowed = [e for e in range(num_experts) if e // case.experts_per_rank not in case.excluded_ranks]
     return [
         make_rank_inputs(
-            case.seed, r, case.tokens[r % len(case.tokens)], case.hidden, case.num_topk, num_experts, allowed,
+            case.seed,
+            r,
+            case.tokens[r % len(case.tokens)],
+            case.hidden,
+            case.num_topk,
+            num_experts,
+            allowed,
             case.drop_prob,
         )
         for r in range(num_ranks)
@@ -283,7 +288,9 @@ def _run_masking(rank: int, num_ranks: int, backend: str, masked_rank: int):
 
     case = LLCase(11, 8, (8, 5, 6, 7), 256, 3, 2, drop_prob=0.1)
     num_experts = case.experts_per_rank * num_ranks
-    buffer = low_latency_buffer(dist.group.WORLD, case.max_tokens, case.hidden, num_experts, backend, enable_shrink=True)
+    buffer = low_latency_buffer(
+        dist.group.WORLD, case.max_tokens, case.hidden, num_experts, backend, enable_shrink=True
+    )
     inputs = _make_inputs(case, num_ranks)
     status = torch.full((num_ranks,), 9, dtype=torch.int32)
 

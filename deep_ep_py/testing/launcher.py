@@ -265,5 +265,7 @@ def launch(
             return _launch_once(payload, num_ranks, backend, env, timeout_s)
         except _PortInUse as exc:
             if attempt == _NUM_PORT_ATTEMPTS - 1:
-                raise RuntimeError(f"launch: no free rendezvous port after {_NUM_PORT_ATTEMPTS} attempts:\n{exc}")
+                raise RuntimeError(
+                    f"launch: no free rendezvous port after {_NUM_PORT_ATTEMPTS} attempts:\n{exc}"
+                ) from exc
     raise AssertionError("unreachable")
