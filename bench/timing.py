@@ -56,9 +56,10 @@ def time_iters(
     """Run ``fn`` ``warmup`` times untimed, then ``iters`` times timed, with a group barrier before each.
 
     setup: when given, called untimed before each iteration's barrier; its result is ``fn``'s one argument
-    (a low-latency combine needs the handle of a fresh dispatch). On CUDA the device is synchronised before each barrier (so every rank starts with an idle stream) and the
-    region is timed with CUDA events on the current stream; on CPU with ``time.perf_counter``.
-    If ``fn`` returns a callable, it is called inside the timed region and the return point is recorded too.
+    (a low-latency combine needs the handle of a fresh dispatch). On CUDA the device is synchronised before each
+    barrier (so every rank starts with an idle stream) and the region is timed with CUDA events on the current
+    stream; on CPU with ``time.perf_counter``. If ``fn`` returns a callable, it is called inside the timed region
+    and the return point is recorded too.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")

@@ -399,22 +399,20 @@ class ReferenceBackend:
         source = self.combine_buffer(handle, buffer_idx, x.device) if zero_copy else x
         masked = self.rank_mask.bool()
 
+        # The valid rows of each expert are [0, recv_count[e]); row p came from the last source whose block
+        # starts at or before p (blocks are laid out by source rank, empty blocks share their successor's start).
         recv_count = handle.recv_count.cpu()
-        layout = handle.layout_range.cpu()
-        offsets, counts = layout >> 32, layout & 0xFFFFFFFF
-        src_info, src_slot = handle.src_info.cpu(), handle.src_topk_slot.cpu()
-        source_cpu = source.cpu()
+        offsets = handle.layout_range.cpu() >> 32
+        is_valid_row = torch.arange(handle.src_info.shape[1]).unsqueeze(0) < recv_count.unsqueeze(1)
+        expert_of, position = torch.nonzero(is_valid_row, as_tuple=True)
+        source_of = torch.searchsorted(offsets[expert_of], position.unsqueeze(1), right=True).squeeze(1) - 1
+        rows = source.cpu()[expert_of, position]
+        tokens = handle.src_info.cpu()[expert_of, position]
+        slots = handle.src_topk_slot.cpu()[expert_of, position]
         fields_per_dest = []
         for src in range(num_ranks):
-            rows_expert, rows_pos = [], []
-            if not masked[src]:
-                for expert in range(recv_count.numel()):
-                    start, count = int(offsets[expert, src]), int(counts[expert, src])
-                    rows_expert.append(torch.full((count,), expert, dtype=torch.int64))
-                    rows_pos.append(torch.arange(start, start + count))
-            e = torch.cat(rows_expert) if rows_expert else torch.empty(0, dtype=torch.int64)
-            p = torch.cat(rows_pos) if rows_pos else torch.empty(0, dtype=torch.int64)
-            fields_per_dest.append([source_cpu[e, p], src_info[e, p], src_slot[e, p]])
+            to_src = (source_of == src) & ~masked[src]
+            fields_per_dest.append([rows[to_src], tokens[to_src], slots[to_src]])
         send_counts = [int(f[0].shape[0]) for f in fields_per_dest]
         started = time.perf_counter_ns()
         gathered = self.exchange.all_gather_ints([handle.hidden, *send_counts])

@@ -1,6 +1,6 @@
 """Run a function on N ranks, each in a fresh process with torch.distributed initialised.
 
-    results = launch(fn, num_ranks, *args, timeout_s=120.0, backend="gloo", env=None)
+    results = launch(fn, num_ranks, *args, timeout_s=120.0, backend="gloo", env=None, device="cpu", mps=True)
 
 runs ``fn(rank, num_ranks, *args)`` in ``num_ranks`` processes started with the multiprocessing 'spawn'
 context, after ``torch.distributed.init_process_group(backend, init_method="tcp://127.0.0.1:<free port>")``.
@@ -13,8 +13,13 @@ Failures:
   that did not finish.
 In every case the children are terminated, then killed, and reaped: no process outlives ``launch``.
 
-Device placement (a later GPU tier runs N ranks on one GPU) goes through :func:`_bind_device`, the one place
-that decides what a rank runs on; today every rank runs on the CPU.
+Devices: ``device="cpu"`` (the default) leaves CUDA alone. ``device="cuda"`` makes rank ``r`` call
+``torch.cuda.set_device(r % torch.cuda.device_count())`` before init_process_group (in :func:`_bind_device`, the
+one place that decides what a rank runs on), so N ranks share the GPUs there are, one GPU under MPS in the test
+rig. When ranks outnumber GPUs, the kernels of the ranks sharing a GPU spin-wait on each other and must run at
+the same time: the launch then makes sure the CUDA MPS control daemon runs (starting it when root, see
+:mod:`deep_ep_py.testing.mps`) unless ``mps=False``. Without a CUDA device, ``device="cuda"`` raises before
+anything is spawned. Keep ``backend="gloo"`` when ranks share a GPU: NCCL refuses two ranks on one device.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Callable
 
-__all__ = ["RankFailedError", "find_free_port", "launch"]
+__all__ = ["DEVICES", "RankFailedError", "find_free_port", "launch"]
+
+DEVICES = ("cpu", "cuda")
 
 # How many times a launch is retried when the port picked for the rendezvous was taken in the meantime.
 _NUM_PORT_ATTEMPTS = 4
@@ -65,6 +72,7 @@ class _RankSpec:
     backend: str
     env: dict[str, str]
     timeout_s: float
+    device: str = "cpu"  # one of DEVICES
 
 
 # Messages a child sends to the parent over its pipe: (kind, payload).
@@ -81,8 +89,15 @@ def find_free_port() -> int:
 
 
 def _bind_device(spec: _RankSpec) -> None:
-    """Select what this rank computes on. CPU only for now; the GPU tier sets the CUDA device here."""
-    del spec
+    """Select what this rank computes on: nothing to do on the CPU; rank % device_count on CUDA."""
+    if spec.device != "cuda":
+        return
+    import torch
+
+    num_devices = torch.cuda.device_count()
+    if num_devices < 1:
+        raise RuntimeError(f"rank {spec.rank}: device='cuda' but torch.cuda.device_count() is 0 in the child")
+    torch.cuda.set_device(spec.rank % num_devices)
 
 
 def _child_main(spec: _RankSpec, payload: bytes, conn: multiprocessing.connection.Connection) -> None:
@@ -162,7 +177,9 @@ def _is_port_in_use(text: str) -> bool:
     return "EADDRINUSE" in text or "Address already in use" in text or f"errno: {errno.EADDRINUSE}" in text
 
 
-def _launch_once(fn_payload: bytes, num_ranks: int, backend: str, env: dict[str, str], timeout_s: float) -> list:
+def _launch_once(
+    fn_payload: bytes, num_ranks: int, backend: str, env: dict[str, str], timeout_s: float, device: str
+) -> list:
     ctx = multiprocessing.get_context("spawn")
     port = find_free_port()
     processes = []
@@ -173,7 +190,7 @@ def _launch_once(fn_payload: bytes, num_ranks: int, backend: str, env: dict[str,
         with _patched_environ(env):
             for rank in range(num_ranks):
                 parent_conn, child_conn = ctx.Pipe(duplex=False)
-                spec = _RankSpec(rank, num_ranks, port, backend, env, timeout_s)
+                spec = _RankSpec(rank, num_ranks, port, backend, env, timeout_s, device)
                 proc = ctx.Process(
                     target=_child_main, args=(spec, fn_payload, child_conn), name=f"rank{rank}", daemon=True
                 )
@@ -234,6 +251,24 @@ def _launch_once(fn_payload: bytes, num_ranks: int, backend: str, env: dict[str,
             conn.close()
 
 
+def _check_cuda(num_ranks: int, mps: bool) -> None:
+    """Fail before spawning when device='cuda' cannot work; bring MPS up when ranks share a GPU. Creates no CUDA
+    context here: device_count() does not, and an MPS daemon must start before the first context on the GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"launch(device='cuda'): no CUDA device visible (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none: a CPU-only build'}, torch.cuda.is_available() is False); "
+            "use device='cpu'"
+        )
+    num_devices = torch.cuda.device_count()
+    if mps and num_ranks > num_devices:
+        from . import mps as mps_control
+
+        mps_control.ensure_mps(allowed=True)
+
+
 def launch(
     fn: Callable[..., Any],
     num_ranks: int,
@@ -241,10 +276,15 @@ def launch(
     timeout_s: float = 120.0,
     backend: str = "gloo",
     env: dict[str, str] | None = None,
+    device: str = "cpu",
+    mps: bool = True,
 ) -> list:
     """Run ``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned processes; return their results in rank order.
 
     env: environment variables set in the children before they import anything (torch included).
+    device: "cpu", or "cuda" (rank r on GPU r % device_count; raises RuntimeError here when no GPU is visible).
+    mps: with device="cuda" and more ranks than GPUs, make sure the MPS daemon runs (start it when root; raise
+        deep_ep_py.testing.mps.MPSUnavailableError when it cannot). False skips that: ranks time-slice the GPU.
     Raises RankFailedError (a RuntimeError) naming the first failing rank with its traceback, or TimeoutError
     naming the ranks that had not finished after timeout_s seconds.
     """
@@ -254,6 +294,10 @@ def launch(
         raise ValueError(f"launch: num_ranks must be a positive int, got {num_ranks!r}")
     if timeout_s <= 0:
         raise ValueError(f"launch: timeout_s must be > 0, got {timeout_s!r}")
+    if device not in DEVICES:
+        raise ValueError(f"launch: device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        _check_cuda(num_ranks, mps)
     env = {str(key): str(value) for key, value in (env or {}).items()}
     try:
         payload = pickle.dumps((fn, args))
@@ -262,7 +306,7 @@ def launch(
 
     for attempt in range(_NUM_PORT_ATTEMPTS):
         try:
-            return _launch_once(payload, num_ranks, backend, env, timeout_s)
+            return _launch_once(payload, num_ranks, backend, env, timeout_s, device)
         except _PortInUse as exc:
             if attempt == _NUM_PORT_ATTEMPTS - 1:
                 raise RuntimeError(

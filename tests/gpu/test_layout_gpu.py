@@ -132,3 +132,51 @@ def test_dispatch_layout_runs_on_the_given_stream():
     assert torch.equal(per_rank.cpu(), ref_per_rank)
     assert torch.equal(per_expert.cpu(), ref_per_expert)
     assert torch.equal(in_rank.cpu(), ref_in_rank)
+
+
+def _layout_worker(rank: int, num_ranks: int, num_tokens: int, num_topk: int, num_experts_per_rank: int) -> int:
+    """Every rank runs the layout kernel on its own routing at the same time (ranks share the GPU); exact check."""
+    ext = _ext.load_extension()
+    num_experts = num_experts_per_rank * num_ranks
+    num_ranks_per_node = 2 if num_ranks % 2 == 0 else num_ranks
+    num_nodes = num_ranks // num_ranks_per_node
+    generator = torch.Generator().manual_seed(1000 + rank)
+    topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
+    topk_idx = topk_idx_cpu.cuda()
+    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device="cuda")
+    per_node = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device="cuda")
+    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device="cuda")
+    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device="cuda")
+    multi_node = num_nodes > 1
+    ext.get_dispatch_layout(
+        topk_idx.data_ptr(),
+        num_tokens,
+        num_topk,
+        num_experts,
+        num_ranks,
+        num_ranks_per_node,
+        per_rank.data_ptr(),
+        per_node.data_ptr() if multi_node else 0,
+        per_expert.data_ptr(),
+        in_rank.data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )
+    torch.cuda.synchronize()
+    ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
+        topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
+    )
+    assert torch.equal(per_rank.cpu(), ref_per_rank), f"rank {rank}: {per_rank.cpu()} != {ref_per_rank}"
+    assert torch.equal(per_expert.cpu(), ref_per_expert), f"rank {rank}: per-expert counts differ"
+    assert torch.equal(in_rank.cpu(), ref_in_rank), f"rank {rank}: is_token_in_rank differs"
+    if multi_node:
+        assert torch.equal(per_node.cpu(), ref_per_node), f"rank {rank}: {per_node.cpu()} != {ref_per_node}"
+    return int(per_rank.sum().item())
+
+
+def test_dispatch_layout_on_ranks_sharing_the_gpu(num_ranks, launch_timeout_s):
+    if not _ext.gpu_available():
+        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+    from deep_ep_py.testing import launch
+
+    results = launch(_layout_worker, num_ranks, 4096, 8, 32, device="cuda", timeout_s=launch_timeout_s)
+    assert len(results) == num_ranks and all(total > 0 for total in results), results

@@ -1,0 +1,249 @@
+"""The per-rank side of the benchmark: builds the Buffer, times each path, returns the figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from bench import timing
+from bench.settings import BYTES_PER_CHANNEL, LOW_LATENCY, NORMAL, BenchConfig, log
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-rank side: runs inside each launched process.
+
+
+def _cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [T, H], float32 scales [T, H/128]); the library's cast when it has one."""
+    try:
+        from deep_ep_py.fp8 import per_token_cast_to_fp8
+    except ImportError:
+        groups = x.float().view(x.shape[0], -1, 128)
+        scales = groups.abs().amax(dim=-1).clamp(min=1e-4) / 448.0
+        values = (groups / scales.unsqueeze(-1)).view_as(x).to(torch.float8_e4m3fn)
+        return values, scales
+    return per_token_cast_to_fp8(x)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _backend_name(buffer: object, requested: str | None) -> str:
+    for attr in ("backend_name", "backend", "_backend"):
+        value = getattr(buffer, attr, None)
+        if isinstance(value, str):
+            return value
+        name = getattr(value, "name", None)
+        if isinstance(name, str):
+            return name
+    return requested or "default"
+
+
+def _kernel_status() -> tuple[bool, str]:
+    """(whether the compiled kernels can run here, why not when they cannot)."""
+    try:
+        from deep_ep_py import _ext
+    except ImportError:
+        return False, "deep_ep_py._ext not found"
+    if _ext.has_kernels() and _ext.gpu_available():
+        return True, ""
+    return False, _ext.kernels_unavailable_reason() or "no GPU"
+
+
+def _hbm_bytes_per_payload_byte(buffer: object, path: str) -> float | None:
+    """The backend's own HBM traffic per payload byte for a path, where it reports one (else None)."""
+    value = getattr(buffer, "hbm_bytes_per_payload_byte", None)
+    if callable(value):
+        try:
+            value = value(path)
+        except (TypeError, ValueError, KeyError):
+            return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
+    import deep_ep_py
+
+    kwargs = {"backend": cfg.backend} if cfg.backend else {}
+    group = dist.group.WORLD
+    if mode == LOW_LATENCY:
+        num_rdma_bytes = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(
+            cfg.ll_tokens, cfg.hidden, num_ranks, cfg.experts
+        )
+        return deep_ep_py.Buffer(
+            group,
+            0,
+            num_rdma_bytes,
+            low_latency_mode=True,
+            num_qps_per_rank=cfg.experts // num_ranks,
+            explicitly_destroy=True,
+            **kwargs,
+        )
+    hidden_bytes = cfg.hidden * 2
+    num_nvl_bytes = max(
+        deep_ep_py.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
+        deep_ep_py.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
+    )
+    return deep_ep_py.Buffer(group, num_nvl_bytes, 0, explicitly_destroy=True, **kwargs)
+
+
+def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):
+    """x bf16 [T, H], topk_idx int64 [T, K] from random scores, topk_weights float32 [T, K] (positive)."""
+    x = torch.randn(num_tokens, cfg.hidden, dtype=torch.bfloat16, device=device)
+    scores = torch.randn(num_tokens, cfg.experts, dtype=torch.float32, device=device)
+    topk_idx = scores.topk(cfg.topk, dim=-1).indices.to(torch.int64)
+    topk_weights = torch.randn(num_tokens, cfg.topk, dtype=torch.float32, device=device).abs()
+    return x, topk_idx, topk_weights
+
+
+def _normal_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device) -> dict:
+    """(path, dtype, hook) -> (fn, setup or None, payload rows this rank receives) for normal mode."""
+    x, topk_idx, topk_weights = _random_routing(cfg.tokens, cfg, device)
+    x_fp8 = _cast_to_fp8(x)
+    x_fp8 = (x_fp8[0], x_fp8[1].T.contiguous().T)  # column-major scales, as DeepEP's test sends them
+    dispatch_config = buffer.get_dispatch_config(num_ranks)
+    combine_config = buffer.get_combine_config(num_ranks)
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = (
+        buffer.get_dispatch_layout(topk_idx, cfg.experts)
+    )
+    layout = {
+        "num_tokens_per_rank": num_tokens_per_rank,
+        "num_tokens_per_rdma_rank": num_tokens_per_rdma_rank,
+        "is_token_in_rank": is_token_in_rank,
+        "num_tokens_per_expert": num_tokens_per_expert,
+        "topk_idx": topk_idx,
+        "topk_weights": topk_weights,
+    }
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, config=dispatch_config, **layout)
+    num_recv_tokens = int(recv_x.shape[0])
+
+    def dispatch_fn(payload) -> Callable[[], None]:
+        def run() -> None:
+            if cfg.dispatch_handle == "cached":
+                buffer.dispatch(payload, handle=handle, config=dispatch_config)
+            else:
+                buffer.dispatch(payload, config=dispatch_config, **layout)
+
+        return run
+
+    def combine() -> None:
+        buffer.combine(recv_x, handle, config=combine_config)
+
+    return {
+        ("dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
+        ("dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
+        ("combine", "bf16", False): (combine, None, num_recv_tokens),
+    }
+
+
+def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device) -> dict:
+    """(path, dtype, hook) -> (fn, setup or None, payload rows this rank receives) for low-latency mode."""
+    num_max_tokens = cfg.ll_tokens
+    x, topk_idx, topk_weights = _random_routing(num_max_tokens, cfg, device)
+    num_local_experts = cfg.experts // num_ranks
+
+    def dispatch(return_recv_hook: bool):
+        return buffer.low_latency_dispatch(
+            x,
+            topk_idx,
+            num_max_tokens,
+            cfg.experts,
+            use_fp8=True,
+            async_finish=False,
+            return_recv_hook=return_recv_hook,
+        )
+
+    _, recv_count, _, _, _ = dispatch(False)
+    num_recv_rows = int(recv_count.sum().item())
+    # Expert outputs going back: bf16 [L, R*M, H], as the experts' GEMM would write them.
+    expert_out = torch.randn(
+        num_local_experts, num_ranks * num_max_tokens, cfg.hidden, dtype=torch.bfloat16, device=device
+    )
+
+    def dispatch_fn(hook: bool) -> Callable[[], Callable | None]:
+        def run() -> Callable | None:
+            recv_hook = dispatch(hook)[4]
+            return recv_hook if hook else None  # without the hook the data has arrived: nothing more to time
+
+        return run
+
+    def combine_fn(hook: bool) -> Callable[[object], Callable | None]:
+        def run(handle) -> Callable | None:
+            _, _, recv_hook = buffer.low_latency_combine(
+                expert_out, topk_idx, topk_weights, handle, async_finish=False, return_recv_hook=hook
+            )
+            return recv_hook if hook else None
+
+        return run
+
+    def combine_setup():
+        return dispatch(False)[2]
+
+    return {
+        ("ll_dispatch", "fp8", False): (dispatch_fn(False), None, num_recv_rows),
+        ("ll_dispatch+hook", "fp8", True): (dispatch_fn(True), None, num_recv_rows),
+        ("ll_combine", "bf16", False): (combine_fn(False), combine_setup, num_recv_rows),
+        ("ll_combine+hook", "bf16", True): (combine_fn(True), combine_setup, num_recv_rows),
+    }
+
+
+def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
+    """One rank: build each mode's Buffer, time its paths, return this rank's figures (picklable)."""
+    torch.manual_seed(cfg.seed + rank)
+    if cfg.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        device_name = _cpu_name()
+
+    # The roof is measured by rank 0 alone while the others wait: ranks share the GPU.
+    copy_roof = timing.measure_copy_roof_gbps(device, cfg.roof_bytes) if rank == 0 else None
+    dist.barrier()
+
+    has_kernels, no_kernels_reason = _kernel_status()
+    out = {
+        "device_name": device_name,
+        "has_kernels": has_kernels,
+        "no_kernels_reason": no_kernels_reason,
+        "backend": None,
+        "copy_roof_gbps": copy_roof,
+        "results": {},
+    }
+    for mode in cfg.modes:
+        buffer = _make_buffer(cfg, num_ranks, mode)
+        out["backend"] = _backend_name(buffer, cfg.backend)
+        make_paths = _normal_paths if mode == NORMAL else _low_latency_paths
+        paths = make_paths(buffer, cfg, num_ranks, device)
+        for key, (fn, setup, num_recv_rows) in paths.items():
+            path, dtype, _ = key
+            if rank == 0:
+                log(f"ranks={num_ranks} {path} {dtype}: {cfg.warmup} warmup + {cfg.iters} timed iters")
+            times = timing.time_iters(fn, setup=setup, warmup=cfg.warmup, iters=cfg.iters, device=device)
+            recv_bytes = num_recv_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype]
+            result = timing.RankResult(
+                median_s=times.median_total_s(),
+                recv_bytes=recv_bytes,
+                median_send_s=times.median_send_s(),
+                iter_s=times.total_s,
+            )
+            out["results"][key] = (dataclasses.asdict(result), _hbm_bytes_per_payload_byte(buffer, path))
+        # No try/finally: a rank that raised must not wait in a barrier its peers never reach; the launcher
+        # reports its traceback and stops the others.
+        del paths
+        dist.barrier()
+        buffer.destroy()
+    return out

@@ -1,0 +1,214 @@
+"""deep_ep_py.runtime and the _C runtime on N ranks sharing the GPU (launch(device="cuda"), under MPS).
+
+Each test runs its whole check sequence in one launch; a rank raises AssertionError with the values seen. A
+failing rank raises at once rather than entering a collective, so the launcher reports it instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from deep_ep_py.testing import launch
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+# Seconds a device or host wait may take before the tests expect a timeout error; and the bound on how long the
+# error may take to surface (spawned ranks share the GPU, so generous).
+WAIT_TIMEOUT_S = 0.5
+SURFACE_BOUND_S = 10.0
+
+
+def _expect_raises(exc_type, fn, *args, match: str = ""):
+    try:
+        fn(*args)
+    except exc_type as exc:
+        assert match in str(exc), f"expected {match!r} in the message of {exc_type.__name__}: {exc}"
+        return exc
+    raise AssertionError(f"{getattr(fn, '__name__', fn)}{args} did not raise {exc_type.__name__}")
+
+
+def _pattern(rank: int, num_ints: int) -> torch.Tensor:
+    """int32 [num_ints] on the current CUDA device, different for every rank and every position."""
+    return torch.arange(num_ints, dtype=torch.int32, device="cuda") * 7 + rank * 1_000_003
+
+
+def _check_cuda_usable() -> None:
+    values = torch.arange(1000, dtype=torch.float32, device="cuda")
+    total = values.sum().item()
+    assert total == 499500.0, f"a torch op after the test gave {total}, expected 499500"
+
+
+def _peer_mapped_worker(rank: int, num_ranks: int, num_ranks_per_node: int) -> list[int]:
+    import torch.distributed as dist
+
+    from deep_ep_py.errors import DeepEPError
+    from deep_ep_py.runtime import PeerMappedBuffer
+
+    node_start = rank // num_ranks_per_node * num_ranks_per_node
+    node_ranks = list(range(node_start, min(node_start + num_ranks_per_node, num_ranks)))
+    num_ints = 4099  # not a power of two
+    num_bytes = num_ints * 4
+    buffer = PeerMappedBuffer(None, num_bytes, node_ranks)
+    assert buffer.num_bytes == num_bytes and buffer.rank == rank and buffer.num_ranks == num_ranks
+    assert buffer.local_ptr != 0 and buffer.peer_ptrs[rank] == buffer.local_ptr, (buffer.local_ptr, buffer.peer_ptrs)
+    for peer, peer_ptr in enumerate(buffer.peer_ptrs):
+        assert (peer_ptr != 0) == (peer in node_ranks), f"rank {rank}: peer_ptrs {buffer.peer_ptrs}, node {node_ranks}"
+    mapped = [ptr for ptr in buffer.peer_ptrs if ptr]
+    assert len(set(mapped)) == len(mapped), f"rank {rank}: two peers mapped at one address: {buffer.peer_ptrs}"
+
+    # ipc_malloc zeroes: every mapped buffer reads zero before anyone writes.
+    for peer in node_ranks:
+        num_nonzero = buffer.view(peer).count_nonzero().item()
+        assert num_nonzero == 0, f"rank {rank}: rank {peer}'s fresh buffer has {num_nonzero} non-zero bytes"
+    dist.barrier()
+    buffer.view().view(torch.int32).copy_(_pattern(rank, num_ints))
+    torch.cuda.synchronize()
+    dist.barrier()
+    for peer in node_ranks:
+        seen = buffer.view(peer).view(torch.int32).cpu()
+        expected = _pattern(peer, num_ints).cpu()
+        if not torch.equal(seen, expected):
+            bad = (seen != expected).nonzero().flatten()[:8].tolist()
+            raise AssertionError(
+                f"rank {rank} reading rank {peer}'s buffer: mismatch at int32 {bad}: {seen[bad].tolist()} "
+                f"!= {expected[bad].tolist()}"
+            )
+    buffer.close()
+    buffer.close()  # idempotent
+    assert buffer.local_ptr == 0 and not any(buffer.peer_ptrs), (buffer.local_ptr, buffer.peer_ptrs)
+
+    # Ranks that disagree on the size all fail, with a message naming the mismatch, and nobody hangs.
+    _expect_raises(DeepEPError, PeerMappedBuffer, None, 1024 + 4 * (rank == 0), None, match="passed other")
+    dist.barrier()
+    _check_cuda_usable()
+    return node_ranks
+
+
+@pytest.mark.parametrize("layout", ["one_node", "pairs"])
+def test_peer_mapped_buffer(require_gpu, num_ranks, layout, launch_timeout_s):
+    num_ranks_per_node = num_ranks if layout == "one_node" else 2
+    results = launch(_peer_mapped_worker, num_ranks, num_ranks_per_node, device="cuda", timeout_s=launch_timeout_s)
+    for rank, node_ranks in enumerate(results):
+        assert rank in node_ranks and len(node_ranks) == min(num_ranks_per_node, num_ranks)
+
+
+def _host_counters_worker(rank: int, num_ranks: int) -> float:
+    from deep_ep_py import _ext
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    ext = _ext.load_extension()
+    counters = ext.HostCounters(4)
+    assert len(counters) == 4 and counters.device_ptr != 0 and counters.host_ptr != 0
+    assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
+    counters.set(2, 5 + rank)
+    assert counters.get(2) == 5 + rank
+    counters.wait_ge(2, 5 + rank, 1.0, "counter 2")  # already there: returns at once
+
+    start = time.monotonic()
+    what = f"counter 3 of rank {rank}"
+    _expect_raises(DeepEPTimeoutError, counters.wait_ge, 3, 1, WAIT_TIMEOUT_S, what, match=what)
+    elapsed = time.monotonic() - start
+    assert WAIT_TIMEOUT_S <= elapsed < SURFACE_BOUND_S, f"rank {rank}: timeout after {elapsed:.2f} s"
+
+    # Released by another host thread while waiting (wait_ge lets go of the GIL).
+    setter = threading.Timer(0.1, counters.set, (1, 7))
+    start = time.monotonic()
+    setter.start()
+    counters.wait_ge(1, 7, SURFACE_BOUND_S, "counter 1")
+    setter.join()
+    released_after = time.monotonic() - start
+    _expect_raises(DeepEPError, counters.get, 4, match="out of range")
+    _check_cuda_usable()
+    return released_after
+
+
+def test_host_counters(require_gpu, num_ranks, launch_timeout_s):
+    results = launch(_host_counters_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    assert all(0.05 <= released_after < SURFACE_BOUND_S for released_after in results), results
+
+
+def _device_timeout_worker(rank: int, num_ranks: int) -> float:
+    from deep_ep_py import _ext
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    ext = _ext.load_extension()
+    record = ext.ErrorRecord()
+    assert not record.has_error()
+    record.check("before the launch")  # nothing recorded: no raise
+    channel = 10 + rank
+    start = time.monotonic()
+    ext.launch_timeout_self_test(
+        record.device_ptr, WAIT_TIMEOUT_S, rank, channel, torch.cuda.current_stream().cuda_stream
+    )
+    torch.cuda.synchronize()
+    elapsed = time.monotonic() - start
+    assert elapsed < SURFACE_BOUND_S, f"rank {rank}: the device wait took {elapsed:.2f} s to time out"
+    assert record.has_error(), f"rank {rank}: the self-test kernel finished without recording a timeout"
+    exc = _expect_raises(DeepEPTimeoutError, record.check, "the GPU test", match=f"rank {rank}, channel {channel}")
+    assert "noticed by the GPU test" in str(exc), str(exc)
+    record.reset()
+    assert not record.has_error()
+    _check_cuda_usable()  # a timed-out wait leaves the context usable
+    return elapsed
+
+
+def test_device_timeout_becomes_an_exception(require_gpu, num_ranks, launch_timeout_s):
+    results = launch(_device_timeout_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    assert all(WAIT_TIMEOUT_S * 0.5 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
+
+
+def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
+    from deep_ep_py import _ext
+    from deep_ep_py.errors import DeepEPError
+    from deep_ep_py.runtime import NvshmemContext, device_bytes_view
+
+    ext = _ext.load_extension()
+    num_ints = 1 << 18  # 1 MiB
+    num_bytes = num_ints * 4
+    context = NvshmemContext(None, num_symmetric_bytes=num_bytes)
+    assert ext.nvshmem_is_initialized()
+    assert (context.rank, context.num_ranks) == (rank, num_ranks)
+    assert (ext.nvshmem_my_pe(), ext.nvshmem_n_pes()) == (rank, num_ranks)
+    assert "NVSHMEM_IB_ENABLE_IBGDA" not in context.env_set, context.env_set
+    for key, value in context.env_set.items():
+        assert os.environ[key] == value
+
+    ptr = context.malloc(num_bytes)
+    peer_ptrs = [context.peer_ptr(ptr, pe) for pe in range(num_ranks)]
+    assert peer_ptrs[rank] == ptr, f"rank {rank}: nvshmem_ptr(own) {peer_ptrs[rank]:#x} != {ptr:#x}"
+    assert all(peer_ptrs), f"rank {rank}: a peer on the same GPU is not P2P-mapped: {peer_ptrs}"
+
+    num_nonzero = device_bytes_view(ptr, num_bytes).count_nonzero().item()
+    assert num_nonzero == 0, f"rank {rank}: nvshmem_malloc left {num_nonzero} non-zero bytes"
+    context.barrier()
+    device_bytes_view(ptr, num_bytes).view(torch.int32).copy_(_pattern(rank, num_ints))
+    torch.cuda.synchronize()
+    context.barrier()
+    for pe, peer_ptr in enumerate(peer_ptrs):
+        seen = device_bytes_view(peer_ptr, num_bytes).view(torch.int32).cpu()
+        if not torch.equal(seen, _pattern(pe, num_ints).cpu()):
+            raise AssertionError(f"rank {rank}: PE {pe}'s symmetric buffer read through nvshmem_ptr differs")
+    context.barrier()
+
+    context.finalize()
+    context.finalize()  # idempotent
+    assert not ext.nvshmem_is_initialized()
+    _expect_raises(DeepEPError, context.malloc, 64, match="finalized")
+    _check_cuda_usable()
+    return {"share_gpu": context.share_gpu, "env_set": context.env_set}
+
+
+def test_nvshmem_context(require_gpu, num_ranks, launch_timeout_s):
+    results = launch(_nvshmem_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    share_gpu = num_ranks > torch.cuda.device_count()
+    for result in results:
+        assert result["share_gpu"] == share_gpu, result
+        assert "NVSHMEM_IB_ENABLE_IBGDA" not in result["env_set"], result
+        if share_gpu and "NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ:
+            assert result["env_set"]["NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "1", result
