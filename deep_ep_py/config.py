@@ -18,6 +18,9 @@ FP8_GROUP_SIZE = 128
 DEFAULT_MAX_RANKS_PER_NODE = 8
 BUFFER_ALIGNMENT_BYTES = 128
 RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
+# How long any wait for a peer may take before it raises DeepEPTimeoutError (kernels read the same variable).
+TIMEOUT_ENV = "DEEP_EP_PY_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 100.0
 
 
 def _align(num_bytes: int, alignment: int = BUFFER_ALIGNMENT_BYTES) -> int:
@@ -42,6 +45,20 @@ def ranks_per_node_override() -> int | None:
     except ValueError:
         raise ValueError(f"{RANKS_PER_NODE_ENV}: expected a positive int, got {raw!r}") from None
     return _check_positive_int(RANKS_PER_NODE_ENV, value)
+
+
+def timeout_s() -> float:
+    """Seconds a wait for peers may take: DEEP_EP_PY_TIMEOUT_S, else 100."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {raw!r}")
+    return value
 
 
 def hint_ranks_per_node(num_ranks: int) -> int:

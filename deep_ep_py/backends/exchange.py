@@ -6,11 +6,15 @@ all of a call's data. Groups whose backend cannot move device tensors (gloo, MPI
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..config import TIMEOUT_ENV, timeout_s
+from ..errors import DeepEPTimeoutError
 
 
 def _as_byte_rows(field: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,7 @@ class RowExchange:
         """Every rank's `values` (same length on all ranks) -> int64 [num_ranks, len(values)] on the CPU."""
         local = self.stage(torch.tensor(list(values), dtype=torch.int64))
         gathered = [torch.empty_like(local) for _ in range(self.num_ranks)]
-        dist.all_gather(gathered, local, group=self.group)
+        self._wait(dist.all_gather(gathered, local, group=self.group, async_op=True), "all_gather")
         return torch.stack([t.cpu() for t in gathered])
 
     def exchange_rows(
@@ -67,13 +71,15 @@ class RowExchange:
         send = [rows for rows in send_rows if rows is not None]
         send_flat = torch.cat([r.reshape(-1) for r in send]) if send else self.stage(torch.empty(0, dtype=torch.uint8))
         recv_flat = self.stage(torch.empty(sum(recv_counts) * width, dtype=torch.uint8))
-        dist.all_to_all_single(
+        work = dist.all_to_all_single(
             recv_flat,
             send_flat,
             output_split_sizes=[c * width for c in recv_counts],
             input_split_sizes=[c * width for c in send_counts],
             group=self.group,
+            async_op=True,
         )
+        self._wait(work, "all_to_all")
         recv = recv_flat.view(sum(recv_counts), width)
         fields = []
         start = 0
@@ -87,4 +93,17 @@ class RowExchange:
         return fields
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        self._wait(dist.barrier(group=self.group, async_op=True), "barrier")
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        """Wait for a collective with a deadline: a dead or late peer raises instead of hanging."""
+        limit = timeout_s()
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=limit))
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():
+                raise
+            raise DeepEPTimeoutError(
+                f"rank {self.rank}: {what} over the group of {self.num_ranks} ranks did not complete within "
+                f"{limit:g} s: a peer is dead, late, or made a different call ({TIMEOUT_ENV} sets the limit)"
+            ) from exc

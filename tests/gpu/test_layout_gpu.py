@@ -1,4 +1,5 @@
-"""get_dispatch_layout kernel against a brute-force torch reference: exact comparison (it counts)."""
+"""get_dispatch_layout kernel against a brute-force torch reference: exact comparison (it counts). In-process on the
+GPU, and on N ranks sharing it at once (DEEP_EP_PY_GPU_TEST_RANKS)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def random_topk_idx(num_tokens: int, num_topk: int, num_experts: int, generator:
         (257, 9, 16384, 16, 2),  # counters too big for shared memory: global atomics path
     ],
 )
-def test_dispatch_layout_matches_reference(num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node):
-    if not _ext.gpu_available():
-        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+def test_dispatch_layout_matches_reference(
+    require_gpu, num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node
+):
     ext = _ext.load_extension()
     generator = torch.Generator().manual_seed(num_tokens * 7919 + num_experts)
     topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
@@ -101,9 +102,7 @@ def test_dispatch_layout_matches_reference(num_tokens, num_topk, num_experts, nu
         assert torch.equal(num_tokens_per_rdma_rank.cpu(), torch.full((1,), POISON_INT, dtype=torch.int32))
 
 
-def test_dispatch_layout_runs_on_the_given_stream():
-    if not _ext.gpu_available():
-        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+def test_dispatch_layout_runs_on_the_given_stream(require_gpu):
     ext = _ext.load_extension()
     num_tokens, num_topk, num_experts, num_ranks = 512, 8, 64, 8
     stream = torch.cuda.Stream()
@@ -173,9 +172,7 @@ def _layout_worker(rank: int, num_ranks: int, num_tokens: int, num_topk: int, nu
     return int(per_rank.sum().item())
 
 
-def test_dispatch_layout_on_ranks_sharing_the_gpu(num_ranks, launch_timeout_s):
-    if not _ext.gpu_available():
-        pytest.skip(f"no GPU kernels: {_ext.kernels_unavailable_reason() or 'no CUDA device'}")
+def test_dispatch_layout_on_ranks_sharing_the_gpu(require_gpu, num_ranks, launch_timeout_s):
     from deep_ep_py.testing import launch
 
     results = launch(_layout_worker, num_ranks, 4096, 8, 32, device="cuda", timeout_s=launch_timeout_s)

@@ -1,0 +1,363 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, on a machine with a GPU (see the GPU rig notes): versions, MPS up, an in-place
+# build for sm_90 with all cores, the GPU test tier at the given rank counts, the benchmark, MPS down, and a
+# summary table printed last. Every step logs to its own file in the log directory and is timed; a failed step
+# does not stop the others; the exit status is non-zero when any step failed.
+#
+#   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--quick] [--wheel-dir DIR] [--skip STEP[,STEP]]
+#                        [--step-timeout SECONDS]
+#
+#   --log-dir DIR         logs and bench.json (env GPU_CHECK_LOG_DIR; default ./gpu_check_logs)
+#   --ranks "2 4 8"       rank counts for the GPU tests and the benchmark, all ranks on the GPU(s) there are
+#   --quick               the benchmark's small sizes
+#   --wheel-dir DIR       pip-install the wheels in DIR first (e.g. the carried nvshmem4py wheel), offline
+#   --skip STEPS          steps to skip, comma-separated: info,mps,wheel,build,ext,tests,bench
+#   --step-timeout S      wall-clock limit of each step (default 1200); a step past it is killed and FAILs
+#
+# Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
+# /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default 30 here), GPU_CHECK_BUILD_DIR (default build).
+# Nothing is downloaded: the machine's own torch and NVSHMEM are used.
+
+set -u
+set -o pipefail
+
+ORIGINAL_PWD=$(pwd)
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+LOG_DIR=${GPU_CHECK_LOG_DIR:-./gpu_check_logs}
+RANKS="2 4 8"
+QUICK=0
+WHEEL_DIR=""
+SKIP_STEPS=""
+STEP_TIMEOUT_S=1200
+PYTHON=${PYTHON:-python3}
+BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
+
+usage() {
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+need_value() {
+    if [ "$#" -lt 2 ] || [ -z "$2" ]; then
+        echo "gpu_check: $1 needs a value" >&2
+        exit 2
+    fi
+}
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
+        --log-dir=*) LOG_DIR=${1#*=}; shift ;;
+        --ranks) need_value "$@"; RANKS=$2; shift 2 ;;
+        --ranks=*) RANKS=${1#*=}; shift ;;
+        --quick) QUICK=1; shift ;;
+        --wheel-dir) need_value "$@"; WHEEL_DIR=$2; shift 2 ;;
+        --wheel-dir=*) WHEEL_DIR=${1#*=}; shift ;;
+        --skip) need_value "$@"; SKIP_STEPS=$2; shift 2 ;;
+        --skip=*) SKIP_STEPS=${1#*=}; shift ;;
+        --step-timeout) need_value "$@"; STEP_TIMEOUT_S=$2; shift 2 ;;
+        --step-timeout=*) STEP_TIMEOUT_S=${1#*=}; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+RANKS=$(echo "$RANKS" | tr ',' ' ' | xargs)
+for count in $RANKS; do
+    case "$count" in
+        '' | *[!0-9]* | 0) echo "gpu_check: --ranks expects positive integers, got '$RANKS'" >&2; exit 2 ;;
+    esac
+done
+if [ -z "$RANKS" ]; then
+    echo "gpu_check: --ranks is empty" >&2
+    exit 2
+fi
+RANKS_CSV=$(echo "$RANKS" | tr ' ' ',')
+case "$STEP_TIMEOUT_S" in
+    '' | *[!0-9]* | 0) echo "gpu_check: --step-timeout expects a positive integer, got '$STEP_TIMEOUT_S'" >&2; exit 2 ;;
+esac
+
+absolute() {
+    case "$1" in
+        /*) echo "$1" ;;
+        *) echo "$ORIGINAL_PWD/$1" ;;
+    esac
+}
+LOG_DIR=$(absolute "$LOG_DIR")
+[ -n "$WHEEL_DIR" ] && WHEEL_DIR=$(absolute "$WHEEL_DIR")
+if ! mkdir -p "$LOG_DIR"; then
+    echo "gpu_check: cannot create the log directory $LOG_DIR" >&2
+    exit 2
+fi
+cd "$REPO_DIR" || exit 2
+
+export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
+export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps_log}
+export DEEP_EP_PY_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-30}
+export PYTHONUNBUFFERED=1
+
+# ---- step bookkeeping -------------------------------------------------------------------------------------------
+
+STEP_NAMES=()
+STEP_STATUS=()
+STEP_SECONDS=()
+STEP_DETAILS=()
+STEP_COUNT=0
+MPS_STARTED=0
+SUMMARY_PRINTED=0
+
+is_skipped() {
+    case ",$SKIP_STEPS," in
+        *",$1,"*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+record() {  # name status seconds details
+    STEP_NAMES+=("$1")
+    STEP_STATUS+=("$2")
+    STEP_SECONDS+=("$3")
+    STEP_DETAILS+=("$4")
+}
+
+# run_step NAME LIMIT_S COMMAND...: runs COMMAND with its output in LOG_DIR/NN_NAME.log. LIMIT_S > 0 runs it under
+# timeout (in its own process group: a timed-out step's children die with it); 0 runs it in this shell (for steps
+# that export variables), without a limit. Sets LAST_LOG and LAST_RC.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    STEP_COUNT=$((STEP_COUNT + 1))
+    LAST_LOG=$(printf '%s/%02d_%s.log' "$LOG_DIR" "$STEP_COUNT" "$name")
+    LAST_RC=0
+    if is_skipped "$name"; then
+        record "$name" SKIP 0 "--skip"
+        echo "== [$name] skipped (--skip)"
+        return 0
+    fi
+    echo "== [$name] $(date +%H:%M:%S) log: $LAST_LOG"
+    printf '$ %s\n' "$*" >"$LAST_LOG"
+    local started=$SECONDS
+    if [ "$limit" -gt 0 ]; then
+        timeout --kill-after=15 "$limit" "$@" >>"$LAST_LOG" 2>&1
+        LAST_RC=$?
+    else
+        "$@" >>"$LAST_LOG" 2>&1
+        LAST_RC=$?
+    fi
+    local elapsed=$((SECONDS - started))
+    local details=""
+    if [ "$LAST_RC" -eq 124 ] || [ "$LAST_RC" -eq 137 ]; then
+        details="timed out after ${limit} s"
+    elif [ "$LAST_RC" -ne 0 ]; then
+        details="exit code $LAST_RC"
+    fi
+    if [ "$LAST_RC" -eq 0 ]; then
+        record "$name" PASS "$elapsed" "$details"
+    else
+        record "$name" FAIL "$elapsed" "$details"
+        echo "   [$name] FAILED ($details) after ${elapsed} s; last lines of $LAST_LOG:"
+        tail -n 30 "$LAST_LOG" | sed 's/^/   | /'
+    fi
+    echo "$LAST_RC" >"$LAST_LOG.rc"
+    return 0
+}
+
+# Append to the details of the last recorded step.
+add_details() {
+    local last=$((${#STEP_NAMES[@]} - 1))
+    if [ -n "${STEP_DETAILS[$last]}" ]; then
+        STEP_DETAILS[last]="${STEP_DETAILS[$last]}; $1"
+    else
+        STEP_DETAILS[last]="$1"
+    fi
+}
+
+print_summary() {
+    SUMMARY_PRINTED=1
+    local num_failed=0 i
+    echo
+    echo "==================== gpu_check summary ===================="
+    printf '%-10s %-6s %8s  %s\n' step status seconds details
+    for i in "${!STEP_NAMES[@]}"; do
+        printf '%-10s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
+        [ "${STEP_STATUS[$i]}" = FAIL ] && num_failed=$((num_failed + 1))
+    done
+    if [ "$num_failed" -eq 0 ]; then
+        echo "overall: PASS (${#STEP_NAMES[@]} steps, ranks: $RANKS); logs in $LOG_DIR"
+    else
+        echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed, ranks: $RANKS); logs in $LOG_DIR"
+    fi
+    return "$num_failed"
+}
+
+# ---- steps ------------------------------------------------------------------------------------------------------
+
+mps_control_answers() {
+    echo get_server_list | timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1
+}
+
+stop_mps() {
+    if [ "$MPS_STARTED" -eq 1 ]; then
+        MPS_STARTED=0
+        echo quit | timeout 30 nvidia-cuda-mps-control
+    fi
+}
+
+on_exit() {
+    # Normal runs stopped MPS as a step already; this catches an early exit.
+    stop_mps >/dev/null 2>&1
+}
+
+on_signal() {
+    echo "gpu_check: interrupted" >&2
+    stop_mps >/dev/null 2>&1
+    [ "$SUMMARY_PRINTED" -eq 1 ] || print_summary
+    exit 130
+}
+trap on_exit EXIT
+trap on_signal INT TERM
+
+step_info() {
+    local rc=0
+    echo "date: $(date -Is)  host: $(hostname)  repo: $REPO_DIR"
+    (git -C "$REPO_DIR" log -1 --oneline && git -C "$REPO_DIR" status --short) 2>/dev/null || echo "(not a git checkout)"
+    echo
+    timeout 60 nvidia-smi || rc=1
+    echo
+    timeout 60 nvidia-smi topo -m 2>/dev/null
+    nvcc --version || echo "nvcc: not on PATH"
+    cmake --version | head -n 1 || rc=1
+    ninja --version 2>/dev/null | sed 's/^/ninja /'
+    "$PYTHON" - <<'EOF' || rc=1
+import platform
+import torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("torch.cuda.is_available()", torch.cuda.is_available(), "device_count", torch.cuda.device_count())
+for index in range(torch.cuda.device_count()):
+    print("device", index, torch.cuda.get_device_name(index))
+EOF
+    "$PYTHON" -m pip list 2>/dev/null | grep -iE '^(torch|nvidia-nvshmem|nvshmem|cuda|pybind11|pytest|scikit-build)' || true
+    return "$rc"
+}
+
+step_mps() {
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" || return 1
+    if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+        echo "nvidia-cuda-mps-control is not on PATH: ranks sharing a GPU would run time-sliced"
+        return 1
+    fi
+    if mps_control_answers; then
+        echo "an MPS daemon already answers at $CUDA_MPS_PIPE_DIRECTORY: using it, leaving it running"
+        return 0
+    fi
+    nvidia-cuda-mps-control -d || return 1
+    MPS_STARTED=1
+    local waited=0
+    until mps_control_answers; do
+        if [ "$waited" -ge 20 ]; then
+            echo "the MPS daemon did not answer within 10 s; its log:"
+            cat "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
+            return 1
+        fi
+        sleep 0.5
+        waited=$((waited + 1))
+    done
+    echo "MPS daemon started: CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY=$CUDA_MPS_LOG_DIRECTORY"
+}
+
+step_wheel() {
+    local wheels=("$WHEEL_DIR"/*.whl)
+    if [ ! -e "${wheels[0]}" ]; then
+        echo "no .whl files in $WHEEL_DIR"
+        return 1
+    fi
+    "$PYTHON" -m pip install --no-deps --no-index "${wheels[@]}"
+}
+
+step_build() {
+    local generator=()
+    if command -v ninja >/dev/null 2>&1; then
+        generator=(-G Ninja)
+        # A build directory configured with another generator cannot be reused: start its configuration over.
+        if [ -f "$BUILD_DIR/CMakeCache.txt" ] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$BUILD_DIR/CMakeCache.txt"; then
+            rm -rf "$BUILD_DIR/CMakeCache.txt" "$BUILD_DIR/CMakeFiles"
+        fi
+    fi
+    local python_path
+    python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }
+    cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DDEEP_EP_PY_INPLACE=ON -DDEEP_EP_PY_CUDA_ARCHS=90 \
+        -DPython_EXECUTABLE="$python_path" &&
+        cmake --build "$BUILD_DIR" -j"$(nproc)"
+}
+
+step_ext() {
+    "$PYTHON" - <<'EOF'
+from deep_ep_py import _ext
+
+extension = _ext.load_extension()
+if extension is None:
+    raise SystemExit(f"deep_ep_py._C not loadable: {_ext.kernels_unavailable_reason()}")
+print("extension:", _ext.extension_path())
+print("build_info:", extension.build_info())
+print("gpu_status:", extension.gpu_status())
+print("nvshmem: compiled", extension.nvshmem_compiled_version(), "host", extension.nvshmem_host_version())
+extension.nvshmem_check_version()
+if not _ext.gpu_available():
+    raise SystemExit("no CUDA device visible to deep_ep_py._C")
+EOF
+}
+
+pytest_counts() {  # log file -> "passed=N failed=N skipped=N errors=N"
+    local line out="" kind count
+    line=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)' "$1" | tail -n 1)
+    for kind in passed failed skipped error; do
+        count=$(echo "$line" | grep -oE "[0-9]+ ${kind}s?" | grep -oE '^[0-9]+')
+        out="$out ${kind}=${count:-0}"
+    done
+    echo "${out# }"
+}
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', quick=$QUICK"
+TOTAL_STARTED=$SECONDS
+
+# Steps that run under timeout run in a child bash: it gets the step functions and their variables exported.
+export PYTHON REPO_DIR WHEEL_DIR BUILD_DIR
+export -f step_info step_wheel step_build step_ext
+
+run_step info "$STEP_TIMEOUT_S" bash -c step_info
+
+run_step mps 0 step_mps
+
+if [ -z "$WHEEL_DIR" ] && ! is_skipped wheel; then
+    STEP_COUNT=$((STEP_COUNT + 1))
+    record wheel SKIP 0 "no --wheel-dir"
+else
+    run_step wheel "$STEP_TIMEOUT_S" bash -c step_wheel
+fi
+
+run_step build "$STEP_TIMEOUT_S" bash -c step_build
+
+run_step ext "$STEP_TIMEOUT_S" bash -c step_ext
+
+run_step tests "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
+    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests --junitxml="$LOG_DIR/pytest.xml"
+if ! is_skipped tests; then
+    add_details "$(pytest_counts "$LAST_LOG")"
+fi
+
+BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --json "$LOG_DIR/bench.json")
+[ "$QUICK" -eq 1 ] && BENCH_ARGS+=(--quick)
+run_step bench "$STEP_TIMEOUT_S" "$PYTHON" -m bench "${BENCH_ARGS[@]}"
+if ! is_skipped bench && [ "$LAST_RC" -eq 0 ]; then
+    add_details "$LOG_DIR/bench.json"
+fi
+
+if [ "$MPS_STARTED" -eq 1 ]; then
+    run_step mps_stop 0 stop_mps
+fi
+
+echo "gpu_check: finished in $((SECONDS - TOTAL_STARTED)) s"
+print_summary
+exit $?
