@@ -18,6 +18,9 @@
 # /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default 30 here), GPU_CHECK_BUILD_DIR (default build).
 # Nothing is downloaded: the machine's own torch and NVSHMEM are used.
 
+# The step functions run through run_step, traps and `bash -c` (exported): shellcheck cannot see those calls.
+# shellcheck disable=SC2317
+
 set -u
 set -o pipefail
 
@@ -105,6 +108,9 @@ STEP_DETAILS=()
 STEP_COUNT=0
 MPS_STARTED=0
 SUMMARY_PRINTED=0
+STEP_PID=""
+LAST_LOG=""
+LAST_RC=0
 
 is_skipped() {
     case ",$SKIP_STEPS," in
@@ -138,8 +144,12 @@ run_step() {
     printf '$ %s\n' "$*" >"$LAST_LOG"
     local started=$SECONDS
     if [ "$limit" -gt 0 ]; then
-        timeout --kill-after=15 "$limit" "$@" >>"$LAST_LOG" 2>&1
+        # In the background and waited for, so that a signal to this script runs its trap at once.
+        timeout --kill-after=15 "$limit" "$@" >>"$LAST_LOG" 2>&1 &
+        STEP_PID=$!
+        wait "$STEP_PID"
         LAST_RC=$?
+        STEP_PID=""
     else
         "$@" >>"$LAST_LOG" 2>&1
         LAST_RC=$?
@@ -158,7 +168,6 @@ run_step() {
         echo "   [$name] FAILED ($details) after ${elapsed} s; last lines of $LAST_LOG:"
         tail -n 30 "$LAST_LOG" | sed 's/^/   | /'
     fi
-    echo "$LAST_RC" >"$LAST_LOG.rc"
     return 0
 }
 
@@ -210,6 +219,12 @@ on_exit() {
 
 on_signal() {
     echo "gpu_check: interrupted" >&2
+    if [ -n "$STEP_PID" ]; then
+        # timeout passes the signal on to the step's whole process group.
+        kill -TERM "$STEP_PID" 2>/dev/null
+        wait "$STEP_PID" 2>/dev/null
+        record "${LAST_LOG##*/}" FAIL "-" "interrupted"
+    fi
     stop_mps >/dev/null 2>&1
     [ "$SUMMARY_PRINTED" -eq 1 ] || print_summary
     exit 130
@@ -285,8 +300,9 @@ step_build() {
     fi
     local python_path
     python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }
+    # Release, as a pip install builds it (pyproject.toml): the benchmark times this build.
     cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DDEEP_EP_PY_INPLACE=ON -DDEEP_EP_PY_CUDA_ARCHS=90 \
-        -DPython_EXECUTABLE="$python_path" &&
+        -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python_path" &&
         cmake --build "$BUILD_DIR" -j"$(nproc)"
 }
 
@@ -307,7 +323,7 @@ if not _ext.gpu_available():
 EOF
 }
 
-pytest_counts() {  # log file -> "passed=N failed=N skipped=N errors=N"
+pytest_counts() {  # log file -> "passed=N failed=N skipped=N error=N"
     local line out="" kind count
     line=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)' "$1" | tail -n 1)
     for kind in passed failed skipped error; do

@@ -29,6 +29,9 @@ class DispatchHandle(NamedTuple):
     num_recv_tokens: int  # N, the real received count
     num_worst_tokens: int  # rows the received tensors were padded to (0: not padded)
     hidden: int
+    # What a kernel backend needs besides the fields above (e.g. send positions, channel prefixes); None when the
+    # reference made the handle. A backend that gets a handle whose state is not its own runs the reference.
+    backend_state: object = None
 
 
 class LowLatencyHandle(NamedTuple):
@@ -42,6 +45,7 @@ class LowLatencyHandle(NamedTuple):
     src_topk_slot: torch.Tensor  # int32 [L, R*M]: the top-k slot k that routed the row (duplicates stay apart)
     recv_count: torch.Tensor  # int32 [L]
     num_tokens: int  # T of the dispatch that made the handle
+    backend_state: object = None  # as DispatchHandle.backend_state
 
 
 def _round_up(value: int, alignment: int) -> int:
