@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as check
-from .backends import select_backend
+from .backends import BufferSizes, select_backend
 from .backends.reference import DispatchHandle, LowLatencyHandle
 from .config import (
     FP8_GROUP_SIZE,
@@ -92,7 +92,8 @@ class Buffer:
         self.explicitly_destroy = check.check_bool("explicitly_destroy", explicitly_destroy)
         self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
         self.topology = detect_topology(group, num_ranks_per_node)
-        self._backend = select_backend(backend, group, self.topology)
+        sizes = BufferSizes(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode, self.enable_shrink)
+        self._backend = select_backend(backend, group, self.topology, sizes)
         self.backend = self._backend.name
         self._comm_stream: Any = None
         self._local_buffers: dict[bool, torch.Tensor] = {}
@@ -190,6 +191,7 @@ class Buffer:
         if self._destroyed:
             return
         self._backend.barrier()
+        self._backend.destroy()
         self._local_buffers.clear()
         self._backend = None  # type: ignore[assignment]
         self._destroyed = True
@@ -383,6 +385,7 @@ class Buffer:
                 topk_weights,
                 expert_alignment,
                 num_worst_tokens,
+                config,
             ),
             previous_event,
             async_finish,
@@ -443,11 +446,11 @@ class Buffer:
             raise TypeError(f"bias: expected None, a tensor or a tuple of up to 2 tensors, got {type(bias).__name__}")
         for i, b in enumerate(biases):
             check.check_tensor(f"bias[{i}]", b, dtype=torch.bfloat16, shape=(handle.num_tokens, x.shape[1]))
-        self._check_config(config, self.get_combine_config(self.group_size), x.shape[1] * 2)
+        config = self._check_config(config, self.get_combine_config(self.group_size), x.shape[1] * 2)
         (combined_x, combined_weights), event = self._run(
             x.is_cuda,
             lambda: self._backend.combine(
-                x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases
+                x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases, config
             ),
             previous_event,
             async_finish,

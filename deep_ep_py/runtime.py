@@ -174,7 +174,10 @@ class PeerMappedBuffer:
         errors += [status for status in statuses if status and status not in errors]
         self.peer_ptrs[rank] = self.local_ptr
         if errors:
-            self._release()
+            try:
+                self._release()
+            except DeepEPError as exc:
+                errors.append(str(exc))
             raise DeepEPError(f"{what}({num_bytes} bytes, ranks {mapped_ranks}) failed: " + "; ".join(errors))
         self._closed = False
 

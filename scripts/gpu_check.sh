@@ -109,6 +109,8 @@ STEP_COUNT=0
 MPS_STARTED=0
 SUMMARY_PRINTED=0
 STEP_PID=""
+CURRENT_STEP=""
+STEP_STARTED=0
 LAST_LOG=""
 LAST_RC=0
 
@@ -142,6 +144,8 @@ run_step() {
     fi
     echo "== [$name] $(date +%H:%M:%S) log: $LAST_LOG"
     printf '$ %s\n' "$*" >"$LAST_LOG"
+    CURRENT_STEP=$name
+    STEP_STARTED=$SECONDS
     local started=$SECONDS
     if [ "$limit" -gt 0 ]; then
         # In the background and waited for, so that a signal to this script runs its trap at once.
@@ -223,7 +227,7 @@ on_signal() {
         # timeout passes the signal on to the step's whole process group.
         kill -TERM "$STEP_PID" 2>/dev/null
         wait "$STEP_PID" 2>/dev/null
-        record "${LAST_LOG##*/}" FAIL "-" "interrupted"
+        record "$CURRENT_STEP" FAIL "$((SECONDS - STEP_STARTED))" "interrupted"
     fi
     stop_mps >/dev/null 2>&1
     [ "$SUMMARY_PRINTED" -eq 1 ] || print_summary

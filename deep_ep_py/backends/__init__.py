@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -13,7 +14,19 @@ BACKEND_ENV = "DEEP_EP_PY_BACKEND"
 BACKEND_NAMES = ("auto", "cuda", "reference")
 
 
-def select_backend(requested: str | None, group: dist.ProcessGroup, topology: Topology) -> ReferenceBackend:
+@dataclass(frozen=True)
+class BufferSizes:
+    """What Buffer was asked to reserve; kernel backends allocate from it, the reference needs none of it."""
+
+    num_nvl_bytes: int
+    num_rdma_bytes: int
+    low_latency_mode: bool
+    enable_shrink: bool
+
+
+def select_backend(
+    requested: str | None, group: dist.ProcessGroup, topology: Topology, sizes: BufferSizes
+) -> ReferenceBackend:
     """`requested` (Buffer's backend=) wins over DEEP_EP_PY_BACKEND; "auto" takes the kernels when they can run."""
     source = "backend"
     if requested is None:
@@ -30,4 +43,4 @@ def select_backend(requested: str | None, group: dist.ProcessGroup, topology: To
         )
     from .cuda import CudaBackend
 
-    return CudaBackend(group, topology)
+    return CudaBackend(group, topology, sizes)

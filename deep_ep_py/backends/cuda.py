@@ -20,9 +20,10 @@ LAYOUT_MAX_TOPK = 32
 class CudaBackend(ReferenceBackend):
     name = "cuda"
 
-    def __init__(self, group, topology) -> None:
+    def __init__(self, group, topology, sizes) -> None:
         super().__init__(group, topology)
         self._C = load_extension()
+        self.sizes = sizes
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         if not topk_idx.is_cuda or topk_idx.shape[1] > LAYOUT_MAX_TOPK:

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import fp8
+from ..config import Config
 from ..topology import Topology
 from .exchange import RowExchange
 
@@ -102,9 +103,10 @@ class ReferenceBackend:
         topk_weights: torch.Tensor | None,
         expert_alignment: int,
         num_worst_tokens: int,
+        config: Config | None = None,
     ):
         """-> (recv_x, recv_x_scales or None, recv_topk_idx or None, recv_topk_weights or None,
-        num_recv_tokens_per_expert_list, handle)."""
+        num_recv_tokens_per_expert_list, handle). `config` is for the kernels (SMs, chunks); unused here."""
         device = x.device
         num_tokens, hidden = x.shape
         num_ranks, rank = self.num_ranks, self.rank
@@ -203,8 +205,9 @@ class ReferenceBackend:
         handle: DispatchHandle,
         topk_weights: torch.Tensor | None,
         bias: tuple[torch.Tensor, ...],
+        config: Config | None = None,
     ):
-        """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None)."""
+        """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None). `config`: unused here."""
         device = x.device
         rank, num_ranks = self.rank, self.num_ranks
         meta = [x.shape[1], topk_weights.shape[1] if topk_weights is not None else -1]
@@ -468,6 +471,10 @@ class ReferenceBackend:
 
     def barrier(self) -> None:
         self.exchange.barrier()
+
+    def destroy(self) -> None:
+        """Release what the backend holds (the reference holds only host-side state)."""
+        self.combine_buffers.clear()
 
 
 def _pad_rows(tensor: torch.Tensor | None, num_rows: int, fill: float) -> torch.Tensor | None:

@@ -9,11 +9,13 @@ run on one GPU under MPS through ``launch(device="cuda")``, which starts the MPS
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 
 from deep_ep_py import _ext
+from deep_ep_py.testing import mps
 
 
 def gpu_test_ranks() -> list[int]:
@@ -40,6 +42,19 @@ def pytest_generate_tests(metafunc):
     # A test that parametrizes num_ranks itself (a kernel argument, not a process count) keeps its own values.
     if "num_ranks" in metafunc.fixturenames and not _parametrizes(metafunc, "num_ranks"):
         metafunc.parametrize("num_ranks", gpu_test_ranks(), ids=lambda n: f"{n}ranks")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mps_before_any_cuda_context():
+    """Bring MPS up (when ranks will share a GPU and this process may start it) before any test of this session
+    creates a CUDA context in this process: the daemon must be there before the GPU's first context. Failing here
+    is left to the multi-rank launches, which raise with the reason."""
+    extension = _ext.load_extension()
+    if extension is None or not _ext.gpu_available():
+        return
+    if max(gpu_test_ranks()) > extension.device_count():
+        with contextlib.suppress(mps.MPSUnavailableError):
+            mps.ensure_mps(allowed=True)
 
 
 @pytest.fixture
