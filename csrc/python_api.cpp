@@ -56,4 +56,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("build_info", &build_info, "CUDA version, target archs and NVSHMEM version the module was built with.");
     ep::register_runtime(m);
     ep::register_layout(m);
+    ep::register_low_latency(m);
+    ep::register_intranode(m);
 }

@@ -423,14 +423,15 @@ class Buffer:
         self._check_alive()
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}")
-        allowed_rows = {handle.num_recv_tokens, handle.num_worst_tokens} - {0} or {0}
+        # A handle made with num_worst_tokens by the kernels knows the real count only on the device (-1 here).
+        allowed_rows = {handle.num_recv_tokens, handle.num_worst_tokens} - {0, -1} or {0}
         check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
         if x.shape[0] not in allowed_rows:
             raise ValueError(
                 f"x: expected {' or '.join(str(n) for n in sorted(allowed_rows))} rows (what the handle's dispatch "
                 f"received), got {x.shape[0]}"
             )
-        rows = handle.num_recv_tokens
+        rows = handle.num_recv_tokens if handle.num_recv_tokens >= 0 else x.shape[0]
         if topk_weights is not None:
             check.check_tensor(
                 "topk_weights", topk_weights, dtype=torch.float32, shape=(x.shape[0], None), contiguous=True

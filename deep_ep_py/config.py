@@ -210,12 +210,15 @@ def low_latency_rdma_size_hint(
 ) -> int:
     """Bytes of NVSHMEM buffer per rank the low-latency kernels need: two alternating halves, each with
 
-    - send area:  max(M * dispatch_msg, E * M * combine_msg)  (tokens out, or expert outputs going back)
-    - recv area:  E * M * max(dispatch_msg, combine_msg)       (one slot per (expert, source rank, token))
-    - signals:    2 * E * 4                                    (per-expert arrival counters, dispatch and combine)
+    - send area:  max(M * dispatch_msg, E * M * combine_msg)  (tokens out, or expert outputs going back: the
+                  zero-copy combine buffer bf16 [L, R*M, H])
+    - recv area:  S * M * max(dispatch_msg, combine_msg), S = max(E, MAX_TOPK)  (dispatch: one slot per
+                  (local expert, source rank, token); combine: one row per (token, top-k slot < S))
+    - signals:    2 * E * 8                                    (uint64 arrival signals, dispatch and combine)
 
-    where dispatch_msg = 16 + max(2 * H, H + 4 * H / 128) (a header, then bf16 or fp8 + scales) and
-    combine_msg = 2 * H, each rounded up to 16 bytes.
+    each rounded up to 128 bytes, where dispatch_msg = 16 + max(2 * H, H + 4 * H / 128) (a header, then bf16 or
+    fp8 + scales) and combine_msg = 2 * H, each rounded up to 16 bytes. csrc/low_latency/buffer_layout.hpp lays the
+    buffer out by the same formula.
     """
     m = _check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
     h = _check_positive_int("hidden", hidden)
@@ -226,7 +229,7 @@ def low_latency_rdma_size_hint(
     dispatch_msg = _align(16 + max(2 * h, h + 4 * math.ceil(h / FP8_GROUP_SIZE)), 16)
     combine_msg = _align(2 * h, 16)
     send_bytes = max(m * dispatch_msg, e * m * combine_msg)
-    recv_bytes = e * m * max(dispatch_msg, combine_msg)
-    signal_bytes = 2 * e * 4
+    recv_bytes = max(e, MAX_TOPK) * m * max(dispatch_msg, combine_msg)
+    signal_bytes = 2 * e * 8
     half = _align(send_bytes) + _align(recv_bytes) + _align(signal_bytes)
     return 2 * half

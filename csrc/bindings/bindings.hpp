@@ -7,5 +7,7 @@ namespace ep {
 
 void register_runtime(pybind11::module_& m);
 void register_layout(pybind11::module_& m);
+void register_low_latency(pybind11::module_& m);
+void register_intranode(pybind11::module_& m);
 
 }  // namespace ep

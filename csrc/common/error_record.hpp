@@ -26,6 +26,9 @@ enum class WaitSite : int {
     kCombineReceiverTail = 6,
     kLowLatencyRecvCount = 7,
     kLowLatencyRecvFlag = 8,
+    // Intranode normal kernels (csrc/intranode): the channel of the record is the peer rank that did not arrive.
+    kIntranodeNotifyBarrier = 16,
+    kIntranodeRoundBarrier = 17,
 };
 
 inline const char* wait_site_name(int site) {
@@ -36,8 +39,12 @@ inline const char* wait_site_name(int site) {
         case WaitSite::kDispatchReceiverTail: return "dispatch receiver: tokens from the sender (queue tail)";
         case WaitSite::kCombineSenderFreeSlots: return "combine sender: free slots in the peer's receive queue";
         case WaitSite::kCombineReceiverTail: return "combine receiver: tokens from the sender (queue tail)";
-        case WaitSite::kLowLatencyRecvCount: return "low-latency receiver: per-expert token count";
-        case WaitSite::kLowLatencyRecvFlag: return "low-latency receiver: per-expert arrival flag";
+        case WaitSite::kLowLatencyRecvCount: return "low-latency dispatch receiver: the token count of source rank <channel>";
+        case WaitSite::kLowLatencyRecvFlag: return "low-latency combine receiver: the rows back from expert rank <channel>";
+        case WaitSite::kIntranodeNotifyBarrier:
+            return "intranode dispatch notify barrier: the peer rank given as the channel did not arrive";
+        case WaitSite::kIntranodeRoundBarrier:
+            return "intranode dispatch/combine round barrier: the peer rank given as the channel did not arrive";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

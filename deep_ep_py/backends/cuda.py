@@ -1,20 +1,35 @@
 """The kernel backend: calls deep_ep_py._C where a kernel exists for the call, the reference elsewhere.
 
-Kernels take raw device pointers and a stream handle (no torch in csrc/), so this file is where tensors become
-pointers. Outputs are allocated here with torch on the current stream, which Buffer has set to the
-communication stream. Calls whose kernels are not written yet, and calls on CPU tensors, run the inherited
-reference implementation: same results, and the README's status table says which path is which.
+Kernels take raw device pointers and a stream handle (no torch in csrc/), so this module and the per-path modules
+it drives (intranode.py, low_latency.py) are where tensors become pointers. Outputs are allocated with torch on
+the current stream, which Buffer has set to the communication stream.
+
+What runs where:
+- get_dispatch_layout: the layout kernel (verified on the GPU: no, see README).
+- normal dispatch/combine within a node, and the low-latency calls: the kernels of intranode.py and
+  low_latency.py, only while DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but have not yet run on a
+  GPU; until they pass the GPU tier (scripts/gpu_check.sh) the default is the reference implementation, which
+  gives the same results at reference speed.
+- anything on CPU tensors, and handles made by the reference: the reference.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._ext import load_extension
-from .reference import ReferenceBackend
+from ..config import Config
+from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
-# What the layout kernel's shared-memory tiles are sized for (csrc/layout.cu).
+# What the layout kernel's warp-per-token scheme supports (csrc/layout.cu).
 LAYOUT_MAX_TOPK = 32
+UNVERIFIED_KERNELS_ENV = "DEEP_EP_PY_UNVERIFIED_KERNELS"
+
+
+def unverified_kernels_enabled() -> bool:
+    return os.environ.get(UNVERIFIED_KERNELS_ENV, "0") not in ("", "0")
 
 
 class CudaBackend(ReferenceBackend):
@@ -24,6 +39,24 @@ class CudaBackend(ReferenceBackend):
         super().__init__(group, topology)
         self._C = load_extension()
         self.sizes = sizes
+        self.intranode = None
+        self.low_latency = None
+        self.nvshmem = None
+        if not unverified_kernels_enabled():
+            return
+        # Collective construction: every rank of the group takes the same branches (same sizes, same topology).
+        if sizes.num_nvl_bytes > 0 and topology.num_nodes == 1:
+            from .intranode import IntranodeKernels
+
+            self.intranode = IntranodeKernels(group, topology, sizes.num_nvl_bytes, self._C)
+        if sizes.low_latency_mode and sizes.num_rdma_bytes > 0:
+            from ..runtime import NvshmemContext
+            from .low_latency import LowLatencyKernels
+
+            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=sizes.num_rdma_bytes)
+            self.low_latency = LowLatencyKernels(group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem)
+
+    # ------------------------------------------------------------------------------------------------ layout
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         if not topk_idx.is_cuda or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
@@ -50,3 +83,107 @@ class CudaBackend(ReferenceBackend):
             torch.cuda.current_stream(device).cuda_stream,
         )
         return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+
+    # ---------------------------------------------------------------------------------------------- normal
+
+    def _intranode_takes(self, x: torch.Tensor, handle: DispatchHandle | None) -> bool:
+        if self.intranode is None or not x.is_cuda:
+            return False
+        return handle is None or self.intranode.owns(handle)
+
+    def dispatch(
+        self,
+        x,
+        x_scales,
+        handle,
+        is_token_in_rank,
+        num_tokens_per_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment,
+        num_worst_tokens,
+        config: Config | None = None,
+    ):
+        if not self._intranode_takes(x, handle):
+            return super().dispatch(
+                x,
+                x_scales,
+                handle,
+                is_token_in_rank,
+                num_tokens_per_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+            )
+        return self.intranode.dispatch(
+            x,
+            x_scales,
+            handle,
+            is_token_in_rank,
+            num_tokens_per_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config.num_sms,
+        )
+
+    def combine(self, x, handle, topk_weights, bias, config: Config | None = None):
+        if not self._intranode_takes(x, handle) or handle is None:
+            return super().combine(x, handle, topk_weights, bias, config)
+        return self.intranode.combine(x, handle, topk_weights, bias, config.num_sms)
+
+    # ----------------------------------------------------------------------------------------- low latency
+
+    def _low_latency_takes(self, x: torch.Tensor, handle: LowLatencyHandle | None = None) -> bool:
+        if self.low_latency is None or not x.is_cuda:
+            return False
+        return handle is None or self.low_latency.owns(handle)
+
+    def low_latency_dispatch(self, x, *args, **kwargs):
+        if not self._low_latency_takes(x):
+            return super().low_latency_dispatch(x, *args, **kwargs)
+        return self.low_latency.low_latency_dispatch(x, *args, **kwargs)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, *args, **kwargs):
+        if not self._low_latency_takes(x, handle):
+            return super().low_latency_combine(x, topk_idx, topk_weights, handle, *args, **kwargs)
+        return self.low_latency.low_latency_combine(x, topk_idx, topk_weights, handle, *args, **kwargs)
+
+    def next_combine_buffer(self, handle, device):
+        if self.low_latency is not None and self.low_latency.owns(handle):
+            return self.low_latency.next_combine_buffer(handle, device)
+        return super().next_combine_buffer(handle, device)
+
+    def clean_low_latency_buffer(self) -> None:
+        if self.low_latency is not None:
+            self.low_latency.clean_low_latency_buffer()
+        super().clean_low_latency_buffer()
+
+    def update_mask(self, rank: int, mask: bool) -> None:
+        super().update_mask(rank, mask)
+        if self.low_latency is not None:
+            self.low_latency.update_mask(rank, mask)
+
+    def clean_mask(self) -> None:
+        super().clean_mask()
+        if self.low_latency is not None:
+            self.low_latency.clean_mask()
+
+    def destroy(self) -> None:
+        # Collective, in the reverse order of construction.
+        if self.low_latency is not None:
+            self.low_latency.destroy()
+            self.low_latency = None
+        if self.nvshmem is not None:
+            self.nvshmem.finalize()
+            self.nvshmem = None
+        if self.intranode is not None:
+            self.intranode.destroy()
+            self.intranode = None
+        super().destroy()

@@ -1,0 +1,190 @@
+// Python bindings of the intranode normal kernels (csrc/intranode). Device pointers and streams are ints; the caller
+// (deep_ep_py/backends/intranode.py) owns every tensor and the IPC buffers.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../common/exception.hpp"
+#include "../intranode/buffer_layout.hpp"
+#include "../intranode/intranode.hpp"
+#include "bindings.hpp"
+
+namespace py = pybind11;
+
+namespace ep {
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+intranode::PeerBuffers make_peers(const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank) {
+    EP_HOST_ASSERT(!peer_ptrs.empty());
+    EP_HOST_ASSERT_MSG(peer_ptrs.size() <= static_cast<size_t>(intranode::kMaxRanks), "at most ",
+                       intranode::kMaxRanks, " ranks");
+    intranode::PeerBuffers peers{};
+    for (size_t r = 0; r < peer_ptrs.size(); ++r) peers.base[r] = as_ptr<void>(peer_ptrs[r]);
+    peers.num_bytes = num_bytes;
+    peers.rank = rank;
+    peers.num_ranks = static_cast<int>(peer_ptrs.size());
+    return peers;
+}
+
+intranode::WaitConfig make_wait(uintptr_t error_record_ptr, double timeout_s) {
+    EP_HOST_ASSERT(error_record_ptr != 0);
+    EP_HOST_ASSERT(timeout_s > 0.0);
+    return intranode::WaitConfig{as_ptr<DeviceErrorRecord>(error_record_ptr), static_cast<uint64_t>(timeout_s * 1e9)};
+}
+
+py::dict layout_constants() {
+    py::dict constants;
+    constants["max_ranks"] = intranode::kMaxRanks;
+    constants["max_local_experts"] = intranode::kMaxLocalExperts;
+    constants["staging_offset"] = intranode::kStagingOffset;
+    constants["num_host_counters"] = intranode::kNumHostCounters;
+    constants["counter_sequence"] = intranode::kCounterSequence;
+    constants["counter_num_recv_tokens"] = intranode::kCounterNumRecvTokens;
+    constants["counter_num_rounds"] = intranode::kCounterNumRounds;
+    constants["counter_expert_base"] = intranode::kCounterExpertBase;
+    return constants;
+}
+
+}  // namespace
+
+void register_intranode(py::module_& m) {
+    m.def("intranode_layout", &layout_constants,
+          "Sizes of the intranode buffer layout and the host-counter indices (csrc/intranode/buffer_layout.hpp).");
+    m.def("intranode_reserved_slot_bytes", &intranode::reserved_slot_bytes, py::arg("hidden"), py::arg("num_topk"),
+          "Staging slot bytes a dispatch handle reserves per row (covers bf16/fp8 dispatch and its combine).");
+    m.def(
+        "intranode_combine_slot_bytes",
+        [](int hidden, int num_topk) { return intranode::CombineRowFormat::make(hidden, num_topk).stride; },
+        py::arg("hidden"), py::arg("num_topk"), "Staging slot bytes of one combine row.");
+    m.def("intranode_rows_per_round", &intranode::rows_per_round, py::arg("num_bytes"), py::arg("num_ranks"),
+          py::arg("slot_bytes"), "Rows per source rank per round that fit the staging area (0: none).");
+
+    m.def(
+        "intranode_notify",
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t is_token_in_rank,
+           int num_tokens, uintptr_t num_tokens_per_expert, int num_local_experts, int expert_alignment,
+           int rows_per_round, uintptr_t send_pos, uintptr_t send_list, uintptr_t send_counts,
+           uintptr_t rank_prefix_matrix, uintptr_t host_counters, int host_sequence, uintptr_t error_record,
+           double timeout_s, uintptr_t stream) {
+            const intranode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
+                                             num_tokens,
+                                             as_ptr<const int>(num_tokens_per_expert),
+                                             num_local_experts,
+                                             expert_alignment,
+                                             rows_per_round,
+                                             as_ptr<int>(send_pos),
+                                             as_ptr<int>(send_list),
+                                             as_ptr<int>(send_counts),
+                                             as_ptr<int>(rank_prefix_matrix),
+                                             as_ptr<int>(host_counters),
+                                             host_sequence};
+            intranode::notify_dispatch(make_peers(peer_ptrs, num_bytes, rank), args,
+                                       make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("is_token_in_rank"),
+        py::arg("num_tokens"), py::arg("num_tokens_per_expert"), py::arg("num_local_experts"),
+        py::arg("expert_alignment"), py::arg("rows_per_round"), py::arg("send_pos"), py::arg("send_list"),
+        py::arg("send_counts"), py::arg("rank_prefix_matrix"), py::arg("host_counters"), py::arg("host_sequence"),
+        py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        "Dispatch notify on `stream`: send positions, counts to every rank, barrier, rank_prefix_matrix; with "
+        "host_sequence > 0 also the host counters (N, rounds, aligned per-expert counts, then the sequence).");
+
+    m.def(
+        "intranode_dispatch",
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds, int rows_per_round,
+           uintptr_t x, int payload_bytes, uintptr_t x_scales, int num_scales, int64_t scale_stride_token,
+           int64_t scale_stride_group, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_tokens,
+           uintptr_t send_list, uintptr_t send_counts, uintptr_t rank_prefix_matrix, uintptr_t recv_x,
+           uintptr_t recv_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
+           int num_recv_rows, bool pad_rows, int num_local_experts, int num_sms, uintptr_t error_record,
+           double timeout_s, uintptr_t stream) {
+            const intranode::DispatchArgs args{num_rounds,
+                                               rows_per_round,
+                                               as_ptr<const void>(x),
+                                               payload_bytes,
+                                               as_ptr<const float>(x_scales),
+                                               num_scales,
+                                               scale_stride_token,
+                                               scale_stride_group,
+                                               as_ptr<const int64_t>(topk_idx),
+                                               as_ptr<const float>(topk_weights),
+                                               num_topk,
+                                               num_tokens,
+                                               as_ptr<const int>(send_list),
+                                               as_ptr<const int>(send_counts),
+                                               as_ptr<const int>(rank_prefix_matrix),
+                                               as_ptr<void>(recv_x),
+                                               as_ptr<float>(recv_scales),
+                                               as_ptr<int>(recv_src_idx),
+                                               as_ptr<int64_t>(recv_topk_idx),
+                                               as_ptr<float>(recv_topk_weights),
+                                               num_recv_rows,
+                                               pad_rows,
+                                               num_local_experts,
+                                               num_sms};
+            intranode::dispatch(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
+                                reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
+        py::arg("rows_per_round"), py::arg("x"), py::arg("payload_bytes"), py::arg("x_scales"), py::arg("num_scales"),
+        py::arg("scale_stride_token"), py::arg("scale_stride_group"), py::arg("topk_idx"), py::arg("topk_weights"),
+        py::arg("num_topk"), py::arg("num_tokens"), py::arg("send_list"), py::arg("send_counts"),
+        py::arg("rank_prefix_matrix"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
+        py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("num_recv_rows"), py::arg("pad_rows"),
+        py::arg("num_local_experts"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
+        py::arg("stream"), "The rounds of a dispatch on `stream` (0 for absent tensors).");
+
+    m.def(
+        "intranode_combine",
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds, int rows_per_round,
+           int hidden, uintptr_t x, int num_x_rows, uintptr_t topk_weights, int num_topk,
+           uintptr_t rank_prefix_matrix, uintptr_t send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1,
+           uintptr_t acc_x, uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
+           uintptr_t error_record, double timeout_s, uintptr_t stream) {
+            const intranode::CombineArgs args{num_rounds,
+                                              rows_per_round,
+                                              hidden,
+                                              as_ptr<const void>(x),
+                                              num_x_rows,
+                                              as_ptr<const float>(topk_weights),
+                                              num_topk,
+                                              as_ptr<const int>(rank_prefix_matrix),
+                                              as_ptr<const int>(send_pos),
+                                              num_tokens,
+                                              as_ptr<const void>(bias0),
+                                              as_ptr<const void>(bias1),
+                                              as_ptr<float>(acc_x),
+                                              as_ptr<float>(acc_weights),
+                                              as_ptr<void>(combined_x),
+                                              as_ptr<float>(combined_weights),
+                                              num_sms};
+            intranode::combine(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
+                               reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
+        py::arg("rows_per_round"), py::arg("hidden"), py::arg("x"), py::arg("num_x_rows"), py::arg("topk_weights"),
+        py::arg("num_topk"), py::arg("rank_prefix_matrix"), py::arg("send_pos"), py::arg("num_tokens"),
+        py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"), py::arg("acc_weights"), py::arg("combined_x"),
+        py::arg("combined_weights"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
+        py::arg("stream"), "The rounds of a combine on `stream` (0 for absent tensors).");
+
+    m.def(
+        "intranode_barrier",
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t error_record,
+           double timeout_s, uintptr_t stream) {
+            intranode::barrier(make_peers(peer_ptrs, num_bytes, rank), make_wait(error_record, timeout_s),
+                               reinterpret_cast<cudaStream_t>(stream));
+        },
+        py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("error_record"),
+        py::arg("timeout_s"), py::arg("stream"), "One cross-rank barrier kernel on `stream`.");
+}
+
+}  // namespace ep

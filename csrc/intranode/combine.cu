@@ -1,0 +1,225 @@
+// The rounds of an intranode combine: the dispatch's rounds run backwards. Each rank writes every row it received
+// back into its source's staging, in the slot the row came from; the source sums the rows of each token in float32.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "../common/exception.hpp"
+#include "../common/launch.cuh"
+#include "device_common.cuh"
+#include "intranode.hpp"
+
+namespace ep::intranode {
+
+namespace {
+
+constexpr int kBf16PerChunk = 8;  // bf16 values in one 16-byte chunk
+
+struct CombineRoundParams {
+    PeerBuffers peers;
+    int round;
+    int num_rounds;
+    int rows_per_round;
+    CombineRowFormat row;
+    int hidden;
+    const uint8_t* x;
+    int num_x_rows;
+    const float* topk_weights;
+    const int* rank_prefix_matrix;
+    const int* send_pos;
+    int num_tokens;
+    const __nv_bfloat16* bias0;
+    const __nv_bfloat16* bias1;
+    float* acc_x;
+    float* acc_weights;
+    __nv_bfloat16* combined_x;
+    float* combined_weights;
+};
+
+// Sender (the dispatch's receiver): row prefix_before(s) + round_start + j of x goes to slot (me, j) of source s,
+// the slot the dispatch took it from.
+__global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRoundParams p) {
+    __shared__ int s_first_item[kMaxRanks + 1];
+    __shared__ int s_first_row[kMaxRanks];
+    const int num_ranks = p.peers.num_ranks;
+    const int rank = p.peers.rank;
+    const int round_start = p.round * p.rows_per_round;
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int src = 0; src < num_ranks; ++src) {
+            const int start = prefix_before(p.rank_prefix_matrix, num_ranks, src, rank);
+            const int count = p.rank_prefix_matrix[src * num_ranks + rank] - start;
+            s_first_item[src] = total;
+            s_first_row[src] = start + round_start;
+            total += rows_in_round(count, round_start, p.rows_per_round);
+        }
+        s_first_item[num_ranks] = total;
+    }
+    __syncthreads();
+    const int num_items = s_first_item[num_ranks];
+    const int lane = lane_idx();
+    const CombineRowFormat& row = p.row;
+    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
+        int src = 0;
+        while (item >= s_first_item[src + 1]) ++src;
+        const int slot_idx = item - s_first_item[src];
+        const int in_row = s_first_row[src] + slot_idx;
+        if (in_row >= p.num_x_rows) continue;  // only past a broken protocol: never read outside x
+        uint8_t* slot = staging_slot(p.peers.base[src], rank, slot_idx, p.rows_per_round, row.stride);
+        const int4* src_payload = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(in_row) * row.payload_bytes);
+        warp_copy_to_staging(reinterpret_cast<int4*>(slot), src_payload, row.payload_bytes / 16, lane);
+        float* slot_weights = reinterpret_cast<float*>(slot + row.weights_offset);
+        for (int k = lane; k < row.num_topk; k += 32)
+            __stcg(slot_weights + k, __ldg(p.topk_weights + static_cast<int64_t>(in_row) * row.num_topk + k));
+    }
+}
+
+__device__ __forceinline__ void add_bf16_chunk(float (&acc)[kBf16PerChunk], const int4& chunk) {
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&chunk);
+#pragma unroll
+    for (int i = 0; i < kBf16PerChunk / 2; ++i) {
+        const float2 values = __bfloat1622float2(pairs[i]);
+        acc[2 * i] += values.x;
+        acc[2 * i + 1] += values.y;
+    }
+}
+
+// Reducer (the dispatch's source): one warp per token. Rank d's row of token t sits in slot (d, send_pos[t][d] - round
+// start) during the round that holds its ordinal. Sums go rank by rank from rank 0 (then the biases), so a one-round
+// combine adds in the reference's order. Across rounds the partial sums live in acc_x / acc_weights (float32):
+// round 0 writes them, later rounds add, the last round writes bf16.
+// Time: with several rounds every token's accumulator is read and written each round; sizing the staging so one
+// round suffices, or reducing only tokens complete in a round, removes that.
+__global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRoundParams p) {
+    const int num_ranks = p.peers.num_ranks;
+    const int lane = lane_idx();
+    const bool is_first = p.round == 0;
+    const bool is_last = p.round == p.num_rounds - 1;
+    const int round_start = p.round * p.rows_per_round;
+    const CombineRowFormat& row = p.row;
+    void* own_buffer = p.peers.base[p.peers.rank];
+    const int num_chunks = p.hidden / kBf16PerChunk;
+    for (int token = global_warp_idx(); token < p.num_tokens; token += num_global_warps()) {
+        const uint8_t* slots[kMaxRanks];
+        unsigned contributors = 0;
+#pragma unroll
+        for (int d = 0; d < kMaxRanks; ++d) {
+            slots[d] = nullptr;
+            if (d >= num_ranks) continue;
+            const int ordinal = p.send_pos[static_cast<int64_t>(token) * num_ranks + d];
+            const int slot_idx = ordinal - round_start;
+            if (ordinal < 0 || slot_idx < 0 || slot_idx >= p.rows_per_round) continue;
+            slots[d] = staging_slot(own_buffer, d, slot_idx, p.rows_per_round, row.stride);
+            contributors |= 1u << d;
+        }
+        if (contributors == 0 && !is_first && !is_last) continue;  // nothing to add to the partial sums
+
+        const int64_t row_offset = static_cast<int64_t>(token) * p.hidden;
+        for (int chunk = lane; chunk < num_chunks; chunk += 32) {
+            const int64_t offset = row_offset + static_cast<int64_t>(chunk) * kBf16PerChunk;
+            float acc[kBf16PerChunk];
+            if (is_first) {
+#pragma unroll
+                for (int i = 0; i < kBf16PerChunk; ++i) acc[i] = 0.0f;
+            } else {
+                const float4 low = reinterpret_cast<const float4*>(p.acc_x + offset)[0];
+                const float4 high = reinterpret_cast<const float4*>(p.acc_x + offset)[1];
+                const float loaded[kBf16PerChunk] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+#pragma unroll
+                for (int i = 0; i < kBf16PerChunk; ++i) acc[i] = loaded[i];
+            }
+#pragma unroll
+            for (int d = 0; d < kMaxRanks; ++d) {
+                if ((contributors >> d & 1u) == 0) continue;
+                add_bf16_chunk(acc, __ldcg(reinterpret_cast<const int4*>(slots[d]) + chunk));
+            }
+            if (!is_last) {
+                reinterpret_cast<float4*>(p.acc_x + offset)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                reinterpret_cast<float4*>(p.acc_x + offset)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+                continue;
+            }
+            if (p.bias0 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias0 + offset)));
+            if (p.bias1 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias1 + offset)));
+            int4 packed;
+            __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+            for (int i = 0; i < kBf16PerChunk / 2; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+            reinterpret_cast<int4*>(p.combined_x + offset)[0] = packed;
+        }
+
+        for (int k = lane; k < row.num_topk; k += 32) {
+            const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;
+            float acc = is_first ? 0.0f : p.acc_weights[entry];
+#pragma unroll
+            for (int d = 0; d < kMaxRanks; ++d) {
+                if ((contributors >> d & 1u) == 0) continue;
+                acc += __ldcg(reinterpret_cast<const float*>(slots[d] + row.weights_offset) + k);
+            }
+            if (is_last) {
+                p.combined_weights[entry] = acc;
+            } else {
+                p.acc_weights[entry] = acc;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig& wait, cudaStream_t stream) {
+    check_peers(peers);
+    EP_HOST_ASSERT(wait.record != nullptr);
+    EP_HOST_ASSERT(args.num_rounds >= 1);
+    EP_HOST_ASSERT(args.rows_per_round >= 1);
+    EP_HOST_ASSERT(args.hidden > 0);
+    EP_HOST_ASSERT_MSG(args.hidden % kBf16PerChunk == 0, "bf16 rows must be whole 16-byte chunks");
+    EP_HOST_ASSERT(args.num_x_rows >= 0);
+    EP_HOST_ASSERT(args.num_topk >= 0);
+    // Tensors with no rows may be null (torch gives zero-size tensors no storage).
+    if (args.num_x_rows > 0) EP_HOST_ASSERT(args.x != nullptr);
+    if (args.num_x_rows > 0 && args.num_topk > 0) EP_HOST_ASSERT(args.topk_weights != nullptr);
+    if (args.num_tokens > 0 && args.num_topk > 0) EP_HOST_ASSERT(args.combined_weights != nullptr);
+    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
+    EP_HOST_ASSERT(args.num_tokens >= 0);
+    EP_HOST_ASSERT(args.num_sms >= 1);
+    if (args.num_tokens > 0) {
+        EP_HOST_ASSERT(args.send_pos != nullptr);
+        EP_HOST_ASSERT(args.combined_x != nullptr);
+    }
+    if (args.num_rounds > 1 && args.num_tokens > 0) {
+        EP_HOST_ASSERT_MSG(args.acc_x != nullptr, "several rounds need float32 partial sums");
+        EP_HOST_ASSERT_MSG((args.num_topk == 0 || args.acc_weights != nullptr), "several rounds need partial weights");
+    }
+    const CombineRowFormat row = CombineRowFormat::make(args.hidden, args.num_topk);
+    const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
+    EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
+                       " slots of ", row.stride, " bytes per rank do not fit the staging area");
+
+    CombineRoundParams params{peers,
+                              0,
+                              args.num_rounds,
+                              args.rows_per_round,
+                              row,
+                              args.hidden,
+                              static_cast<const uint8_t*>(args.x),
+                              args.num_x_rows,
+                              args.topk_weights,
+                              args.rank_prefix_matrix,
+                              args.send_pos,
+                              args.num_tokens,
+                              static_cast<const __nv_bfloat16*>(args.bias0),
+                              static_cast<const __nv_bfloat16*>(args.bias1),
+                              args.acc_x,
+                              args.acc_weights,
+                              static_cast<__nv_bfloat16*>(args.combined_x),
+                              args.combined_weights};
+    const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
+    for (int round = 0; round < args.num_rounds; ++round) {
+        params.round = round;
+        launch_kernel(copy_config, combine_send_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_kernel(copy_config, combine_reduce_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+    }
+}
+
+}  // namespace ep::intranode

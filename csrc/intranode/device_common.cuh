@@ -1,0 +1,108 @@
+// Device helpers shared by the intranode kernels: the cross-rank barrier, the warp-per-row work split and the
+// copies between user tensors and staging slots.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/error_record.hpp"
+#include "../common/launch.cuh"
+#include "../common/ptx.cuh"
+#include "../common/timeout.cuh"
+#include "intranode.hpp"
+
+namespace ep::intranode {
+
+constexpr int kCopyWarps = 16;  // warps per block of the copy kernels; one warp moves one row at a time
+constexpr int kCopyThreads = kCopyWarps * 32;
+constexpr int kBarrierThreads = 32;  // >= kMaxRanks: one thread per peer
+static_assert(kBarrierThreads >= kMaxRanks, "one barrier thread per rank");
+
+inline TimeoutContext make_timeout_context(const PeerBuffers& peers, const WaitConfig& wait) {
+    return TimeoutContext{wait.record, wait.timeout_ns, peers.rank, -1};
+}
+
+// Host checks every launcher makes on the peer table.
+inline void check_peers(const PeerBuffers& peers) {
+    EP_HOST_ASSERT(peers.num_ranks >= 1);
+    EP_HOST_ASSERT_MSG(peers.num_ranks <= kMaxRanks, "intranode kernels support at most ", kMaxRanks, " ranks");
+    EP_HOST_ASSERT(peers.rank >= 0);
+    EP_HOST_ASSERT(peers.rank < peers.num_ranks);
+    EP_HOST_ASSERT_MSG(peers.num_bytes > kStagingOffset, "the buffer must hold the control area (", kStagingOffset,
+                       " bytes) and a staging area");
+    for (int r = 0; r < peers.num_ranks; ++r) EP_HOST_ASSERT_MSG(peers.base[r] != nullptr, "rank ", r, " not mapped");
+}
+
+// One block running cross_rank_barrier (notify.cu).
+void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream);
+
+// Epoch barrier over all ranks, run by every thread of one block (blockDim.x >= num_ranks).
+//
+// Protocol: the owner increments its local_epoch (barriers are entered in the same order on every rank, so the
+// n-th barrier has epoch n everywhere); thread p release-stores the epoch into barrier_flags[me] of rank p's
+// control area, then acquire-polls barrier_flags[p] of its own area until rank p's epoch there is >= ours. A flag
+// only grows, so no reset is needed and a fast peer already signalling the next epoch passes the check too.
+// Ordering: every thread fences (sys) its own earlier writes, and the previous kernels' writes are complete at the
+// kernel boundary, before any flag is released; the acquires, then __syncthreads, order the caller's later reads.
+// Returns false when a wait timed out (the record names this rank, the missing peer as the channel, and `site`);
+// the epochs are then out of step for good and the buffer must be recreated.
+__device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, TimeoutContext ctx, WaitSite site) {
+    __shared__ int s_epoch;
+    __shared__ int s_ok;
+    __threadfence_system();
+    __syncthreads();
+    ControlArea* own = control_area(peers.base[peers.rank]);
+    if (threadIdx.x == 0) {
+        const int epoch = own->local_epoch + 1;
+        own->local_epoch = epoch;
+        s_epoch = epoch;
+        s_ok = 1;
+    }
+    __syncthreads();
+    const int epoch = s_epoch;
+    const int peer = static_cast<int>(threadIdx.x);
+    if (peer < peers.num_ranks) {
+        ptx::st_release_sys(&control_area(peers.base[peer])->barrier_flags[peers.rank], epoch);
+        const int* flag = &own->barrier_flags[peer];
+        ctx.channel = peer;
+        if (!timeout_while([&] { return ptx::ld_acquire_sys(flag) < epoch; }, ctx, site)) s_ok = 0;
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+// Global warp index and warp count of a copy kernel (grid-stride over rows).
+__device__ __forceinline__ int global_warp_idx() {
+    return static_cast<int>(blockIdx.x) * kCopyWarps + static_cast<int>(threadIdx.x) / 32;
+}
+__device__ __forceinline__ int num_global_warps() { return static_cast<int>(gridDim.x) * kCopyWarps; }
+__device__ __forceinline__ int lane_idx() { return static_cast<int>(threadIdx.x) % 32; }
+
+// Rows a source rank sends to a destination in one round: the part of [round_start, round_start + B) below count.
+__device__ __forceinline__ int rows_in_round(int count, int round_start, int rows_per_round) {
+    const int left = count - round_start;
+    return left <= 0 ? 0 : (left < rows_per_round ? left : rows_per_round);
+}
+
+// Rows rank `src` sends to rank `dst`, and the first row of `src` among dst's received rows, from
+// rank_prefix_matrix [R, R] ([i][r] = rows r receives from ranks 0..i).
+__device__ __forceinline__ int prefix_before(const int* rank_prefix_matrix, int num_ranks, int src, int dst) {
+    return src == 0 ? 0 : rank_prefix_matrix[(src - 1) * num_ranks + dst];
+}
+
+// Warp copy of n 16-byte chunks from a user tensor (read-only for the kernel) into a staging slot. The stores
+// stay out of L1 (.cg): the slot is read by another rank's kernel.
+// Time: this and the receive copy below are the two HBM passes per byte of the v1 design (send into the peer's
+// staging, then staging into recv_x); moving each byte once is the later optimisation.
+__device__ __forceinline__ void warp_copy_to_staging(int4* dst, const int4* src, int num_chunks, int lane) {
+    for (int i = lane; i < num_chunks; i += 32) __stcg(dst + i, ptx::ld_nc_no_allocate(src + i));
+}
+
+// Warp copy of n 16-byte chunks from a staging slot (written by a peer in an earlier kernel) into a user tensor.
+// Loads bypass L1 (.cg) so no line cached before the peer wrote can be served.
+__device__ __forceinline__ void warp_copy_from_staging(int4* dst, const int4* src, int num_chunks, int lane) {
+    for (int i = lane; i < num_chunks; i += 32) dst[i] = __ldcg(src + i);
+}
+
+}  // namespace ep::intranode

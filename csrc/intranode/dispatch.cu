@@ -1,0 +1,225 @@
+// The rounds of an intranode dispatch: senders write rows into the destinations' staging, receivers move them to
+// their final place in the received tensors.
+#include <cuda_runtime.h>
+
+#include "../common/exception.hpp"
+#include "../common/launch.cuh"
+#include "device_common.cuh"
+#include "intranode.hpp"
+
+namespace ep::intranode {
+
+namespace {
+
+struct DispatchRoundParams {
+    PeerBuffers peers;
+    int round_start;  // round * rows_per_round: first ordinal of this round
+    int rows_per_round;
+    DispatchRowFormat row;
+    const uint8_t* x;
+    const float* x_scales;
+    int64_t scale_stride_token;
+    int64_t scale_stride_group;
+    const int64_t* topk_idx;
+    const float* topk_weights;
+    int num_tokens;
+    const int* send_list;
+    const int* send_counts;
+    const int* rank_prefix_matrix;
+    uint8_t* recv_x;
+    float* recv_scales;
+    int* recv_src_idx;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int num_recv_rows;
+    int num_local_experts;
+};
+
+// Sender: one warp per (destination, slot) of this round. Work items are numbered destination by destination;
+// s_first_item[d] is the first item of destination d.
+__global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
+    __shared__ int s_first_item[kMaxRanks + 1];
+    const int num_ranks = p.peers.num_ranks;
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int dst = 0; dst < num_ranks; ++dst) {
+            s_first_item[dst] = total;
+            total += rows_in_round(p.send_counts[dst], p.round_start, p.rows_per_round);
+        }
+        s_first_item[num_ranks] = total;
+    }
+    __syncthreads();
+    const int num_items = s_first_item[num_ranks];
+    const int lane = lane_idx();
+    const DispatchRowFormat& row = p.row;
+    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
+        int dst = 0;
+        while (item >= s_first_item[dst + 1]) ++dst;
+        const int slot_idx = item - s_first_item[dst];
+        const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + p.round_start + slot_idx];
+        uint8_t* slot = staging_slot(p.peers.base[dst], p.peers.rank, slot_idx, p.rows_per_round, row.stride);
+        const int4* src_payload = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(token) * row.payload_bytes);
+        warp_copy_to_staging(reinterpret_cast<int4*>(slot), src_payload, row.payload_bytes / 16, lane);
+        float* slot_scales = reinterpret_cast<float*>(slot + row.scales_offset);
+        for (int group = lane; group < row.num_scales; group += 32) {
+            const int64_t offset = token * p.scale_stride_token + group * p.scale_stride_group;
+            __stcg(slot_scales + group, __ldg(p.x_scales + offset));
+        }
+        if (lane == 0) __stcg(reinterpret_cast<int*>(slot + row.src_idx_offset), token);
+        long long* slot_topk_idx = reinterpret_cast<long long*>(slot + row.topk_idx_offset);
+        float* slot_topk_weights = reinterpret_cast<float*>(slot + row.topk_weights_offset);
+        for (int k = lane; k < row.num_topk; k += 32) {
+            const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;
+            __stcg(slot_topk_idx + k, __ldg(reinterpret_cast<const long long*>(p.topk_idx) + entry));
+            __stcg(slot_topk_weights + k, __ldg(p.topk_weights + entry));
+        }
+    }
+}
+
+// Receiver: one warp per (source, slot) of this round. Row `slot_idx` of source s's block is received row
+// prefix_before(s) + round_start + slot_idx: rows of s come in ordinal (= token) order, after those of ranks < s.
+__global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRoundParams p) {
+    __shared__ int s_first_item[kMaxRanks + 1];
+    __shared__ int s_first_row[kMaxRanks];
+    const int num_ranks = p.peers.num_ranks;
+    const int rank = p.peers.rank;
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int src = 0; src < num_ranks; ++src) {
+            const int start = prefix_before(p.rank_prefix_matrix, num_ranks, src, rank);
+            const int count = p.rank_prefix_matrix[src * num_ranks + rank] - start;
+            s_first_item[src] = total;
+            s_first_row[src] = start + p.round_start;
+            total += rows_in_round(count, p.round_start, p.rows_per_round);
+        }
+        s_first_item[num_ranks] = total;
+    }
+    __syncthreads();
+    const int num_items = s_first_item[num_ranks];
+    const int lane = lane_idx();
+    const DispatchRowFormat& row = p.row;
+    const int64_t first_local_expert = static_cast<int64_t>(rank) * p.num_local_experts;
+    void* own_buffer = p.peers.base[rank];
+    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
+        int src = 0;
+        while (item >= s_first_item[src + 1]) ++src;
+        const int slot_idx = item - s_first_item[src];
+        const int out_row = s_first_row[src] + slot_idx;
+        // Only past a peer that broke the protocol (a timed-out barrier, num_worst_tokens too small): never write
+        // outside the tensors.
+        if (out_row >= p.num_recv_rows) continue;
+        const uint8_t* slot = staging_slot(own_buffer, src, slot_idx, p.rows_per_round, row.stride);
+        int4* dst_payload = reinterpret_cast<int4*>(p.recv_x + static_cast<int64_t>(out_row) * row.payload_bytes);
+        warp_copy_from_staging(dst_payload, reinterpret_cast<const int4*>(slot), row.payload_bytes / 16, lane);
+        const float* slot_scales = reinterpret_cast<const float*>(slot + row.scales_offset);
+        for (int group = lane; group < row.num_scales; group += 32)
+            p.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = __ldcg(slot_scales + group);
+        if (lane == 0 && p.recv_src_idx != nullptr)
+            p.recv_src_idx[out_row] = __ldcg(reinterpret_cast<const int*>(slot + row.src_idx_offset));
+        const long long* slot_topk_idx = reinterpret_cast<const long long*>(slot + row.topk_idx_offset);
+        const float* slot_topk_weights = reinterpret_cast<const float*>(slot + row.topk_weights_offset);
+        for (int k = lane; k < row.num_topk; k += 32) {
+            const int64_t expert = __ldcg(slot_topk_idx + k);
+            const int64_t local_expert = expert - first_local_expert;
+            const bool is_local = expert >= 0 && local_expert >= 0 && local_expert < p.num_local_experts;
+            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
+            p.recv_topk_idx[entry] = is_local ? local_expert : -1;
+            p.recv_topk_weights[entry] = is_local ? __ldcg(slot_topk_weights + k) : 0.0f;
+        }
+    }
+}
+
+// num_worst_tokens: rows [N, N_cap) get x 0, scales 0, source index -1, top-k -1, weights 0. N comes from the
+// notify kernel's rank_prefix_matrix (device), so no host sync.
+__global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoundParams p) {
+    const int num_ranks = p.peers.num_ranks;
+    const int num_real = p.rank_prefix_matrix[(num_ranks - 1) * num_ranks + p.peers.rank];
+    const int lane = lane_idx();
+    const DispatchRowFormat& row = p.row;
+    const int first_pad_row = num_real < 0 ? 0 : num_real;
+    for (int out_row = first_pad_row + global_warp_idx(); out_row < p.num_recv_rows; out_row += num_global_warps()) {
+        int4* payload = reinterpret_cast<int4*>(p.recv_x + static_cast<int64_t>(out_row) * row.payload_bytes);
+        for (int i = lane; i < row.payload_bytes / 16; i += 32) payload[i] = make_int4(0, 0, 0, 0);
+        for (int group = lane; group < row.num_scales; group += 32)
+            p.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = 0.0f;
+        if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = -1;
+        for (int k = lane; k < row.num_topk; k += 32) {
+            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
+            p.recv_topk_idx[entry] = -1;
+            p.recv_topk_weights[entry] = 0.0f;
+        }
+    }
+}
+
+}  // namespace
+
+void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConfig& wait, cudaStream_t stream) {
+    check_peers(peers);
+    EP_HOST_ASSERT(wait.record != nullptr);
+    EP_HOST_ASSERT(args.num_rounds >= 1);
+    EP_HOST_ASSERT(args.rows_per_round >= 1);
+    EP_HOST_ASSERT(args.payload_bytes > 0);
+    EP_HOST_ASSERT_MSG(args.payload_bytes % 16 == 0, "rows must be whole 16-byte chunks");
+    EP_HOST_ASSERT(args.num_scales >= 0);
+    EP_HOST_ASSERT(args.num_topk >= 0);
+    EP_HOST_ASSERT(args.num_tokens >= 0);
+    EP_HOST_ASSERT(args.num_recv_rows >= 0);
+    // Tensors with no rows may be null (torch gives zero-size tensors no storage).
+    if (args.num_tokens > 0) {
+        EP_HOST_ASSERT(args.x != nullptr);
+        EP_HOST_ASSERT(args.send_list != nullptr);
+        if (args.num_scales > 0) EP_HOST_ASSERT(args.x_scales != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_idx != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_weights != nullptr);
+    }
+    if (args.num_recv_rows > 0) {
+        EP_HOST_ASSERT(args.recv_x != nullptr);
+        if (args.num_scales > 0) EP_HOST_ASSERT(args.recv_scales != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_idx != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_weights != nullptr);
+    }
+    EP_HOST_ASSERT(args.send_counts != nullptr);
+    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
+    EP_HOST_ASSERT(args.num_local_experts >= 1);
+    EP_HOST_ASSERT(args.num_sms >= 1);
+    const DispatchRowFormat row = DispatchRowFormat::make(args.payload_bytes, args.num_scales, args.num_topk);
+    const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
+    EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
+                       " slots of ", row.stride, " bytes per rank do not fit the staging area");
+
+    DispatchRoundParams params{peers,
+                               0,
+                               args.rows_per_round,
+                               row,
+                               static_cast<const uint8_t*>(args.x),
+                               args.x_scales,
+                               args.scale_stride_token,
+                               args.scale_stride_group,
+                               args.topk_idx,
+                               args.topk_weights,
+                               args.num_tokens,
+                               args.send_list,
+                               args.send_counts,
+                               args.rank_prefix_matrix,
+                               static_cast<uint8_t*>(args.recv_x),
+                               args.recv_scales,
+                               args.recv_src_idx,
+                               args.recv_topk_idx,
+                               args.recv_topk_weights,
+                               args.num_recv_rows,
+                               args.num_local_experts};
+    const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
+    if (args.pad_rows) launch_kernel(copy_config, dispatch_pad_kernel, params);
+    // Per round: send, barrier (rows have landed), receive, barrier (staging is free again). Time goes into the two
+    // copies and the 2 * num_rounds barriers (each a few microseconds of one block waiting on every peer);
+    // overlapping the send of round r + 1 with the receive of round r is the first optimisation to make.
+    for (int round = 0; round < args.num_rounds; ++round) {
+        params.round_start = round * args.rows_per_round;
+        launch_kernel(copy_config, dispatch_send_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_kernel(copy_config, dispatch_recv_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+    }
+}
+
+}  // namespace ep::intranode

@@ -1,0 +1,169 @@
+// Notify of an intranode dispatch (send positions, counts to every peer, rank_prefix_matrix, the host's counts) and
+// the barrier kernel the rounds use.
+#include <cuda_runtime.h>
+
+#include "../common/exception.hpp"
+#include "../common/launch.cuh"
+#include "device_common.cuh"
+#include "intranode.hpp"
+
+namespace ep::intranode {
+
+namespace {
+
+constexpr int kPositionsThreads = 1024;
+constexpr int kPositionsWarps = kPositionsThreads / 32;
+constexpr int kNotifyThreads = 256;
+
+// One block per destination rank d: an ordered scan of is_token_in_rank[:, d] in chunks of 1024 tokens (ballot +
+// per-warp totals), giving each sent token its ordinal among this rank's tokens for d. Ordinals follow token
+// order, which is what makes the received rows come out in (source rank, source token) order.
+__global__ void __launch_bounds__(kPositionsThreads)
+    send_positions_kernel(const bool* is_token_in_rank, int num_tokens, int num_ranks, int* send_pos, int* send_list,
+                          int* send_counts) {
+    __shared__ int warp_totals[kPositionsWarps];
+    const int dst = static_cast<int>(blockIdx.x);
+    const int lane = static_cast<int>(threadIdx.x) % 32;
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    int base = 0;  // ordinals given in earlier chunks (same value in every thread)
+    for (int chunk_start = 0; chunk_start < num_tokens; chunk_start += kPositionsThreads) {
+        const int token = chunk_start + static_cast<int>(threadIdx.x);
+        const int64_t entry = static_cast<int64_t>(token) * num_ranks + dst;
+        const bool is_sent = token < num_tokens && is_token_in_rank[entry];
+        const unsigned ballot = __ballot_sync(0xffffffffu, is_sent);
+        if (lane == 0) warp_totals[warp] = __popc(ballot);
+        __syncthreads();
+        int warp_prefix = 0, chunk_total = 0;
+        for (int w = 0; w < kPositionsWarps; ++w) {
+            const int count = warp_totals[w];
+            warp_prefix += w < warp ? count : 0;
+            chunk_total += count;
+        }
+        const int ordinal = base + warp_prefix + __popc(ballot & lanes_below);
+        if (token < num_tokens) send_pos[entry] = is_sent ? ordinal : -1;
+        if (is_sent) send_list[static_cast<int64_t>(dst) * num_tokens + ordinal] = token;
+        base += chunk_total;
+        __syncthreads();  // warp_totals is rewritten by the next chunk
+    }
+    if (threadIdx.x == 0) send_counts[dst] = base;
+}
+
+struct NotifyParams {
+    PeerBuffers peers;
+    const int* send_counts;            // [R], from send_positions_kernel
+    const int* num_tokens_per_expert;  // [R * L]
+    int num_local_experts;
+    int expert_alignment;
+    int rows_per_round;
+    int* rank_prefix_matrix;  // [R, R]
+    int* host_counters;       // kNumHostCounters ints (device view of host memory), or nullptr
+    int host_sequence;
+    TimeoutContext timeout;
+};
+
+// One block. Writes this rank's row of the count matrix and its per-expert counts into every rank's control area,
+// meets the others at a barrier, then reads what every rank wrote into its own area.
+__global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyParams p) {
+    const int num_ranks = p.peers.num_ranks;
+    const int rank = p.peers.rank;
+    const int num_local = p.num_local_experts;
+    const int tid = static_cast<int>(threadIdx.x);
+
+    for (int i = tid; i < num_ranks * num_ranks; i += kNotifyThreads) {
+        const int dst = i / num_ranks, col = i % num_ranks;
+        control_area(p.peers.base[dst])->send_counts[rank][col] = p.send_counts[col];
+    }
+    for (int i = tid; i < num_ranks * num_local; i += kNotifyThreads) {
+        const int dst = i / num_local, local_expert = i % num_local;
+        control_area(p.peers.base[dst])->expert_counts[rank][local_expert] = p.num_tokens_per_expert[i];
+    }
+    if (!cross_rank_barrier(p.peers, p.timeout, WaitSite::kIntranodeNotifyBarrier)) return;
+
+    // Volatile loads: the values were written by other GPUs/processes, after this kernel started.
+    ControlArea* own = control_area(p.peers.base[rank]);
+    for (int i = tid; i < num_ranks * num_ranks; i += kNotifyThreads) {
+        const int src = i / num_ranks, dst = i % num_ranks;
+        int sum = 0;
+        for (int s = 0; s <= src; ++s) sum += ptx::ld_volatile_global(&own->send_counts[s][dst]);
+        p.rank_prefix_matrix[i] = sum;
+    }
+    if (p.host_counters == nullptr) return;
+
+    for (int local_expert = tid; local_expert < num_local; local_expert += kNotifyThreads) {
+        int sum = 0;
+        for (int s = 0; s < num_ranks; ++s) sum += ptx::ld_volatile_global(&own->expert_counts[s][local_expert]);
+        const int aligned = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
+        p.host_counters[kCounterExpertBase + local_expert] = aligned;
+    }
+    if (tid == 0) {
+        int num_recv_tokens = 0, max_count = 0;
+        for (int s = 0; s < num_ranks; ++s) {
+            num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
+            for (int d = 0; d < num_ranks; ++d) max_count = max(max_count, ptx::ld_volatile_global(&own->send_counts[s][d]));
+        }
+        // At least one round: its barriers keep a fast peer's next notify from overwriting the counts read above.
+        const int num_rounds = max(1, (max_count + p.rows_per_round - 1) / p.rows_per_round);
+        p.host_counters[kCounterNumRecvTokens] = num_recv_tokens;
+        p.host_counters[kCounterNumRounds] = num_rounds;
+    }
+    // Every value reaches host memory before the sequence number that tells the host they are fresh.
+    __threadfence_system();
+    __syncthreads();
+    if (tid == 0) ptx::st_release_sys(&p.host_counters[kCounterSequence], p.host_sequence);
+}
+
+__global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site) {
+    cross_rank_barrier(peers, timeout, site);
+}
+
+}  // namespace
+
+void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream) {
+    launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, barrier_kernel, peers,
+                  make_timeout_context(peers, wait), site);
+}
+
+void barrier(const PeerBuffers& peers, const WaitConfig& wait, cudaStream_t stream) {
+    check_peers(peers);
+    EP_HOST_ASSERT(wait.record != nullptr);
+    launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+}
+
+void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const WaitConfig& wait, cudaStream_t stream) {
+    check_peers(peers);
+    EP_HOST_ASSERT(wait.record != nullptr);
+    EP_HOST_ASSERT(args.num_tokens >= 0);
+    EP_HOST_ASSERT(args.num_local_experts >= 1);
+    EP_HOST_ASSERT_MSG(args.num_local_experts <= kMaxLocalExperts, "at most ", kMaxLocalExperts,
+                       " local experts per rank");
+    EP_HOST_ASSERT(args.expert_alignment >= 1);
+    EP_HOST_ASSERT(args.rows_per_round >= 1);
+    EP_HOST_ASSERT(args.num_tokens_per_expert != nullptr);
+    EP_HOST_ASSERT(args.send_counts != nullptr);
+    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
+    if (args.num_tokens > 0) {
+        EP_HOST_ASSERT(args.is_token_in_rank != nullptr);
+        EP_HOST_ASSERT(args.send_pos != nullptr);
+        EP_HOST_ASSERT(args.send_list != nullptr);
+    }
+    EP_HOST_ASSERT_MSG((args.host_sequence == 0 || args.host_counters != nullptr),
+                       "a host sequence number needs host counters");
+
+    launch_kernel(LaunchConfig{dim3(peers.num_ranks), dim3(kPositionsThreads), 0, stream, false},
+                  send_positions_kernel, args.is_token_in_rank, args.num_tokens, peers.num_ranks, args.send_pos,
+                  args.send_list, args.send_counts);
+    const NotifyParams params{peers,
+                              args.send_counts,
+                              args.num_tokens_per_expert,
+                              args.num_local_experts,
+                              args.expert_alignment,
+                              args.rows_per_round,
+                              args.rank_prefix_matrix,
+                              args.host_sequence > 0 ? args.host_counters : nullptr,
+                              args.host_sequence,
+                              make_timeout_context(peers, wait)};
+    launch_kernel(LaunchConfig{dim3(1), dim3(kNotifyThreads), 0, stream, false}, notify_dispatch_kernel, params);
+}
+
+}  // namespace ep::intranode

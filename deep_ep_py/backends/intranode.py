@@ -1,0 +1,379 @@
+"""Intranode normal-mode dispatch and combine on the kernels of csrc/intranode (all ranks of the group on one node).
+
+Tensors become device pointers here; outputs are allocated with torch on the current stream (Buffer has made it the
+communication stream) and the kernels run on it. Results are exactly what ReferenceBackend.dispatch/combine return.
+
+How a call runs (csrc/intranode/intranode.hpp has the protocol, buffer_layout.hpp the buffer):
+- dispatch: notify kernels (send positions, counts to every rank, one barrier, rank_prefix_matrix, counts for the
+  host); the host waits for its counts (N, rounds, per-expert) unless num_worst_tokens > 0; then num_rounds rounds
+  of send / barrier / receive / barrier.
+- cached dispatch: the rounds only, with the positions and counts of the handle.
+- combine: the rounds in reverse (received rows back to their sources), reduced in float32 at the source.
+
+Shapes: T tokens here, H hidden, K top-k, R ranks, E experts, L = E / R, N rows received here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import config as ep_config
+from ..errors import DeepEPError
+from ..runtime import PeerMappedBuffer, device_bytes_view
+from ..topology import Topology
+from .reference import DispatchHandle
+
+__all__ = ["IntranodeKernels", "IntranodeState"]
+
+# Host waits get this much longer than device waits, so a peer that never arrives is reported by the device record
+# (which names the missing rank) rather than by the host's own deadline.
+_HOST_WAIT_EXTRA_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IntranodeState:
+    """What the kernels keep in DispatchHandle.backend_state.
+
+    send_pos int32 [T, R]: ordinal of token t among this rank's tokens for rank d (-1: not sent there).
+    send_list int32 [R, T]: the token of each ordinal (first send_counts[d] entries of row d).
+    send_counts int32 [R]: tokens this rank sends to each rank.
+    rows_per_round: B, rows per (source, destination) pair per round; num_rounds: rounds of every call on the handle.
+    slot_bytes: staging bytes per row reserved by the handle; num_local_experts: L; owner: id() of the kernels.
+    """
+
+    send_pos: torch.Tensor
+    send_list: torch.Tensor
+    send_counts: torch.Tensor
+    rows_per_round: int
+    num_rounds: int
+    slot_bytes: int
+    num_local_experts: int
+    owner: int
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a copy when its data does not start on 16 bytes (a view with a storage offset): the kernels
+    move rows in 16-byte chunks."""
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
+
+
+def _ptr(tensor: torch.Tensor | None) -> int:
+    """Device address of a tensor, 0 for an absent one."""
+    return tensor.data_ptr() if tensor is not None else 0
+
+
+class IntranodeKernels:
+    """The intranode kernels of one Buffer: an IPC-mapped buffer of num_nvl_bytes per rank, its error record and
+    host counters. Collective to construct and to destroy (every rank of `group`)."""
+
+    def __init__(self, group: Any, topology: Topology, num_nvl_bytes: int, ext: Any) -> None:
+        if ext is None:
+            raise DeepEPError("IntranodeKernels: the CUDA extension deep_ep_py._C is not loaded")
+        self._ext = ext
+        self._constants = ext.intranode_layout()
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        if topology.num_nodes != 1:
+            raise ValueError(
+                f"IntranodeKernels: expected every rank of the group on one node, got {topology.num_nodes} nodes"
+            )
+        max_ranks = self._constants["max_ranks"]
+        if not 1 <= self.num_ranks <= max_ranks:
+            raise ValueError(f"IntranodeKernels: expected 1 to {max_ranks} ranks, got {self.num_ranks}")
+        staging_offset = self._constants["staging_offset"]
+        if num_nvl_bytes <= staging_offset:
+            raise ValueError(
+                f"num_nvl_bytes: expected more than the {staging_offset} bytes of the intranode control area, "
+                f"got {num_nvl_bytes}"
+            )
+        self.num_nvl_bytes = num_nvl_bytes
+        self.buffer = PeerMappedBuffer(group, num_nvl_bytes)
+        self.peer_ptrs = list(self.buffer.peer_ptrs)
+        self.error_record = ext.ErrorRecord()
+        self.host_counters = ext.HostCounters(self._constants["num_host_counters"])
+        self._sequence = 0  # of the host counters: one per dispatch that the host waits for
+        # Test hook: fill fresh outputs with this byte instead of leaving them uninitialised (see poison_staging).
+        self.debug_poison_byte: int | None = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _timeout_s(self) -> float:
+        return ep_config.timeout_s()
+
+    def _check_device_errors(self, what: str) -> None:
+        """DeepEPTimeoutError if a device wait of an earlier call (or this one) timed out."""
+        self.error_record.check(what)
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.debug_poison_byte is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        out.view(torch.uint8).fill_(self.debug_poison_byte)
+        return out
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "peer_ptrs": self.peer_ptrs,
+            "num_bytes": self.num_nvl_bytes,
+            "rank": self.rank,
+            "error_record": self.error_record.device_ptr,
+            "timeout_s": self._timeout_s(),
+            "stream": torch.cuda.current_stream().cuda_stream,
+        }
+
+    def rows_per_round(self, hidden: int, num_topk: int) -> tuple[int, int]:
+        """(rows per source per round, reserved slot bytes) for a handle of this hidden and top-k."""
+        slot_bytes = self._ext.intranode_reserved_slot_bytes(hidden, num_topk)
+        rows = self._ext.intranode_rows_per_round(self.num_nvl_bytes, self.num_ranks, slot_bytes)
+        if rows < 1:
+            needed = self._constants["staging_offset"] + self.num_ranks * slot_bytes
+            raise ValueError(
+                f"num_nvl_bytes: expected at least {needed} bytes for one {slot_bytes}-byte row per rank "
+                f"(hidden {hidden}, top-k {num_topk}, {self.num_ranks} ranks), got {self.num_nvl_bytes}"
+            )
+        return rows, slot_bytes
+
+    def poison_staging(self, byte: int = 0xFF) -> None:
+        """Test hook: fill this rank's staging area with `byte`. The caller makes sure no peer is inside a call
+        (synchronize and barrier before and after), or rows in flight are destroyed."""
+        staging_offset = self._constants["staging_offset"]
+        device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[staging_offset:].fill_(byte)
+
+    # ---------------------------------------------------------------------------------------------- dispatch
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        handle: DispatchHandle | None,
+        is_token_in_rank: torch.Tensor | None,
+        num_tokens_per_rank: torch.Tensor | None,
+        num_tokens_per_expert: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        num_sms: int,
+    ):
+        """Arguments and results as ReferenceBackend.dispatch (inputs validated by Buffer):
+        -> (recv_x [N', H], recv_x_scales float32 [N', H/128] or None, recv_topk_idx int64 [N', K] or None,
+        recv_topk_weights float32 [N', K] or None, num_recv_tokens_per_expert_list, handle), N' = N, or
+        num_worst_tokens when padding (then the handle's num_recv_tokens is -1: N is known only on the device,
+        and its recv_src_idx has num_worst_tokens entries, -1 past N). num_tokens_per_rank is not read: the kernels
+        count is_token_in_rank themselves. num_sms: blocks of the copy kernels."""
+        del num_tokens_per_rank
+        self._check_device_errors("intranode dispatch (an earlier call's device wait)")
+        x = _aligned(x)
+        device = x.device
+        num_tokens, hidden = x.shape
+        num_ranks = self.num_ranks
+        if handle is not None:
+            state = self._state_of(handle)
+            num_worst_tokens = handle.num_worst_tokens
+            rank_prefix_matrix = handle.rank_prefix_matrix
+            num_rounds, rows_per_round = state.num_rounds, state.rows_per_round
+            num_recv_rows = num_worst_tokens if num_worst_tokens > 0 else handle.num_recv_tokens
+            num_local_experts = state.num_local_experts
+            topk_idx = topk_weights = None
+            per_expert: list[int] = []
+        else:
+            num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+            num_local_experts = num_tokens_per_expert.numel() // num_ranks
+            max_local = self._constants["max_local_experts"]
+            if num_local_experts > max_local:
+                raise ValueError(
+                    f"num_tokens_per_expert: expected at most {max_local} experts per rank for the intranode "
+                    f"kernels, got {num_local_experts}"
+                )
+            rows_per_round, slot_bytes = self.rows_per_round(hidden, num_topk)
+            send_pos = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
+            send_list = torch.empty((num_ranks, num_tokens), dtype=torch.int32, device=device)
+            send_counts = torch.empty((num_ranks,), dtype=torch.int32, device=device)
+            rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
+            sequence = 0
+            if num_worst_tokens == 0:
+                self._sequence += 1
+                sequence = self._sequence
+            self._ext.intranode_notify(
+                **self._common(),
+                is_token_in_rank=is_token_in_rank.data_ptr(),
+                num_tokens=num_tokens,
+                num_tokens_per_expert=num_tokens_per_expert.contiguous().data_ptr(),
+                num_local_experts=num_local_experts,
+                expert_alignment=expert_alignment,
+                rows_per_round=rows_per_round,
+                send_pos=send_pos.data_ptr(),
+                send_list=send_list.data_ptr(),
+                send_counts=send_counts.data_ptr(),
+                rank_prefix_matrix=rank_prefix_matrix.data_ptr(),
+                host_counters=self.host_counters.device_ptr if sequence else 0,
+                host_sequence=sequence,
+            )
+            if num_worst_tokens == 0:
+                num_recv_rows, num_rounds, per_expert = self._wait_counts(sequence, num_local_experts)
+            else:
+                # No host sync: every rank passes the same num_worst_tokens, no (source, destination) pair carries
+                # more rows than that, so this many rounds carry everything, and every rank computes the same.
+                num_recv_rows = num_worst_tokens
+                num_rounds = max(1, math.ceil(num_worst_tokens / rows_per_round))
+                per_expert = []
+            state = IntranodeState(
+                send_pos=send_pos,
+                send_list=send_list,
+                send_counts=send_counts,
+                rows_per_round=rows_per_round,
+                num_rounds=num_rounds,
+                slot_bytes=slot_bytes,
+                num_local_experts=num_local_experts,
+                owner=id(self),
+            )
+
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        num_scales = x_scales.shape[1] if x_scales is not None else 0
+        recv_x = self._empty((num_recv_rows, hidden), x.dtype, device)
+        recv_scales = self._empty((num_recv_rows, num_scales), torch.float32, device) if x_scales is not None else None
+        recv_src_idx = self._empty((num_recv_rows,), torch.int32, device) if handle is None else None
+        recv_topk_idx = self._empty((num_recv_rows, num_topk), torch.int64, device) if num_topk else None
+        recv_topk_weights = self._empty((num_recv_rows, num_topk), torch.float32, device) if num_topk else None
+        self._ext.intranode_dispatch(
+            **self._common(),
+            num_rounds=num_rounds,
+            rows_per_round=rows_per_round,
+            x=x.data_ptr(),
+            payload_bytes=hidden * x.element_size(),
+            x_scales=_ptr(x_scales),
+            num_scales=num_scales,
+            scale_stride_token=x_scales.stride(0) if x_scales is not None else 0,
+            scale_stride_group=x_scales.stride(1) if x_scales is not None else 0,
+            topk_idx=_ptr(topk_idx),
+            topk_weights=_ptr(topk_weights),
+            num_topk=num_topk,
+            num_tokens=num_tokens,
+            send_list=state.send_list.data_ptr(),
+            send_counts=state.send_counts.data_ptr(),
+            rank_prefix_matrix=rank_prefix_matrix.data_ptr(),
+            recv_x=recv_x.data_ptr(),
+            recv_scales=_ptr(recv_scales),
+            recv_src_idx=_ptr(recv_src_idx),
+            recv_topk_idx=_ptr(recv_topk_idx),
+            recv_topk_weights=_ptr(recv_topk_weights),
+            num_recv_rows=num_recv_rows,
+            pad_rows=num_worst_tokens > 0,
+            num_local_experts=num_local_experts,
+            num_sms=num_sms,
+        )
+        if handle is None:
+            handle = DispatchHandle(
+                rank_prefix_matrix=rank_prefix_matrix,
+                is_token_in_rank=is_token_in_rank,
+                recv_src_idx=recv_src_idx,
+                num_tokens=num_tokens,
+                num_recv_tokens=-1 if num_worst_tokens > 0 else num_recv_rows,
+                num_worst_tokens=num_worst_tokens,
+                hidden=hidden,
+                backend_state=state,
+            )
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
+
+    def _wait_counts(self, sequence: int, num_local_experts: int) -> tuple[int, int, list[int]]:
+        """Wait (GIL released) for the notify kernel's counts of call `sequence`: (N, num_rounds, per-expert)."""
+        counters, c = self.host_counters, self._constants
+        counters.wait_ge(
+            c["counter_sequence"],
+            sequence,
+            self._timeout_s() + _HOST_WAIT_EXTRA_S,
+            "the intranode dispatch notify (counts from every rank)",
+            self.error_record.host_ptr,
+            self.rank,
+        )
+        self._check_device_errors("intranode dispatch notify")
+        num_recv_tokens = counters.get(c["counter_num_recv_tokens"])
+        num_rounds = counters.get(c["counter_num_rounds"])
+        base = c["counter_expert_base"]
+        per_expert = [counters.get(base + i) for i in range(num_local_experts)]
+        return num_recv_tokens, num_rounds, per_expert
+
+    def owns(self, handle: DispatchHandle) -> bool:
+        """Whether handle came from this object's dispatch (else the caller runs the reference)."""
+        state = handle.backend_state
+        return isinstance(state, IntranodeState) and state.owner == id(self)
+
+    def _state_of(self, handle: DispatchHandle) -> IntranodeState:
+        if not self.owns(handle):
+            raise ValueError("handle: expected a handle made by this buffer's intranode dispatch")
+        return handle.backend_state
+
+    # ----------------------------------------------------------------------------------------------- combine
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        num_sms: int,
+    ):
+        """Arguments and results as ReferenceBackend.combine (inputs validated by Buffer), plus num_sms:
+        x bf16 [N', H] -> (combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None)."""
+        self._check_device_errors("intranode combine (an earlier call's device wait)")
+        state = self._state_of(handle)
+        x = _aligned(x)
+        device = x.device
+        num_x_rows, hidden = x.shape
+        num_tokens = handle.num_tokens
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        slot_bytes = self._ext.intranode_combine_slot_bytes(hidden, num_topk)
+        if slot_bytes > state.slot_bytes:
+            raise ValueError(
+                f"x/topk_weights: a combine row of hidden {hidden} and top-k {num_topk} takes {slot_bytes} bytes, "
+                f"more than the {state.slot_bytes} bytes the dispatch reserved (hidden {handle.hidden})"
+            )
+        several_rounds = state.num_rounds > 1
+        acc_x = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device) if several_rounds else None
+        acc_weights = (
+            torch.empty((num_tokens, num_topk), dtype=torch.float32, device=device)
+            if several_rounds and num_topk
+            else None
+        )
+        combined_x = self._empty((num_tokens, hidden), torch.bfloat16, device)
+        combined_weights = self._empty((num_tokens, num_topk), torch.float32, device) if num_topk else None
+        biases = [_aligned(b.contiguous()) for b in bias]
+        self._ext.intranode_combine(
+            **self._common(),
+            num_rounds=state.num_rounds,
+            rows_per_round=state.rows_per_round,
+            hidden=hidden,
+            x=x.data_ptr(),
+            num_x_rows=num_x_rows,
+            topk_weights=_ptr(topk_weights),
+            num_topk=num_topk,
+            rank_prefix_matrix=handle.rank_prefix_matrix.data_ptr(),
+            send_pos=state.send_pos.data_ptr(),
+            num_tokens=num_tokens,
+            bias0=_ptr(biases[0] if len(biases) > 0 else None),
+            bias1=_ptr(biases[1] if len(biases) > 1 else None),
+            acc_x=_ptr(acc_x),
+            acc_weights=_ptr(acc_weights),
+            combined_x=combined_x.data_ptr(),
+            combined_weights=_ptr(combined_weights),
+            num_sms=num_sms,
+        )
+        return combined_x, combined_weights
+
+    # -------------------------------------------------------------------------------------------- lifetime
+
+    def barrier(self) -> None:
+        """One cross-rank barrier kernel on the current stream."""
+        self._ext.intranode_barrier(**self._common())
+
+    def destroy(self) -> None:
+        """Collective: drain the streams, then unmap and free the IPC buffers. Idempotent."""
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None:
+            self.buffer = None
+            buffer.close()

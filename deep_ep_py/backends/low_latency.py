@@ -1,0 +1,379 @@
+"""Low-latency (decode) dispatch and combine on the kernels of csrc/low_latency (NVSHMEM's standard device API).
+
+:class:`LowLatencyKernels` owns one symmetric NVSHMEM buffer of ``num_rdma_bytes`` (laid out by
+csrc/low_latency/buffer_layout.hpp, sized by :func:`deep_ep_py.config.low_latency_rdma_size_hint`), a device rank
+mask, a small zeroed counter workspace per expert count, and a host-mapped error record that timed-out device
+waits fill in. Its methods have the signatures and return tuples of the reference backend's low-latency methods;
+Buffer has validated the arguments. Kernels run on ``torch.cuda.current_stream()``; nothing here synchronises the
+host or allocates outside torch, so every call can be captured in a CUDA graph.
+
+Each call uses the half of the buffer after the previous call's (dispatch and combine alike, as DeepEP V1): keep at
+most two calls' results pending (a hook not yet called counts), or a peer's third call overwrites the first.
+A timed-out wait (a dead or masked-on-one-side peer) leaves the kernels draining and the record filled in; the next
+call, hook, or :meth:`LowLatencyKernels.check_device_errors` raises DeepEPTimeoutError naming the waiting rank and,
+as the channel, the peer rank it waited for.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .. import config
+from ..runtime import device_bytes_view
+from ..topology import Topology
+from .reference import LowLatencyHandle
+
+# Blocks of every low-latency kernel (256 threads each). The receive kernels spin while peers send: with several
+# ranks on one GPU, all ranks' receive grids plus one send grid must fit on the GPU at once.
+DEFAULT_NUM_BLOCKS = 16
+# The combine receive area keeps max(num_experts, this) top-k slots per token (csrc/low_latency/buffer_layout.hpp).
+MIN_COMBINE_SLOTS_PER_TOKEN = 16
+
+
+class DispatchFormat(enum.IntEnum):
+    """csrc/low_latency/low_latency.hpp DispatchFormat."""
+
+    BF16 = 0
+    FP8 = 1
+    FP8_ROUND_SCALE = 2
+    FP8_UE8M0 = 3
+
+
+class KernelHandleState(NamedTuple):
+    """LowLatencyHandle.backend_state of a handle these kernels made."""
+
+    owner_id: int  # id() of the LowLatencyKernels that made it
+    num_topk: int  # K of the dispatch
+
+
+def _noop() -> None:
+    return None
+
+
+def _aligned16(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor, contiguous and 16-byte aligned (a copy only when the caller passed an offset view)."""
+    tensor = tensor.contiguous()
+    if tensor.numel() > 0 and tensor.data_ptr() % 16 != 0:
+        tensor = tensor.clone()
+    return tensor
+
+
+def _ptr(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
+
+
+class LowLatencyKernels:
+    """The low-latency calls on one symmetric buffer. Collective construction over ``group``.
+
+    Args:
+        group: the Buffer's torch.distributed group (used for the barrier of clean_low_latency_buffer).
+        topology: the Buffer's topology (kept for the backend; the kernels reach every peer through NVSHMEM).
+        num_rdma_bytes: bytes of the symmetric buffer (>= low_latency_rdma_size_hint of every call's shapes).
+        ext: the loaded deep_ep_py._C.
+        nvshmem_context: an open runtime.NvshmemContext over ``group``.
+        num_blocks: grid size of every kernel.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        topology: Topology,
+        num_rdma_bytes: int,
+        ext: Any,
+        nvshmem_context: Any,
+        num_blocks: int = DEFAULT_NUM_BLOCKS,
+    ) -> None:
+        if num_rdma_bytes <= 0:
+            raise ValueError(
+                f"num_rdma_bytes: expected a positive size for the low-latency kernels, got {num_rdma_bytes}"
+            )
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks: expected a positive int, got {num_blocks}")
+        self._C = ext
+        self.group = group
+        self.topology = topology
+        self.nvshmem_context = nvshmem_context
+        self.rank = nvshmem_context.rank
+        self.num_ranks = nvshmem_context.num_ranks
+        self.num_rdma_bytes = num_rdma_bytes
+        self.num_blocks = num_blocks
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
+        self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
+        self.error_record = ext.ErrorRecord()
+        self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        self._workspaces: dict[int, torch.Tensor] = {}
+        self.buffer_idx = 0
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def owns(self, handle: LowLatencyHandle) -> bool:
+        """Whether handle came from this object's dispatch (else the caller runs the reference)."""
+        state = handle.backend_state
+        return isinstance(state, KernelHandleState) and state.owner_id == id(self)
+
+    def check_device_errors(self, what: str = "low-latency call") -> None:
+        """Raise DeepEPTimeoutError if a kernel's wait timed out since the last check (then clear the record)."""
+        if self.error_record.has_error():
+            try:
+                self.error_record.check(what)
+            finally:
+                self.error_record.reset()
+
+    def _next_buffer_idx(self) -> int:
+        idx = self.buffer_idx
+        self.buffer_idx ^= 1
+        return idx
+
+    def _workspace(self, num_experts: int) -> torch.Tensor:
+        """int32 [E + 3] counters, zero between kernels (each kernel's last block zeroes what it used)."""
+        if num_experts not in self._workspaces:
+            num_ints = self._C.low_latency_workspace_ints(num_experts)
+            self._workspaces[num_experts] = torch.zeros(num_ints, dtype=torch.int32, device=self.device)
+        return self._workspaces[num_experts]
+
+    def _check_shapes(self, max_tokens: int, hidden: int, num_experts: int, num_topk: int) -> None:
+        needed = self._C.low_latency_buffer_bytes(max_tokens, hidden, self.num_ranks, num_experts)
+        if needed > self.num_rdma_bytes:
+            raise ValueError(
+                f"num_rdma_bytes: expected at least {needed} for M={max_tokens}, H={hidden}, R={self.num_ranks}, "
+                f"E={num_experts}, got {self.num_rdma_bytes}"
+            )
+        max_topk = max(num_experts, MIN_COMBINE_SLOTS_PER_TOKEN)
+        if num_topk > max_topk:
+            raise ValueError(f"topk_idx: expected at most max(num_experts, 16) = {max_topk} columns, got {num_topk}")
+
+    def _launch_args(self) -> dict[str, Any]:
+        return {
+            "num_blocks": self.num_blocks,
+            "stream": torch.cuda.current_stream(self.device).cuda_stream,
+            "error_record_ptr": self.error_record.device_ptr,
+            "timeout_s": config.timeout_s(),
+        }
+
+    def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:
+        """Without a hook the receive launches now; with one, hook() launches it (once) on its current stream."""
+        if not return_recv_hook:
+            receive()
+            return _noop
+        done: list[bool] = []
+
+        def hook() -> None:
+            if done:
+                return
+            self.check_device_errors(f"{what} hook")
+            receive()
+            done.append(True)
+
+        return hook
+
+    # ---------------------------------------------------------------------------------------------- dispatch
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        return_recv_hook: bool,
+    ):
+        """-> (recv_x, recv_x_scales or None, recv_count int32 [L], handle, hook), as ReferenceBackend.
+
+        recv_x: fp8 e4m3 or bf16 [L, R*M, H]; recv_x_scales: float32 [L, R*M, H/128] (int32 [L, R*M, H/512]
+        with ue8m0), column-major in the last two dims. Rows of expert l are grouped by source rank in increasing
+        order (handle.layout_range), in arrival order inside a source. dispatch_wait_recv_cost_stats gets the
+        nanoseconds (GPU global timer) each source's count took to arrive, summed over the local experts.
+        """
+        self.check_device_errors("low_latency_dispatch")
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        max_tokens, num_ranks = num_max_dispatch_tokens_per_rank, self.num_ranks
+        experts_per_rank = num_experts // num_ranks
+        self._check_shapes(max_tokens, hidden, num_experts, num_topk)
+        half_idx = self._next_buffer_idx()
+        x = _aligned16(x)
+        topk_idx = topk_idx.contiguous()
+        if not use_fp8:
+            fmt = DispatchFormat.BF16
+        elif use_ue8m0:
+            fmt = DispatchFormat.FP8_UE8M0
+        elif round_scale:
+            fmt = DispatchFormat.FP8_ROUND_SCALE
+        else:
+            fmt = DispatchFormat.FP8
+
+        device = self.device
+        num_slots = num_ranks * max_tokens
+        recv_x = torch.empty(
+            experts_per_rank, num_slots, hidden, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=device
+        )
+        recv_x_scales = None
+        if use_fp8:
+            num_cols = hidden // (4 * config.FP8_GROUP_SIZE) if use_ue8m0 else hidden // config.FP8_GROUP_SIZE
+            scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+            # column-major in the last two dims: [L, cols, R*M] storage seen as [L, R*M, cols]
+            recv_x_scales = torch.empty(experts_per_rank, num_cols, num_slots, dtype=scale_dtype, device=device)
+            recv_x_scales = recv_x_scales.transpose(1, 2)
+        src_info = torch.full((experts_per_rank, num_slots), -1, dtype=torch.int32, device=device)
+        src_topk_slot = torch.full((experts_per_rank, num_slots), -1, dtype=torch.int32, device=device)
+        layout_range = torch.empty(experts_per_rank, num_ranks, dtype=torch.int64, device=device)
+        recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
+
+        args = {
+            "num_max_dispatch_tokens_per_rank": max_tokens,
+            "hidden": hidden,
+            "num_ranks": num_ranks,
+            "num_experts": num_experts,
+            "rank": self.rank,
+            "x_ptr": _ptr(x),
+            "topk_idx_ptr": _ptr(topk_idx),
+            "num_tokens": num_tokens,
+            "num_topk": num_topk,
+            "rank_mask_ptr": self.rank_mask.data_ptr(),
+            "format": int(fmt),
+            "buffer_ptr": self.buffer_ptr,
+            "half_idx": half_idx,
+            "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "recv_x_ptr": recv_x.data_ptr(),
+            "recv_scales_ptr": recv_x_scales.data_ptr() if recv_x_scales is not None else 0,
+            "src_info_ptr": src_info.data_ptr(),
+            "src_topk_slot_ptr": src_topk_slot.data_ptr(),
+            "layout_range_ptr": layout_range.data_ptr(),
+            "recv_count_ptr": recv_count.data_ptr(),
+            "cumulative_recv_stats_ptr": _ptr(cumulative_local_expert_recv_stats),
+            "wait_recv_cost_stats_ptr": _ptr(dispatch_wait_recv_cost_stats),
+        }
+        self._C.low_latency_dispatch_send(**args, **self._launch_args())
+        handle = LowLatencyHandle(
+            src_info=src_info,
+            layout_range=layout_range,
+            num_max_dispatch_tokens_per_rank=max_tokens,
+            hidden=hidden,
+            num_experts=num_experts,
+            src_topk_slot=src_topk_slot,
+            recv_count=recv_count,
+            num_tokens=num_tokens,
+            backend_state=KernelHandleState(owner_id=id(self), num_topk=num_topk),
+        )
+        # The closure keeps x and topk_idx alive until the receive is launched.
+        inputs = (x, topk_idx)
+
+        def receive() -> None:
+            assert inputs
+            self._C.low_latency_dispatch_recv(**args, **self._launch_args())
+
+        hook = self._with_hook(receive, return_recv_hook, "low_latency_dispatch")
+        return recv_x, recv_x_scales, recv_count, handle, hook
+
+    # ----------------------------------------------------------------------------------------------- combine
+
+    def combine_buffer(self, handle: LowLatencyHandle, half_idx: int) -> torch.Tensor:
+        """bf16 [L, R*M, H] over the send area of one half: where a zero-copy combine on that half reads x."""
+        max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        experts_per_rank = num_experts // self.num_ranks
+        num_slots = self.num_ranks * max_tokens
+        offset = self._C.low_latency_send_offset(max_tokens, hidden, self.num_ranks, num_experts, half_idx)
+        num_bytes = experts_per_rank * num_slots * hidden * 2
+        view = device_bytes_view(self.buffer_ptr + offset, num_bytes)
+        return view.view(torch.bfloat16).view(experts_per_rank, num_slots, hidden)
+
+    def next_combine_buffer(self, handle: LowLatencyHandle, device: torch.device) -> torch.Tensor:
+        """The buffer the next low_latency_combine(zero_copy=True) reads (the half the next call uses)."""
+        return self.combine_buffer(handle, self.buffer_idx)
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        zero_copy: bool,
+        return_recv_hook: bool,
+        out: torch.Tensor | None,
+        combine_wait_recv_cost_stats: torch.Tensor | None,
+    ):
+        """-> (combined_x bf16 [T, H], hook), as ReferenceBackend. combine_wait_recv_cost_stats gets the
+        nanoseconds each expert rank's rows took to arrive (summed over its experts)."""
+        self.check_device_errors("low_latency_combine")
+        if not self.owns(handle):
+            raise ValueError("handle: expected a handle made by these kernels' low_latency_dispatch")
+        max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        num_tokens, num_topk = topk_idx.shape
+        self._check_shapes(max_tokens, hidden, num_experts, num_topk)
+        half_idx = self._next_buffer_idx()
+        source = self.combine_buffer(handle, half_idx) if zero_copy else _aligned16(x)
+        topk_idx = topk_idx.contiguous()
+        topk_weights = topk_weights.contiguous()
+        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        if combined.numel() > 0 and combined.data_ptr() % 16 != 0:
+            raise ValueError(f"out: expected a 16-byte aligned tensor, got data_ptr {combined.data_ptr():#x}")
+        args = {
+            "num_max_dispatch_tokens_per_rank": max_tokens,
+            "hidden": hidden,
+            "num_ranks": self.num_ranks,
+            "num_experts": num_experts,
+            "rank": self.rank,
+            "x_ptr": _ptr(source),
+            "src_info_ptr": handle.src_info.data_ptr(),
+            "src_topk_slot_ptr": handle.src_topk_slot.data_ptr(),
+            "layout_range_ptr": handle.layout_range.data_ptr(),
+            "topk_idx_ptr": _ptr(topk_idx),
+            "topk_weights_ptr": _ptr(topk_weights),
+            "num_tokens": num_tokens,
+            "num_topk": num_topk,
+            "rank_mask_ptr": self.rank_mask.data_ptr(),
+            "buffer_ptr": self.buffer_ptr,
+            "half_idx": half_idx,
+            "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "out_ptr": _ptr(combined),
+            "wait_recv_cost_stats_ptr": _ptr(combine_wait_recv_cost_stats),
+        }
+        self._C.low_latency_combine_send(**args, **self._launch_args())
+        inputs = (source, topk_idx, topk_weights, handle)
+
+        def receive() -> None:
+            assert inputs
+            self._C.low_latency_combine_recv(**args, **self._launch_args())
+
+        return combined, self._with_hook(receive, return_recv_hook, "low_latency_combine")
+
+    # ------------------------------------------------------------------------------------- buffer and mask
+
+    def clean_low_latency_buffer(self) -> None:
+        """Collective: zero the whole symmetric buffer (signals of both halves included) and the counters, with
+        a barrier before (no peer still writes here) and after (no peer sends before everyone is clean)."""
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
+        for workspace in self._workspaces.values():
+            workspace.zero_()
+        torch.cuda.synchronize(self.device)
+        self.error_record.reset()
+        dist.barrier(group=self.group)
+
+    def update_mask(self, rank: int, mask: bool) -> None:
+        self.rank_mask[rank] = 1 if mask else 0
+
+    def query_mask(self, mask_status: torch.Tensor) -> None:
+        mask_status.copy_(self.rank_mask.to(mask_status.device))
+
+    def clean_mask(self) -> None:
+        self.rank_mask.zero_()
+
+    def destroy(self) -> None:
+        """Collective: free the symmetric buffer (the NvshmemContext stays open)."""
+        if self.buffer_ptr == 0:
+            return
+        torch.cuda.synchronize(self.device)
+        ptr, self.buffer_ptr = self.buffer_ptr, 0
+        self.nvshmem_context.free(ptr)
+        self._workspaces.clear()

@@ -1,0 +1,405 @@
+"""Intranode normal kernels (deep_ep_py/backends/intranode.py, csrc/intranode) against the reference backend on the same
+inputs, on N ranks sharing the GPU (DEEP_EP_PY_GPU_TEST_RANKS) under MPS.
+
+Dispatch is a copy: received rows, scales, source indices, recv_topk_idx / recv_topk_weights, the per-expert list and
+rank_prefix_matrix are compared bit for bit. Combine sums in float32 and rounds to bf16 once: combined_x is compared
+with rtol = atol = 1e-2 (bf16 keeps 8 significant bits, so the final rounding is <= 2^-9 relative; the slack covers a
+different float32 summation order when the combine runs in several rounds). combined_topk_weights is exact: each
+top-k slot is non-zero on at most one rank, so every sum adds zeros to one value.
+
+Fresh outputs are poisoned (IntranodeKernels.debug_poison_byte) and so is the staging area before each call, so a
+row the kernels forget to write cannot pass by holding last call's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deep_ep_py import _ext
+from deep_ep_py.testing import launch
+
+torch = pytest.importorskip("torch")
+
+COMBINE_RTOL = 1e-2
+COMBINE_ATOL = 1e-2
+POISON_BYTE = 0xA5
+TIMEOUT_ENV_S = "3"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: tuple[int, ...]  # tokens per rank, cycled over the ranks
+    hidden: int = 256
+    num_topk: int = 4
+    experts_per_rank: int = 4
+    drop_prob: float = 0.0
+    allowed_ranks: str = "all"  # "all", "not_rank_1" (rank 1 receives nothing), "only_rank_0" (all to one rank)
+    fp8: bool = False
+    alignment: int = 1
+    worst: bool = False
+    num_biases: int = 0
+    rows_per_round: int = 0  # > 0: size the buffer so that only this many rows fit per round (several rounds)
+    num_steps: int = 1  # calls with fresh data
+    cached: bool = False  # also a cached dispatch with new x
+
+
+CASES = [
+    Case("random", (64, 33, 0, 47), drop_prob=0.2, num_biases=1),
+    Case("multi_round", (40, 29, 17, 35), drop_prob=0.1, alignment=8, num_biases=2, rows_per_round=3),
+    Case("rank1_receives_nothing", (24, 0, 19, 8), allowed_ranks="not_rank_1", num_topk=3),
+    Case("all_to_one_rank", (30, 12, 25, 7), allowed_ranks="only_rank_0", num_topk=2, rows_per_round=5),
+    Case("fp8", (20, 13, 8, 16), hidden=512, drop_prob=0.1, fp8=True, alignment=128),
+    Case("fp8_multi_round", (20, 13, 8, 16), hidden=384, fp8=True, rows_per_round=4),
+    Case("top1_hidden8", (10, 4, 7, 3), hidden=8, num_topk=1, experts_per_rank=1),
+    Case("all_dropped", (6, 6, 6, 6), drop_prob=1.0),
+    Case("worst", (15, 0, 22, 9), drop_prob=0.2, worst=True, num_biases=1),
+    Case("worst_multi_round", (15, 3, 22, 9), fp8=True, worst=True, rows_per_round=4),
+    Case("cached", (31, 5, 12, 17), drop_prob=0.25, cached=True),
+    Case("cached_worst_multi_round", (31, 5, 12, 17), cached=True, worst=True, rows_per_round=6),
+    Case("repeat_100", (48, 31, 9, 40), drop_prob=0.2, num_biases=1, num_steps=100),
+    Case("repeat_100_multi_round", (48, 31, 9, 40), drop_prob=0.2, num_steps=100, rows_per_round=7),
+]
+
+
+# ---------------------------------------------------------------------------------------------- rank functions
+
+
+def _setup(num_ranks: int, hidden: int, num_topk: int, rows_per_round: int):
+    """(reference Buffer, IntranodeKernels) over the default group."""
+    import torch.distributed as dist
+
+    import deep_ep_py
+    from deep_ep_py.backends.intranode import IntranodeKernels
+    from deep_ep_py.topology import Topology
+
+    ext = _ext.load_extension()
+    group = dist.group.WORLD
+    hidden_bytes = hidden * 2
+    hint = max(
+        config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+        for config in (
+            deep_ep_py.Buffer.get_dispatch_config(num_ranks),
+            deep_ep_py.Buffer.get_combine_config(num_ranks),
+        )
+    )
+    reference = deep_ep_py.Buffer(group, hint, backend="reference")
+    num_nvl_bytes = max(hint, 1 << 20)
+    if rows_per_round > 0:
+        slot_bytes = ext.intranode_reserved_slot_bytes(hidden, num_topk)
+        num_nvl_bytes = ext.intranode_layout()["staging_offset"] + num_ranks * rows_per_round * slot_bytes
+    kernels = IntranodeKernels(group, Topology(num_ranks, num_ranks), num_nvl_bytes, ext)
+    if rows_per_round > 0:
+        assert kernels.rows_per_round(hidden, num_topk)[0] == rows_per_round
+    kernels.debug_poison_byte = POISON_BYTE
+    return reference, kernels
+
+
+def _poison_staging(kernels) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    kernels.poison_staging(POISON_BYTE)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _inputs(case: Case, num_ranks: int, rank: int, step: int):
+    from brute_force import make_rank_inputs
+
+    num_experts = case.experts_per_rank * num_ranks
+    owner = [e // case.experts_per_rank for e in range(num_experts)]
+    if case.allowed_ranks == "not_rank_1":
+        allowed = [e for e in range(num_experts) if owner[e] != 1]
+    elif case.allowed_ranks == "only_rank_0":
+        allowed = [e for e in range(num_experts) if owner[e] == 0]
+    else:
+        allowed = list(range(num_experts))
+    seed = 1000 * step + len(case.name) * 31 + num_ranks
+    num_tokens = case.tokens[rank % len(case.tokens)]
+    inp = make_rank_inputs(seed, rank, num_tokens, case.hidden, case.num_topk, num_experts, allowed, case.drop_prob)
+    return inp, num_experts
+
+
+def _as_input(case: Case, x_bf16: torch.Tensor):
+    """bf16 [T, H] -> what a client passes: bf16, or (fp8, column-major float32 scales)."""
+    from brute_force import fp8_cast
+
+    if not case.fp8:
+        return x_bf16.cuda(), None
+    values, scales = fp8_cast(x_bf16)
+    scales_cm = torch.empty((scales.shape[1], scales.shape[0]), dtype=torch.float32, device="cuda").T
+    scales_cm.copy_(scales)
+    return values.cuda(), scales_cm
+
+
+def _compare_dispatch(where, case, ref_out, mine_out, num_worst: int) -> None:
+    from brute_force import check, check_equal
+
+    ref_recv, ref_topk_idx, ref_topk_weights, ref_list, ref_handle, _ = ref_out
+    recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle = mine_out
+    ref_x, ref_scales = ref_recv if isinstance(ref_recv, tuple) else (ref_recv, None)
+    check_equal(f"{where} recv_x", recv_x, ref_x)
+    if ref_scales is not None:
+        check_equal(f"{where} recv_x scales", recv_scales, ref_scales.contiguous())
+        check(recv_scales.is_contiguous(), f"{where}: received scales are not row-major")
+    else:
+        check(recv_scales is None, f"{where}: scales returned for bf16")
+    if ref_topk_idx is not None:
+        check_equal(f"{where} recv_topk_idx", recv_topk_idx, ref_topk_idx)
+        check_equal(f"{where} recv_topk_weights", recv_topk_weights, ref_topk_weights)
+    if ref_list is not None:
+        check_equal(f"{where} num_recv_tokens_per_expert_list", per_expert, ref_list)
+    if ref_handle is not None:
+        check_equal(f"{where} rank_prefix_matrix", handle.rank_prefix_matrix, ref_handle.rank_prefix_matrix)
+        num_recv = ref_handle.num_recv_tokens
+        check_equal(f"{where} recv_src_idx", handle.recv_src_idx[:num_recv], ref_handle.recv_src_idx)
+        if num_worst:
+            padding = handle.recv_src_idx[num_recv:]
+            check(bool((padding == -1).all()), f"{where}: recv_src_idx padding is not -1: {padding.tolist()}")
+            check_equal(f"{where} handle.num_recv_tokens", handle.num_recv_tokens, -1)
+        else:
+            check_equal(f"{where} handle.num_recv_tokens", handle.num_recv_tokens, num_recv)
+        check_equal(f"{where} handle.num_tokens", handle.num_tokens, ref_handle.num_tokens)
+        check_equal(f"{where} handle.num_worst_tokens", handle.num_worst_tokens, ref_handle.num_worst_tokens)
+        check_equal(f"{where} handle.hidden", handle.hidden, ref_handle.hidden)
+
+
+def _compare_combine(where, ref_out, mine_out) -> None:
+    from brute_force import check_close, check_equal
+
+    ref_x, ref_weights, _ = ref_out
+    combined_x, combined_weights = mine_out
+    check_close(f"{where} combined_x", combined_x, ref_x, COMBINE_RTOL, COMBINE_ATOL)
+    if ref_weights is not None:
+        check_equal(f"{where} combined_topk_weights", combined_weights, ref_weights)
+
+
+def _run_step(case: Case, reference, kernels, rank: int, num_ranks: int, step: int, num_sms: int) -> None:
+    """One dispatch (+ cached dispatch) + combine, each compared with the reference on the same inputs."""
+    import torch.distributed as dist
+
+    where = f"{case.name} step {step} rank {rank}/{num_ranks}"
+    inp, num_experts = _inputs(case, num_ranks, rank, step)
+    x, scales = _as_input(case, inp.x)
+    topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = reference.get_dispatch_layout(
+        topk_idx, num_experts
+    )
+    totals = torch.tensor([inp.x.shape[0]], dtype=torch.int64)
+    dist.all_reduce(totals)
+    num_worst = int(totals.item()) + 3 if case.worst else 0
+    x_in = (x, scales) if scales is not None else x
+
+    ref_out = reference.dispatch(
+        x_in,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        expert_alignment=case.alignment,
+        num_worst_tokens=num_worst,
+    )
+    _poison_staging(kernels)
+    mine_out = kernels.dispatch(
+        x,
+        scales,
+        None,
+        is_token_in_rank,
+        num_tokens_per_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        case.alignment,
+        num_worst,
+        num_sms,
+    )
+    torch.cuda.synchronize()
+    _compare_dispatch(where, case, ref_out, mine_out, num_worst)
+    ref_handle, handle = ref_out[4], mine_out[5]
+
+    if case.cached:
+        gen = torch.Generator().manual_seed(step * 7 + rank)
+        new_x_bf16 = (torch.randn(inp.x.shape, generator=gen) * 3).to(torch.bfloat16)
+        new_x, new_scales = _as_input(case, new_x_bf16)
+        new_in = (new_x, new_scales) if new_scales is not None else new_x
+        ref_cached = reference.dispatch(new_in, handle=ref_handle)
+        _poison_staging(kernels)
+        mine_cached = kernels.dispatch(new_x, new_scales, handle, None, None, None, None, None, 1, 0, num_sms)
+        torch.cuda.synchronize()
+        _compare_dispatch(f"{where} cached", case, (ref_cached[0], None, None, None, None, None), mine_cached, 0)
+        assert mine_cached[2] is None and mine_cached[3] is None and mine_cached[5] is handle, where
+
+    # Combine: bf16 rows of the received shape (the fp8 cases combine other bf16 data of that shape).
+    num_rows = mine_out[0].shape[0]
+    gen = torch.Generator().manual_seed(step * 13 + rank + 5)
+    combine_x = (torch.randn((num_rows, case.hidden), generator=gen) * 2).to(torch.bfloat16).cuda()
+    combine_weights = mine_out[3]
+    biases = tuple(
+        (torch.randn((inp.x.shape[0], case.hidden), generator=gen)).to(torch.bfloat16).cuda()
+        for _ in range(case.num_biases)
+    )
+    ref_combined = reference.combine(combine_x, ref_handle, topk_weights=combine_weights, bias=biases or None)
+    _poison_staging(kernels)
+    mine_combined = kernels.combine(combine_x, handle, combine_weights, biases, num_sms)
+    torch.cuda.synchronize()
+    _compare_combine(where, ref_combined, mine_combined)
+
+
+def _case_worker(rank: int, num_ranks: int, case: Case) -> int:
+    reference, kernels = _setup(num_ranks, case.hidden, case.num_topk, case.rows_per_round)
+    try:
+        for step in range(case.num_steps):
+            num_sms = (2, 8, 24)[step % 3]
+            _run_step(case, reference, kernels, rank, num_ranks, step, num_sms)
+    finally:
+        kernels.destroy()
+    return case.num_steps
+
+
+def _graph_worker(rank: int, num_ranks: int) -> int:
+    """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new x (same routing): every
+    replay equals the reference on that x. The barriers' epochs live on the device, so replays stay in step."""
+    import torch.distributed as dist
+
+    case = Case("graph", (37, 20, 5, 44), drop_prob=0.1, worst=True, rows_per_round=9)
+    reference, kernels = _setup(num_ranks, case.hidden, case.num_topk, case.rows_per_round)
+    kernels.debug_poison_byte = None
+    inp, num_experts = _inputs(case, num_ranks, rank, 0)
+    topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = reference.get_dispatch_layout(
+        topk_idx, num_experts
+    )
+    totals = torch.tensor([inp.x.shape[0]], dtype=torch.int64)
+    dist.all_reduce(totals)
+    num_worst = int(totals.item())
+    static_x = inp.x.cuda()
+    args = (None, None, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights, 1)
+
+    def step():
+        out = kernels.dispatch(static_x, *args, num_worst, 8)
+        combined = kernels.combine(out[0], out[5], out[3], (), 8)
+        return out, combined
+
+    # Warm up on a side stream (as torch.cuda.graph requires), then capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_combined = step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    num_replays = 5
+    for replay in range(num_replays):
+        gen = torch.Generator().manual_seed(100 + replay * 11 + rank)
+        new_x = (torch.randn(inp.x.shape, generator=gen) * 2).to(torch.bfloat16)
+        static_x.copy_(new_x.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out = reference.dispatch(
+            static_x,
+            num_tokens_per_rank=num_tokens_per_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=num_worst,
+        )
+        where = f"graph replay {replay} rank {rank}/{num_ranks}"
+        _compare_dispatch(where, case, (*ref_out[:3], None, ref_out[4], None), static_out, num_worst)
+        ref_combined = reference.combine(static_out[0].clone(), ref_out[4], topk_weights=static_out[3].clone())
+        _compare_combine(where, ref_combined, static_combined)
+    torch.cuda.synchronize()
+    dist.barrier()
+    del graph
+    kernels.destroy()
+    return num_replays
+
+
+def _timeout_worker(rank: int, num_ranks: int) -> str:
+    """The last rank never calls dispatch: the others raise DeepEPTimeoutError naming it (as the channel)."""
+    import torch.distributed as dist
+
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    case = Case("timeout", (16,))
+    reference, kernels = _setup(num_ranks, case.hidden, case.num_topk, 0)
+    absent = num_ranks - 1
+    message = ""
+    if rank != absent:
+        inp, num_experts = _inputs(case, num_ranks, rank, 0)
+        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        layout = reference.get_dispatch_layout(topk_idx, num_experts)
+        try:
+            kernels.dispatch(inp.x.cuda(), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8)
+        except DeepEPTimeoutError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: dispatch returned although rank {absent} never called it")
+        assert f"channel {absent}" in message, message
+        assert "notify barrier" in message, message
+        assert f"on rank {rank}" in message, message
+    torch.cuda.synchronize()
+    dist.barrier()
+    kernels.destroy()
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_intranode_matches_reference(require_gpu, num_ranks, case, launch_timeout_s):
+    if num_ranks < 2 and case.allowed_ranks == "not_rank_1":
+        pytest.skip("needs a rank 1")
+    results = launch(_case_worker, num_ranks, case, device="cuda", timeout_s=launch_timeout_s * 4)
+    assert results == [case.num_steps] * num_ranks
+
+
+@pytest.mark.gpu
+def test_intranode_worst_tokens_in_cuda_graph(require_gpu, num_ranks, launch_timeout_s):
+    results = launch(_graph_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    assert results == [5] * num_ranks
+
+
+@pytest.mark.gpu
+def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s):
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    results = launch(
+        _timeout_worker,
+        num_ranks,
+        device="cuda",
+        timeout_s=launch_timeout_s,
+        env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
+    )
+    assert results[-1] == "" and all(f"channel {num_ranks - 1}" in m for m in results[:-1]), results
+
+
+@pytest.mark.parametrize("hidden, num_topk", [(8, 1), (256, 4), (7168, 8), (4096, 32)])
+def test_intranode_layout_sizes(hidden, num_topk):
+    """Host-side size functions of the layout (no GPU needed, only the extension): a combine row of the same top-k fits
+    the slot a dispatch reserves, and rows_per_round fills but never overfills the staging area."""
+    ext = _ext.load_extension()
+    if ext is None:
+        pytest.skip(_ext.kernels_unavailable_reason())
+    constants = ext.intranode_layout()
+    assert constants["staging_offset"] % 128 == 0 and constants["num_host_counters"] > constants["max_local_experts"]
+    slot_bytes = ext.intranode_reserved_slot_bytes(hidden, num_topk)
+    assert slot_bytes % 16 == 0 and slot_bytes >= 2 * hidden + 12 * num_topk + 4
+    assert ext.intranode_combine_slot_bytes(hidden, num_topk) <= slot_bytes
+    for num_ranks in (2, 3, 8):
+        for rows in (1, 7, 100):
+            num_bytes = constants["staging_offset"] + num_ranks * rows * slot_bytes
+            assert ext.intranode_rows_per_round(num_bytes, num_ranks, slot_bytes) == rows
+            assert ext.intranode_rows_per_round(num_bytes - 1, num_ranks, slot_bytes) == rows - 1

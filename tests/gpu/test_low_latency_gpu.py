@@ -1,0 +1,401 @@
+"""Low-latency kernels (csrc/low_latency, deep_ep_py/backends/low_latency.py) on N ranks sharing the GPU.
+
+Every rank builds every rank's inputs from one seed, so each computes locally what it must receive (the
+expectation); the main test also runs the reference backend on the same inputs. Dispatch is compared exactly
+(per (local expert, source rank) block, rows sorted by (token, top-k slot): indices, bf16 payloads, fp8 bytes and
+scale bits against deep_ep_py.fp8). Combine sums in float32 and rounds to bf16 once, as the reference; the order
+of the sum differs, hence the tolerance COMBINE_TOL (absolute and relative, a few bf16 ulps).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from deep_ep_py import _ext
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+
+COMBINE_TOL = 2e-2
+# Small shapes: tokens per rank, hidden (a multiple of 512 for ue8m0), top-k, experts per rank.
+MAX_TOKENS = 24
+HIDDEN = 512
+NUM_TOPK = 4
+EXPERTS_PER_RANK = 3
+FORMATS = {  # name -> (use_fp8, round_scale, use_ue8m0)
+    "bf16": (False, False, False),
+    "fp8": (True, False, False),
+    "fp8_round": (True, True, False),
+    "fp8_ue8m0": (True, True, True),
+}
+
+
+def test_layout_matches_size_hint():
+    """The kernels' buffer layout and config.low_latency_rdma_size_hint are one formula (needs _C, not a GPU)."""
+    extension = _ext.load_extension()
+    if extension is None:
+        pytest.skip(_ext.kernels_unavailable_reason() or "no extension")
+    from deep_ep_py.config import low_latency_rdma_size_hint
+
+    for args in [(128, 7168, 8, 256), (8, 128, 2, 4), (3, 512, 4, 8), (1, 136, 2, 2), (64, 2048, 2, 32)]:
+        assert extension.low_latency_buffer_bytes(*args) == low_latency_rdma_size_hint(*args), args
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def make_inputs(seed: int, num_ranks: int, num_experts: int, empty_rank: int | None = 0):
+    """Every rank's (x bf16 [T_r, H], topk_idx int64 [T_r, K], topk_weights float32 [T_r, K]) on the CPU.
+    Token counts vary (<= MAX_TOKENS, rank `empty_rank` has none); experts are distinct per token, ~15% are -1."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = []
+    for rank in range(num_ranks):
+        num_tokens = 0 if rank == empty_rank else int(torch.randint(1, MAX_TOKENS + 1, (1,), generator=gen))
+        x = (torch.randn(num_tokens, HIDDEN, generator=gen) * 3).to(torch.bfloat16)
+        x[:, :7] = 0  # exercise zero channels; one token with a tiny amax group below
+        if num_tokens > 1:
+            x[1, :128] = 1e-6
+        topk = torch.rand(num_tokens, num_experts, generator=gen).argsort(dim=1)[:, :NUM_TOPK]
+        topk = torch.where(torch.rand(num_tokens, NUM_TOPK, generator=gen) < 0.15, -1, topk)
+        weights = torch.rand(num_tokens, NUM_TOPK, generator=gen)
+        inputs.append((x, topk.to(torch.int64), weights))
+    return inputs
+
+
+def expected_rows(inputs, rank: int, experts_per_rank: int, masked: set[int]):
+    """[local expert] -> [source rank] -> sorted list of (token, top-k slot) this rank must receive."""
+    rows = [[[] for _ in inputs] for _ in range(experts_per_rank)]
+    if rank in masked:
+        return rows
+    for src, (_, topk, _) in enumerate(inputs):
+        if src in masked:
+            continue
+        for token, slot in (topk // experts_per_rank == rank).nonzero().tolist():
+            if topk[token, slot] >= 0:
+                rows[int(topk[token, slot]) % experts_per_rank][src].append((token, slot))
+    return rows
+
+
+def expert_output(x_row: torch.Tensor, slot: int) -> torch.Tensor:
+    """What the 'expert' returns for a received row: a function of the token and its top-k slot only."""
+    return (x_row.float() * (1.0 + slot / 8.0)).to(torch.bfloat16)
+
+
+def expected_combine(x, topk, weights, masked: set[int], experts_per_rank: int) -> torch.Tensor:
+    acc = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float32)
+    for token in range(x.shape[0]):
+        for slot in range(topk.shape[1]):
+            expert = int(topk[token, slot])
+            if expert >= 0 and expert // experts_per_rank not in masked:
+                acc[token] += weights[token, slot] * expert_output(x[token], slot).float()
+    return acc.to(torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+
+def check_dispatch(result, inputs, rank, experts_per_rank, fmt, masked=frozenset(), what=""):
+    from deep_ep_py import fp8
+
+    recv_x, recv_scales, recv_count, handle = (t.cpu() if torch.is_tensor(t) else t for t in result[:4])
+    use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
+    expected = expected_rows(inputs, rank, experts_per_rank, set(masked))
+    cast = [fp8.per_token_cast_to_fp8(x.float(), round_scale, use_ue8m0) if use_fp8 else None for x, _, _ in inputs]
+    src_info, src_slot, ranges = handle.src_info.cpu(), handle.src_topk_slot.cpu(), handle.layout_range.cpu()
+    for expert in range(experts_per_rank):
+        total = sum(len(r) for r in expected[expert])
+        assert int(recv_count[expert]) == total, (
+            f"{what} rank {rank} expert {expert}: {int(recv_count[expert])} != {total}"
+        )
+        offset = 0
+        for src, rows in enumerate(expected[expert]):
+            got_offset, got_count = int(ranges[expert, src]) >> 32, int(ranges[expert, src]) & 0xFFFFFFFF
+            assert (got_offset, got_count) == (offset, len(rows)), (
+                f"{what} rank {rank} e{expert} src {src}: {(got_offset, got_count)} != {(offset, len(rows))}"
+            )
+            block = range(offset, offset + len(rows))
+            got = sorted((int(src_info[expert, p]), int(src_slot[expert, p]), p) for p in block)
+            assert [(t, k) for t, k, _ in got] == rows, f"{what} rank {rank} e{expert} src {src}: rows {got} != {rows}"
+            x_src = inputs[src][0]
+            for token, _, p in got:
+                if not use_fp8:
+                    assert torch.equal(recv_x[expert, p], x_src[token]), (
+                        f"{what} rank {rank} e{expert} row {p}: payload"
+                    )
+                    continue
+                values, scales = cast[src]
+                assert torch.equal(recv_x[expert, p].view(torch.uint8), values[token].view(torch.uint8)), (
+                    f"{what} rank {rank} e{expert} row {p}: fp8 bytes differ from deep_ep_py.fp8"
+                )
+                got_scales = recv_scales[expert, p].contiguous()
+                want = scales[token].contiguous()
+                assert torch.equal(got_scales.view(torch.int32), want.view(torch.int32)), (
+                    f"{what} rank {rank} e{expert} row {p}: scales {got_scales.tolist()} != {want.tolist()}"
+                )
+            offset += len(rows)
+
+
+def expert_outputs_for(handle, inputs, experts_per_rank, num_ranks) -> torch.Tensor:
+    """bf16 [L, R*M, H]: expert_output of each valid row (found through the handle), poison elsewhere."""
+    out = torch.full((experts_per_rank, num_ranks * MAX_TOKENS, HIDDEN), float("nan"), dtype=torch.bfloat16)
+    ranges = handle.layout_range.cpu()
+    src_info, src_slot = handle.src_info.cpu(), handle.src_topk_slot.cpu()
+    for expert in range(experts_per_rank):
+        for src in range(num_ranks):
+            offset, count = int(ranges[expert, src]) >> 32, int(ranges[expert, src]) & 0xFFFFFFFF
+            for p in range(offset, offset + count):
+                out[expert, p] = expert_output(inputs[src][0][int(src_info[expert, p])], int(src_slot[expert, p]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+
+def _setup(num_experts: int):
+    import torch.distributed as dist
+
+    from deep_ep_py import _ext as ext_module
+    from deep_ep_py.backends.low_latency import LowLatencyKernels
+    from deep_ep_py.backends.reference import ReferenceBackend
+    from deep_ep_py.config import low_latency_rdma_size_hint
+    from deep_ep_py.runtime import NvshmemContext
+    from deep_ep_py.topology import detect_topology
+
+    num_ranks = dist.get_world_size()
+    num_bytes = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    context = NvshmemContext(None, num_symmetric_bytes=num_bytes)
+    topology = detect_topology(None, None)
+    kernels = LowLatencyKernels(None, topology, num_bytes, ext_module.load_extension(), context)
+    return kernels, ReferenceBackend(None, topology), context
+
+
+def _teardown(kernels, context) -> None:
+    kernels.destroy()
+    context.finalize()
+
+
+def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None):
+    x, topk, _ = inputs[rank]
+    use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
+    result = backend.low_latency_dispatch(
+        x.cuda(), topk.cuda(), MAX_TOKENS, num_experts, stats, None, use_fp8, round_scale, use_ue8m0, hook
+    )
+    if hook:
+        result[4]()
+    torch.cuda.synchronize()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- workers
+
+
+def _against_reference_worker(rank: int, num_ranks: int, fmt: str, hook: bool, zero_copy: bool) -> None:
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, reference, context = _setup(num_experts)
+    stats = torch.zeros(EXPERTS_PER_RANK, dtype=torch.int32, device="cuda")
+    expected_total = 0
+    for seed in range(3):
+        inputs = make_inputs(100 + seed, num_ranks, num_experts, empty_rank=seed % num_ranks)
+        ours = _dispatch(kernels, inputs, rank, num_experts, fmt, hook=hook, stats=stats)
+        theirs = _dispatch(reference, inputs, rank, num_experts, fmt)
+        check_dispatch(ours, inputs, rank, EXPERTS_PER_RANK, fmt, what=f"kernels seed {seed}")
+        expected_total += sum(
+            len(rows) for per_src in expected_rows(inputs, rank, EXPERTS_PER_RANK, set()) for rows in per_src
+        )
+        check_dispatch(theirs, inputs, rank, EXPERTS_PER_RANK, fmt, what=f"reference seed {seed}")
+        assert torch.equal(ours[2].cpu(), theirs[2].cpu()) and torch.equal(
+            ours[3].layout_range.cpu(), theirs[3].layout_range.cpu()
+        )
+
+        x, topk, weights = inputs[rank]
+        want = expected_combine(x, topk, weights, set(), EXPERTS_PER_RANK)
+        outs = []
+        for backend, result in ((kernels, ours), (reference, theirs)):
+            handle = result[3]
+            expert_x = expert_outputs_for(handle, inputs, EXPERTS_PER_RANK, num_ranks).cuda()
+            out = torch.full((x.shape[0], HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
+            use_zero_copy = zero_copy and backend is kernels
+            if use_zero_copy:
+                kernels.next_combine_buffer(handle, torch.device("cuda")).copy_(expert_x)
+            combined, combine_hook = backend.low_latency_combine(
+                expert_x, topk.cuda(), weights.cuda(), handle, use_zero_copy, hook, out, None
+            )
+            combine_hook()
+            torch.cuda.synchronize()
+            assert combined.data_ptr() == out.data_ptr()
+            outs.append(combined.cpu())
+        for name, got in zip(("kernels", "reference"), outs):
+            torch.testing.assert_close(
+                got.float(),
+                want.float(),
+                rtol=COMBINE_TOL,
+                atol=COMBINE_TOL,
+                msg=lambda m, name=name, seed=seed: f"{name} rank {rank} seed {seed}: {m}",
+            )
+    assert int(stats.sum()) == expected_total, (int(stats.sum()), expected_total)
+    kernels.check_device_errors("test end")
+    _teardown(kernels, context)
+
+
+def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -> None:
+    """Identity experts (combine x = dispatch recv_x): combined[t] = x[t] * sum of its summed weights."""
+    valid = topk_gpu >= 0
+    for r in masked_ranks:
+        valid &= topk_gpu // EXPERTS_PER_RANK != r
+    want = (x_gpu.float() * (weights_gpu * valid).sum(1, keepdim=True)).to(torch.bfloat16)
+    torch.testing.assert_close(combined.float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
+
+
+def _repeat_and_graph_worker(rank: int, num_ranks: int, num_iters: int) -> None:
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _, context = _setup(num_experts)
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+
+    def fresh(num_tokens):
+        x = torch.randn(num_tokens, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16)
+        topk = torch.rand(num_tokens, num_experts, device="cuda", generator=gen).argsort(dim=1)[:, :NUM_TOPK]
+        topk = torch.where(torch.rand(num_tokens, NUM_TOPK, device="cuda", generator=gen) < 0.15, -1, topk)
+        return x, topk.contiguous(), torch.rand(num_tokens, NUM_TOPK, device="cuda", generator=gen)
+
+    def round_trip(x, topk, weights, out, hook):
+        recv_x, _, _, handle, dispatch_hook = kernels.low_latency_dispatch(
+            x, topk, MAX_TOKENS, num_experts, None, None, False, False, False, hook
+        )
+        dispatch_hook()
+        combined, combine_hook = kernels.low_latency_combine(recv_x, topk, weights, handle, False, hook, out, None)
+        combine_hook()
+        return combined
+
+    # Repeated calls, eager: fresh data and token counts each time, out poisoned first.
+    for i in range(num_iters):
+        x, topk, weights = fresh(int(torch.randint(0, MAX_TOKENS + 1, (1,))) if i % 7 else MAX_TOKENS)
+        out = torch.full_like(x, float("nan"))
+        combined = round_trip(x, topk, weights, out, hook=i % 2 == 1)
+        _round_trip_check(x, topk, weights, combined)
+    kernels.check_device_errors("eager repeats")
+
+    # CUDA graph: capture one round trip on static tensors, replay with fresh data copied in.
+    static_x, static_topk, static_weights = fresh(MAX_TOKENS)
+    static_out = torch.empty_like(static_x)
+    round_trip(static_x, static_topk, static_weights, static_out, hook=False)  # warm-up: workspace, pools
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        round_trip(static_x, static_topk, static_weights, static_out, hook=False)
+    for _ in range(num_iters):
+        x, topk, weights = fresh(MAX_TOKENS)
+        static_x.copy_(x)
+        static_topk.copy_(topk)
+        static_weights.copy_(weights)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        _round_trip_check(x, topk, weights, static_out)
+    torch.cuda.synchronize()
+    kernels.check_device_errors("graph replays")
+    _teardown(kernels, context)
+
+
+def _mask_worker(rank: int, num_ranks: int) -> None:
+    """The last rank 'dies' (makes no low-latency call); the others mask it and keep working."""
+    import torch.distributed as dist
+
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _, context = _setup(num_experts)
+    victim = num_ranks - 1
+    if rank != victim:
+        kernels.update_mask(victim, True)
+        status = torch.empty(num_ranks, dtype=torch.int32, device="cuda")
+        kernels.query_mask(status)
+        assert status.tolist() == [int(r == victim) for r in range(num_ranks)], status.tolist()
+        for seed in range(4):
+            inputs = make_inputs(300 + seed, num_ranks, num_experts, empty_rank=None)
+            result = _dispatch(kernels, inputs, rank, num_experts, "fp8", hook=bool(seed % 2))
+            check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "fp8", masked={victim}, what=f"masked seed {seed}")
+            x, topk, weights = inputs[rank]
+            expert_x = expert_outputs_for(result[3], inputs, EXPERTS_PER_RANK, num_ranks).cuda()
+            combined, _ = kernels.low_latency_combine(
+                expert_x, topk.cuda(), weights.cuda(), result[3], False, False, None, None
+            )
+            torch.cuda.synchronize()
+            want = expected_combine(x, topk, weights, {victim}, EXPERTS_PER_RANK)
+            torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
+        kernels.check_device_errors("masked calls")
+    dist.barrier()
+    kernels.clean_low_latency_buffer()
+    kernels.clean_mask()
+    # Everyone back: a normal call works after the clean.
+    inputs = make_inputs(400, num_ranks, num_experts)
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after unmask")
+    _teardown(kernels, context)
+
+
+def _timeout_worker(rank: int, num_ranks: int) -> str:
+    import torch.distributed as dist
+
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _, context = _setup(num_experts)
+    missing = num_ranks - 1
+    message = ""
+    if rank != missing:
+        inputs = make_inputs(500, num_ranks, num_experts)
+        x, topk, _ = inputs[rank]
+        kernels.low_latency_dispatch(
+            x.cuda(), topk.cuda(), MAX_TOKENS, num_experts, None, None, True, False, False, False
+        )
+        torch.cuda.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
+        try:
+            kernels.check_device_errors("test")
+        except DeepEPTimeoutError as exc:
+            message = str(exc)
+        assert f"channel {missing}" in message and "low-latency dispatch" in message, message
+    dist.barrier()
+    kernels.clean_low_latency_buffer()
+    _teardown(kernels, context)
+    return message
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("mode", ["plain", "hook", "zero_copy"])
+def test_against_reference(require_gpu, num_ranks, fmt, mode, launch_timeout_s):
+    from deep_ep_py.testing import launch
+
+    launch(
+        _against_reference_worker,
+        num_ranks,
+        fmt,
+        mode == "hook",
+        mode == "zero_copy",
+        device="cuda",
+        timeout_s=launch_timeout_s,
+    )
+
+
+def test_repeated_calls_and_cuda_graph(require_gpu, num_ranks, launch_timeout_s):
+    from deep_ep_py.testing import launch
+
+    num_iters = int(os.environ.get("DEEP_EP_PY_LL_TEST_ITERS", "1000"))
+    launch(_repeat_and_graph_worker, num_ranks, num_iters, device="cuda", timeout_s=max(launch_timeout_s, 600.0))
+
+
+def test_rank_mask(require_gpu, num_ranks, launch_timeout_s):
+    from deep_ep_py.testing import launch
+
+    launch(_mask_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+
+
+def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
+    from deep_ep_py.testing import launch
+
+    messages = launch(
+        _timeout_worker, num_ranks, device="cuda", env={"DEEP_EP_PY_TIMEOUT_S": "2"}, timeout_s=launch_timeout_s
+    )
+    assert all(f"channel {num_ranks - 1}" in m for m in messages[:-1]), messages
