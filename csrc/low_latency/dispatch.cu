@@ -81,8 +81,11 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     const int num_ranks = shape.num_ranks;
     const int num_local_experts = layout.num_local_experts;
     const int64_t msg_bytes = layout.dispatch_msg_bytes;
-    const int64_t msg_int4 = msg_bytes / 16;
     const bool is_fp8 = args.format != DispatchFormat::kBf16;
+    // Bytes of a message this format fills (the slot stride is the larger bf16 size): header, payload, scales.
+    const int64_t used_msg_bytes =
+        align_up(kHeaderBytes + (is_fp8 ? hidden + 4 * (hidden / kFp8GroupSize) : 2 * static_cast<int64_t>(hidden)), 16);
+    const int64_t msg_int4 = used_msg_bytes / 16;
     int* next_slot = args.workspace;                      // [E]
     int* num_finished_blocks = args.workspace + shape.num_experts;
     bool issued_puts = false;
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
             } else {
                 // Through the remote transport: the payload from the (symmetric) send area, the header by value.
                 __threadfence_system();
-                nvshmemx_putmem_nbi_warp(dst_msg + kHeaderBytes, msg + kHeaderBytes, msg_bytes - kHeaderBytes,
+                nvshmemx_putmem_nbi_warp(dst_msg + kHeaderBytes, msg + kHeaderBytes, used_msg_bytes - kHeaderBytes,
                                          dst_rank);
                 if (lane_idx == 0) {
                     nvshmem_int_p(reinterpret_cast<int*>(dst_msg), token_idx, dst_rank);
