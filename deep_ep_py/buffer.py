@@ -385,7 +385,7 @@ class Buffer:
                 topk_weights,
                 expert_alignment,
                 num_worst_tokens,
-                config,
+                config=config,
             ),
             previous_event,
             async_finish,
@@ -451,7 +451,7 @@ class Buffer:
         (combined_x, combined_weights), event = self._run(
             x.is_cuda,
             lambda: self._backend.combine(
-                x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases, config
+                x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases, config=config
             ),
             previous_event,
             async_finish,

@@ -91,52 +91,16 @@ class CudaBackend(ReferenceBackend):
             return False
         return handle is None or self.intranode.owns(handle)
 
-    def dispatch(
-        self,
-        x,
-        x_scales,
-        handle,
-        is_token_in_rank,
-        num_tokens_per_rank,
-        num_tokens_per_expert,
-        topk_idx,
-        topk_weights,
-        expert_alignment,
-        num_worst_tokens,
-        config: Config | None = None,
-    ):
+    def dispatch(self, x, x_scales, handle, *args, config: Config | None = None):
+        """Arguments as ReferenceBackend.dispatch."""
         if not self._intranode_takes(x, handle):
-            return super().dispatch(
-                x,
-                x_scales,
-                handle,
-                is_token_in_rank,
-                num_tokens_per_rank,
-                num_tokens_per_expert,
-                topk_idx,
-                topk_weights,
-                expert_alignment,
-                num_worst_tokens,
-                config,
-            )
-        return self.intranode.dispatch(
-            x,
-            x_scales,
-            handle,
-            is_token_in_rank,
-            num_tokens_per_rank,
-            num_tokens_per_expert,
-            topk_idx,
-            topk_weights,
-            expert_alignment,
-            num_worst_tokens,
-            config.num_sms,
-        )
+            return super().dispatch(x, x_scales, handle, *args, config=config)
+        return self.intranode.dispatch(x, x_scales, handle, *args, num_sms=config.num_sms)
 
     def combine(self, x, handle, topk_weights, bias, config: Config | None = None):
-        if not self._intranode_takes(x, handle) or handle is None:
-            return super().combine(x, handle, topk_weights, bias, config)
-        return self.intranode.combine(x, handle, topk_weights, bias, config.num_sms)
+        if not self._intranode_takes(x, handle):
+            return super().combine(x, handle, topk_weights, bias, config=config)
+        return self.intranode.combine(x, handle, topk_weights, bias, num_sms=config.num_sms)
 
     # ----------------------------------------------------------------------------------------- low latency
 
