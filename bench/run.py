@@ -220,7 +220,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"(timeout {timeout_s:.0f} s)"
         )
         launch_start = time.perf_counter()
-        per_rank = launch(bench_worker, num_ranks, cfg, timeout_s=timeout_s, backend=args.dist_backend)
+        per_rank = launch(
+            bench_worker, num_ranks, cfg, timeout_s=timeout_s, backend=args.dist_backend, device=cfg.device
+        )
         log(f"ranks={num_ranks} done in {time.perf_counter() - launch_start:.1f} s")
         first_rank = first_rank or per_rank[0]
         rows += _rows_for(num_ranks, cfg, per_rank)
