@@ -46,3 +46,13 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t.shape[1], t.shape[0]), dtype=t.dtype).T
     out.copy_(t)
     return out
+
+
+def import_deep_ep():
+    """`import deep_ep` as the frameworks do, after deep_ep_py.alias() registered the package under that name."""
+    import deep_ep_py
+
+    deep_ep_py.alias()
+    import deep_ep
+
+    return deep_ep

@@ -54,7 +54,8 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
     __syncthreads();
     ControlArea* own = control_area(peers.base[peers.rank]);
     if (threadIdx.x == 0) {
-        const int epoch = own->local_epoch + 1;
+        // Volatile: the previous barrier kernel (maybe on another SM) wrote it; never trust a cached line.
+        const int epoch = ptx::ld_volatile_global(&own->local_epoch) + 1;
         own->local_epoch = epoch;
         s_epoch = epoch;
         s_ok = 1;

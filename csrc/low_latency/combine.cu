@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
     const int num_local_experts = layout.num_local_experts;
     const int num_topk = args.num_topk;
     int* topk_valid_smem = reinterpret_cast<int*>(topk_weight_smem + num_topk);  // [K] 1 = summed
-    int* num_finished_blocks = args.workspace + shape.num_experts + 2;
+    int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 2;
 
     int failed = 0;
     for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;

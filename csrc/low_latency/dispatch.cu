@@ -86,8 +86,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     const int64_t used_msg_bytes =
         align_up(kHeaderBytes + (is_fp8 ? hidden + 4 * (hidden / kFp8GroupSize) : 2 * static_cast<int64_t>(hidden)), 16);
     const int64_t msg_int4 = used_msg_bytes / 16;
-    int* next_slot = args.workspace;                      // [E]
-    int* num_finished_blocks = args.workspace + shape.num_experts;
+    int* workspace = half_workspace(args.workspace, shape.num_experts, args.half_idx);
+    int* next_slot = workspace;                           // [E]
+    int* num_finished_blocks = workspace + shape.num_experts;
     bool issued_puts = false;
 
     for (int token_idx = static_cast<int>(blockIdx.x); token_idx < args.num_tokens;
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
     const int64_t num_slots = static_cast<int64_t>(num_ranks) * shape.num_max_tokens;  // R*M rows per expert
     const int64_t msg_bytes = layout.dispatch_msg_bytes;
     const int num_groups = hidden / kFp8GroupSize;
-    int* num_finished_blocks = args.workspace + shape.num_experts + 1;
+    int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 1;
     __shared__ int unit_offset, unit_count, unit_failed;
 
     for (int unit = static_cast<int>(blockIdx.x); unit < num_local_experts * num_ranks;
@@ -222,11 +223,13 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             }
         }
         __syncthreads();
-        const int offset = unit_offset;
-        const int count = unit_count;
         const bool failed = unit_failed != 0;
+        const int offset = unit_offset;
+        // A wait timed out (the error record says which): copy nothing, but still write an empty, in-bounds range
+        // and count below, so that a combine launched on this handle before the host sees the error reads no
+        // garbage offsets (an illegal address would turn the timeout into a sticky CUDA error).
+        const int count = failed ? 0 : unit_count;
         __syncthreads();  // warp 0 rewrites the shared values for the next unit only after all have read them
-        if (failed) continue;  // a wait timed out: the error record says which; leave the outputs
 
         const uint8_t* unit_msgs =
             half.recv + (static_cast<int64_t>(local_expert) * num_ranks + src_rank) * shape.num_max_tokens * msg_bytes;
@@ -269,7 +272,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                 (static_cast<int64_t>(offset) << 32) | static_cast<int64_t>(count);
             if (src_rank == num_ranks - 1) {
                 args.recv_count[local_expert] = offset + count;
-                if (args.cumulative_recv_stats != nullptr) atomicAdd(args.cumulative_recv_stats + local_expert, offset + count);
+                if (args.cumulative_recv_stats != nullptr && !failed)
+                    atomicAdd(args.cumulative_recv_stats + local_expert, offset + count);
             }
         }
     }

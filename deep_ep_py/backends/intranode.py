@@ -16,6 +16,7 @@ Shapes: T tokens here, H hidden, K top-k, R ranks, E experts, L = E / R, N rows 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -34,6 +35,10 @@ __all__ = ["IntranodeKernels", "IntranodeState"]
 # (which names the missing rank) rather than by the host's own deadline.
 _HOST_WAIT_EXTRA_S = 5.0
 
+# IntranodeState.owner: a token unique for the process's lifetime (id() of a destroyed object can be reused by a new
+# one, which would then accept the old handles with their rows_per_round).
+_owner_tokens = itertools.count(1)
+
 
 @dataclasses.dataclass(frozen=True)
 class IntranodeState:
@@ -43,7 +48,7 @@ class IntranodeState:
     send_list int32 [R, T]: the token of each ordinal (first send_counts[d] entries of row d).
     send_counts int32 [R]: tokens this rank sends to each rank.
     rows_per_round: B, rows per (source, destination) pair per round; num_rounds: rounds of every call on the handle.
-    slot_bytes: staging bytes per row reserved by the handle; num_local_experts: L; owner: id() of the kernels.
+    slot_bytes: staging bytes per row reserved by the handle; num_local_experts: L; owner: the kernels' owner token.
     """
 
     send_pos: torch.Tensor
@@ -65,6 +70,11 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 def _ptr(tensor: torch.Tensor | None) -> int:
     """Device address of a tensor, 0 for an absent one."""
     return tensor.data_ptr() if tensor is not None else 0
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The tensor on `device`: Buffer checks dtype and shape but not the device, and a host pointer faults a kernel."""
+    return tensor if tensor is None or tensor.device == device else tensor.to(device)
 
 
 class IntranodeKernels:
@@ -97,6 +107,7 @@ class IntranodeKernels:
         self.error_record = ext.ErrorRecord()
         self.host_counters = ext.HostCounters(self._constants["num_host_counters"])
         self._sequence = 0  # of the host counters: one per dispatch that the host waits for
+        self._owner = next(_owner_tokens)
         # Test hook: fill fresh outputs with this byte instead of leaving them uninitialised (see poison_staging).
         self.debug_poison_byte: int | None = None
 
@@ -170,6 +181,7 @@ class IntranodeKernels:
         self._check_device_errors("intranode dispatch (an earlier call's device wait)")
         x = _aligned(x)
         device = x.device
+        x_scales, topk_idx, topk_weights = (_on(t, device) for t in (x_scales, topk_idx, topk_weights))
         num_tokens, hidden = x.shape
         num_ranks = self.num_ranks
         if handle is not None:
@@ -191,6 +203,19 @@ class IntranodeKernels:
                     f"kernels, got {num_local_experts}"
                 )
             rows_per_round, slot_bytes = self.rows_per_round(hidden, num_topk)
+            if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
+                # Checked before any launch: the host would wait for counts from a kernel that is only captured.
+                raise ValueError(
+                    "num_worst_tokens: expected > 0 inside CUDA graph capture (a dispatch without it waits on the "
+                    "host for the received counts), got 0"
+                )
+            # The notify kernel (or a copy below) reads num_tokens_per_expert on this (communication) stream, possibly
+            # after the call returns (num_worst_tokens > 0 with async_finish), and Buffer does not list it among the
+            # inputs it keeps alive: keep its memory from being reused before that read.
+            if num_tokens_per_expert.is_cuda:
+                num_tokens_per_expert.record_stream(torch.cuda.current_stream(device))
+            is_token_in_rank = _on(is_token_in_rank, device)
+            num_tokens_per_expert = _on(num_tokens_per_expert, device).contiguous()
             send_pos = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
             send_list = torch.empty((num_ranks, num_tokens), dtype=torch.int32, device=device)
             send_counts = torch.empty((num_ranks,), dtype=torch.int32, device=device)
@@ -203,7 +228,7 @@ class IntranodeKernels:
                 **self._common(),
                 is_token_in_rank=is_token_in_rank.data_ptr(),
                 num_tokens=num_tokens,
-                num_tokens_per_expert=num_tokens_per_expert.contiguous().data_ptr(),
+                num_tokens_per_expert=num_tokens_per_expert.data_ptr(),
                 num_local_experts=num_local_experts,
                 expert_alignment=expert_alignment,
                 rows_per_round=rows_per_round,
@@ -230,7 +255,7 @@ class IntranodeKernels:
                 num_rounds=num_rounds,
                 slot_bytes=slot_bytes,
                 num_local_experts=num_local_experts,
-                owner=id(self),
+                owner=self._owner,
             )
 
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
@@ -301,7 +326,7 @@ class IntranodeKernels:
     def owns(self, handle: DispatchHandle) -> bool:
         """Whether handle came from this object's dispatch (else the caller runs the reference)."""
         state = handle.backend_state
-        return isinstance(state, IntranodeState) and state.owner == id(self)
+        return isinstance(state, IntranodeState) and state.owner == self._owner
 
     def _state_of(self, handle: DispatchHandle) -> IntranodeState:
         if not self.owns(handle):
@@ -324,6 +349,7 @@ class IntranodeKernels:
         state = self._state_of(handle)
         x = _aligned(x)
         device = x.device
+        topk_weights = _on(topk_weights, device)
         num_x_rows, hidden = x.shape
         num_tokens = handle.num_tokens
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
@@ -342,7 +368,7 @@ class IntranodeKernels:
         )
         combined_x = self._empty((num_tokens, hidden), torch.bfloat16, device)
         combined_weights = self._empty((num_tokens, num_topk), torch.float32, device) if num_topk else None
-        biases = [_aligned(b.contiguous()) for b in bias]
+        biases = [_aligned(_on(b, device).contiguous()) for b in bias]
         self._ext.intranode_combine(
             **self._common(),
             num_rounds=state.num_rounds,

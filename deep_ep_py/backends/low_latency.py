@@ -66,6 +66,16 @@ def _ptr(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
 
 
+def _accumulator(stats: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, Callable[[], None]]:
+    """(what the kernel atomically adds into, what to run on the stream after that kernel). The kernels add at
+    base pointer + index: a stats tensor that is not a contiguous tensor on this GPU gets a zeroed contiguous
+    stand-in, added into it after the kernel."""
+    if stats is None or (stats.device == device and stats.is_contiguous()):
+        return stats, _noop
+    staging = torch.zeros(stats.shape, dtype=stats.dtype, device=device)
+    return staging, lambda: stats.add_(staging.to(stats.device))
+
+
 class LowLatencyKernels:
     """The low-latency calls on one symmetric buffer. Collective construction over ``group``.
 
@@ -130,7 +140,8 @@ class LowLatencyKernels:
         return idx
 
     def _workspace(self, num_experts: int) -> torch.Tensor:
-        """int32 [E + 3] counters, zero between kernels (each kernel's last block zeroes what it used)."""
+        """int32 [2 * (E + 3)] counters, one set per buffer half, zero between kernels (each kernel's last block
+        zeroes what it used)."""
         if num_experts not in self._workspaces:
             num_ints = self._C.low_latency_workspace_ints(num_experts)
             self._workspaces[num_experts] = torch.zeros(num_ints, dtype=torch.int32, device=self.device)
@@ -227,6 +238,8 @@ class LowLatencyKernels:
         src_topk_slot = torch.full((experts_per_rank, num_slots), -1, dtype=torch.int32, device=device)
         layout_range = torch.empty(experts_per_rank, num_ranks, dtype=torch.int64, device=device)
         recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
+        recv_stats, finish_recv_stats = _accumulator(cumulative_local_expert_recv_stats, device)
+        wait_stats, finish_wait_stats = _accumulator(dispatch_wait_recv_cost_stats, device)
 
         args = {
             "num_max_dispatch_tokens_per_rank": max_tokens,
@@ -249,8 +262,8 @@ class LowLatencyKernels:
             "src_topk_slot_ptr": src_topk_slot.data_ptr(),
             "layout_range_ptr": layout_range.data_ptr(),
             "recv_count_ptr": recv_count.data_ptr(),
-            "cumulative_recv_stats_ptr": _ptr(cumulative_local_expert_recv_stats),
-            "wait_recv_cost_stats_ptr": _ptr(dispatch_wait_recv_cost_stats),
+            "cumulative_recv_stats_ptr": _ptr(recv_stats),
+            "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
         self._C.low_latency_dispatch_send(**args, **self._launch_args())
         handle = LowLatencyHandle(
@@ -270,6 +283,8 @@ class LowLatencyKernels:
         def receive() -> None:
             assert inputs
             self._C.low_latency_dispatch_recv(**args, **self._launch_args())
+            finish_recv_stats()
+            finish_wait_stats()
 
         hook = self._with_hook(receive, return_recv_hook, "low_latency_dispatch")
         return recv_x, recv_x_scales, recv_count, handle, hook
@@ -314,6 +329,7 @@ class LowLatencyKernels:
         topk_idx = topk_idx.contiguous()
         topk_weights = topk_weights.contiguous()
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        wait_stats, finish_wait_stats = _accumulator(combine_wait_recv_cost_stats, self.device)
         if combined.numel() > 0 and combined.data_ptr() % 16 != 0:
             raise ValueError(f"out: expected a 16-byte aligned tensor, got data_ptr {combined.data_ptr():#x}")
         args = {
@@ -335,7 +351,7 @@ class LowLatencyKernels:
             "half_idx": half_idx,
             "workspace_ptr": self._workspace(num_experts).data_ptr(),
             "out_ptr": _ptr(combined),
-            "wait_recv_cost_stats_ptr": _ptr(combine_wait_recv_cost_stats),
+            "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
         self._C.low_latency_combine_send(**args, **self._launch_args())
         inputs = (source, topk_idx, topk_weights, handle)
@@ -343,6 +359,7 @@ class LowLatencyKernels:
         def receive() -> None:
             assert inputs
             self._C.low_latency_combine_recv(**args, **self._launch_args())
+            finish_wait_stats()
 
         return combined, self._with_hook(receive, return_recv_hook, "low_latency_combine")
 
@@ -358,6 +375,9 @@ class LowLatencyKernels:
             workspace.zero_()
         torch.cuda.synchronize(self.device)
         self.error_record.reset()
+        # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
+        # others, whose next call would otherwise wait on the other half's signals.
+        self.buffer_idx = 0
         dist.barrier(group=self.group)
 
     def update_mask(self, rank: int, mask: bool) -> None:

@@ -54,6 +54,26 @@ CASES = [
     Case("fp8", (20, 13, 8, 16), hidden=512, drop_prob=0.1, fp8=True, alignment=128),
     Case("fp8_multi_round", (20, 13, 8, 16), hidden=384, fp8=True, rows_per_round=4),
     Case("top1_hidden8", (10, 4, 7, 3), hidden=8, num_topk=1, experts_per_rank=1),
+    Case(
+        "top16_hidden8",
+        (13, 0, 6, 21),
+        hidden=8,
+        num_topk=16,
+        experts_per_rank=8,
+        drop_prob=0.3,
+        num_biases=2,
+        rows_per_round=2,
+    ),
+    Case(
+        "top16_fp8_hidden128",
+        (9, 4, 11, 0),
+        hidden=128,
+        num_topk=16,
+        experts_per_rank=8,
+        drop_prob=0.3,
+        fp8=True,
+        alignment=4,
+    ),
     Case("all_dropped", (6, 6, 6, 6), drop_prob=1.0),
     Case("worst", (15, 0, 22, 9), drop_prob=0.2, worst=True, num_biases=1),
     Case("worst_multi_round", (15, 3, 22, 9), fp8=True, worst=True, rows_per_round=4),
@@ -325,6 +345,71 @@ def _graph_worker(rank: int, num_ranks: int) -> int:
     return num_replays
 
 
+NUM_BACK_TO_BACK_STEPS = 6
+
+
+def _back_to_back_worker(rank: int, num_ranks: int) -> int:
+    """Dispatch + cached dispatch + combine of several steps issued with no host sync or barrier between the calls
+    (odd steps with num_worst_tokens, so not even the notify's host wait), one rank delayed on the GPU before each
+    step: a fast rank's next notify and sends must not disturb a slow rank still in the previous call. Every other
+    test synchronizes and barriers between calls, so only this one exercises the protocol across calls."""
+    import torch.distributed as dist
+
+    case = Case("back_to_back", (29, 7, 0, 18), drop_prob=0.2, num_biases=1, rows_per_round=4)
+    reference, kernels = _setup(num_ranks, case.hidden, case.num_topk, case.rows_per_round)
+    steps = []
+    for step in range(NUM_BACK_TO_BACK_STEPS):
+        inp, num_experts = _inputs(case, num_ranks, rank, step)
+        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = reference.get_dispatch_layout(
+            topk_idx, num_experts
+        )
+        totals = torch.tensor([inp.x.shape[0]], dtype=torch.int64)
+        dist.all_reduce(totals)
+        num_worst = int(totals.item()) + 1 if step % 2 == 1 else 0
+        layout = (is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights)
+        x = inp.x.cuda()
+        ref_out = reference.dispatch(
+            x,
+            num_tokens_per_rank=num_tokens_per_rank,
+            is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=num_worst,
+        )
+        gen = torch.Generator().manual_seed(step * 17 + rank + 3)
+        new_x = (torch.randn(inp.x.shape, generator=gen) * 3).to(torch.bfloat16).cuda()
+        ref_cached = reference.dispatch(new_x, handle=ref_out[4])
+        combine_x = (torch.randn((ref_out[0].shape[0], case.hidden), generator=gen) * 2).to(torch.bfloat16).cuda()
+        bias = (torch.randn((inp.x.shape[0], case.hidden), generator=gen).to(torch.bfloat16).cuda(),)
+        ref_combined = reference.combine(combine_x, ref_out[4], topk_weights=ref_out[2], bias=bias)
+        steps.append((x, layout, num_worst, new_x, combine_x, bias, ref_out, ref_cached, ref_combined))
+    torch.cuda.synchronize()
+    dist.barrier()
+
+    results = []
+    for step, (x, layout, num_worst, new_x, combine_x, bias, *_) in enumerate(steps):
+        if step % num_ranks == rank:
+            torch.cuda._sleep(2_000_000)  # about a millisecond: this rank enters the step late
+        mine = kernels.dispatch(x, None, None, *layout, 1, num_worst, 8)
+        cached = kernels.dispatch(new_x, None, mine[5], None, None, None, None, None, 1, 0, 8)
+        combined = kernels.combine(combine_x, mine[5], mine[3], bias, 8)
+        results.append((mine, cached, combined))
+    torch.cuda.synchronize()
+    kernels._check_device_errors("back-to-back test")
+    for step, ((*_, num_worst, _, _, _, ref_out, ref_cached, ref_combined), (mine, cached, combined)) in enumerate(
+        zip(steps, results)
+    ):
+        where = f"back-to-back step {step} rank {rank}/{num_ranks}"
+        _compare_dispatch(where, case, ref_out, mine, num_worst)
+        _compare_dispatch(f"{where} cached", case, (ref_cached[0], None, None, None, None, None), cached, 0)
+        _compare_combine(where, ref_combined, combined)
+    dist.barrier()
+    kernels.destroy()
+    return NUM_BACK_TO_BACK_STEPS
+
+
 def _timeout_worker(rank: int, num_ranks: int) -> str:
     """The last rank never calls dispatch: the others raise DeepEPTimeoutError naming it (as the channel)."""
     import torch.distributed as dist
@@ -370,6 +455,12 @@ def test_intranode_matches_reference(require_gpu, num_ranks, case, launch_timeou
 def test_intranode_worst_tokens_in_cuda_graph(require_gpu, num_ranks, launch_timeout_s):
     results = launch(_graph_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
     assert results == [5] * num_ranks
+
+
+@pytest.mark.gpu
+def test_intranode_back_to_back_calls(require_gpu, num_ranks, launch_timeout_s):
+    results = launch(_back_to_back_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    assert results == [NUM_BACK_TO_BACK_STEPS] * num_ranks
 
 
 @pytest.mark.gpu

@@ -20,11 +20,13 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 COMBINE_TOL = 2e-2
-# Small shapes: tokens per rank, hidden (a multiple of 512 for ue8m0), top-k, experts per rank.
+# Small shapes, each past the kernels' per-block strides so that their loops run more than once: tokens per rank
+# (> the 16 blocks of a send grid), hidden (a multiple of 512 for ue8m0; 12 FP8 groups > 8 warps per block),
+# top-k (> 8 warps per block; needs num_experts >= top-k for distinct experts), experts per rank.
 MAX_TOKENS = 24
-HIDDEN = 512
-NUM_TOPK = 4
-EXPERTS_PER_RANK = 3
+HIDDEN = 1536
+NUM_TOPK = 9
+EXPERTS_PER_RANK = 5
 FORMATS = {  # name -> (use_fp8, round_scale, use_ue8m0)
     "bf16": (False, False, False),
     "fp8": (True, False, False),
