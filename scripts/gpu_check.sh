@@ -97,6 +97,9 @@ cd "$REPO_DIR" || exit 2
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
 export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps_log}
 export DEEP_EP_PY_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-30}
+# Eager module loading: with lazy loading, the first launch of a kernel can stall the host while this rank's
+# barrier kernel already waits on its peers, which skews first-call timings and short timeout tests.
+export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 export PYTHONUNBUFFERED=1
 
 # ---- step bookkeeping -------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ class LowLatencyKernels:
         self._check_shapes(max_tokens, hidden, num_experts, num_topk)
         half_idx = self._next_buffer_idx()
         x = _aligned16(x)
-        topk_idx = topk_idx.contiguous()
+        # Buffer checks dtype and shape but not the device: a host pointer would fault the kernel.
+        topk_idx = topk_idx.to(x.device).contiguous()
         if not use_fp8:
             fmt = DispatchFormat.BF16
         elif use_ue8m0:
@@ -326,8 +327,10 @@ class LowLatencyKernels:
         self._check_shapes(max_tokens, hidden, num_experts, num_topk)
         half_idx = self._next_buffer_idx()
         source = self.combine_buffer(handle, half_idx) if zero_copy else _aligned16(x)
-        topk_idx = topk_idx.contiguous()
-        topk_weights = topk_weights.contiguous()
+        topk_idx = topk_idx.to(self.device).contiguous()
+        topk_weights = topk_weights.to(self.device).contiguous()
+        if out is not None and out.device != self.device:
+            raise ValueError(f"out: expected a tensor on {self.device}, got one on {out.device}")
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         wait_stats, finish_wait_stats = _accumulator(combine_wait_recv_cost_stats, self.device)
         if combined.numel() > 0 and combined.data_ptr() % 16 != 0:
