@@ -57,7 +57,9 @@ def per_token_cast_to_fp8(
         raise ValueError(f"x: expected hidden to be a multiple of 512 with use_ue8m0, got {hidden}")
     groups = x.float().view(num_tokens, hidden // GROUP_SIZE, GROUP_SIZE)
     amax = groups.abs().amax(dim=-1).clamp(min=FP8_AMAX_MIN)
-    scales = amax / FP8_MAX
+    # A tensor divisor, not the scalar 448: on CUDA torch turns division by a scalar into multiplication by its
+    # reciprocal, which rounds differently; tensor / tensor is a true division on every device, as in the kernels.
+    scales = amax / torch.full_like(amax, FP8_MAX)
     if round_scale:
         scales = round_up_to_power_of_two(scales)
     values = (groups / scales.unsqueeze(-1)).view(num_tokens, hidden).to(torch.float8_e4m3fn)

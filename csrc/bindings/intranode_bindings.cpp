@@ -17,11 +17,6 @@ namespace ep {
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
 intranode::PeerBuffers make_peers(const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank) {
     EP_HOST_ASSERT(!peer_ptrs.empty());
     EP_HOST_ASSERT_MSG(peer_ptrs.size() <= static_cast<size_t>(intranode::kMaxRanks), "at most ",

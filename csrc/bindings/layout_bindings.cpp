@@ -9,15 +9,6 @@ namespace py = pybind11;
 
 namespace ep {
 
-namespace {
-
-template <typename T>
-T* as_ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
-}  // namespace
-
 void register_layout(py::module_& m) {
     m.def(
         "get_dispatch_layout",

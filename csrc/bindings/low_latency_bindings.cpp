@@ -15,11 +15,6 @@ namespace ep {
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
 low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
     EP_HOST_ASSERT(timeout_s > 0.0);
     return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream),
