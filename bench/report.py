@@ -5,8 +5,9 @@ same table and JSON layout.
 
 A row's ``roof_fraction`` compares the payload the GPU moves with its copy roof: ranks sharing the GPU x GB/s per
 rank x 2 bytes (each payload byte read once and written once, the least any implementation must move) over the
-copy roof (bytes read + written per second). ``hbm_bytes_per_payload_byte`` is what the backend says it moves
-per payload byte, where it says so (DeepEP V1's intranode path: about 4).
+copy roof (bytes read + written per second). ``hbm_bytes_per_payload_byte`` is the HBM traffic per payload byte
+the producing kernels move by design (bench/settings.py HBM_BYTES_BY_DESIGN; DeepEP V1's intranode path and ours:
+about 4), or what the backend reports where it does; None for the reference fallback.
 """
 
 from __future__ import annotations

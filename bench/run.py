@@ -3,7 +3,13 @@
 Paths (each a row per rank count):
 - normal mode, ``--tokens`` per rank: dispatch bf16, dispatch fp8, combine bf16;
 - low-latency mode, ``--ll-tokens`` per rank: dispatch fp8 and combine bf16, each with and without
-  ``return_recv_hook`` (with the hook, the timed region is the call plus ``hook()``; "send us" is the call alone).
+  ``return_recv_hook`` (with the hook, the timed region is the call plus ``hook()``; "send us" is the call alone);
+- with ``--device cuda`` and the low-latency kernels active (DEEP_EP_PY_UNVERIFIED_KERNELS=1): one dispatch (fp8)
+  + combine captured in a CUDA graph, timed as ``graph.replay()`` ("ll_dispatch+combine graph"; bytes = dispatch
+  bytes + combine bytes). Elsewhere, or when the capture fails, no row and a note saying why.
+
+Each row's producer (the kernels, or the backend's reference fallback) is in the notes; "HBM B/payload B" is a
+design figure (bench/settings.py HBM_BYTES_BY_DESIGN) for rows the kernels produced, "-" otherwise.
 
 Routing is random: topk_idx = randn(T, E).topk(K), x random bf16. Normal dispatch is timed with the handle of a
 first dispatch (cached mode), as DeepEP's own test times it; ``--dispatch-handle fresh`` times the full call
@@ -32,11 +38,27 @@ from collections.abc import Sequence
 import torch
 
 from bench import report, timing
-from bench.settings import CASES, DEFAULT_ITERS, LOW_LATENCY, NORMAL, QUICK, REPO_DIR, STANDARD, BenchConfig, log
+from bench.settings import (
+    CASES,
+    DEFAULT_ITERS,
+    GRAPH_PATH,
+    LOW_LATENCY,
+    NORMAL,
+    QUICK,
+    REPO_DIR,
+    STANDARD,
+    BenchConfig,
+    hbm_bytes_per_payload_byte,
+    log,
+)
 from bench.worker import bench_worker
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver side: parses options, launches each rank count, reduces and reports.
+
+
+KERNELS = "kernels"
+REFERENCE_FALLBACK = "reference fallback"
 
 
 def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[report.Row]:
@@ -49,10 +71,17 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
     rows = []
     for path, mode, dtype, hook in CASES:
         key = (path, dtype, hook)
-        if key not in first["results"]:
+        if any(key not in r["results"] for r in per_rank):
             continue
-        rank_results = [timing.RankResult(**r["results"][key][0]) for r in per_rank]
+        results = [r["results"][key] for r in per_rank]
+        rank_results = [timing.RankResult(**result["rank_result"]) for result in results]
         reduced = timing.reduce_ranks(rank_results)
+        kernels_active = all(result["kernels_active"] for result in results)
+        num_tokens = sum(result["num_tokens"] for result in results)
+        rows_per_token = sum(result["num_rows"] for result in results) / num_tokens if num_tokens else None
+        hbm = results[0]["hbm_reported"]
+        if hbm is None:
+            hbm = hbm_bytes_per_payload_byte(path, kernels_active, rows_per_token)
         row = report.Row(
             path=path,
             mode=mode,
@@ -70,23 +99,42 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             send_time_us=reduced["send_time_us"],
             copy_roof_gbps=copy_roof,
             ranks_per_gpu=ranks_per_gpu,
-            hbm_bytes_per_payload_byte=first["results"][key][1],
+            hbm_bytes_per_payload_byte=hbm,
             per_rank_time_us=reduced["per_rank_time_us"],
             per_rank_gbps=reduced["per_rank_gbps"],
             per_rank_recv_bytes=reduced["per_rank_recv_bytes"],
-            extra={"per_rank_iter_us": [[t * 1e6 for t in r.iter_s] for r in rank_results]},
+            extra={
+                "produced_by": KERNELS if kernels_active else REFERENCE_FALLBACK,
+                "rows_per_token": rows_per_token,
+                "hbm_by_design": results[0]["hbm_reported"] is None and hbm is not None,
+                "per_rank_iter_us": [[t * 1e6 for t in r.iter_s] for r in rank_results],
+            },
         )
         row.fill_roof()
         rows.append(row)
     return rows
 
 
-def _notes(cfg: BenchConfig, backends: Sequence[str], has_kernels: bool) -> list[str]:
-    on_kernels = cfg.device == "cuda" and has_kernels and all(b == "cuda" for b in backends)
+def _producer_notes(rows: Sequence[report.Row]) -> list[str]:
+    """One line per rank count: which rows the kernels produced and which the reference fallback did."""
     notes = []
-    if not on_kernels:
+    for num_ranks in dict.fromkeys(row.ranks for row in rows):
+        by_producer: dict[str, list[str]] = {}
+        for row in rows:
+            if row.ranks == num_ranks:
+                label = row.path if row.mode == LOW_LATENCY else f"{row.path} {row.dtype}"
+                by_producer.setdefault(row.extra["produced_by"], []).append(label)
+        parts = [f"{who}: {', '.join(paths)}" for who, paths in by_producer.items()]
+        notes.append(f"ranks={num_ranks} rows from {'; '.join(parts)}")
+    return notes
+
+
+def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[str]) -> list[str]:
+    notes = []
+    if not any(row.extra.get("produced_by") == KERNELS for row in rows):
         where = "CPU, gloo" if cfg.device == "cpu" else "CUDA tensors, no kernels"
         notes.append(f"reference backend ({where}): figures measure the reference all-to-all, not kernels")
+    notes += _producer_notes(rows)
     if cfg.device != "cuda":
         notes.append("copy roof: - (no GPU)")
     else:
@@ -98,6 +146,16 @@ def _notes(cfg: BenchConfig, backends: Sequence[str], has_kernels: bool) -> list
         " bytes / time (fp8: H*(1+4/128) B a row, bf16: H*2 B)"
     )
     notes.append(f"normal dispatch timed with a {cfg.dispatch_handle} handle; ll_combine after an untimed dispatch")
+    if any(row.path == GRAPH_PATH for row in rows):
+        notes.append(
+            f"{GRAPH_PATH}: one ll_dispatch (fp8) + ll_combine (bf16) replayed from a CUDA graph, inputs copied in"
+            " untimed before each replay; bytes = dispatch bytes + combine bytes"
+        )
+    notes.append(
+        "HBM B/payload B: design figures from the kernels' code (bench/settings.py HBM_BYTES_BY_DESIGN), not"
+        " measurements; - for the reference fallback"
+    )
+    notes += worker_notes
     return notes
 
 
@@ -211,6 +269,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     rows: list[report.Row] = []
     first_rank: dict = {}
+    worker_notes: dict[str, list[int]] = {}  # note -> the rank counts that gave it
     start = time.perf_counter()
     for num_ranks in rank_counts:
         timeout_s = args.timeout_s or _default_timeout_s(cfg, num_ranks)
@@ -226,10 +285,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
         log(f"ranks={num_ranks} done in {time.perf_counter() - launch_start:.1f} s")
         first_rank = first_rank or per_rank[0]
         rows += _rows_for(num_ranks, cfg, per_rank)
+        for note in dict.fromkeys(note for r in per_rank for note in r.get("notes", [])):
+            worker_notes.setdefault(note, []).append(num_ranks)
 
     backends = sorted({row.backend for row in rows})
     has_kernels = bool(first_rank.get("has_kernels"))
-    notes = _notes(cfg, backends, has_kernels)
+    notes = _notes(cfg, rows, [f"{note} [ranks {','.join(map(str, counts))}]" for note, counts in worker_notes.items()])
     env = report.environment(
         device_name=first_rank.get("device_name", cfg.device),
         backend=",".join(backends),

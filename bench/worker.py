@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
+import traceback
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from bench import timing
-from bench.settings import BYTES_PER_CHANNEL, LOW_LATENCY, NORMAL, BenchConfig, log
+from bench.settings import BYTES_PER_CHANNEL, GRAPH_DTYPE, GRAPH_PATH, LOW_LATENCY, NORMAL, BenchConfig, log
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-rank side: runs inside each launched process.
@@ -71,6 +73,24 @@ def _hbm_bytes_per_payload_byte(buffer: object, path: str) -> float | None:
         except (TypeError, ValueError, KeyError):
             return None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _kernels_active(buffer: object, mode: str, device: torch.device) -> bool:
+    """Whether the Buffer's backend runs this mode's kernels (else its calls take the reference fallback): backend
+    "cuda" with its kernel module for the mode loaded (``_backend.intranode`` for normal mode,
+    ``_backend.low_latency`` for low latency; None unless DEEP_EP_PY_UNVERIFIED_KERNELS=1), and CUDA tensors."""
+    if device.type != "cuda" or getattr(buffer, "backend", None) != "cuda":
+        return False
+    module = "intranode" if mode == NORMAL else "low_latency"
+    return getattr(getattr(buffer, "_backend", None), module, None) is not None
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when ``ok`` on every rank (a collective: every rank must call it)."""
+    on_gpu = dist.get_backend() == "nccl"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
@@ -148,10 +168,21 @@ def _normal_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device
     }
 
 
-def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device) -> dict:
+@dataclasses.dataclass
+class LowLatencyInputs:
+    """One rank's low-latency inputs: routing of ll_tokens tokens and the expert outputs going back."""
+
+    x: torch.Tensor  # bf16 [T, H]
+    topk_idx: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # float32 [T, K]
+    expert_out: torch.Tensor | None = None  # bf16 [L, R*M, H], set by _low_latency_paths
+    num_recv_rows: int = 0  # (token, expert) rows this rank receives, set by _low_latency_paths
+
+
+def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device, inputs: LowLatencyInputs):
     """(path, dtype, hook) -> (fn, setup or None, payload rows this rank receives) for low-latency mode."""
     num_max_tokens = cfg.ll_tokens
-    x, topk_idx, topk_weights = _random_routing(num_max_tokens, cfg, device)
+    x, topk_idx, topk_weights = inputs.x, inputs.topk_idx, inputs.topk_weights
     num_local_experts = cfg.experts // num_ranks
 
     def dispatch(return_recv_hook: bool):
@@ -171,6 +202,8 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
     expert_out = torch.randn(
         num_local_experts, num_ranks * num_max_tokens, cfg.hidden, dtype=torch.bfloat16, device=device
     )
+    inputs.expert_out = expert_out
+    inputs.num_recv_rows = num_recv_rows
 
     def dispatch_fn(hook: bool) -> Callable[[], Callable | None]:
         def run() -> Callable | None:
@@ -199,6 +232,95 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
     }
 
 
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _graph_round_trip(
+    buffer, cfg: BenchConfig, device: torch.device, inputs: LowLatencyInputs, rank: int
+) -> tuple[timing.IterTimes | None, str | None]:
+    """Capture one low_latency_dispatch (fp8, no hook) + low_latency_combine in a CUDA graph; time its replays.
+
+    Collective (every rank calls it, the kernels active on all alike). The graph runs on static copies of the
+    inputs, refreshed with copy_ before each replay in time_iters' untimed setup. Returns (times, None); or
+    (None, "graph replay: <error>") on the rank where the warm-up, capture or replays failed and (None, None) on
+    the others: the error goes to stderr, never up, so the other rows stand.
+    """
+    static_x = inputs.x.clone()
+    static_topk_idx = inputs.topk_idx.clone()
+    static_topk_weights = inputs.topk_weights.clone()
+    static_expert_out = inputs.expert_out  # read by the combine only, never written
+    static_out = torch.empty_like(static_x)
+
+    def step() -> None:
+        handle = buffer.low_latency_dispatch(
+            static_x,
+            static_topk_idx,
+            cfg.ll_tokens,
+            cfg.experts,
+            use_fp8=True,
+            async_finish=False,
+            return_recv_hook=False,
+        )[2]
+        buffer.low_latency_combine(
+            static_expert_out,
+            static_topk_idx,
+            static_topk_weights,
+            handle,
+            async_finish=False,
+            return_recv_hook=False,
+            out=static_out,
+        )
+
+    def failed(stage: str, exc: BaseException) -> str:
+        print(f"[bench] rank {rank}: graph replay {stage} failed:", file=sys.stderr, flush=True)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        return f"graph replay: {_short_error(exc)} ({stage}, rank {rank})"
+
+    graph = None
+    note = None
+    try:
+        # Warm-up on a side stream, as torch requires before a capture (the kernels run: every rank does it).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records only: nothing runs, no peer is waited for
+            step()
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        note = failed("capture", exc)
+    if not _all_ranks_agree(note is None):
+        graph = None  # a graph some rank could not capture is never replayed: every rank drops its own
+        return None, note
+
+    def refresh():
+        static_x.copy_(inputs.x)
+        static_topk_idx.copy_(inputs.topk_idx)
+        static_topk_weights.copy_(inputs.topk_weights)
+        return graph
+
+    if rank == 0:
+        log(f"{GRAPH_PATH} {GRAPH_DTYPE}: {cfg.warmup} warmup + {cfg.iters} timed replays")
+    # Replays: time_iters syncs and barriers between them; a failure here is a CUDA error or a device wait that
+    # timed out (its record is checked below, since a replay goes through no Python check).
+    times = timing.time_iters(lambda g: g.replay(), setup=refresh, warmup=cfg.warmup, iters=cfg.iters, device=device)
+    try:
+        torch.cuda.synchronize(device)
+        buffer._backend.low_latency.check_device_errors("ll_dispatch+combine graph replays")
+    except Exception as exc:
+        note = failed("replays", exc)
+    graph = None  # freed before the Buffer is destroyed (it holds pointers into the Buffer's memory)
+    if not _all_ranks_agree(note is None):
+        return None, note
+    return times, None
+
+
 def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
     """One rank: build each mode's Buffer, time its paths, return this rank's figures (picklable)."""
     torch.manual_seed(cfg.seed + rank)
@@ -222,28 +344,73 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         "backend": None,
         "copy_roof_gbps": copy_roof,
         "results": {},
+        "notes": [],  # lines for the table's notes (graph replay skipped or failed)
     }
     for mode in cfg.modes:
         buffer = _make_buffer(cfg, num_ranks, mode)
         out["backend"] = _backend_name(buffer, cfg.backend)
-        make_paths = _normal_paths if mode == NORMAL else _low_latency_paths
-        paths = make_paths(buffer, cfg, num_ranks, device)
+        kernels_active = _kernels_active(buffer, mode, device)
+        num_tokens = cfg.tokens if mode == NORMAL else cfg.ll_tokens
+        ll_inputs = None
+        if mode == NORMAL:
+            paths = _normal_paths(buffer, cfg, num_ranks, device)
+        else:
+            ll_inputs = LowLatencyInputs(*_random_routing(cfg.ll_tokens, cfg, device))
+            paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
         for key, (fn, setup, num_recv_rows) in paths.items():
             path, dtype, _ = key
             if rank == 0:
                 log(f"ranks={num_ranks} {path} {dtype}: {cfg.warmup} warmup + {cfg.iters} timed iters")
             times = timing.time_iters(fn, setup=setup, warmup=cfg.warmup, iters=cfg.iters, device=device)
-            recv_bytes = num_recv_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype]
-            result = timing.RankResult(
-                median_s=times.median_total_s(),
-                recv_bytes=recv_bytes,
-                median_send_s=times.median_send_s(),
-                iter_s=times.total_s,
+            out["results"][key] = _path_result(
+                buffer, path, dtype, times, num_recv_rows, num_tokens, kernels_active, cfg
             )
-            out["results"][key] = (dataclasses.asdict(result), _hbm_bytes_per_payload_byte(buffer, path))
+        del paths
+        if ll_inputs is not None:
+            if device.type != "cuda":
+                out["notes"].append(f"graph replay: skipped ({GRAPH_PATH} needs --device cuda)")
+            elif not kernels_active:
+                out["notes"].append(
+                    f"graph replay: skipped (the low-latency kernels are not active on the {out['backend']} backend;"
+                    " they need Buffer backend cuda and DEEP_EP_PY_UNVERIFIED_KERNELS=1)"
+                )
+            else:
+                times, note = _graph_round_trip(buffer, cfg, device, ll_inputs, rank)
+                if note:
+                    out["notes"].append(note)
+                if times is not None:
+                    out["results"][(GRAPH_PATH, GRAPH_DTYPE, False)] = _path_result(
+                        buffer, GRAPH_PATH, GRAPH_DTYPE, times, ll_inputs.num_recv_rows, num_tokens, True, cfg
+                    )
+            del ll_inputs
         # No try/finally: a rank that raised must not wait in a barrier its peers never reach; the launcher
         # reports its traceback and stops the others.
-        del paths
         dist.barrier()
         buffer.destroy()
     return out
+
+
+def _path_result(
+    buffer,
+    path: str,
+    dtype: str,
+    times: timing.IterTimes,
+    num_recv_rows: int,
+    num_tokens: int,
+    kernels_active: bool,
+    cfg: BenchConfig,
+) -> dict:
+    """What the driver needs of one path on this rank (picklable)."""
+    result = timing.RankResult(
+        median_s=times.median_total_s(),
+        recv_bytes=num_recv_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype],
+        median_send_s=times.median_send_s(),
+        iter_s=times.total_s,
+    )
+    return {
+        "rank_result": dataclasses.asdict(result),
+        "hbm_reported": _hbm_bytes_per_payload_byte(buffer, path),  # the backend's own figure, if it has one
+        "kernels_active": kernels_active,
+        "num_rows": num_recv_rows,
+        "num_tokens": num_tokens,
+    }
