@@ -1,0 +1,51 @@
+"""The cuda backend's routing, checked where it can run without a GPU: calls on CPU tensors (and every call while
+the opt-in kernels are off) must take the reference path with unchanged arguments and results."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from deep_ep_py.testing import launch
+
+NUM_TOKENS, HIDDEN, NUM_TOPK, NUM_EXPERTS, MAX_TOKENS = 24, 128, 2, 8, 32
+
+
+def _same_results(rank: int, num_ranks: int) -> None:
+    from deep_ep_py.backends import BufferSizes
+    from deep_ep_py.backends.cuda import CudaBackend
+    from deep_ep_py.backends.reference import ReferenceBackend
+    from deep_ep_py.config import Config
+    from deep_ep_py.topology import Topology
+
+    group = dist.group.WORLD
+    topology = Topology(num_ranks, num_ranks)
+    cuda = CudaBackend(group, topology, BufferSizes(1 << 30, 1 << 30, True, True))
+    reference = ReferenceBackend(group, topology)
+    assert cuda.intranode is None and cuda.low_latency is None, "opt-in kernels built without the opt-in"
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
+    topk_idx = torch.randn(NUM_TOKENS, NUM_EXPERTS, generator=gen).topk(NUM_TOPK).indices
+    weights = torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen)
+    config = Config(20, 6, 256)
+
+    results = []
+    for backend in (cuda, reference):
+        per_rank, _, per_expert, in_rank = backend.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        recv = backend.dispatch(x, None, None, in_rank, per_rank, per_expert, topk_idx, weights, 2, 0, config=config)
+        recv_x, _, _, recv_w, per_expert_list, handle = recv
+        combined, combined_w = backend.combine(recv_x, handle, recv_w, (), config=config)
+        ll_x, _, ll_count, ll_handle, _ = backend.low_latency_dispatch(
+            x, topk_idx, MAX_TOKENS, NUM_EXPERTS, None, None, False, False, False, False
+        )
+        ll_out, _ = backend.low_latency_combine(
+            ll_x.nan_to_num(), topk_idx, weights, ll_handle, False, False, None, None
+        )
+        results.append([per_rank, in_rank, recv_x, recv_w, handle[0], combined, combined_w, ll_count, ll_out])
+        results[-1].append(torch.tensor(per_expert_list))
+    for i, (got, want) in enumerate(zip(*results)):
+        assert torch.equal(got, want), f"rank {rank}: output {i} of the cuda backend differs from the reference"
+
+
+def test_cuda_backend_routes_cpu_tensors_to_the_reference() -> None:
+    launch(_same_results, 2, timeout_s=120.0)
