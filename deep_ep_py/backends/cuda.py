@@ -5,11 +5,10 @@ it drives (intranode.py, low_latency.py) are where tensors become pointers. Outp
 the current stream, which Buffer has set to the communication stream.
 
 What runs where:
-- get_dispatch_layout: the layout kernel (verified on the GPU: no, see README).
-- normal dispatch/combine within a node, and the low-latency calls: the kernels of intranode.py and
-  low_latency.py, only while DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but have not yet run on a
-  GPU; until they pass the GPU tier (scripts/gpu_check.sh) the default is the reference implementation, which
-  gives the same results at reference speed.
+- get_dispatch_layout (csrc/layout.cu), normal dispatch/combine within a node (intranode.py) and the low-latency
+  calls (low_latency.py): the kernels, only while DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but
+  have not yet run on a GPU; until they pass the GPU tier (scripts/gpu_check.sh) the default is the reference
+  implementation, which gives the same results at reference speed.
 - anything on CPU tensors, and handles made by the reference: the reference.
 """
 
@@ -59,7 +58,7 @@ class CudaBackend(ReferenceBackend):
     # ------------------------------------------------------------------------------------------------ layout
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        if not topk_idx.is_cuda or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
+        if not unverified_kernels_enabled() or not topk_idx.is_cuda or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
             return super().get_dispatch_layout(topk_idx, num_experts)
         num_tokens, num_topk = topk_idx.shape
         device = topk_idx.device
