@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as check
+from . import buffer_checks as checks
 from .backends import BufferSizes, select_backend
 from .backends.reference import DispatchHandle, LowLatencyHandle
 from .config import (
-    FP8_GROUP_SIZE,
     Config,
     default_combine_config,
     default_dispatch_config,
@@ -263,7 +263,7 @@ class Buffer:
         """
         self._check_alive()
         check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(None, None), contiguous=True)
-        self._check_num_experts(num_experts)
+        checks.num_experts(self, num_experts)
         check.check_expert_ids("topk_idx", topk_idx, num_experts)
         return self._with_event(
             self._run(
@@ -319,59 +319,25 @@ class Buffer:
             source token index). In cached mode: (recv_x, None, None, None, None, event).
         """
         self._check_alive()
-        values, scales = self._check_dispatch_x(x)
+        values, scales = checks.dispatch_x(x)
         num_tokens, hidden = values.shape
         check.check_int("expert_alignment", expert_alignment, minimum=1)
         check.check_int("num_worst_tokens", num_worst_tokens, minimum=0)
-        num_ranks = self.group_size
         if handle is not None:
-            if not isinstance(handle, DispatchHandle):
-                raise TypeError(
-                    f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}"
-                )
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError("topk_idx/topk_weights: expected None with a cached handle, got a tensor")
-            if num_tokens != handle.num_tokens:
-                raise ValueError(
-                    f"x: expected {handle.num_tokens} tokens (the dispatch that made the handle), got {num_tokens}"
-                )
+            checks.cached_dispatch(handle, num_tokens, topk_idx, topk_weights)
         else:
-            if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
-                raise ValueError(
-                    "num_tokens_per_rank/is_token_in_rank/num_tokens_per_expert: expected tensors from "
-                    "get_dispatch_layout when no handle is given, got None"
-                )
-            check.check_tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32, shape=(num_ranks,))
-            check.check_tensor(
-                "is_token_in_rank", is_token_in_rank, dtype=torch.bool, shape=(num_tokens, num_ranks), contiguous=True
+            checks.layout_dispatch(
+                self,
+                num_tokens,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
             )
-            check.check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32, shape=(None,))
-            self._check_num_experts(num_tokens_per_expert.numel(), name="num_tokens_per_expert")
-            if self.topology.num_nodes > 1:
-                if num_tokens_per_rdma_rank is None:
-                    raise ValueError(
-                        f"num_tokens_per_rdma_rank: expected int32 [{self.topology.num_nodes}] from "
-                        "get_dispatch_layout (the group spans several nodes), got None"
-                    )
-                check.check_tensor(
-                    "num_tokens_per_rdma_rank",
-                    num_tokens_per_rdma_rank,
-                    dtype=torch.int32,
-                    shape=(self.topology.num_nodes,),
-                )
-            if (topk_idx is None) != (topk_weights is None):
-                raise ValueError("topk_idx/topk_weights: expected both or neither, got only one")
-            if topk_idx is not None:
-                check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), contiguous=True)
-                check.check_tensor(
-                    "topk_weights",
-                    topk_weights,
-                    dtype=torch.float32,
-                    shape=tuple(topk_idx.shape),
-                    contiguous=True,
-                )
-                check.check_expert_ids("topk_idx", topk_idx, num_tokens_per_expert.numel())
-        config = self._check_config(config, self.get_dispatch_config(num_ranks), hidden * max(values.element_size(), 2))
+        hidden_bytes = hidden * max(values.element_size(), 2)
+        config = checks.config_fits(self, config, self.get_dispatch_config(self.group_size), hidden_bytes)
         result, event = self._run(
             values.is_cuda,
             lambda: self._backend.dispatch(
@@ -421,33 +387,8 @@ class Buffer:
             combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None, EventOverlap.
         """
         self._check_alive()
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle: expected the handle a normal-mode dispatch returned, got {type(handle).__name__}")
-        # A handle made with num_worst_tokens by the kernels knows the real count only on the device (-1 here).
-        allowed_rows = {handle.num_recv_tokens, handle.num_worst_tokens} - {0, -1} or {0}
-        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
-        if x.shape[0] not in allowed_rows:
-            raise ValueError(
-                f"x: expected {' or '.join(str(n) for n in sorted(allowed_rows))} rows (what the handle's dispatch "
-                f"received), got {x.shape[0]}"
-            )
-        rows = handle.num_recv_tokens if handle.num_recv_tokens >= 0 else x.shape[0]
-        if topk_weights is not None:
-            check.check_tensor(
-                "topk_weights", topk_weights, dtype=torch.float32, shape=(x.shape[0], None), contiguous=True
-            )
-        biases: tuple[torch.Tensor, ...]
-        if bias is None:
-            biases = ()
-        elif isinstance(bias, torch.Tensor):
-            biases = (bias,)
-        elif isinstance(bias, (tuple, list)) and len(bias) <= 2:
-            biases = tuple(bias)
-        else:
-            raise TypeError(f"bias: expected None, a tensor or a tuple of up to 2 tensors, got {type(bias).__name__}")
-        for i, b in enumerate(biases):
-            check.check_tensor(f"bias[{i}]", b, dtype=torch.bfloat16, shape=(handle.num_tokens, x.shape[1]))
-        config = self._check_config(config, self.get_combine_config(self.group_size), x.shape[1] * 2)
+        rows, biases = checks.combine(handle, x, topk_weights, bias)
+        config = checks.config_fits(self, config, self.get_combine_config(self.group_size), x.shape[1] * 2)
         (combined_x, combined_weights), event = self._run(
             x.is_cuda,
             lambda: self._backend.combine(
@@ -497,59 +438,25 @@ class Buffer:
             [0, recv_count[e]) of expert e are valid); handle; EventOverlap; hook.
         """
         self._check_alive()
-        self._check_low_latency_mode("low_latency_dispatch")
-        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
-        num_tokens, hidden = x.shape
-        check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(num_tokens, None), contiguous=True)
-        max_tokens = check.check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-        if num_tokens > max_tokens:
-            raise ValueError(
-                f"x: expected at most num_max_dispatch_tokens_per_rank={max_tokens} tokens, got {num_tokens}"
-            )
-        self._check_num_experts(num_experts)
-        experts_per_rank = num_experts // self.group_size
-        for name, flag in (
-            ("use_fp8", use_fp8),
-            ("round_scale", round_scale),
-            ("use_ue8m0", use_ue8m0),
-            ("async_finish", async_finish),
-            ("return_recv_hook", return_recv_hook),
-        ):
-            check.check_bool(name, flag)
-        if round_scale and not use_fp8:
-            raise ValueError("round_scale: expected use_fp8=True with it (it rounds FP8 scales), got use_fp8=False")
-        if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0: expected round_scale=True with it (ue8m0 needs power-of-two scales)")
-        if use_fp8 and hidden % FP8_GROUP_SIZE != 0:
-            raise ValueError(f"x: expected hidden to be a multiple of {FP8_GROUP_SIZE} with use_fp8, got {hidden}")
-        if use_ue8m0 and hidden % (4 * FP8_GROUP_SIZE) != 0:
-            raise ValueError(
-                f"x: expected hidden to be a multiple of {4 * FP8_GROUP_SIZE} with use_ue8m0, got {hidden}"
-            )
-        if not use_fp8 and hidden % 8 != 0:
-            raise ValueError(f"x: expected hidden to be a multiple of 8, got {hidden}")
-        if cumulative_local_expert_recv_stats is not None:
-            check.check_tensor(
-                "cumulative_local_expert_recv_stats",
-                cumulative_local_expert_recv_stats,
-                dtype=torch.int32,
-                shape=(experts_per_rank,),
-            )
-        if dispatch_wait_recv_cost_stats is not None:
-            check.check_tensor(
-                "dispatch_wait_recv_cost_stats",
-                dispatch_wait_recv_cost_stats,
-                dtype=torch.int64,
-                shape=(self.group_size,),
-            )
-        self._check_rdma_bytes(max_tokens, hidden, num_experts)
-        check.check_expert_ids("topk_idx", topk_idx, num_experts)
+        checks.low_latency_dispatch(
+            self,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+        )
+        checks.flags(async_finish=async_finish, return_recv_hook=return_recv_hook)
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
             x.is_cuda,
             lambda: self._backend.low_latency_dispatch(
                 x,
                 topk_idx,
-                max_tokens,
+                num_max_dispatch_tokens_per_rank,
                 num_experts,
                 cumulative_local_expert_recv_stats,
                 dispatch_wait_recv_cost_stats,
@@ -595,36 +502,10 @@ class Buffer:
             combined_x bf16 [T, H], EventOverlap, hook.
         """
         self._check_alive()
-        self._check_low_latency_mode("low_latency_combine")
-        if not isinstance(handle, LowLatencyHandle):
-            raise TypeError(f"handle: expected the handle low_latency_dispatch returned, got {type(handle).__name__}")
-        experts_per_rank = handle.num_experts // self.group_size
-        slots = self.group_size * handle.num_max_dispatch_tokens_per_rank
-        check.check_tensor(
-            "x", x, dtype=torch.bfloat16, shape=(experts_per_rank, slots, handle.hidden), contiguous=True
+        checks.low_latency_combine(self, x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
+        checks.flags(
+            use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
         )
-        check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(handle.num_tokens, None), contiguous=True)
-        check.check_tensor(
-            "topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), contiguous=True
-        )
-        for name, flag in (
-            ("use_logfmt", use_logfmt),
-            ("zero_copy", zero_copy),
-            ("async_finish", async_finish),
-            ("return_recv_hook", return_recv_hook),
-        ):
-            check.check_bool(name, flag)
-        if out is not None:
-            check.check_tensor(
-                "out", out, dtype=torch.bfloat16, shape=(handle.num_tokens, handle.hidden), contiguous=True
-            )
-        if combine_wait_recv_cost_stats is not None:
-            check.check_tensor(
-                "combine_wait_recv_cost_stats",
-                combine_wait_recv_cost_stats,
-                dtype=torch.int64,
-                shape=(self.group_size,),
-            )
         (combined, hook), event = self._run(
             x.is_cuda,
             lambda: self._backend.low_latency_combine(
@@ -647,11 +528,11 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Zero the low-latency buffers (before switching from normal to low-latency calls); collective."""
         self._check_alive()
-        self._check_low_latency_mode("clean_low_latency_buffer")
+        checks.low_latency_mode(self, "clean_low_latency_buffer")
         check.check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         check.check_int("hidden", hidden, minimum=1)
-        self._check_num_experts(num_experts)
-        self._check_rdma_bytes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        checks.num_experts(self, num_experts)
+        checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._backend.clean_low_latency_buffer()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
@@ -675,65 +556,9 @@ class Buffer:
 
     # -------------------------------------------------------------------------------------------- checks
 
-    def _check_num_experts(self, num_experts: Any, name: str = "num_experts") -> None:
-        check.check_int(name, num_experts, minimum=1)
-        if num_experts % self.group_size != 0:
-            raise ValueError(
-                f"{name}: expected a number of experts divisible by the group size {self.group_size}, got {num_experts}"
-            )
-
-    def _check_dispatch_x(self, x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise ValueError(f"x: expected (float8_e4m3fn values, float32 scales), got a tuple of {len(x)}")
-            values, scales = x
-            check.check_tensor("x[0]", values, dtype=torch.float8_e4m3fn, shape=(None, None), contiguous=True)
-            num_tokens, hidden = values.shape
-            if hidden % FP8_GROUP_SIZE != 0:
-                raise ValueError(f"x[0]: expected hidden to be a multiple of {FP8_GROUP_SIZE} for FP8, got {hidden}")
-            check.check_tensor("x[1]", scales, dtype=torch.float32, shape=(num_tokens, hidden // FP8_GROUP_SIZE))
-            return values, scales
-        check.check_tensor("x", x, dtype=torch.bfloat16, shape=(None, None), contiguous=True)
-        if x.shape[1] % 8 != 0:
-            raise ValueError(f"x: expected hidden to be a multiple of 8 (16-byte rows), got {x.shape[1]}")
-        return x, None
-
-    def _check_config(self, config: Config | None, default: Config, hidden_bytes: int) -> Config:
-        if config is None:
-            config = default
-        elif not isinstance(config, Config):
-            raise TypeError(f"config: expected deep_ep_py.Config or None, got {type(config).__name__}")
-        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
-        if self.num_nvl_bytes < needed:
-            raise ValueError(
-                f"num_nvl_bytes: expected at least {needed} bytes for {config} and hidden_bytes={hidden_bytes}, "
-                f"got {self.num_nvl_bytes}"
-            )
-        if self.topology.num_nodes > 1:
-            needed = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
-            if self.num_rdma_bytes < needed:
-                raise ValueError(
-                    f"num_rdma_bytes: expected at least {needed} bytes for {config} across "
-                    f"{self.topology.num_nodes} nodes, got {self.num_rdma_bytes}"
-                )
-        return config
-
-    def _check_rdma_bytes(self, max_tokens: int, hidden: int, num_experts: int) -> None:
-        needed = low_latency_rdma_size_hint(max_tokens, hidden, self.group_size, num_experts)
-        if self.num_rdma_bytes < needed:
-            raise ValueError(
-                f"num_rdma_bytes: expected at least {needed} (get_low_latency_rdma_size_hint({max_tokens}, {hidden}, "
-                f"{self.group_size}, {num_experts})), got {self.num_rdma_bytes}"
-            )
-
-    def _check_low_latency_mode(self, call: str) -> None:
-        if not self.low_latency_mode:
-            raise ValueError(f"low_latency_mode: {call} expected Buffer(low_latency_mode=True), got False")
-
     def _check_shrink(self, call: str) -> None:
         self._check_alive()
-        if not self.enable_shrink:
-            raise ValueError(f"enable_shrink: {call} expected Buffer(enable_shrink=True), got False")
+        checks.shrink(self, call)
 
     @staticmethod
     def _with_event(result_and_event: tuple[tuple, EventOverlap]) -> tuple:
