@@ -44,6 +44,48 @@ def random_topk_idx(num_tokens: int, num_topk: int, num_experts: int, generator:
     return topk_idx
 
 
+def _check_layout_kernel(
+    topk_idx_cpu: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int, where: str
+) -> torch.Tensor:
+    """Run the layout kernel on poisoned outputs (it must write every element) and compare each output exactly
+    with the reference; returns num_tokens_per_rank."""
+    ext = _ext.load_extension()
+    num_tokens, num_topk = topk_idx_cpu.shape
+    multi_node = num_ranks > num_ranks_per_node
+    num_nodes = num_ranks // num_ranks_per_node if multi_node else 1
+    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device="cuda")
+    per_node = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device="cuda")
+    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device="cuda")
+    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device="cuda")
+    topk_idx = topk_idx_cpu.cuda()
+    ext.get_dispatch_layout(
+        topk_idx.data_ptr(),
+        num_tokens,
+        num_topk,
+        num_experts,
+        num_ranks,
+        num_ranks_per_node,
+        per_rank.data_ptr(),
+        per_node.data_ptr() if multi_node else 0,
+        per_expert.data_ptr(),
+        in_rank.data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )
+    torch.cuda.synchronize()
+    ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
+        topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
+    )
+    assert torch.equal(per_rank.cpu(), ref_per_rank), f"{where}: {per_rank.cpu()} != {ref_per_rank}"
+    assert torch.equal(per_expert.cpu(), ref_per_expert), f"{where}: per-expert counts differ"
+    assert torch.equal(in_rank.cpu(), ref_in_rank), f"{where}: is_token_in_rank differs"
+    if multi_node:
+        assert torch.equal(per_node.cpu(), ref_per_node), f"{where}: {per_node.cpu()} != {ref_per_node}"
+    else:
+        # Not asked for (null pointer): left untouched.
+        assert torch.equal(per_node.cpu(), torch.full((1,), POISON_INT, dtype=torch.int32)), where
+    return per_rank
+
+
 @pytest.mark.parametrize(
     "num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node",
     [
@@ -60,46 +102,9 @@ def random_topk_idx(num_tokens: int, num_topk: int, num_experts: int, generator:
 def test_dispatch_layout_matches_reference(
     require_gpu, num_tokens, num_topk, num_experts, num_ranks, num_ranks_per_node
 ):
-    ext = _ext.load_extension()
     generator = torch.Generator().manual_seed(num_tokens * 7919 + num_experts)
     topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
-    device = torch.device("cuda")
-    topk_idx = topk_idx_cpu.to(device)
-    multi_node = num_ranks > num_ranks_per_node
-    num_nodes = num_ranks // num_ranks_per_node if multi_node else 1
-
-    # Poisoned outputs: the launcher must write every element.
-    num_tokens_per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device=device)
-    num_tokens_per_rdma_rank = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device=device)
-    num_tokens_per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device=device)
-    is_token_in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device=device)
-
-    ext.get_dispatch_layout(
-        topk_idx.data_ptr(),
-        num_tokens,
-        num_topk,
-        num_experts,
-        num_ranks,
-        num_ranks_per_node,
-        num_tokens_per_rank.data_ptr(),
-        num_tokens_per_rdma_rank.data_ptr() if multi_node else 0,
-        num_tokens_per_expert.data_ptr(),
-        is_token_in_rank.data_ptr(),
-        torch.cuda.current_stream().cuda_stream,
-    )
-    torch.cuda.synchronize()
-
-    ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
-        topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
-    )
-    assert torch.equal(num_tokens_per_rank.cpu(), ref_per_rank)
-    assert torch.equal(num_tokens_per_expert.cpu(), ref_per_expert)
-    assert torch.equal(is_token_in_rank.cpu(), ref_in_rank)
-    if multi_node:
-        assert torch.equal(num_tokens_per_rdma_rank.cpu(), ref_per_node)
-    else:
-        # Not asked for (null pointer): left untouched.
-        assert torch.equal(num_tokens_per_rdma_rank.cpu(), torch.full((1,), POISON_INT, dtype=torch.int32))
+    _check_layout_kernel(topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node, "single process")
 
 
 def test_dispatch_layout_runs_on_the_given_stream(require_gpu):
@@ -135,40 +140,11 @@ def test_dispatch_layout_runs_on_the_given_stream(require_gpu):
 
 def _layout_worker(rank: int, num_ranks: int, num_tokens: int, num_topk: int, num_experts_per_rank: int) -> int:
     """Every rank runs the layout kernel on its own routing at the same time (ranks share the GPU); exact check."""
-    ext = _ext.load_extension()
     num_experts = num_experts_per_rank * num_ranks
     num_ranks_per_node = 2 if num_ranks % 2 == 0 else num_ranks
-    num_nodes = num_ranks // num_ranks_per_node
     generator = torch.Generator().manual_seed(1000 + rank)
     topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
-    topk_idx = topk_idx_cpu.cuda()
-    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device="cuda")
-    per_node = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device="cuda")
-    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device="cuda")
-    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device="cuda")
-    multi_node = num_nodes > 1
-    ext.get_dispatch_layout(
-        topk_idx.data_ptr(),
-        num_tokens,
-        num_topk,
-        num_experts,
-        num_ranks,
-        num_ranks_per_node,
-        per_rank.data_ptr(),
-        per_node.data_ptr() if multi_node else 0,
-        per_expert.data_ptr(),
-        in_rank.data_ptr(),
-        torch.cuda.current_stream().cuda_stream,
-    )
-    torch.cuda.synchronize()
-    ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
-        topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
-    )
-    assert torch.equal(per_rank.cpu(), ref_per_rank), f"rank {rank}: {per_rank.cpu()} != {ref_per_rank}"
-    assert torch.equal(per_expert.cpu(), ref_per_expert), f"rank {rank}: per-expert counts differ"
-    assert torch.equal(in_rank.cpu(), ref_in_rank), f"rank {rank}: is_token_in_rank differs"
-    if multi_node:
-        assert torch.equal(per_node.cpu(), ref_per_node), f"rank {rank}: {per_node.cpu()} != {ref_per_node}"
+    per_rank = _check_layout_kernel(topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node, f"rank {rank}")
     return int(per_rank.sum().item())
 
 
