@@ -58,4 +58,5 @@ PYBIND11_MODULE(_C, m) {
     ep::register_layout(m);
     ep::register_low_latency(m);
     ep::register_intranode(m);
+    ep::register_internode(m);
 }

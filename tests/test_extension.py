@@ -168,3 +168,28 @@ def test_host_counters(ext):
         counters.wait_ge(3, 1, 0.1, "counter 3")
     with pytest.raises(DeepEPError, match="out of range"):
         counters.get(4)
+
+
+@pytest.mark.parametrize(
+    ("num_ranks", "num_nodes", "hidden", "num_topk"),
+    [(4, 2, 256, 4), (8, 2, 7168, 8), (8, 4, 128, 16), (2, 2, 8, 1), (16, 2, 4096, 24)],
+)
+def test_internode_buffer_sizes_agree(ext, num_ranks, num_nodes, hidden, num_topk):
+    """The internode size functions (csrc/internode/buffer_layout.hpp) agree with one another: the bytes that
+    internode_min_bytes gives for B rows per round hold exactly B rows, one byte less holds B - 1, and every
+    dispatch row (bf16 or fp8) and combine row of this hidden and top-k fits the strides a handle reserves."""
+    layout = ext.internode_layout(num_ranks, num_nodes)
+    for rows in (1, 3, 64):
+        num_bytes = ext.internode_min_bytes(num_ranks, num_nodes, hidden, num_topk, rows)
+        assert num_bytes > layout["control_bytes"]
+        assert ext.internode_rows_per_round(num_bytes, num_ranks, num_nodes, hidden, num_topk) == rows
+        assert ext.internode_rows_per_round(num_bytes - 1, num_ranks, num_nodes, hidden, num_topk) == rows - 1
+    assert ext.internode_rows_per_round(layout["control_bytes"], num_ranks, num_nodes, hidden, num_topk) == 0
+    dispatch_stride, combine_stride = ext.internode_strides(hidden, num_topk, num_ranks // num_nodes)
+    # A bf16 row: payload, fp8 scales (reserved for a cached fp8 dispatch), source index, mask, P ordinals, top-k.
+    num_scales = -(-hidden // 128)
+    reserved_topk = max(num_topk, 16)
+    assert dispatch_stride >= 2 * hidden + 4 * num_scales + 8 + 4 * (num_ranks // num_nodes) + 12 * reserved_topk
+    assert dispatch_stride % 16 == 0
+    assert ext.internode_combine_row_bytes(hidden, reserved_topk) == combine_stride
+    assert ext.internode_combine_row_bytes(hidden, num_topk) <= combine_stride

@@ -5,6 +5,9 @@
 
 #include <cstdint>
 
+#include "../common/error_record.hpp"
+#include "../common/exception.hpp"
+
 namespace ep {
 
 // Python passes device pointers as ints (tensor.data_ptr()): csrc never sees a torch tensor.
@@ -13,9 +16,17 @@ T* as_ptr(uintptr_t address) {
     return reinterpret_cast<T*>(address);
 }
 
+// The wait settings of a launch: the host-mapped error record (its device view) and the timeout in seconds.
+inline WaitConfig make_wait(uintptr_t error_record_ptr, double timeout_s) {
+    EP_HOST_ASSERT(error_record_ptr != 0);
+    EP_HOST_ASSERT(timeout_s > 0.0);
+    return WaitConfig{as_ptr<DeviceErrorRecord>(error_record_ptr), static_cast<uint64_t>(timeout_s * 1e9)};
+}
+
 void register_runtime(pybind11::module_& m);
 void register_layout(pybind11::module_& m);
 void register_low_latency(pybind11::module_& m);
 void register_intranode(pybind11::module_& m);
+void register_internode(pybind11::module_& m);
 
 }  // namespace ep

@@ -29,12 +29,6 @@ intranode::PeerBuffers make_peers(const std::vector<uintptr_t>& peer_ptrs, size_
     return peers;
 }
 
-intranode::WaitConfig make_wait(uintptr_t error_record_ptr, double timeout_s) {
-    EP_HOST_ASSERT(error_record_ptr != 0);
-    EP_HOST_ASSERT(timeout_s > 0.0);
-    return intranode::WaitConfig{as_ptr<DeviceErrorRecord>(error_record_ptr), static_cast<uint64_t>(timeout_s * 1e9)};
-}
-
 py::dict layout_constants() {
     py::dict constants;
     constants["max_ranks"] = intranode::kMaxRanks;

@@ -29,6 +29,12 @@ enum class WaitSite : int {
     // Intranode normal kernels (csrc/intranode): the channel of the record is the peer rank that did not arrive.
     kIntranodeNotifyBarrier = 16,
     kIntranodeRoundBarrier = 17,
+    // Internode normal kernels (csrc/internode): the channel is the rank (or the node, for arrivals) waited for.
+    kInternodeNotifyCounts = 24,
+    kInternodeDispatchArrivals = 25,
+    kInternodeCombineArrivals = 26,
+    kInternodeNodeBarrier = 27,
+    kInternodeGlobalBarrier = 28,
 };
 
 inline const char* wait_site_name(int site) {
@@ -45,6 +51,16 @@ inline const char* wait_site_name(int site) {
             return "intranode dispatch notify barrier: the peer rank given as the channel did not arrive";
         case WaitSite::kIntranodeRoundBarrier:
             return "intranode dispatch/combine round barrier: the peer rank given as the channel did not arrive";
+        case WaitSite::kInternodeNotifyCounts:
+            return "internode dispatch notify: the counts of the rank given as the channel did not arrive";
+        case WaitSite::kInternodeDispatchArrivals:
+            return "internode dispatch forwarder: rows from the node given as the channel did not all arrive";
+        case WaitSite::kInternodeCombineArrivals:
+            return "internode combine: partial sums from the node given as the channel did not all arrive";
+        case WaitSite::kInternodeNodeBarrier:
+            return "internode node barrier: the rank given as the channel did not arrive";
+        case WaitSite::kInternodeGlobalBarrier:
+            return "internode round barrier: the rank given as the channel did not arrive";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";
@@ -57,6 +73,12 @@ struct DeviceErrorRecord {
     int channel;  // channel (or block) index within that kernel, -1 when not meaningful
     int site;     // WaitSite
     uint64_t waited_ns;
+};
+
+// Where device waits record a timeout, and how long they wait (each launcher's argument).
+struct WaitConfig {
+    DeviceErrorRecord* record;  // device view of the host-mapped record
+    uint64_t timeout_ns;
 };
 
 }  // namespace ep

@@ -45,6 +45,14 @@ __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
     asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
+__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t value) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
 __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
     asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }

@@ -1,5 +1,5 @@
-// Device helpers shared by the intranode kernels: the cross-rank barrier, the warp-per-row work split and the
-// copies between user tensors and staging slots.
+// Device helpers of the intranode kernels: the cross-rank barrier (the work split and row copies are in
+// common/rounds.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,13 +9,12 @@
 #include "../common/error_record.hpp"
 #include "../common/launch.cuh"
 #include "../common/ptx.cuh"
+#include "../common/rounds.cuh"
 #include "../common/timeout.cuh"
 #include "intranode.hpp"
 
 namespace ep::intranode {
 
-constexpr int kCopyWarps = 16;  // warps per block of the copy kernels; one warp moves one row at a time
-constexpr int kCopyThreads = kCopyWarps * 32;
 constexpr int kBarrierThreads = 32;  // >= kMaxRanks: one thread per peer
 static_assert(kBarrierThreads >= kMaxRanks, "one barrier thread per rank");
 
@@ -71,39 +70,6 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
     }
     __syncthreads();
     return s_ok != 0;
-}
-
-// Global warp index and warp count of a copy kernel (grid-stride over rows).
-__device__ __forceinline__ int global_warp_idx() {
-    return static_cast<int>(blockIdx.x) * kCopyWarps + static_cast<int>(threadIdx.x) / 32;
-}
-__device__ __forceinline__ int num_global_warps() { return static_cast<int>(gridDim.x) * kCopyWarps; }
-__device__ __forceinline__ int lane_idx() { return static_cast<int>(threadIdx.x) % 32; }
-
-// Rows a source rank sends to a destination in one round: the part of [round_start, round_start + B) below count.
-__device__ __forceinline__ int rows_in_round(int count, int round_start, int rows_per_round) {
-    const int left = count - round_start;
-    return left <= 0 ? 0 : (left < rows_per_round ? left : rows_per_round);
-}
-
-// Rows rank `src` sends to rank `dst`, and the first row of `src` among dst's received rows, from
-// rank_prefix_matrix [R, R] ([i][r] = rows r receives from ranks 0..i).
-__device__ __forceinline__ int prefix_before(const int* rank_prefix_matrix, int num_ranks, int src, int dst) {
-    return src == 0 ? 0 : rank_prefix_matrix[(src - 1) * num_ranks + dst];
-}
-
-// Warp copy of n 16-byte chunks from a user tensor (read-only for the kernel) into a staging slot. The stores
-// stay out of L1 (.cg): the slot is read by another rank's kernel.
-// Time: this and the receive copy below are the two HBM passes per byte of the v1 design (send into the peer's
-// staging, then staging into recv_x); moving each byte once is the later optimisation.
-__device__ __forceinline__ void warp_copy_to_staging(int4* dst, const int4* src, int num_chunks, int lane) {
-    for (int i = lane; i < num_chunks; i += 32) __stcg(dst + i, ptx::ld_nc_no_allocate(src + i));
-}
-
-// Warp copy of n 16-byte chunks from a staging slot (written by a peer in an earlier kernel) into a user tensor.
-// Loads bypass L1 (.cg) so no line cached before the peer wrote can be served.
-__device__ __forceinline__ void warp_copy_from_staging(int4* dst, const int4* src, int num_chunks, int lane) {
-    for (int i = lane; i < num_chunks; i += 32) dst[i] = __ldcg(src + i);
 }
 
 }  // namespace ep::intranode

@@ -27,11 +27,7 @@ struct PeerBuffers {
     int num_ranks;
 };
 
-// Where device waits record a timeout, and how long they wait.
-struct WaitConfig {
-    DeviceErrorRecord* record;  // device view of the host-mapped record
-    uint64_t timeout_ns;
-};
+using ep::WaitConfig;
 
 // Notify of a (non-cached) dispatch. Shapes: T tokens, R ranks, L local experts.
 struct NotifyArgs {

@@ -4,6 +4,7 @@
 
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
+#include "../common/send_positions.cuh"
 #include "device_common.cuh"
 #include "intranode.hpp"
 
@@ -11,42 +12,14 @@ namespace ep::intranode {
 
 namespace {
 
-constexpr int kPositionsThreads = 1024;
-constexpr int kPositionsWarps = kPositionsThreads / 32;
 constexpr int kNotifyThreads = 256;
 
-// One block per destination rank d: an ordered scan of is_token_in_rank[:, d] in chunks of 1024 tokens (ballot +
-// per-warp totals), giving each sent token its ordinal among this rank's tokens for d. Ordinals follow token
-// order, which is what makes the received rows come out in (source rank, source token) order.
-__global__ void __launch_bounds__(kPositionsThreads)
+// One block per destination rank d (send_positions_block with one rank per destination).
+__global__ void __launch_bounds__(kSendPositionsThreads)
     send_positions_kernel(const bool* is_token_in_rank, int num_tokens, int num_ranks, int* send_pos, int* send_list,
                           int* send_counts) {
-    __shared__ int warp_totals[kPositionsWarps];
-    const int dst = static_cast<int>(blockIdx.x);
-    const int lane = static_cast<int>(threadIdx.x) % 32;
-    const int warp = static_cast<int>(threadIdx.x) / 32;
-    const unsigned lanes_below = (1u << lane) - 1u;
-    int base = 0;  // ordinals given in earlier chunks (same value in every thread)
-    for (int chunk_start = 0; chunk_start < num_tokens; chunk_start += kPositionsThreads) {
-        const int token = chunk_start + static_cast<int>(threadIdx.x);
-        const int64_t entry = static_cast<int64_t>(token) * num_ranks + dst;
-        const bool is_sent = token < num_tokens && is_token_in_rank[entry];
-        const unsigned ballot = __ballot_sync(0xffffffffu, is_sent);
-        if (lane == 0) warp_totals[warp] = __popc(ballot);
-        __syncthreads();
-        int warp_prefix = 0, chunk_total = 0;
-        for (int w = 0; w < kPositionsWarps; ++w) {
-            const int count = warp_totals[w];
-            warp_prefix += w < warp ? count : 0;
-            chunk_total += count;
-        }
-        const int ordinal = base + warp_prefix + __popc(ballot & lanes_below);
-        if (token < num_tokens) send_pos[entry] = is_sent ? ordinal : -1;
-        if (is_sent) send_list[static_cast<int64_t>(dst) * num_tokens + ordinal] = token;
-        base += chunk_total;
-        __syncthreads();  // warp_totals is rewritten by the next chunk
-    }
-    if (threadIdx.x == 0) send_counts[dst] = base;
+    send_positions_block(is_token_in_rank, num_tokens, num_ranks, 1, static_cast<int>(blockIdx.x), num_ranks,
+                         send_pos, send_list, send_counts);
 }
 
 struct NotifyParams {
@@ -150,7 +123,7 @@ void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const Wai
     EP_HOST_ASSERT_MSG((args.host_sequence == 0 || args.host_counters != nullptr),
                        "a host sequence number needs host counters");
 
-    launch_kernel(LaunchConfig{dim3(peers.num_ranks), dim3(kPositionsThreads), 0, stream, false},
+    launch_kernel(LaunchConfig{dim3(peers.num_ranks), dim3(kSendPositionsThreads), 0, stream, false},
                   send_positions_kernel, args.is_token_in_rank, args.num_tokens, peers.num_ranks, args.send_pos,
                   args.send_list, args.send_counts);
     const NotifyParams params{peers,

@@ -1,5 +1,5 @@
-// Device helpers shared by the low-latency kernels: 64-bit signal loads/stores with the right memory order,
-// delivery to a peer (direct stores where NVSHMEM maps it, NVSHMEM puts otherwise), and the last-block election.
+// Device helpers shared by the low-latency kernels: memory-ordered loads/stores (peer signals are in
+// common/peer_signal.cuh) and the last-block election.
 // Included by .cu files only (NVSHMEM device headers need relocatable device code).
 #pragma once
 
@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "../common/peer_signal.cuh"
 #include "../common/ptx.cuh"
 #include "../common/timeout.cuh"
 #include "low_latency.hpp"
@@ -16,10 +17,6 @@ namespace ep::low_latency {
 
 constexpr int kNumWarpsPerBlock = 8;
 constexpr int kNumThreadsPerBlock = kNumWarpsPerBlock * 32;
-
-__device__ __forceinline__ void st_release_sys(uint64_t* ptr, uint64_t value) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
-}
 
 __device__ __forceinline__ void st_relaxed_gpu(uint64_t* ptr, uint64_t value) {
     asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
@@ -46,19 +43,6 @@ __device__ __forceinline__ TimeoutContext timeout_context(const Launch& launch, 
 // before an acquire of this block, or by an earlier kernel).
 __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int64_t num_int4, int lane_idx) {
     for (int64_t i = lane_idx; i < num_int4; i += 32) dst[i] = src[i];
-}
-
-// Sets a uint64 signal on `pe` (local_signal is the symmetric address). Ordering, the caller's duty: every store
-// and put this signal announces is complete (nvshmem_quiet for puts) and fenced at system scope before this call.
-// A P2P-mapped peer gets a release store (it polls with an acquire load); any other peer gets nvshmemx_signal_op,
-// which NVSHMEM delivers after the puts this thread's quiet completed.
-__device__ __forceinline__ void set_peer_signal(uint64_t* local_signal, uint64_t value, int pe) {
-    uint64_t* peer_signal = static_cast<uint64_t*>(nvshmem_ptr(local_signal, pe));
-    if (peer_signal != nullptr) {
-        st_release_sys(peer_signal, value);
-    } else {
-        nvshmemx_signal_op(local_signal, value, NVSHMEM_SIGNAL_SET, pe);
-    }
 }
 
 // Every thread of every block calls this once, after its block's work: returns true (in all threads of one

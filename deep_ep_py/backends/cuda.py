@@ -1,14 +1,15 @@
 """The kernel backend: calls deep_ep_py._C where a kernel exists for the call, the reference elsewhere.
 
 Kernels take raw device pointers and a stream handle (no torch in csrc/), so this module and the per-path modules
-it drives (intranode.py, low_latency.py) are where tensors become pointers. Outputs are allocated with torch on
-the current stream, which Buffer has set to the communication stream.
+it drives (intranode.py, internode.py, low_latency.py) are where tensors become pointers. Outputs are allocated
+with torch on the current stream, which Buffer has set to the communication stream.
 
 What runs where:
-- get_dispatch_layout (csrc/layout.cu), normal dispatch/combine within a node (intranode.py) and the low-latency
-  calls (low_latency.py): the kernels, only while DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but
-  have not yet run on a GPU; until they pass the GPU tier (scripts/gpu_check.sh) the default is the reference
-  implementation, which gives the same results at reference speed.
+- get_dispatch_layout (csrc/layout.cu), normal dispatch/combine within a node (intranode.py) and across nodes
+  (internode.py), and the low-latency calls (low_latency.py): the kernels, only while
+  DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but have not yet run on a GPU; until they pass the GPU
+  tier (scripts/gpu_check.sh) the default is the reference implementation, which gives the same results at
+  reference speed.
 - anything on CPU tensors, and handles made by the reference: the reference.
 """
 
@@ -39,6 +40,7 @@ class CudaBackend(ReferenceBackend):
         self._C = load_extension()
         self.sizes = sizes
         self.intranode = None
+        self.internode = None
         self.low_latency = None
         self.nvshmem = None
         if not unverified_kernels_enabled():
@@ -48,11 +50,21 @@ class CudaBackend(ReferenceBackend):
             from .intranode import IntranodeKernels
 
             self.intranode = IntranodeKernels(group, topology, sizes.num_nvl_bytes, self._C)
-        if sizes.low_latency_mode and sizes.num_rdma_bytes > 0:
+        # Each NVSHMEM user (low latency, internode normal kernels) takes its own num_rdma_bytes from one heap.
+        use_low_latency = sizes.low_latency_mode and sizes.num_rdma_bytes > 0
+        use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0
+        if use_low_latency or use_internode:
             from ..runtime import NvshmemContext
+
+            num_users = int(use_low_latency) + int(use_internode)
+            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_users * sizes.num_rdma_bytes)
+        if use_internode:
+            from .internode import InternodeKernels
+
+            self.internode = InternodeKernels(group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem)
+        if use_low_latency:
             from .low_latency import LowLatencyKernels
 
-            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=sizes.num_rdma_bytes)
             self.low_latency = LowLatencyKernels(group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem)
 
     # ------------------------------------------------------------------------------------------------ layout
@@ -85,21 +97,26 @@ class CudaBackend(ReferenceBackend):
 
     # ---------------------------------------------------------------------------------------------- normal
 
-    def _intranode_takes(self, x: torch.Tensor, handle: DispatchHandle | None) -> bool:
-        if self.intranode is None or not x.is_cuda:
-            return False
-        return handle is None or self.intranode.owns(handle)
+    def _normal_kernels(self, x: torch.Tensor, handle: DispatchHandle | None):
+        """The normal-mode kernels (intranode or internode, whichever this topology built) that take this call, or
+        None for the reference: CPU tensors, and handles the kernels did not make."""
+        kernels = self.intranode if self.intranode is not None else self.internode
+        if kernels is None or not x.is_cuda:
+            return None
+        return kernels if handle is None or kernels.owns(handle) else None
 
     def dispatch(self, x, x_scales, handle, *args, config: Config | None = None):
         """Arguments as ReferenceBackend.dispatch."""
-        if not self._intranode_takes(x, handle):
+        kernels = self._normal_kernels(x, handle)
+        if kernels is None:
             return super().dispatch(x, x_scales, handle, *args, config=config)
-        return self.intranode.dispatch(x, x_scales, handle, *args, num_sms=config.num_sms)
+        return kernels.dispatch(x, x_scales, handle, *args, num_sms=config.num_sms)
 
     def combine(self, x, handle, topk_weights, bias, config: Config | None = None):
-        if not self._intranode_takes(x, handle):
+        kernels = self._normal_kernels(x, handle)
+        if kernels is None:
             return super().combine(x, handle, topk_weights, bias, config=config)
-        return self.intranode.combine(x, handle, topk_weights, bias, num_sms=config.num_sms)
+        return kernels.combine(x, handle, topk_weights, bias, num_sms=config.num_sms)
 
     # ----------------------------------------------------------------------------------------- low latency
 
@@ -143,6 +160,9 @@ class CudaBackend(ReferenceBackend):
         if self.low_latency is not None:
             self.low_latency.destroy()
             self.low_latency = None
+        if self.internode is not None:
+            self.internode.destroy()
+            self.internode = None
         if self.nvshmem is not None:
             self.nvshmem.finalize()
             self.nvshmem = None

@@ -16,28 +16,21 @@ Shapes: T tokens here, H hidden, K top-k, R ranks, E experts, L = E / R, N rows 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .. import config as ep_config
-from ..errors import DeepEPError
 from ..runtime import PeerMappedBuffer, device_bytes_view
 from ..topology import Topology
 from .reference import DispatchHandle
+from .round_kernels import RoundKernels
+from .tensor_args import aligned16 as _aligned
+from .tensor_args import on_device as _on
+from .tensor_args import ptr as _ptr
 
 __all__ = ["IntranodeKernels", "IntranodeState"]
-
-# Host waits get this much longer than device waits, so a peer that never arrives is reported by the device record
-# (which names the missing rank) rather than by the host's own deadline.
-_HOST_WAIT_EXTRA_S = 5.0
-
-# IntranodeState.owner: a token unique for the process's lifetime (id() of a destroyed object can be reused by a new
-# one, which would then accept the old handles with their rows_per_round).
-_owner_tokens = itertools.count(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,31 +54,12 @@ class IntranodeState:
     owner: int
 
 
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor, or a copy when its data does not start on 16 bytes (a view with a storage offset): the kernels
-    move rows in 16-byte chunks."""
-    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
-
-
-def _ptr(tensor: torch.Tensor | None) -> int:
-    """Device address of a tensor, 0 for an absent one."""
-    return tensor.data_ptr() if tensor is not None else 0
-
-
-def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """The tensor on `device`: Buffer checks dtype and shape but not the device, and a host pointer faults a kernel."""
-    return tensor if tensor is None or tensor.device == device else tensor.to(device)
-
-
-class IntranodeKernels:
+class IntranodeKernels(RoundKernels):
     """The intranode kernels of one Buffer: an IPC-mapped buffer of num_nvl_bytes per rank, its error record and
     host counters. Collective to construct and to destroy (every rank of `group`)."""
 
     def __init__(self, group: Any, topology: Topology, num_nvl_bytes: int, ext: Any) -> None:
-        if ext is None:
-            raise DeepEPError("IntranodeKernels: the CUDA extension deep_ep_py._C is not loaded")
-        self._ext = ext
-        self._constants = ext.intranode_layout()
+        super().__init__(ext, "intranode", IntranodeState, ext.intranode_layout() if ext is not None else {})
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         if topology.num_nodes != 1:
@@ -104,28 +78,8 @@ class IntranodeKernels:
         self.num_nvl_bytes = num_nvl_bytes
         self.buffer = PeerMappedBuffer(group, num_nvl_bytes)
         self.peer_ptrs = list(self.buffer.peer_ptrs)
-        self.error_record = ext.ErrorRecord()
-        self.host_counters = ext.HostCounters(self._constants["num_host_counters"])
-        self._sequence = 0  # of the host counters: one per dispatch that the host waits for
-        self._owner = next(_owner_tokens)
-        # Test hook: fill fresh outputs with this byte instead of leaving them uninitialised (see poison_staging).
-        self.debug_poison_byte: int | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
-
-    def _timeout_s(self) -> float:
-        return ep_config.timeout_s()
-
-    def _check_device_errors(self, what: str) -> None:
-        """DeepEPTimeoutError if a device wait of an earlier call (or this one) timed out."""
-        self.error_record.check(what)
-
-    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if self.debug_poison_byte is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        out = torch.empty(shape, dtype=dtype, device=device)
-        out.view(torch.uint8).fill_(self.debug_poison_byte)
-        return out
 
     def _common(self) -> dict[str, Any]:
         return {
@@ -222,8 +176,7 @@ class IntranodeKernels:
             rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
             sequence = 0
             if num_worst_tokens == 0:
-                self._sequence += 1
-                sequence = self._sequence
+                sequence = self._next_sequence()
             self._ext.intranode_notify(
                 **self._common(),
                 is_token_in_rank=is_token_in_rank.data_ptr(),
@@ -307,31 +260,12 @@ class IntranodeKernels:
 
     def _wait_counts(self, sequence: int, num_local_experts: int) -> tuple[int, int, list[int]]:
         """Wait (GIL released) for the notify kernel's counts of call `sequence`: (N, num_rounds, per-expert)."""
-        counters, c = self.host_counters, self._constants
-        counters.wait_ge(
-            c["counter_sequence"],
-            sequence,
-            self._timeout_s() + _HOST_WAIT_EXTRA_S,
-            "the intranode dispatch notify (counts from every rank)",
-            self.error_record.host_ptr,
-            self.rank,
+        self._wait_host_counters(sequence, self.rank)
+        return (
+            self._counter("counter_num_recv_tokens"),
+            self._counter("counter_num_rounds"),
+            self._per_expert_counts(num_local_experts),
         )
-        self._check_device_errors("intranode dispatch notify")
-        num_recv_tokens = counters.get(c["counter_num_recv_tokens"])
-        num_rounds = counters.get(c["counter_num_rounds"])
-        base = c["counter_expert_base"]
-        per_expert = [counters.get(base + i) for i in range(num_local_experts)]
-        return num_recv_tokens, num_rounds, per_expert
-
-    def owns(self, handle: DispatchHandle) -> bool:
-        """Whether handle came from this object's dispatch (else the caller runs the reference)."""
-        state = handle.backend_state
-        return isinstance(state, IntranodeState) and state.owner == self._owner
-
-    def _state_of(self, handle: DispatchHandle) -> IntranodeState:
-        if not self.owns(handle):
-            raise ValueError("handle: expected a handle made by this buffer's intranode dispatch")
-        return handle.backend_state
 
     # ----------------------------------------------------------------------------------------------- combine
 

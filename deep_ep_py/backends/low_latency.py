@@ -26,6 +26,8 @@ from .. import config
 from ..runtime import device_bytes_view
 from ..topology import Topology
 from .reference import LowLatencyHandle
+from .tensor_args import aligned16 as _aligned16
+from .tensor_args import ptr as _ptr
 
 # Blocks of every low-latency kernel (256 threads each). The receive kernels spin while peers send: with several
 # ranks on one GPU, all ranks' receive grids plus one send grid must fit on the GPU at once.
@@ -52,18 +54,6 @@ class KernelHandleState(NamedTuple):
 
 def _noop() -> None:
     return None
-
-
-def _aligned16(tensor: torch.Tensor) -> torch.Tensor:
-    """tensor, contiguous and 16-byte aligned (a copy only when the caller passed an offset view)."""
-    tensor = tensor.contiguous()
-    if tensor.numel() > 0 and tensor.data_ptr() % 16 != 0:
-        tensor = tensor.clone()
-    return tensor
-
-
-def _ptr(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None or tensor.numel() == 0 else tensor.data_ptr()
 
 
 def _accumulator(stats: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, Callable[[], None]]:

@@ -1,0 +1,187 @@
+// Device helpers of the internode kernels: the buffer's regions, peer addresses, the node and global barriers,
+// and the arrival waits. Included by .cu files only (NVSHMEM device headers need relocatable device code).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdint>
+
+#include "../common/error_record.hpp"
+#include "../common/exception.hpp"
+#include "../common/launch.cuh"
+#include "../common/peer_signal.cuh"
+#include "../common/ptx.cuh"
+#include "../common/rounds.cuh"
+#include "../common/timeout.cuh"
+#include "internode.hpp"
+
+namespace ep::internode {
+
+constexpr int kControlThreads = kMaxRanks;  // the one-block kernels: one thread per rank (or node) waited for
+
+// Everything a kernel needs to find its way in the buffer, passed by value.
+struct View {
+    uint8_t* base;  // this rank's symmetric buffer (the same address names it on every PE)
+    ControlLayout control;
+    StagingLayout staging;
+    int rank, num_ranks;
+    int num_nodes, num_local_ranks;  // N, P
+    int node, local_rank;            // of this rank
+    int rows_per_round;              // B
+    int dispatch_stride, combine_stride;
+
+    __device__ __forceinline__ int pe_of(int node_idx, int local_idx) const { return node_idx * num_local_ranks + local_idx; }
+    __device__ __forceinline__ int node_of(int rank_idx) const { return rank_idx / num_local_ranks; }
+    __device__ __forceinline__ int local_of(int rank_idx) const { return rank_idx % num_local_ranks; }
+    template <typename T>
+    __device__ __forceinline__ T* at(size_t offset) const {
+        return reinterpret_cast<T*>(base + offset);
+    }
+    __device__ __forceinline__ int64_t* epochs() const { return at<int64_t>(control.epochs); }
+    __device__ __forceinline__ int* counts_row(int src) const {
+        return at<int>(control.counts) + static_cast<int64_t>(src) * count_row_ints(num_ranks, num_nodes);
+    }
+    __device__ __forceinline__ int* count_send_row(int dst) const {
+        return at<int>(control.count_send) + static_cast<int64_t>(dst) * count_row_ints(num_ranks, num_nodes);
+    }
+    // Dispatch slot i of source node n in the forwarder's receive region, and of dest node n in the send region.
+    __device__ __forceinline__ size_t dispatch_recv_slot(int src_node, int slot) const {
+        return staging.dispatch_recv + (static_cast<size_t>(src_node) * rows_per_round + slot) * dispatch_stride;
+    }
+    __device__ __forceinline__ size_t dispatch_send_slot(int dst_node, int slot) const {
+        return staging.dispatch_send + (static_cast<size_t>(dst_node) * rows_per_round + slot) * dispatch_stride;
+    }
+    // Combine sub-slot of receiving local rank l for slot i of source node n, at the forwarder.
+    __device__ __forceinline__ size_t combine_in_slot(int src_node, int slot, int local_idx) const {
+        return staging.combine_in +
+               ((static_cast<size_t>(src_node) * rows_per_round + slot) * num_local_ranks + local_idx) * combine_stride;
+    }
+    __device__ __forceinline__ size_t combine_partial_slot(int node_idx, int slot) const {
+        return staging.combine_partial + (static_cast<size_t>(node_idx) * rows_per_round + slot) * combine_stride;
+    }
+    __device__ __forceinline__ size_t combine_send_slot(int src_node, int slot) const {
+        return staging.combine_send + (static_cast<size_t>(src_node) * rows_per_round + slot) * combine_stride;
+    }
+    // The address of `offset` in rank pe's buffer where nvshmem_ptr maps it (P2P), else nullptr.
+    template <typename T>
+    __device__ __forceinline__ T* peer(size_t offset, int pe) const {
+        return static_cast<T*>(nvshmem_ptr(base + offset, pe));
+    }
+};
+
+// Host side: the view of a launch, after checking the buffer holds the layout.
+View make_view(const Buffers& buffers, int rows_per_round, int dispatch_stride, int combine_stride);
+
+inline TimeoutContext timeout_context(const View& view, const WaitConfig& wait) {
+    return TimeoutContext{wait.record, wait.timeout_ns, view.rank, -1};
+}
+
+// Whether this round's kernels have work: rounds past the device count return at once on every rank alike (they
+// all read the same num_rounds_device, computed from the same counts).
+__device__ __forceinline__ bool round_is_live(const int* num_rounds_device, int round) {
+    return round < ptx::ld_volatile_global(num_rounds_device);
+}
+
+// Rows of node-count `count` in the round starting at round_start.
+__device__ __forceinline__ int node_rows_in_round(const View& v, int count, int round_start) {
+    return rows_in_round(count, round_start, v.rows_per_round);
+}
+
+// Barrier of this rank with `num_members` ranks pe_of_member(0..num_members), run by every thread of one block of
+// kControlThreads. Epoch protocol as the intranode barrier: the owner counts its barriers of this kind
+// (epochs()[epoch_idx]); member i sets flags[my_slot] on each member to the epoch (release store or
+// nvshmemx_signal_op), then waits for flags[i] of its own buffer to reach the epoch. Flags only grow. The caller's
+// earlier writes (previous kernels: complete at the kernel boundary; puts: quieted there) come before the signal.
+template <typename PeOfMember>
+__device__ __forceinline__ bool epoch_barrier(const View& v, size_t flags_offset, int epoch_idx, int my_slot,
+                                              int num_members, PeOfMember&& pe_of_member, TimeoutContext ctx,
+                                              WaitSite site) {
+    __shared__ uint64_t s_epoch;
+    __shared__ int s_ok;
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int64_t* epoch_slot = v.epochs() + epoch_idx;
+        const uint64_t epoch = static_cast<uint64_t>(*reinterpret_cast<volatile int64_t*>(epoch_slot)) + 1;
+        *epoch_slot = static_cast<int64_t>(epoch);
+        s_epoch = epoch;
+        s_ok = 1;
+    }
+    __syncthreads();
+    const uint64_t epoch = s_epoch;
+    uint64_t* flags = v.at<uint64_t>(flags_offset);
+    for (int member = static_cast<int>(threadIdx.x); member < num_members; member += static_cast<int>(blockDim.x)) {
+        const int pe = pe_of_member(member);
+        set_peer_signal(flags + my_slot, epoch, pe);
+        ctx.channel = pe;
+        if (!timeout_while([&] { return ptx::ld_acquire_sys(flags + member) < epoch; }, ctx, site)) s_ok = 0;
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+__device__ __forceinline__ bool global_barrier(const View& v, TimeoutContext ctx) {
+    return epoch_barrier(v, v.control.global_flags, kEpochGlobalBarrier, v.rank, v.num_ranks,
+                         [](int member) { return member; }, ctx, WaitSite::kInternodeGlobalBarrier);
+}
+
+__device__ __forceinline__ bool node_barrier(const View& v, TimeoutContext ctx) {
+    const int first = v.pe_of(v.node, 0);
+    return epoch_barrier(v, v.control.node_flags, kEpochNodeBarrier, v.local_rank, v.num_local_ranks,
+                         [first](int member) { return first + member; }, ctx, WaitSite::kInternodeNodeBarrier);
+}
+
+// Waits until arrivals[n] (rows delivered from node n, cumulative) reaches the owner's running total plus the
+// rows expected_rows(n) of this round, for every node n; then advances the running totals. One block.
+template <typename ExpectedRows>
+__device__ __forceinline__ bool wait_arrivals(const View& v, size_t arrivals_offset, size_t consumed_offset,
+                                              ExpectedRows&& expected_rows, TimeoutContext ctx, WaitSite site) {
+    __shared__ int s_ok;
+    if (threadIdx.x == 0) s_ok = 1;
+    __syncthreads();
+    const uint64_t* arrivals = v.at<uint64_t>(arrivals_offset);
+    uint64_t* consumed = v.at<uint64_t>(consumed_offset);
+    for (int node_idx = static_cast<int>(threadIdx.x); node_idx < v.num_nodes; node_idx += static_cast<int>(blockDim.x)) {
+        const uint64_t target = consumed[node_idx] + static_cast<uint64_t>(expected_rows(node_idx));
+        ctx.channel = node_idx;
+        if (!timeout_while([&] { return ptx::ld_acquire_sys(arrivals + node_idx) < target; }, ctx, site)) s_ok = 0;
+        consumed[node_idx] = target;
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+// Delivers one staged row of `num_bytes` to `offset` in rank pe's buffer and adds 1 to its arrival counter at
+// `arrival_offset`, called by a whole warp after write_row(dst) filled the row:
+// - P2P-mapped pe: write_row writes straight into the peer's slot; every lane fences its stores at system scope,
+//   then lane 0 adds to the counter with release semantics, so the row is visible before the count.
+// - otherwise: write_row fills the local staging slot `local_offset`, and one put-with-signal carries row and count
+//   (NVSHMEM delivers the signal after the data).
+// Returns whether it used a put (the caller quiets before its kernel ends).
+template <typename WriteRow>
+__device__ __forceinline__ bool deliver_row(const View& v, size_t offset, size_t local_offset, int num_bytes,
+                                           size_t arrival_offset, int pe, int lane, WriteRow&& write_row) {
+    uint8_t* peer_slot = v.peer<uint8_t>(offset, pe);
+    if (peer_slot != nullptr) {
+        write_row(peer_slot);
+        __threadfence_system();
+        __syncwarp();
+        if (lane == 0) ptx::red_add_release_sys(v.peer<uint64_t>(arrival_offset, pe), 1);
+        return false;
+    }
+    uint8_t* local_slot = v.base + local_offset;
+    write_row(local_slot);
+    __threadfence_system();
+    __syncwarp();
+    nvshmemx_putmem_signal_nbi_warp(v.base + offset, local_slot, static_cast<size_t>(num_bytes),
+                                    v.at<uint64_t>(arrival_offset), 1, NVSHMEM_SIGNAL_ADD, pe);
+    return true;
+}
+
+// One block of kControlThreads running the global barrier (notify.cu): ends every round.
+void launch_global_barrier(const View& view, const WaitConfig& wait, const int* num_rounds_device, int round,
+                           cudaStream_t stream);
+
+}  // namespace ep::internode

@@ -1,0 +1,89 @@
+"""What the round-based normal kernels (intranode.py, internode.py) share on the host: the error record and host
+counters of one Buffer, the wait for a notify kernel's counts, output allocation (poisoned for tests), and telling
+their own handles from others'."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from .. import config as ep_config
+from ..errors import DeepEPError
+from .reference import DispatchHandle
+
+__all__ = ["RoundKernels"]
+
+# Host waits get this much longer than device waits, so a peer that never arrives is reported by the device record
+# (which names the missing rank) rather than by the host's own deadline.
+HOST_WAIT_EXTRA_S = 5.0
+
+# The owner of a handle's backend_state: a token unique for the process's lifetime (id() of a destroyed object can
+# be reused by a new one, which would then accept the old handles with their rows_per_round).
+_owner_tokens = itertools.count(1)
+
+
+class RoundKernels:
+    """Base of IntranodeKernels and InternodeKernels. `path`: the name used in messages ("intranode");
+    `state_type`: the dataclass the subclass keeps in DispatchHandle.backend_state (with an `owner` field);
+    `constants`: the extension's layout dict (num_host_counters, counter_* indices)."""
+
+    def __init__(self, ext: Any, path: str, state_type: type, constants: dict[str, int]) -> None:
+        if ext is None:
+            raise DeepEPError(f"{path} kernels: the CUDA extension deep_ep_py._C is not loaded")
+        self._ext = ext
+        self._path = path
+        self._state_type = state_type
+        self._constants = constants
+        self.error_record = ext.ErrorRecord()
+        self.host_counters = ext.HostCounters(constants["num_host_counters"])
+        self._sequence = 0  # of the host counters: one per dispatch that the host waits for
+        self._owner = next(_owner_tokens)
+        # Test hook: fill fresh outputs with this byte instead of leaving them uninitialised.
+        self.debug_poison_byte: int | None = None
+
+    def _timeout_s(self) -> float:
+        return ep_config.timeout_s()
+
+    def _check_device_errors(self, what: str) -> None:
+        """DeepEPTimeoutError if a device wait of an earlier call (or this one) timed out."""
+        self.error_record.check(what)
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if self.debug_poison_byte is not None:
+            out.view(torch.uint8).fill_(self.debug_poison_byte)
+        return out
+
+    def _next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def _wait_host_counters(self, sequence: int, rank: int) -> None:
+        """Wait (GIL released) until the notify kernel of call `sequence` has filled the host counters."""
+        self.host_counters.wait_ge(
+            self._constants["counter_sequence"],
+            sequence,
+            self._timeout_s() + HOST_WAIT_EXTRA_S,
+            f"the {self._path} dispatch notify (counts from every rank)",
+            self.error_record.host_ptr,
+            rank,
+        )
+        self._check_device_errors(f"{self._path} dispatch notify")
+
+    def _counter(self, name: str, offset: int = 0) -> int:
+        return self.host_counters.get(self._constants[name] + offset)
+
+    def _per_expert_counts(self, num_local_experts: int) -> list[int]:
+        return [self._counter("counter_expert_base", i) for i in range(num_local_experts)]
+
+    def owns(self, handle: DispatchHandle) -> bool:
+        """Whether handle came from this object's dispatch (else the caller runs the reference)."""
+        state = handle.backend_state
+        return isinstance(state, self._state_type) and state.owner == self._owner
+
+    def _state_of(self, handle: DispatchHandle) -> Any:
+        if not self.owns(handle):
+            raise ValueError(f"handle: expected a handle made by this buffer's {self._path} dispatch")
+        return handle.backend_state
