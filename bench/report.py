@@ -7,7 +7,9 @@ A row's ``roof_fraction`` compares the payload the GPU moves with its copy roof:
 rank x 2 bytes (each payload byte read once and written once, the least any implementation must move) over the
 copy roof (bytes read + written per second). ``hbm_bytes_per_payload_byte`` is the HBM traffic per payload byte
 the producing kernels move by design (bench/settings.py HBM_BYTES_BY_DESIGN; DeepEP V1's intranode path and ours:
-about 4), or what the backend reports where it does; None for the reference fallback.
+about 4), or what the backend reports where it does; None for the reference fallback. Internode rows (the ranks
+emulating several nodes) also carry ``net_gbps``, the bytes that cross nodes per rank per second, and
+``vs_intranode``, the intranode row's time over theirs on the same data (>= 1: no slower).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ CPU_NOTE = "reference backend (CPU, gloo): figures measure the reference all-to-
 class Row:
     """One measured path at one rank count."""
 
-    path: str  # "dispatch", "combine", "ll_dispatch", "ll_dispatch+hook", "ll_combine", "ll_combine+hook"
-    mode: str  # "normal" or "low_latency"
+    path: str  # "dispatch", "combine", "internode_dispatch", "internode_combine", "ll_dispatch", "ll_combine", ...
+    mode: str  # "normal", "internode" or "low_latency"
     ranks: int
     backend: str
     dtype: str  # payload dtype on the wire: "bf16" or "fp8"
@@ -49,6 +51,8 @@ class Row:
     ranks_per_gpu: int | None = None
     roof_fraction: float | None = None
     hbm_bytes_per_payload_byte: float | None = None
+    net_gbps: float | None = None  # internode rows: mean over ranks of bytes crossing nodes / median time
+    vs_intranode: float | None = None  # internode rows: intranode time / this time, same data and rank count
     per_rank_time_us: list[float] = field(default_factory=list)
     per_rank_gbps: list[float] = field(default_factory=list)
     per_rank_recv_bytes: list[float] = field(default_factory=list)
@@ -70,9 +74,11 @@ TABLE_COLUMNS = (
     ("time us", "time_us"),
     ("send us", "send_time_us"),
     ("GB/s", "gbps"),
+    ("net GB/s", "net_gbps"),
     ("copy roof GB/s", "copy_roof_gbps"),
     ("% of roof", "roof_fraction"),
     ("HBM B/payload B", "hbm_bytes_per_payload_byte"),
+    ("vs intranode", "vs_intranode"),
 )
 
 
@@ -83,7 +89,9 @@ def _cell(key: str, value: object) -> str:
         return f"{100.0 * float(value):.1f}%"
     if key in ("time_us", "send_time_us"):
         return f"{float(value):.1f}"
-    if key in ("gbps", "copy_roof_gbps"):
+    if key == "vs_intranode":
+        return f"{float(value):.2f}x"
+    if key in ("gbps", "net_gbps", "copy_roof_gbps"):
         return f"{float(value):.3g}" if float(value) < 100 else f"{float(value):.0f}"
     if key == "hbm_bytes_per_payload_byte":
         return f"{float(value):.2f}"

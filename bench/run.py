@@ -2,6 +2,9 @@
 
 Paths (each a row per rank count):
 - normal mode, ``--tokens`` per rank: dispatch bf16, dispatch fp8, combine bf16;
+- internode mode: the same three calls on the same data (same seed), the ranks emulating ``--nodes`` nodes
+  (``num_ranks_per_node`` = ranks / nodes, as DEEP_EP_PY_RANKS_PER_NODE does), so they run the hierarchical path
+  ("internode_dispatch", "internode_combine"); rank counts that are not a multiple of ``--nodes`` get none;
 - low-latency mode, ``--ll-tokens`` per rank: dispatch fp8 and combine bf16, each with and without
   ``return_recv_hook`` (with the hook, the timed region is the call plus ``hook()``; "send us" is the call alone);
 - with ``--device cuda`` and the low-latency kernels active (DEEP_EP_PY_UNVERIFIED_KERNELS=1): one dispatch (fp8)
@@ -18,6 +21,10 @@ with the layout and top-k instead. Low-latency combine is timed after an untimed
 Bandwidth is DeepEP's count: bytes received per rank over time, a received token (normal) or a received
 (token, expert) row (low latency) counting H * 2 bytes in bf16 and H * (1 + 4/128) in fp8; combine counts the
 bf16 bytes each rank sends back. Across ranks: the slowest rank's median time, the mean of the ranks' GB/s.
+Internode rows split that: "GB/s" stays the received rows, every one of which reaches its rank from a rank of
+its own node (the NVLink bytes); "net GB/s" counts the rows that cross nodes, a token once per other node it goes
+to (the network bytes; combine: the partial sums coming back, as many); "vs intranode" is the intranode row's
+time over the internode row's time on the same data and rank count (>= 1: no slower, the target).
 
 ``--device cuda`` puts every rank on the GPU (rank % device_count); several ranks on one GPU need the MPS daemon
 running (the GPU check script starts it), since the kernels of all ranks spin-wait on each other. There, rank 0
@@ -41,9 +48,11 @@ from bench import report, timing
 from bench.settings import (
     CASES,
     DEFAULT_ITERS,
+    DEFAULT_NODES,
     GRAPH_PATH,
+    INTERNODE,
     LOW_LATENCY,
-    NORMAL,
+    MODES,
     QUICK,
     REPO_DIR,
     STANDARD,
@@ -78,17 +87,20 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
         reduced = timing.reduce_ranks(rank_results)
         kernels_active = all(result["kernels_active"] for result in results)
         num_tokens = sum(result["num_tokens"] for result in results)
-        rows_per_token = sum(result["num_rows"] for result in results) / num_tokens if num_tokens else None
+        num_rows = sum(result["num_rows"] for result in results)
+        rows_per_token = num_rows / num_tokens if num_tokens else None
+        internode = _internode_figures(path, dtype, results, rank_results, per_rank, reduced["time_us"])
         hbm = results[0]["hbm_reported"]
         if hbm is None:
-            hbm = hbm_bytes_per_payload_byte(path, kernels_active, rows_per_token)
+            node_rows_per_row = internode["num_node_rows"] / num_rows if internode and num_rows else None
+            hbm = hbm_bytes_per_payload_byte(path, kernels_active, rows_per_token, node_rows_per_row)
         row = report.Row(
             path=path,
             mode=mode,
             ranks=num_ranks,
             backend=first["backend"],
             dtype=dtype,
-            tokens=cfg.tokens if mode == NORMAL else cfg.ll_tokens,
+            tokens=cfg.ll_tokens if mode == LOW_LATENCY else cfg.tokens,
             hidden=cfg.hidden,
             topk=cfg.topk,
             experts=cfg.experts,
@@ -103,9 +115,12 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             per_rank_time_us=reduced["per_rank_time_us"],
             per_rank_gbps=reduced["per_rank_gbps"],
             per_rank_recv_bytes=reduced["per_rank_recv_bytes"],
+            net_gbps=internode["net_gbps"] if internode else None,
+            vs_intranode=internode["vs_intranode"] if internode else None,
             extra={
                 "produced_by": KERNELS if kernels_active else REFERENCE_FALLBACK,
                 "rows_per_token": rows_per_token,
+                **(_internode_extra(cfg, num_ranks, internode) if internode else {}),
                 "hbm_by_design": results[0]["hbm_reported"] is None and hbm is not None,
                 "per_rank_iter_us": [[t * 1e6 for t in r.iter_s] for r in rank_results],
             },
@@ -113,6 +128,42 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
         row.fill_roof()
         rows.append(row)
     return rows
+
+
+def _internode_figures(
+    path: str,
+    dtype: str,
+    results: list[dict],
+    rank_results: list[timing.RankResult],
+    per_rank: list[dict],
+    time_us: float,
+) -> dict | None:
+    """For an internode row: its (token, node) rows, network GB/s (mean over ranks of each rank's bytes that cross
+    nodes over its own median time) and speed against the intranode row of the same call on the same data (the
+    intranode row's time over this one's; None without that row). None for every other row."""
+    if any(result.get("num_node_rows") is None for result in results):
+        return None
+    intranode_key = (path.removeprefix("internode_"), dtype, False)
+    vs_intranode = None
+    if all(intranode_key in r["results"] for r in per_rank):
+        intranode = [timing.RankResult(**r["results"][intranode_key]["rank_result"]) for r in per_rank]
+        vs_intranode = timing.reduce_ranks(intranode)["time_us"] / time_us
+    net_gbps = [result["net_bytes"] / r.median_s / 1e9 for result, r in zip(results, rank_results)]
+    return {
+        "num_node_rows": sum(result["num_node_rows"] for result in results),
+        "per_rank_net_bytes": [result["net_bytes"] for result in results],
+        "net_gbps": sum(net_gbps) / len(net_gbps),
+        "vs_intranode": vs_intranode,
+    }
+
+
+def _internode_extra(cfg: BenchConfig, num_ranks: int, internode: dict) -> dict:
+    return {
+        "nodes": cfg.nodes,
+        "ranks_per_node": num_ranks // cfg.nodes,
+        "num_node_rows": internode["num_node_rows"],
+        "per_rank_net_bytes": internode["per_rank_net_bytes"],
+    }
 
 
 def _producer_notes(rows: Sequence[report.Row]) -> list[str]:
@@ -146,6 +197,13 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
         " bytes / time (fp8: H*(1+4/128) B a row, bf16: H*2 B)"
     )
     notes.append(f"normal dispatch timed with a {cfg.dispatch_handle} handle; ll_combine after an untimed dispatch")
+    if any(row.mode == INTERNODE for row in rows):
+        notes.append(
+            f"internode_*: the ranks play {cfg.nodes} nodes (ranks / {cfg.nodes} per node) on the normal rows' data;"
+            " GB/s = received rows, all delivered inside the node (NVLink bytes); net GB/s = rows crossing nodes, a"
+            " token once per other node (network bytes); vs intranode = intranode time / internode time (>= 1:"
+            " no slower)"
+        )
     if any(row.path == GRAPH_PATH for row in rows):
         notes.append(
             f"{GRAPH_PATH}: one ll_dispatch (fp8) + ll_combine (bf16) replayed from a CUDA graph, inputs copied in"
@@ -180,7 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-tokens", type=int, default=None, help=f"low-latency tokens per rank ({STANDARD['ll_tokens']})")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per path")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per path")
-    p.add_argument("--paths", default=f"{NORMAL},{LOW_LATENCY}", help="modes to run: normal,low_latency")
+    p.add_argument("--paths", default=",".join(MODES), help=f"modes to run, a subset of {','.join(MODES)}")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=DEFAULT_NODES,
+        help=f"nodes the internode rows emulate, ranks / nodes ranks each ({DEFAULT_NODES})",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--backend", choices=("auto", "reference", "cuda"), default=None, help="Buffer(backend=...)")
     p.add_argument("--dist-backend", default="gloo", help="torch.distributed backend of the group (gloo)")
@@ -210,9 +274,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
     ranks = _parse_ranks(pick("ranks", "2" if device == "cpu" else "2,4,8"), parser)
     modes = tuple(m.strip() for m in args.paths.split(",") if m.strip())
-    bad = [m for m in modes if m not in (NORMAL, LOW_LATENCY)]
+    bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        parser.error(f"--paths: expected a subset of {NORMAL},{LOW_LATENCY}, got {args.paths!r}")
+        parser.error(f"--paths: expected a subset of {','.join(MODES)}, got {args.paths!r}")
+    if args.nodes < 2:
+        parser.error(f"--nodes: expected >= 2 (one node is the normal rows), got {args.nodes}")
     cfg = BenchConfig(
         tokens=pick("tokens"),
         hidden=pick("hidden"),
@@ -227,6 +293,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         dispatch_handle=args.dispatch_handle,
         roof_bytes=args.roof_bytes,
         seed=args.seed,
+        nodes=args.nodes,
     )
     for name in ("tokens", "hidden", "topk", "experts", "ll_tokens", "iters"):
         if getattr(cfg, name) < 1:
@@ -275,6 +342,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
         timeout_s = args.timeout_s or _default_timeout_s(cfg, num_ranks)
         log(
             f"ranks={num_ranks} device={cfg.device} backend={cfg.backend or 'default'} paths={','.join(cfg.modes)} "
+            f"nodes={cfg.nodes} "
             f"tokens={cfg.tokens} ll_tokens={cfg.ll_tokens} hidden={cfg.hidden} topk={cfg.topk}/{cfg.experts} "
             f"(timeout {timeout_s:.0f} s)"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import NamedTuple
 
 from bench import timing
 
@@ -12,6 +13,11 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NORMAL = "normal"
 LOW_LATENCY = "low_latency"
+# Normal mode on the same data with R ranks emulating --nodes nodes (num_ranks_per_node = R / nodes, as
+# DEEP_EP_PY_RANKS_PER_NODE does): the hierarchical path, next to the intranode rows of the same rank count.
+INTERNODE = "internode"
+MODES = (NORMAL, INTERNODE, LOW_LATENCY)
+DEFAULT_NODES = 2
 GRAPH_PATH = "ll_dispatch+combine graph"
 GRAPH_DTYPE = "fp8+bf16"  # fp8 dispatch, bf16 combine
 # (path, mode, dtype, return_recv_hook) in table order.
@@ -19,6 +25,9 @@ CASES: tuple[tuple[str, str, str, bool], ...] = (
     ("dispatch", NORMAL, "bf16", False),
     ("dispatch", NORMAL, "fp8", False),
     ("combine", NORMAL, "bf16", False),
+    ("internode_dispatch", INTERNODE, "bf16", False),
+    ("internode_dispatch", INTERNODE, "fp8", False),
+    ("internode_combine", INTERNODE, "bf16", False),
     ("ll_dispatch", LOW_LATENCY, "fp8", False),
     ("ll_dispatch+hook", LOW_LATENCY, "fp8", True),
     ("ll_combine", LOW_LATENCY, "bf16", False),
@@ -38,10 +47,13 @@ BYTES_PER_CHANNEL = {
 # HBM traffic per payload byte BY DESIGN, not measured: what the kernels' code reads and writes per payload byte,
 # every access counted as HBM traffic (summed over all GPUs; L2 hits only make the real figure lower). Keyed by
 # (path, whether the kernel module for that path is active on the Buffer's backend); None where unknown (the
-# reference fallback: host copies and gloo, not an HBM figure). A value (per_row, per_token) means
-#     per_row + per_token / (rows per token)
-# bytes per payload byte, per_token in units of one payload row, rows per token = rows received over all ranks
-# / tokens over all ranks in the run (normal mode: destination ranks per token; low latency: top-k choices kept).
+# reference fallback: host copies and gloo, not an HBM figure). A value HbmDesign(per_row, per_token, per_node_row)
+# means
+#     per_row + per_token / (rows per token) + per_node_row * (node rows per row)
+# bytes per payload byte, per_token and per_node_row in units of one payload row. Rows per token = rows received
+# over all ranks / tokens over all ranks in the run (normal mode: destination ranks per token; low latency: top-k
+# choices kept); node rows per row = (token, destination node) pairs over all ranks / rows received over all ranks
+# (internode only: destination nodes per token over destination ranks per token, the source's own node counted).
 # Payload row = what the bench counts as bytes (fp8: H * (1 + 4/128), bf16: H * 2).
 #
 # Intranode normal kernels (csrc/intranode), each payload byte copied twice:
@@ -52,6 +64,19 @@ BYTES_PER_CHANNEL = {
 #             rows (1) and writes the reduced token once (1 row per token)             = 3 per row, 1 per token.
 #             That is a combine in one round; when the staging holds fewer rows than a call moves, each further
 #             round also writes and reads a float32 partial sum per token (+4 rows per token a round), not counted.
+# Internode (hierarchical) normal kernels (csrc/internode): a token bound for node n goes once to its forwarder on n
+# (the rank of n with the source's local index; on the source's own node, the source itself), by direct stores
+# where the forwarder is P2P-mapped (always, on one GPU); every rank of n that needs it reads it from there.
+#   dispatch: per (token, destination node): the source reads the row of x (1) and writes the forwarder's staging
+#             (1), shared by the node's receivers; per received row: the receiver reads the forwarder's staging (1)
+#             and writes recv_x (1)                                = 2 per row, 2 per node row, 0 per token.
+#             At one destination rank per node this is the intranode 4; the more receivers share a node row, the
+#             closer it gets to 2.
+#   combine:  per row: the receiver reads its recv_x row (1) and writes the forwarder's staging (1), the forwarder
+#             reads it (1); per (token, node): the forwarder writes one bf16 partial sum into the source's staging (1),
+#             the source reads it (1); per token: the source writes the output (1)
+#                                                                  = 3 per row, 2 per node row, 1 per token.
+#             One round; further rounds add a float32 partial per token, not counted (as intranode).
 # Low-latency kernels (csrc/low_latency, the P2P/same-GPU path; the bench's LL dispatch is fp8, F = 1 + 4/128):
 #   dispatch: per token, the cast reads x in bf16 (2H = 2/F payload rows) and writes the fp8 message into the send
 #             area (1); per (token, expert) row, the sender reads the send-area message (1) and writes the peer's
@@ -63,13 +88,27 @@ BYTES_PER_CHANNEL = {
 #             (Not zero-copy: the bench passes its own expert-output tensor; the send area is not used.)
 #   graph (dispatch + combine): the two above, weighted by their payload bytes (fp8 F*H and bf16 2H a row).
 # The "+hook" rows run the same kernels as their plain rows.
-_INTRANODE_DISPATCH = (4.0, 0.0)
-_INTRANODE_COMBINE = (3.0, 1.0)
-_LL_DISPATCH_FP8 = (4.0, 1.0 + timing.BF16_BYTES_PER_CHANNEL / timing.FP8_BYTES_PER_CHANNEL)
-_LL_COMBINE = (3.0, 1.0)
-HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], tuple[float, float] | None] = {
+
+
+class HbmDesign(NamedTuple):
+    """Design HBM bytes per payload byte, split by what they scale with (see the comment above)."""
+
+    per_row: float
+    per_token: float
+    per_node_row: float = 0.0
+
+
+_INTRANODE_DISPATCH = HbmDesign(4.0, 0.0)
+_INTRANODE_COMBINE = HbmDesign(3.0, 1.0)
+_INTERNODE_DISPATCH = HbmDesign(2.0, 0.0, 2.0)
+_INTERNODE_COMBINE = HbmDesign(3.0, 1.0, 2.0)
+_LL_DISPATCH_FP8 = HbmDesign(4.0, 1.0 + timing.BF16_BYTES_PER_CHANNEL / timing.FP8_BYTES_PER_CHANNEL)
+_LL_COMBINE = HbmDesign(3.0, 1.0)
+HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
     ("dispatch", True): _INTRANODE_DISPATCH,
     ("combine", True): _INTRANODE_COMBINE,
+    ("internode_dispatch", True): _INTERNODE_DISPATCH,
+    ("internode_combine", True): _INTERNODE_COMBINE,
     ("ll_dispatch", True): _LL_DISPATCH_FP8,
     ("ll_dispatch+hook", True): _LL_DISPATCH_FP8,
     ("ll_combine", True): _LL_COMBINE,
@@ -78,8 +117,11 @@ HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], tuple[float, float] | None] = {
 }
 
 
-def hbm_bytes_per_payload_byte(path: str, kernels_active: bool, rows_per_token: float | None) -> float | None:
-    """HBM_BYTES_BY_DESIGN evaluated for a run's rows per token; None where not known (or no rows)."""
+def hbm_bytes_per_payload_byte(
+    path: str, kernels_active: bool, rows_per_token: float | None, node_rows_per_row: float | None = None
+) -> float | None:
+    """HBM_BYTES_BY_DESIGN evaluated for a run's rows per token (and node rows per row, for the paths that need
+    it); None where not known (or no rows)."""
     if not kernels_active or not rows_per_token or rows_per_token <= 0:
         return None
     if path == GRAPH_PATH:
@@ -92,8 +134,9 @@ def hbm_bytes_per_payload_byte(path: str, kernels_active: bool, rows_per_token: 
     figure = HBM_BYTES_BY_DESIGN.get((path, True))
     if figure is None:
         return None
-    per_row, per_token = figure
-    return per_row + per_token / rows_per_token
+    if figure.per_node_row and node_rows_per_row is None:
+        return None
+    return figure.per_row + figure.per_token / rows_per_token + figure.per_node_row * (node_rows_per_row or 0.0)
 
 
 # Sizes: the standard settings (targets.md) and --quick (finishes in well under a minute on a 2-core CPU).
@@ -128,6 +171,7 @@ class BenchConfig:
     dispatch_handle: str  # "cached" or "fresh"
     roof_bytes: int
     seed: int
+    nodes: int = DEFAULT_NODES  # nodes the internode rows emulate (ranks per node = ranks / nodes)
 
 
 def log(message: str) -> None:

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from bench import timing
-from bench.settings import BYTES_PER_CHANNEL, GRAPH_DTYPE, GRAPH_PATH, LOW_LATENCY, NORMAL, BenchConfig, log
+from bench.settings import (
+    BYTES_PER_CHANNEL,
+    GRAPH_DTYPE,
+    GRAPH_PATH,
+    INTERNODE,
+    LOW_LATENCY,
+    NORMAL,
+    BenchConfig,
+    log,
+)
+
+# The environment variable that makes one machine play several nodes (deep_ep_py.config.RANKS_PER_NODE_ENV).
+RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
+# The Buffer backend's kernel module that runs each mode (None on it: the mode takes the reference fallback).
+KERNEL_MODULES = {NORMAL: "intranode", INTERNODE: "internode", LOW_LATENCY: "low_latency"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-rank side: runs inside each launched process.
@@ -77,12 +93,34 @@ def _hbm_bytes_per_payload_byte(buffer: object, path: str) -> float | None:
 
 def _kernels_active(buffer: object, mode: str, device: torch.device) -> bool:
     """Whether the Buffer's backend runs this mode's kernels (else its calls take the reference fallback): backend
-    "cuda" with its kernel module for the mode loaded (``_backend.intranode`` for normal mode,
-    ``_backend.low_latency`` for low latency; None unless DEEP_EP_PY_UNVERIFIED_KERNELS=1), and CUDA tensors."""
+    "cuda" with its kernel module for the mode loaded (KERNEL_MODULES: ``_backend.intranode`` for normal mode,
+    ``_backend.internode`` for the emulated nodes, ``_backend.low_latency`` for low latency; None unless
+    DEEP_EP_PY_UNVERIFIED_KERNELS=1), and CUDA tensors."""
     if device.type != "cuda" or getattr(buffer, "backend", None) != "cuda":
         return False
-    module = "intranode" if mode == NORMAL else "low_latency"
-    return getattr(getattr(buffer, "_backend", None), module, None) is not None
+    return getattr(getattr(buffer, "_backend", None), KERNEL_MODULES[mode], None) is not None
+
+
+def internode_skip_reason(cfg: BenchConfig, num_ranks: int) -> str | None:
+    """Why this rank count gets no internode rows (None: it gets them)."""
+    if num_ranks % cfg.nodes != 0:
+        return f"{num_ranks} ranks do not split into {cfg.nodes} nodes (--nodes)"
+    return None
+
+
+@contextlib.contextmanager
+def _ranks_per_node_env(ranks_per_node: int) -> Iterator[None]:
+    """DEEP_EP_PY_RANKS_PER_NODE set for the internode mode only (a rank runs its modes one after the other): the
+    Buffer's size hints and its config checks then assume the emulated nodes, as the Buffer's topology does."""
+    previous = os.environ.get(RANKS_PER_NODE_ENV)
+    os.environ[RANKS_PER_NODE_ENV] = str(ranks_per_node)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[RANKS_PER_NODE_ENV]
+        else:
+            os.environ[RANKS_PER_NODE_ENV] = previous
 
 
 def _all_ranks_agree(ok: bool) -> bool:
@@ -112,11 +150,20 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
             **kwargs,
         )
     hidden_bytes = cfg.hidden * 2
-    num_nvl_bytes = max(
-        deep_ep_py.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
-        deep_ep_py.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
+    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
+    if mode == NORMAL:
+        return deep_ep_py.Buffer(group, num_nvl_bytes, 0, explicitly_destroy=True, **kwargs)
+    # Internode: the NVSHMEM bytes DeepEP's size hints ask for on the emulated nodes (_ranks_per_node_env is set).
+    num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
+    return deep_ep_py.Buffer(
+        group,
+        num_nvl_bytes,
+        num_rdma_bytes,
+        explicitly_destroy=True,
+        num_ranks_per_node=num_ranks // cfg.nodes,
+        **kwargs,
     )
-    return deep_ep_py.Buffer(group, num_nvl_bytes, 0, explicitly_destroy=True, **kwargs)
 
 
 def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):
@@ -128,8 +175,29 @@ def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):
     return x, topk_idx, topk_weights
 
 
-def _normal_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device) -> dict:
-    """(path, dtype, hook) -> (fn, setup or None, payload rows this rank receives) for normal mode."""
+@dataclasses.dataclass
+class NodeTraffic:
+    """One rank's normal-mode tokens counted per destination node (internode rows only)."""
+
+    num_node_rows: int  # (token, destination node) pairs, the source's own node included
+    num_net_rows: int  # the same, other nodes only: rows that cross the network
+
+
+def _node_traffic(is_token_in_rank: torch.Tensor, num_nodes: int, rank: int) -> NodeTraffic:
+    """is_token_in_rank bool [T, R] -> this rank's tokens per destination node (nodes are contiguous rank blocks)."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    in_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks // num_nodes).any(dim=-1)
+    own_node = rank // (num_ranks // num_nodes)
+    num_node_rows = int(in_node.sum().item())
+    return NodeTraffic(num_node_rows, num_node_rows - int(in_node[:, own_node].sum().item()))
+
+
+def _normal_paths(
+    buffer, cfg: BenchConfig, num_ranks: int, device: torch.device, mode: str
+) -> tuple[dict, NodeTraffic | None]:
+    """(path, dtype, hook) -> (fn, setup or None, payload rows this rank receives) for normal mode (paths
+    "dispatch" / "combine") or the internode mode (the same calls, paths "internode_dispatch" /
+    "internode_combine"); with the internode mode also this rank's tokens per destination node."""
     x, topk_idx, topk_weights = _random_routing(cfg.tokens, cfg, device)
     x_fp8 = _cast_to_fp8(x)
     x_fp8 = (x_fp8[0], x_fp8[1].T.contiguous().T)  # column-major scales, as DeepEP's test sends them
@@ -148,6 +216,7 @@ def _normal_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device
     }
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, config=dispatch_config, **layout)
     num_recv_tokens = int(recv_x.shape[0])
+    traffic = _node_traffic(is_token_in_rank, cfg.nodes, dist.get_rank()) if mode == INTERNODE else None
 
     def dispatch_fn(payload) -> Callable[[], None]:
         def run() -> None:
@@ -161,11 +230,13 @@ def _normal_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.device
     def combine() -> None:
         buffer.combine(recv_x, handle, config=combine_config)
 
-    return {
-        ("dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
-        ("dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
-        ("combine", "bf16", False): (combine, None, num_recv_tokens),
+    prefix = "internode_" if mode == INTERNODE else ""
+    paths = {
+        (f"{prefix}dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
+        (f"{prefix}dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
+        (f"{prefix}combine", "bf16", False): (combine, None, num_recv_tokens),
     }
+    return paths, traffic
 
 
 @dataclasses.dataclass
@@ -347,47 +418,62 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         "notes": [],  # lines for the table's notes (graph replay skipped or failed)
     }
     for mode in cfg.modes:
-        buffer = _make_buffer(cfg, num_ranks, mode)
-        out["backend"] = _backend_name(buffer, cfg.backend)
-        kernels_active = _kernels_active(buffer, mode, device)
-        num_tokens = cfg.tokens if mode == NORMAL else cfg.ll_tokens
-        ll_inputs = None
-        if mode == NORMAL:
-            paths = _normal_paths(buffer, cfg, num_ranks, device)
-        else:
-            ll_inputs = LowLatencyInputs(*_random_routing(cfg.ll_tokens, cfg, device))
-            paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
-        for key, (fn, setup, num_recv_rows) in paths.items():
-            path, dtype, _ = key
-            if rank == 0:
-                log(f"ranks={num_ranks} {path} {dtype}: {cfg.warmup} warmup + {cfg.iters} timed iters")
-            times = timing.time_iters(fn, setup=setup, warmup=cfg.warmup, iters=cfg.iters, device=device)
-            out["results"][key] = _path_result(
-                buffer, path, dtype, times, num_recv_rows, num_tokens, kernels_active, cfg
-            )
-        del paths
-        if ll_inputs is not None:
-            if device.type != "cuda":
-                out["notes"].append(f"graph replay: skipped ({GRAPH_PATH} needs --device cuda)")
-            elif not kernels_active:
-                out["notes"].append(
-                    f"graph replay: skipped (the low-latency kernels are not active on the {out['backend']} backend;"
-                    " they need Buffer backend cuda and DEEP_EP_PY_UNVERIFIED_KERNELS=1)"
-                )
-            else:
-                times, note = _graph_round_trip(buffer, cfg, device, ll_inputs, rank)
-                if note:
-                    out["notes"].append(note)
-                if times is not None:
-                    out["results"][(GRAPH_PATH, GRAPH_DTYPE, False)] = _path_result(
-                        buffer, GRAPH_PATH, GRAPH_DTYPE, times, ll_inputs.num_recv_rows, num_tokens, True, cfg
-                    )
-            del ll_inputs
-        # No try/finally: a rank that raised must not wait in a barrier its peers never reach; the launcher
-        # reports its traceback and stops the others.
-        dist.barrier()
-        buffer.destroy()
+        if mode == INTERNODE:
+            skip_reason = internode_skip_reason(cfg, num_ranks)
+            if skip_reason is not None:
+                out["notes"].append(f"internode rows: skipped ({skip_reason})")
+                continue
+        emulated_nodes = _ranks_per_node_env(num_ranks // cfg.nodes) if mode == INTERNODE else contextlib.nullcontext()
+        with emulated_nodes:
+            _run_mode(mode, cfg, rank, num_ranks, device, out)
     return out
+
+
+def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: torch.device, out: dict) -> None:
+    """Build the mode's Buffer, time its paths into out["results"], destroy the Buffer (collective)."""
+    # The same seed for every mode: the normal and the internode rows time the same tokens and routing.
+    torch.manual_seed(cfg.seed + rank)
+    buffer = _make_buffer(cfg, num_ranks, mode)
+    out["backend"] = _backend_name(buffer, cfg.backend)
+    kernels_active = _kernels_active(buffer, mode, device)
+    num_tokens = cfg.ll_tokens if mode == LOW_LATENCY else cfg.tokens
+    ll_inputs = None
+    traffic = None
+    if mode == LOW_LATENCY:
+        ll_inputs = LowLatencyInputs(*_random_routing(cfg.ll_tokens, cfg, device))
+        paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
+    else:
+        paths, traffic = _normal_paths(buffer, cfg, num_ranks, device, mode)
+    for key, (fn, setup, num_recv_rows) in paths.items():
+        path, dtype, _ = key
+        if rank == 0:
+            log(f"ranks={num_ranks} {path} {dtype}: {cfg.warmup} warmup + {cfg.iters} timed iters")
+        times = timing.time_iters(fn, setup=setup, warmup=cfg.warmup, iters=cfg.iters, device=device)
+        out["results"][key] = _path_result(
+            buffer, path, dtype, times, num_recv_rows, num_tokens, kernels_active, cfg, traffic
+        )
+    del paths
+    if ll_inputs is not None:
+        if device.type != "cuda":
+            out["notes"].append(f"graph replay: skipped ({GRAPH_PATH} needs --device cuda)")
+        elif not kernels_active:
+            out["notes"].append(
+                f"graph replay: skipped (the low-latency kernels are not active on the {out['backend']} backend;"
+                " they need Buffer backend cuda and DEEP_EP_PY_UNVERIFIED_KERNELS=1)"
+            )
+        else:
+            times, note = _graph_round_trip(buffer, cfg, device, ll_inputs, rank)
+            if note:
+                out["notes"].append(note)
+            if times is not None:
+                out["results"][(GRAPH_PATH, GRAPH_DTYPE, False)] = _path_result(
+                    buffer, GRAPH_PATH, GRAPH_DTYPE, times, ll_inputs.num_recv_rows, num_tokens, True, cfg
+                )
+        del ll_inputs
+    # No try/finally: a rank that raised must not wait in a barrier its peers never reach; the launcher
+    # reports its traceback and stops the others.
+    dist.barrier()
+    buffer.destroy()
 
 
 def _path_result(
@@ -399,8 +485,11 @@ def _path_result(
     num_tokens: int,
     kernels_active: bool,
     cfg: BenchConfig,
+    traffic: NodeTraffic | None = None,
 ) -> dict:
-    """What the driver needs of one path on this rank (picklable)."""
+    """What the driver needs of one path on this rank (picklable). Internode paths also carry the (token, node)
+    rows (for the design HBM figure) and the bytes that cross nodes (combine: the partial sums coming back, one
+    per token and other node, as many as the dispatch sent)."""
     result = timing.RankResult(
         median_s=times.median_total_s(),
         recv_bytes=num_recv_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype],
@@ -413,4 +502,6 @@ def _path_result(
         "kernels_active": kernels_active,
         "num_rows": num_recv_rows,
         "num_tokens": num_tokens,
+        "num_node_rows": traffic.num_node_rows if traffic is not None else None,
+        "net_bytes": traffic.num_net_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype] if traffic is not None else None,
     }

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, on a machine with a GPU (see the GPU rig notes): versions, MPS up, an in-place
-# build for sm_90 with all cores, the GPU test tier at the given rank counts, the benchmark, MPS down, and a
-# summary table printed last. Every step logs to its own file in the log directory and is timed; a failed step
-# does not stop the others; the exit status is non-zero when any step failed.
+# build for sm_90 with all cores, the GPU test tier at the given rank counts, the benchmark, then the internode
+# (hierarchical) path with the ranks playing several nodes (its tests, and its benchmark rows next to the intranode
+# rows on the same data), MPS down, and a summary table printed last. Every step logs to its own file in the log
+# directory and is timed; a failed step does not stop the others; the exit status is non-zero when any step failed.
 #
-#   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--quick] [--wheel-dir DIR] [--skip STEP[,STEP]]
-#                        [--step-timeout SECONDS]
+#   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
+#                        [--skip STEP[,STEP]] [--step-timeout SECONDS]
 #
-#   --log-dir DIR         logs and bench.json (env GPU_CHECK_LOG_DIR; default ./gpu_check_logs)
+#   --log-dir DIR         logs, bench.json, bench_internode.json (env GPU_CHECK_LOG_DIR; default ./gpu_check_logs)
 #   --ranks "2 4 8"       rank counts for the GPU tests and the benchmark, all ranks on the GPU(s) there are
+#   --internode-ranks "4 8"
+#                         rank counts for the internode tests and benchmark rows (steps of their own), played as
+#                         2 nodes (in the tests also as 4 and 8 nodes where those divide them)
 #   --quick               the benchmark's small sizes
 #   --wheel-dir DIR       pip-install the wheels in DIR first (e.g. the carried nvshmem4py wheel), offline
-#   --skip STEPS          steps to skip, comma-separated: info,mps,wheel,build,ext,tests,bench
+#   --skip STEPS          steps to skip, comma-separated:
+#                         info,mps,wheel,build,ext,tests,bench,tests_internode,bench_internode
 #   --step-timeout S      wall-clock limit of each step (default 1200); a step past it is killed and FAILs
 #
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
@@ -29,6 +34,7 @@ REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 LOG_DIR=${GPU_CHECK_LOG_DIR:-./gpu_check_logs}
 RANKS="2 4 8"
+INTERNODE_RANKS="4 8"
 QUICK=0
 WHEEL_DIR=""
 SKIP_STEPS=""
@@ -37,7 +43,7 @@ PYTHON=${PYTHON:-python3}
 BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
 
 usage() {
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_value() {
@@ -53,6 +59,8 @@ while [ "$#" -gt 0 ]; do
         --log-dir=*) LOG_DIR=${1#*=}; shift ;;
         --ranks) need_value "$@"; RANKS=$2; shift 2 ;;
         --ranks=*) RANKS=${1#*=}; shift ;;
+        --internode-ranks) need_value "$@"; INTERNODE_RANKS=$2; shift 2 ;;
+        --internode-ranks=*) INTERNODE_RANKS=${1#*=}; shift ;;
         --quick) QUICK=1; shift ;;
         --wheel-dir) need_value "$@"; WHEEL_DIR=$2; shift 2 ;;
         --wheel-dir=*) WHEEL_DIR=${1#*=}; shift ;;
@@ -65,17 +73,25 @@ while [ "$#" -gt 0 ]; do
     esac
 done
 
-RANKS=$(echo "$RANKS" | tr ',' ' ' | xargs)
-for count in $RANKS; do
-    case "$count" in
-        '' | *[!0-9]* | 0) echo "gpu_check: --ranks expects positive integers, got '$RANKS'" >&2; exit 2 ;;
-    esac
-done
-if [ -z "$RANKS" ]; then
-    echo "gpu_check: --ranks is empty" >&2
-    exit 2
-fi
+# check_rank_counts OPTION VALUE: prints the value as space-separated positive integers, or exits 2 with a message.
+check_rank_counts() {
+    local counts count
+    counts=$(echo "$2" | tr ',' ' ' | xargs)
+    for count in $counts; do
+        case "$count" in
+            '' | *[!0-9]* | 0) echo "gpu_check: $1 expects positive integers, got '$2'" >&2; exit 2 ;;
+        esac
+    done
+    if [ -z "$counts" ]; then
+        echo "gpu_check: $1 is empty" >&2
+        exit 2
+    fi
+    echo "$counts"
+}
+RANKS=$(check_rank_counts --ranks "$RANKS") || exit 2
+INTERNODE_RANKS=$(check_rank_counts --internode-ranks "$INTERNODE_RANKS") || exit 2
 RANKS_CSV=$(echo "$RANKS" | tr ' ' ',')
+INTERNODE_RANKS_CSV=$(echo "$INTERNODE_RANKS" | tr ' ' ',')
 case "$STEP_TIMEOUT_S" in
     '' | *[!0-9]* | 0) echo "gpu_check: --step-timeout expects a positive integer, got '$STEP_TIMEOUT_S'" >&2; exit 2 ;;
 esac
@@ -193,15 +209,16 @@ print_summary() {
     local num_failed=0 i
     echo
     echo "==================== gpu_check summary ===================="
-    printf '%-10s %-6s %8s  %s\n' step status seconds details
+    printf '%-16s %-6s %8s  %s\n' step status seconds details
     for i in "${!STEP_NAMES[@]}"; do
-        printf '%-10s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
+        printf '%-16s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
         [ "${STEP_STATUS[$i]}" = FAIL ] && num_failed=$((num_failed + 1))
     done
     if [ "$num_failed" -eq 0 ]; then
-        echo "overall: PASS (${#STEP_NAMES[@]} steps, ranks: $RANKS); logs in $LOG_DIR"
+        echo "overall: PASS (${#STEP_NAMES[@]} steps, ranks: $RANKS, internode: $INTERNODE_RANKS); logs in $LOG_DIR"
     else
-        echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed, ranks: $RANKS); logs in $LOG_DIR"
+        echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed, ranks: $RANKS, internode:" \
+            "$INTERNODE_RANKS); logs in $LOG_DIR"
     fi
     return "$num_failed"
 }
@@ -340,9 +357,25 @@ pytest_counts() {  # log file -> "passed=N failed=N skipped=N error=N"
     echo "${out# }"
 }
 
+internode_speed() {  # bench_internode.json -> "vs intranode: 8 ranks dispatch bf16 1.05x, ..." for the summary
+    "$PYTHON" - "$1" <<'EOF'
+import json
+import sys
+
+with open(sys.argv[1]) as f:
+    rows = json.load(f)["rows"]
+parts = [
+    f"{row['ranks']} ranks {row['path'].replace('internode_', '')} {row['dtype']} {row['vs_intranode']:.2f}x"
+    for row in rows
+    if row["mode"] == "internode" and row.get("vs_intranode")
+]
+print("vs intranode: " + ", ".join(parts) if parts else "no internode rows next to intranode rows")
+EOF
+}
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 
-echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', quick=$QUICK"
+echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', internode ranks '$INTERNODE_RANKS', quick=$QUICK"
 TOTAL_STARTED=$SECONDS
 
 # Steps that run under timeout run in a child bash: it gets the step functions and their variables exported.
@@ -364,13 +397,16 @@ run_step build "$STEP_TIMEOUT_S" bash -c step_build
 
 run_step ext "$STEP_TIMEOUT_S" bash -c step_ext
 
+# The internode tests run in a step of their own (tests_internode, below), at their own rank counts.
+INTERNODE_TESTS=(tests/gpu/test_internode_gpu.py tests/gpu/test_buffer_internode_gpu.py)
 run_step tests "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
-    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests --junitxml="$LOG_DIR/pytest.xml"
+    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
+    --junitxml="$LOG_DIR/pytest.xml"
 if ! is_skipped tests; then
     add_details "$(pytest_counts "$LAST_LOG")"
 fi
 
-BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --json "$LOG_DIR/bench.json")
+BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --paths "normal,low_latency" --json "$LOG_DIR/bench.json")
 [ "$QUICK" -eq 1 ] && BENCH_ARGS+=(--quick)
 # The benchmark measures the kernels, including those still opt-in until the GPU tier passes (README, Status):
 # the reference fallback on GPU tensors goes through host memory and would only measure gloo.
@@ -378,6 +414,26 @@ run_step bench "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY
     "$PYTHON" -m bench "${BENCH_ARGS[@]}"
 if ! is_skipped bench && [ "$LAST_RC" -eq 0 ]; then
     add_details "$LOG_DIR/bench.json"
+fi
+
+# The internode path in steps of its own, so that a hang or a crash there (the newest kernels) costs neither the
+# steps above nor their figures.
+run_step tests_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$INTERNODE_RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
+    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
+    --junitxml="$LOG_DIR/pytest_internode.xml"
+if ! is_skipped tests_internode; then
+    add_details "$(pytest_counts "$LAST_LOG")"
+fi
+
+# The internode rows next to the intranode rows of the same run, data and rank counts (the target: no slower).
+INTERNODE_BENCH_ARGS=(--device cuda --ranks "$INTERNODE_RANKS_CSV" --paths "normal,internode" --nodes 2
+    --json "$LOG_DIR/bench_internode.json")
+[ "$QUICK" -eq 1 ] && INTERNODE_BENCH_ARGS+=(--quick)
+run_step bench_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
+    "$PYTHON" -m bench "${INTERNODE_BENCH_ARGS[@]}"
+if ! is_skipped bench_internode && [ "$LAST_RC" -eq 0 ]; then
+    add_details "$LOG_DIR/bench_internode.json"
+    add_details "$(internode_speed "$LOG_DIR/bench_internode.json" 2>&1 | tail -n 1)"
 fi
 
 if [ "$MPS_STARTED" -eq 1 ]; then

@@ -17,11 +17,14 @@ TINY_ARGS = [
     "--device", "cpu", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--ll-tokens", "16",
     "--experts", "64", "--topk", "4", "--warmup", "1", "--iters", "2", "--timeout-s", "50",
 ]  # fmt: skip
-# (path, dtype) of every row, in table order: normal mode, then low latency with and without return_recv_hook.
+# (path, dtype) of every row, in table order: normal mode, the same calls with the 2 ranks as 2 nodes (--nodes 2,
+# the default), then low latency with and without return_recv_hook.
+INTERNODE_PATHS = [("internode_dispatch", "bf16"), ("internode_dispatch", "fp8"), ("internode_combine", "bf16")]
 EXPECTED_PATHS = [
     ("dispatch", "bf16"),
     ("dispatch", "fp8"),
     ("combine", "bf16"),
+    *INTERNODE_PATHS,
     ("ll_dispatch", "fp8"),
     ("ll_dispatch+hook", "fp8"),
     ("ll_combine", "bf16"),
@@ -53,6 +56,17 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert len(row["per_rank_time_us"]) == 2
         assert row["copy_roof_gbps"] is None  # no GPU roof on the CPU reference
         assert (row["send_time_us"] is not None) == row["path"].endswith("+hook"), row
+        is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
+        assert (row["mode"] == "internode") == is_internode, row
+        if is_internode:
+            # 2 ranks as 2 nodes x 1: every token leaves its node once per other node it goes to.
+            assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
+            assert math.isfinite(row["net_gbps"]) and row["net_gbps"] > 0, row
+            # Each (token, other node) pair delivers at least one received row on that node.
+            assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
+            assert row["vs_intranode"] is not None and row["vs_intranode"] > 0, row
+        else:
+            assert row["net_gbps"] is None and row["vs_intranode"] is None, row
     env = doc["environment"]
     assert env["backend"] and env["torch_version"] and env["timestamp"]
     assert env["has_kernels"] in (True, False)
@@ -60,6 +74,7 @@ def test_bench_tiny_end_to_end(tmp_path):
     header = proc.stdout.splitlines()[0]
     for column in ("path", "ranks", "backend", "dtype", "tokens", "time us", "GB/s", "copy roof GB/s", "% of roof"):
         assert column in header, header
+    assert "net GB/s" in header and "vs intranode" in header, header
     for path, _ in EXPECTED_PATHS:
         assert f"\n{path} " in proc.stdout, proc.stdout
     assert "not kernels" in proc.stdout
@@ -76,18 +91,27 @@ def _fake_rank(results: dict) -> dict:
     return {"copy_roof_gbps": 3000.0, "backend": "cuda", "results": results, "notes": []}
 
 
-def _fake_result(kernels_active: bool, num_rows: int, num_tokens: int, dtype: str) -> dict:
+def _fake_result(
+    kernels_active: bool,
+    num_rows: int,
+    num_tokens: int,
+    dtype: str,
+    median_s: float = 1e-4,
+    node_rows: tuple[int, int] | None = None,  # internode: (token, node) pairs, and those to other nodes
+) -> dict:
     from bench import timing
     from bench.settings import BYTES_PER_CHANNEL
 
     recv_bytes = num_rows * 256 * BYTES_PER_CHANNEL[dtype]
-    rank_result = timing.RankResult(median_s=1e-4, recv_bytes=recv_bytes, iter_s=[1e-4, 1e-4])
+    rank_result = timing.RankResult(median_s=median_s, recv_bytes=recv_bytes, iter_s=[median_s, median_s])
     return {
         "rank_result": dataclasses.asdict(rank_result),
         "hbm_reported": None,
         "kernels_active": kernels_active,
         "num_rows": num_rows,
         "num_tokens": num_tokens,
+        "num_node_rows": node_rows[0] if node_rows else None,
+        "net_bytes": node_rows[1] * 256 * BYTES_PER_CHANNEL[dtype] if node_rows else None,
     }
 
 
@@ -129,6 +153,72 @@ def test_bench_rows_kernels_and_design_hbm():
     assert notes[-1].startswith("graph replay: RuntimeError"), notes
 
 
+def test_bench_internode_rows():
+    """Internode rows on the driver side: network GB/s, speed against the intranode row of the same call, and the
+    design HBM figure, which depends on how many receivers of a node share one (token, node) row."""
+    from bench import run as bench_run
+    from bench.settings import BenchConfig, hbm_bytes_per_payload_byte
+
+    cfg = BenchConfig(
+        tokens=64, hidden=256, topk=8, experts=64, ll_tokens=16, warmup=1, iters=2, modes=("normal", "internode"),
+        device="cpu", backend="cuda", dispatch_handle="cached", roof_bytes=1 << 20, seed=0, nodes=2,
+    )  # fmt: skip
+    # 64 tokens, 160 rows received, 96 (token, node) pairs of which 40 to the other node; internode twice as fast.
+    results = {
+        ("dispatch", "bf16", False): _fake_result(True, 160, 64, "bf16", median_s=2e-4),
+        ("combine", "bf16", False): _fake_result(True, 160, 64, "bf16", median_s=1e-4),
+        ("internode_dispatch", "bf16", False): _fake_result(True, 160, 64, "bf16", 1e-4, node_rows=(96, 40)),
+        ("internode_dispatch", "fp8", False): _fake_result(False, 160, 64, "fp8", 1e-4, node_rows=(96, 40)),
+        ("internode_combine", "bf16", False): _fake_result(True, 160, 64, "bf16", 2e-4, node_rows=(96, 40)),
+    }
+    rows = bench_run._rows_for(4, cfg, [_fake_rank(results)] * 4)
+    by_key = {(row.path, row.dtype): row for row in rows}
+    assert list(by_key) == [
+        ("dispatch", "bf16"), ("combine", "bf16"),
+        ("internode_dispatch", "bf16"), ("internode_dispatch", "fp8"), ("internode_combine", "bf16"),
+    ]  # fmt: skip
+    dispatch = by_key[("internode_dispatch", "bf16")]
+    assert dispatch.mode == "internode" and dispatch.extra["nodes"] == 2 and dispatch.extra["ranks_per_node"] == 2
+    assert math.isclose(dispatch.net_gbps, 40 * 256 * 2 / 1e-4 / 1e9)
+    assert math.isclose(dispatch.gbps, 160 * 256 * 2 / 1e-4 / 1e9)
+    assert math.isclose(dispatch.vs_intranode, 2.0)
+    # 2 per received row + 2 per (token, node) row: 2 + 2 * 96 / 160.
+    assert math.isclose(dispatch.hbm_bytes_per_payload_byte, 2 + 2 * 96 / 160)
+    combine = by_key[("internode_combine", "bf16")]
+    assert math.isclose(combine.vs_intranode, 0.5)
+    # 3 per row + 2 per (token, node) row + 1 per token: 3 + 2 * 96 / 160 + 64 / 160.
+    assert math.isclose(combine.hbm_bytes_per_payload_byte, 3 + 2 * 96 / 160 + 64 / 160)
+    fp8 = by_key[("internode_dispatch", "fp8")]
+    assert fp8.vs_intranode is None  # no intranode fp8 row in this run
+    assert fp8.hbm_bytes_per_payload_byte is None and fp8.extra["produced_by"] == "reference fallback"
+    for path in ("dispatch", "combine"):
+        assert by_key[(path, "bf16")].net_gbps is None and by_key[(path, "bf16")].vs_intranode is None
+    # One receiver per (token, node): the intranode figure; without node rows the internode figure is unknown.
+    assert hbm_bytes_per_payload_byte("internode_dispatch", True, 5.0, 1.0) == 4.0
+    assert hbm_bytes_per_payload_byte("internode_dispatch", True, 5.0) is None
+    notes = bench_run._notes(cfg, rows, [])
+    assert any(note.startswith("internode_*: the ranks play 2 nodes") for note in notes), notes
+
+
+def test_bench_node_traffic():
+    import torch
+
+    from bench.settings import BenchConfig
+    from bench.worker import _node_traffic, internode_skip_reason
+
+    # 4 ranks as 2 nodes of 2; rank 2 (node 1) sends token 0 to ranks 0 and 1 (node 0 once), token 1 to rank 3
+    # (its own node), token 2 to ranks 1 and 2 (both nodes), token 3 nowhere.
+    in_rank = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    traffic = _node_traffic(in_rank, num_nodes=2, rank=2)
+    assert (traffic.num_node_rows, traffic.num_net_rows) == (4, 2)
+    cfg = BenchConfig(
+        tokens=1, hidden=128, topk=1, experts=8, ll_tokens=1, warmup=0, iters=1, modes=("internode",),
+        device="cpu", backend=None, dispatch_handle="cached", roof_bytes=1, seed=0, nodes=2,
+    )  # fmt: skip
+    assert internode_skip_reason(cfg, 2) is None and internode_skip_reason(cfg, 8) is None
+    assert "3 ranks" in internode_skip_reason(cfg, 3)
+
+
 def test_bench_kernels_active_detection():
     import torch
 
@@ -136,6 +226,7 @@ def test_bench_kernels_active_detection():
 
     class Backend:
         intranode = object()
+        internode = None
         low_latency = None
 
     class FakeBuffer:
@@ -145,6 +236,11 @@ def test_bench_kernels_active_detection():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert _kernels_active(FakeBuffer(), "normal", cuda)
     assert not _kernels_active(FakeBuffer(), "low_latency", cuda)
+    assert not _kernels_active(FakeBuffer(), "internode", cuda)
+    internode = FakeBuffer()
+    internode._backend = Backend()
+    internode._backend.internode = object()
+    assert _kernels_active(internode, "internode", cuda)
     assert not _kernels_active(FakeBuffer(), "normal", cpu)
     reference = FakeBuffer()
     reference.backend = "reference"
