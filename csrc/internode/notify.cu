@@ -90,7 +90,13 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
             s_ok = 0;
     }
     __syncthreads();
-    if (s_ok == 0) return;
+    if (s_ok == 0) {
+        // No rounds: node_counts, rank_prefix_matrix and num_rounds_device are otherwise left uninitialised, and
+        // rounds launched without a host sync (num_worst_tokens) would index x and node_send_list with garbage
+        // counts (an illegal address instead of the DeepEPTimeoutError the record raises at the next call).
+        if (tid == 0) *a.num_rounds_device = 0;
+        return;
+    }
 
     // Volatile loads: peers wrote the rows after this kernel started.
     auto count = [&](int src, int i) { return ptx::ld_volatile_global(v.counts_row(src) + i); };

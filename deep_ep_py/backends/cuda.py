@@ -53,6 +53,15 @@ class CudaBackend(ReferenceBackend):
         # Each NVSHMEM user (low latency, internode normal kernels) takes its own num_rdma_bytes from one heap.
         use_low_latency = sizes.low_latency_mode and sizes.num_rdma_bytes > 0
         use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0
+        if use_internode and use_low_latency:
+            # InternodeKernels raises for groups past its limits; a low-latency Buffer of such a group (decode EP
+            # over more than 128 ranks) worked before the internode kernels existed, so its normal calls stay on
+            # the reference instead of failing its construction.
+            limits = self._C.internode_layout(topology.num_ranks, topology.num_nodes)
+            use_internode = (
+                topology.num_ranks <= limits["max_ranks"]
+                and topology.num_ranks_per_node <= limits["max_ranks_per_node"]
+            )
         if use_low_latency or use_internode:
             from ..runtime import NvshmemContext
 
