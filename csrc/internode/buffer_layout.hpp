@@ -50,8 +50,8 @@ EP_HOST_DEVICE constexpr int count_row_ints(int num_ranks, int num_nodes) {
 }
 
 // Byte offsets of the control area for R ranks and N nodes. Who writes and who reads:
-// - global_flags[s] / node_flags[l] (uint64): written by rank s / local rank l of this node with its barrier
-//   epoch (release store or nvshmemx_signal_op); polled by the owner.
+// - global_flags[s] / node_flags[l] (uint64): barriers rank s / local rank l of this node has entered, each adding
+//   1 (atomic add through nvshmem_ptr, or nvshmemx_signal_op); polled by the owner.
 // - count_flags[s] (uint64): rank s's count row of this call has landed in counts[s] (value: notify epoch).
 // - dispatch_arrivals[n] / combine_arrivals[n] (uint64): rows delivered to this rank from node n, cumulative over
 //   calls (atomic add per row); the owner waits until they reach its own running total (consumed).

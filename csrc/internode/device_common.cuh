@@ -11,7 +11,6 @@
 #include "../common/error_record.hpp"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
-#include "../common/peer_signal.cuh"
 #include "../common/ptx.cuh"
 #include "../common/rounds.cuh"
 #include "../common/timeout.cuh"
@@ -31,6 +30,10 @@ struct View {
     int node, local_rank;            // of this rank
     int rows_per_round;              // B
     int dispatch_stride, combine_stride;
+    // DEEP_EP_PY_EMULATE_NETWORK=1: ranks of other nodes are reached only through NVSHMEM puts and signals, as
+    // across a real network, even where nvshmem_ptr maps them (one GPU playing several nodes): the put path then
+    // runs, and is tested, on a machine without a NIC.
+    bool emulate_network;
 
     __device__ __forceinline__ int pe_of(int node_idx, int local_idx) const { return node_idx * num_local_ranks + local_idx; }
     __device__ __forceinline__ int node_of(int rank_idx) const { return rank_idx / num_local_ranks; }
@@ -64,10 +67,18 @@ struct View {
     __device__ __forceinline__ size_t combine_send_slot(int src_node, int slot) const {
         return staging.combine_send + (static_cast<size_t>(src_node) * rows_per_round + slot) * combine_stride;
     }
-    // The address of `offset` in rank pe's buffer where nvshmem_ptr maps it (P2P), else nullptr.
+    // The address of `offset` in rank pe's buffer where nvshmem_ptr maps it (P2P), else nullptr. For ranks of
+    // this node, which the kernels require to be mapped.
     template <typename T>
     __device__ __forceinline__ T* peer(size_t offset, int pe) const {
         return static_cast<T*>(nvshmem_ptr(base + offset, pe));
+    }
+    // As peer(), for a rank of any node: nullptr (use NVSHMEM puts and signals) where it is not mapped, or where it
+    // is on another node and the network is emulated.
+    template <typename T>
+    __device__ __forceinline__ T* direct(size_t offset, int pe) const {
+        if (emulate_network && node_of(pe) != node) return nullptr;
+        return peer<T>(offset, pe);
     }
 };
 
@@ -90,10 +101,11 @@ __device__ __forceinline__ int node_rows_in_round(const View& v, int count, int 
 }
 
 // Barrier of this rank with `num_members` ranks pe_of_member(0..num_members), run by every thread of one block of
-// kControlThreads. Epoch protocol as the intranode barrier: the owner counts its barriers of this kind
-// (epochs()[epoch_idx]); member i sets flags[my_slot] on each member to the epoch (release store or
-// nvshmemx_signal_op), then waits for flags[i] of its own buffer to reach the epoch. Flags only grow. The caller's
-// earlier writes (previous kernels: complete at the kernel boundary; puts: quieted there) come before the signal.
+// kControlThreads. Epoch protocol: the owner counts its barriers of this kind (epochs()[epoch_idx]); it adds 1 to
+// flags[my_slot] on each member (an atomic add through nvshmem_ptr, or nvshmemx_signal_op), so a flag counts the
+// barriers its rank has entered, and waits for flags[i] of its own buffer to reach its epoch. Adds commute, so two
+// signals of one rank landing out of order over a network cannot move a flag back, and no flag is ever reset. The
+// caller's earlier writes (previous kernels: complete at the kernel boundary; puts: quieted there) come first.
 template <typename PeOfMember>
 __device__ __forceinline__ bool epoch_barrier(const View& v, size_t flags_offset, int epoch_idx, int my_slot,
                                               int num_members, PeOfMember&& pe_of_member, TimeoutContext ctx,
@@ -114,7 +126,9 @@ __device__ __forceinline__ bool epoch_barrier(const View& v, size_t flags_offset
     uint64_t* flags = v.at<uint64_t>(flags_offset);
     for (int member = static_cast<int>(threadIdx.x); member < num_members; member += static_cast<int>(blockDim.x)) {
         const int pe = pe_of_member(member);
-        set_peer_signal(flags + my_slot, epoch, pe);
+        uint64_t* peer_flag = v.direct<uint64_t>(flags_offset + 8 * static_cast<size_t>(my_slot), pe);
+        if (peer_flag != nullptr) ptx::red_add_release_sys(peer_flag, 1);
+        else nvshmemx_signal_op(flags + my_slot, 1, NVSHMEM_SIGNAL_ADD, pe);
         ctx.channel = pe;
         if (!timeout_while([&] { return ptx::ld_acquire_sys(flags + member) < epoch; }, ctx, site)) s_ok = 0;
     }
@@ -163,7 +177,7 @@ __device__ __forceinline__ bool wait_arrivals(const View& v, size_t arrivals_off
 template <typename WriteRow>
 __device__ __forceinline__ bool deliver_row(const View& v, size_t offset, size_t local_offset, int num_bytes,
                                            size_t arrival_offset, int pe, int lane, WriteRow&& write_row) {
-    uint8_t* peer_slot = v.peer<uint8_t>(offset, pe);
+    uint8_t* peer_slot = v.direct<uint8_t>(offset, pe);
     if (peer_slot != nullptr) {
         write_row(peer_slot);
         __threadfence_system();

@@ -3,6 +3,9 @@
 // checks of the buffer.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "../common/send_positions.cuh"
@@ -61,7 +64,7 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     bool issued_puts = false;
 
     for (int dst = 0; dst < num_ranks; ++dst) {
-        int* peer_row = v.peer<int>(own_row_offset, dst);
+        int* peer_row = v.direct<int>(own_row_offset, dst);
         int* row = peer_row != nullptr ? peer_row : v.count_send_row(dst);
         for (int i = tid; i < row_ints; i += kControlThreads) {
             int value;
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
         __threadfence_system();
         __syncthreads();
         if (peer_row != nullptr) {
-            if (tid == 0) ptx::st_release_sys(v.peer<uint64_t>(v.control.count_flags + 8 * v.rank, dst), epoch);
+            if (tid == 0) ptx::st_release_sys(v.direct<uint64_t>(v.control.count_flags + 8 * v.rank, dst), epoch);
         } else {
             nvshmemx_putmem_signal_nbi_block(v.base + own_row_offset, row, 4 * static_cast<size_t>(row_ints),
                                              count_flags + v.rank, epoch, NVSHMEM_SIGNAL_SET, dst);
@@ -170,6 +173,9 @@ View make_view(const Buffers& buffers, int rows_per_round, int dispatch_stride, 
     view.rows_per_round = rows_per_round;
     view.dispatch_stride = dispatch_stride;
     view.combine_stride = combine_stride;
+    const char* emulate_network = std::getenv("DEEP_EP_PY_EMULATE_NETWORK");
+    view.emulate_network = emulate_network != nullptr && std::strcmp(emulate_network, "") != 0 &&
+                           std::strcmp(emulate_network, "0") != 0;
     EP_HOST_ASSERT_MSG(buffers.num_bytes > view.control.bytes, "the buffer must hold the control area (",
                        view.control.bytes, " bytes) and a staging area");
     if (rows_per_round > 0) {
