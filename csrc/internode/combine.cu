@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "../common/bf16_chunk.cuh"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "device_common.cuh"
@@ -21,26 +22,6 @@ struct CombineRoundParams {
     int round_start;
     TimeoutContext timeout;
 };
-
-constexpr int kBf16PerChunk = 8;  // one int4
-
-__device__ __forceinline__ void add_bf16_chunk(float (&acc)[kBf16PerChunk], const int4& chunk) {
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&chunk);
-#pragma unroll
-    for (int i = 0; i < kBf16PerChunk / 2; ++i) {
-        const float2 values = __bfloat1622float2(pairs[i]);
-        acc[2 * i] += values.x;
-        acc[2 * i + 1] += values.y;
-    }
-}
-
-__device__ __forceinline__ int4 to_bf16_chunk(const float (&acc)[kBf16PerChunk]) {
-    int4 chunk;
-    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&chunk);
-#pragma unroll
-    for (int i = 0; i < kBf16PerChunk / 2; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return chunk;
-}
 
 // Receiver: one warp per received row whose node ordinal falls in this round; the row goes to sub-slot
 // (source node, ordinal - round_start, this rank's local index) of the source's forwarder in this node.
@@ -148,7 +129,7 @@ __global__ void __launch_bounds__(kControlThreads) combine_arrive_kernel(Combine
 }
 
 // Source: one warp per token; adds the partials of the nodes whose ordinal for the token is in this round to the
-// bias (first round) or the float32 accumulator, and writes bf16 in the last live round.
+// float32 accumulator (zero in the first round), and in the last live round adds the bias and writes bf16.
 __global__ void __launch_bounds__(kCopyThreads) combine_finish_kernel(CombineRoundParams p) {
     const View& v = p.view;
     const CombineArgs& a = p.args;
@@ -170,23 +151,21 @@ __global__ void __launch_bounds__(kCopyThreads) combine_finish_kernel(CombineRou
         for (int c = lane; c < num_chunks; c += 32) {
             const int64_t element = static_cast<int64_t>(token) * hidden + c * kBf16PerChunk;
             float acc[kBf16PerChunk] = {};
-            if (is_first) {
-                if (a.bias0 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(static_cast<const __nv_bfloat16*>(a.bias0) + element)));
-                if (a.bias1 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(static_cast<const __nv_bfloat16*>(a.bias1) + element)));
-            } else {
-#pragma unroll
-                for (int i = 0; i < kBf16PerChunk; ++i) acc[i] = a.acc_x[element + i];
-            }
+            if (!is_first) load_float_chunk(acc, a.acc_x + element);
             for (int node = 0; node < num_nodes; ++node) {
                 const uint8_t* partial = partial_of(node);
                 if (partial != nullptr) add_bf16_chunk(acc, __ldcg(reinterpret_cast<const int4*>(partial) + c));
             }
-            if (is_last) {
-                reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(a.combined_x) + element)[0] = to_bf16_chunk(acc);
-            } else {
-#pragma unroll
-                for (int i = 0; i < kBf16PerChunk; ++i) a.acc_x[element + i] = acc[i];
+            if (!is_last) {
+                store_float_chunk(a.acc_x + element, acc);
+                continue;
             }
+            // The biases last, as the reference adds them.
+            const __nv_bfloat16* bias0 = static_cast<const __nv_bfloat16*>(a.bias0);
+            const __nv_bfloat16* bias1 = static_cast<const __nv_bfloat16*>(a.bias1);
+            if (bias0 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(bias0 + element)));
+            if (bias1 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(bias1 + element)));
+            reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(a.combined_x) + element)[0] = to_bf16_chunk(acc);
         }
         for (int k = lane; k < row.num_topk; k += 32) {
             const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;

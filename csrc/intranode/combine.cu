@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "../common/bf16_chunk.cuh"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "device_common.cuh"
@@ -11,8 +12,6 @@
 namespace ep::intranode {
 
 namespace {
-
-constexpr int kBf16PerChunk = 8;  // bf16 values in one 16-byte chunk
 
 struct CombineRoundParams {
     PeerBuffers peers;
@@ -73,16 +72,6 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
     }
 }
 
-__device__ __forceinline__ void add_bf16_chunk(float (&acc)[kBf16PerChunk], const int4& chunk) {
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&chunk);
-#pragma unroll
-    for (int i = 0; i < kBf16PerChunk / 2; ++i) {
-        const float2 values = __bfloat1622float2(pairs[i]);
-        acc[2 * i] += values.x;
-        acc[2 * i + 1] += values.y;
-    }
-}
-
 // Reducer (the dispatch's source): one warp per token. Rank d's row of token t sits in slot (d, send_pos[t][d] - round
 // start) during the round that holds its ordinal. Sums go rank by rank from rank 0 (then the biases), so a one-round
 // combine adds in the reference's order. Across rounds the partial sums live in acc_x / acc_weights (float32):
@@ -116,34 +105,20 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRou
         const int64_t row_offset = static_cast<int64_t>(token) * p.hidden;
         for (int chunk = lane; chunk < num_chunks; chunk += 32) {
             const int64_t offset = row_offset + static_cast<int64_t>(chunk) * kBf16PerChunk;
-            float acc[kBf16PerChunk];
-            if (is_first) {
-#pragma unroll
-                for (int i = 0; i < kBf16PerChunk; ++i) acc[i] = 0.0f;
-            } else {
-                const float4 low = reinterpret_cast<const float4*>(p.acc_x + offset)[0];
-                const float4 high = reinterpret_cast<const float4*>(p.acc_x + offset)[1];
-                const float loaded[kBf16PerChunk] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
-#pragma unroll
-                for (int i = 0; i < kBf16PerChunk; ++i) acc[i] = loaded[i];
-            }
+            float acc[kBf16PerChunk] = {};
+            if (!is_first) load_float_chunk(acc, p.acc_x + offset);
 #pragma unroll
             for (int d = 0; d < kMaxRanks; ++d) {
                 if ((contributors >> d & 1u) == 0) continue;
                 add_bf16_chunk(acc, __ldcg(reinterpret_cast<const int4*>(slots[d]) + chunk));
             }
             if (!is_last) {
-                reinterpret_cast<float4*>(p.acc_x + offset)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-                reinterpret_cast<float4*>(p.acc_x + offset)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+                store_float_chunk(p.acc_x + offset, acc);
                 continue;
             }
             if (p.bias0 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias0 + offset)));
             if (p.bias1 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias1 + offset)));
-            int4 packed;
-            __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-            for (int i = 0; i < kBf16PerChunk / 2; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-            reinterpret_cast<int4*>(p.combined_x + offset)[0] = packed;
+            reinterpret_cast<int4*>(p.combined_x + offset)[0] = to_bf16_chunk(acc);
         }
 
         for (int k = lane; k < row.num_topk; k += 32) {

@@ -368,15 +368,9 @@ class InternodeKernels(RoundKernels):
                 f"x/topk_weights: a combine row of hidden {hidden} and top-k {num_topk} takes {row_bytes} bytes, "
                 f"more than the {state.combine_stride} bytes the dispatch reserved (hidden {handle.hidden})"
             )
-        several_rounds = state.num_rounds > 1
-        acc_x = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device) if several_rounds else None
-        acc_weights = (
-            torch.empty((num_tokens, num_topk), dtype=torch.float32, device=device)
-            if several_rounds and num_topk
-            else None
+        acc_x, acc_weights, combined_x, combined_weights = self._combine_outputs(
+            num_tokens, hidden, num_topk, state.num_rounds > 1, device
         )
-        combined_x = self._empty((num_tokens, hidden), torch.bfloat16, device)
-        combined_weights = self._empty((num_tokens, num_topk), torch.float32, device) if num_topk else None
         biases = [aligned16(on_device(b, device)) for b in bias]
         self._ext.internode_combine(
             **self._common(),

@@ -56,6 +56,22 @@ class RoundKernels:
             out.view(torch.uint8).fill_(self.debug_poison_byte)
         return out
 
+    def _combine_outputs(
+        self, num_tokens: int, hidden: int, num_topk: int, several_rounds: bool, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(acc_x float32 [T, H], acc_weights float32 [T, K], combined_x bf16 [T, H], combined_weights float32
+        [T, K]) of a combine; the float32 accumulators only when the combine runs in several rounds, the weights
+        only with top-k weights (K > 0)."""
+        acc_x = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device) if several_rounds else None
+        acc_weights = (
+            torch.empty((num_tokens, num_topk), dtype=torch.float32, device=device)
+            if several_rounds and num_topk
+            else None
+        )
+        combined_x = self._empty((num_tokens, hidden), torch.bfloat16, device)
+        combined_weights = self._empty((num_tokens, num_topk), torch.float32, device) if num_topk else None
+        return acc_x, acc_weights, combined_x, combined_weights
+
     def _next_sequence(self) -> int:
         self._sequence += 1
         return self._sequence
