@@ -535,8 +535,20 @@ class Buffer:
         checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._backend.clean_low_latency_buffer()
 
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Mask (mask=True) or unmask a rank: low-latency calls stop sending to and waiting for it."""
+    def low_latency_update_mask_buffer(
+        self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None
+    ) -> None:
+        """Mask (mask=True) or unmask a rank: low-latency calls stop sending to and waiting for it.
+
+        The rank goes first, positionally or as rank_to_mask= (DeepEP V1's name) or rank= (the name in
+        api-contract.md), so callers written against either work."""
+        if (rank_to_mask is None) == (rank is None):
+            raise TypeError(
+                "low_latency_update_mask_buffer: expected the rank to mask once, positionally or as rank_to_mask= "
+                f"or rank=, got rank_to_mask={rank_to_mask!r} and rank={rank!r}"
+            )
+        if rank_to_mask is None:
+            rank_to_mask = rank
         self._check_shrink("low_latency_update_mask_buffer")
         check.check_int("rank_to_mask", rank_to_mask, minimum=0)
         if rank_to_mask >= self.group_size:

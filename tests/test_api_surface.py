@@ -146,12 +146,11 @@ def test_buffer_method_signature(method):
 
 
 def test_update_mask_buffer_signature():
-    # DeepEP V1 names the first parameter rank_to_mask; the contract writes it as `rank`. Callers pass it
-    # positionally, so either name is accepted; the second is `mask=False`.
-    positional, _ = _positional_params(deep_ep_py.Buffer.low_latency_update_mask_buffer, skip_self=True)
-    assert len(positional) == 2
-    assert positional[0] in (("rank_to_mask", _EMPTY), ("rank", _EMPTY))
-    assert positional[1] == ("mask", False)
+    # DeepEP V1 names the first parameter rank_to_mask; the contract writes it as `rank`: positionally first, or by
+    # either keyword (rank= is keyword-only, so the positions stay DeepEP's); the second is `mask=False`.
+    positional, rest = _positional_params(deep_ep_py.Buffer.low_latency_update_mask_buffer, skip_self=True)
+    assert positional == [("rank_to_mask", None), ("mask", False)]
+    assert [(p.name, p.kind, p.default) for p in rest] == [("rank", inspect.Parameter.KEYWORD_ONLY, None)]
 
 
 @pytest.mark.parametrize("method", sorted(STATIC_METHODS))

@@ -35,6 +35,8 @@ BUFFER_CASES = {
     "ll_topk_idx_int32": (r"topk_idx", r"int32|Int"),
     "ll_combine_topk_weights_shape": (r"topk_weights", rf"{K + 1}"),
     "ll_num_experts_not_divisible": (r"num_experts", r"\b5\b"),
+    "ll_mask_rank_given_twice": (r"rank_to_mask", r"rank=1"),
+    "ll_mask_rank_missing": (r"rank_to_mask", r"None"),
 }
 
 
@@ -93,6 +95,8 @@ def _bad_calls(buffer, ll_buffer):
         "ll_num_experts_not_divisible": lambda: ll_buffer.low_latency_dispatch(
             ll_x, topk_idx.clamp(max=4), M, 5, use_fp8=False
         ),
+        "ll_mask_rank_given_twice": lambda: ll_buffer.low_latency_update_mask_buffer(0, True, rank=1),
+        "ll_mask_rank_missing": lambda: ll_buffer.low_latency_update_mask_buffer(mask=True),
     }
 
 

@@ -316,8 +316,8 @@ def _run_masking(rank: int, num_ranks: int, backend: str, masked_rank: int):
         recv_count = torch.zeros_like(recv_count)
     _combine_and_check(buffer, case, rank, num_ranks, inputs, handle, recv_count, recv_bf16, "plain", masked)
 
-    # Unmasking by update(rank, False), then clean: everything flows again.
-    buffer.low_latency_update_mask_buffer(masked_rank, False)
+    # Unmasking by update(rank=..., mask=False), the contract's keywords, then clean: everything flows again.
+    buffer.low_latency_update_mask_buffer(rank=masked_rank, mask=False)
     buffer.low_latency_query_mask_buffer(status)
     check_equal(f"rank {rank}: mask status after unmask", status, torch.zeros(num_ranks, dtype=torch.int32))
     buffer.low_latency_update_mask_buffer(masked_rank, True)
