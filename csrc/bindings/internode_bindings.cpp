@@ -96,7 +96,7 @@ void register_internode(py::module_& m) {
            int expert_alignment, int rows_per_round, int max_rounds, uintptr_t send_pos, uintptr_t send_counts,
            uintptr_t node_send_pos, uintptr_t node_send_list, uintptr_t node_send_counts,
            uintptr_t rank_prefix_matrix, uintptr_t node_counts, uintptr_t num_rounds_device, uintptr_t host_counters,
-           int host_sequence, uintptr_t error_record, double timeout_s, uintptr_t stream) {
+           int host_sequence, int num_worst_tokens, uintptr_t error_record, double timeout_s, uintptr_t stream) {
             const internode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
                                              num_tokens,
                                              as_ptr<const int>(num_tokens_per_expert),
@@ -113,7 +113,8 @@ void register_internode(py::module_& m) {
                                              as_ptr<int>(node_counts),
                                              as_ptr<int>(num_rounds_device),
                                              as_ptr<int>(host_counters),
-                                             host_sequence};
+                                             host_sequence,
+                                             num_worst_tokens};
             internode::notify_dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
                                        make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
         },
@@ -123,8 +124,8 @@ void register_internode(py::module_& m) {
         py::arg("rows_per_round"), py::arg("max_rounds"), py::arg("send_pos"), py::arg("send_counts"),
         py::arg("node_send_pos"), py::arg("node_send_list"), py::arg("node_send_counts"),
         py::arg("rank_prefix_matrix"), py::arg("node_counts"), py::arg("num_rounds_device"),
-        py::arg("host_counters"), py::arg("host_sequence"), py::arg("error_record"), py::arg("timeout_s"),
-        py::arg("stream"),
+        py::arg("host_counters"), py::arg("host_sequence"), py::arg("num_worst_tokens"), py::arg("error_record"),
+        py::arg("timeout_s"), py::arg("stream"),
         "Dispatch notify on `stream`: send positions, every rank's counts, rank_prefix_matrix, node counts, the "
         "round count; with host_sequence > 0 also the host counters (N, rounds, forwarded rows, per-expert).");
 

@@ -61,7 +61,8 @@ void register_intranode(py::module_& m) {
         [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t is_token_in_rank,
            int num_tokens, uintptr_t num_tokens_per_expert, int num_local_experts, int expert_alignment,
            int rows_per_round, uintptr_t send_pos, uintptr_t send_list, uintptr_t send_counts,
-           uintptr_t rank_prefix_matrix, uintptr_t host_counters, int host_sequence, uintptr_t error_record,
+           uintptr_t rank_prefix_matrix, uintptr_t host_counters, int host_sequence, int num_worst_tokens,
+           uintptr_t error_record,
            double timeout_s, uintptr_t stream) {
             const intranode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
                                              num_tokens,
@@ -74,7 +75,8 @@ void register_intranode(py::module_& m) {
                                              as_ptr<int>(send_counts),
                                              as_ptr<int>(rank_prefix_matrix),
                                              as_ptr<int>(host_counters),
-                                             host_sequence};
+                                             host_sequence,
+                                             num_worst_tokens};
             intranode::notify_dispatch(make_peers(peer_ptrs, num_bytes, rank), args,
                                        make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
         },
@@ -82,7 +84,7 @@ void register_intranode(py::module_& m) {
         py::arg("num_tokens"), py::arg("num_tokens_per_expert"), py::arg("num_local_experts"),
         py::arg("expert_alignment"), py::arg("rows_per_round"), py::arg("send_pos"), py::arg("send_list"),
         py::arg("send_counts"), py::arg("rank_prefix_matrix"), py::arg("host_counters"), py::arg("host_sequence"),
-        py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        py::arg("num_worst_tokens"), py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
         "Dispatch notify on `stream`: send positions, counts to every rank, barrier, rank_prefix_matrix; with "
         "host_sequence > 0 also the host counters (N, rounds, aligned per-expert counts, then the sequence).");
 

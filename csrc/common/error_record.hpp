@@ -12,6 +12,9 @@ enum class ErrorCode : int {
     // A writer won the compare-and-swap and is filling in the fields; the host waits for kTimeout.
     kClaiming = 1,
     kTimeout = 2,
+    // A count the device found past the capacity the host sized without a sync (num_worst_tokens): rows were
+    // dropped. Raised as DeepEPError, not as a timeout.
+    kCapacity = 3,
 };
 
 // What a wait was waiting for. Each spin-wait in the kernels names its site, so the Python error says what hung.
@@ -35,6 +38,9 @@ enum class WaitSite : int {
     kInternodeCombineArrivals = 26,
     kInternodeNodeBarrier = 27,
     kInternodeGlobalBarrier = 28,
+    // Capacity records (ErrorCode::kCapacity): what overflowed.
+    kWorstTokensIntranode = 32,
+    kWorstTokensInternode = 33,
 };
 
 inline const char* wait_site_name(int site) {
@@ -61,18 +67,23 @@ inline const char* wait_site_name(int site) {
             return "internode node barrier: the rank given as the channel did not arrive";
         case WaitSite::kInternodeGlobalBarrier:
             return "internode round barrier: the rank given as the channel did not arrive";
+        case WaitSite::kWorstTokensIntranode:
+        case WaitSite::kWorstTokensInternode:
+            return "num_worst_tokens: the rows this rank receives";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";
 }
 
-// First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout.
+// First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout or kCapacity.
 struct DeviceErrorRecord {
     int code;     // ErrorCode
-    int rank;     // rank whose kernel timed out
+    int rank;     // rank whose kernel timed out (or overflowed)
     int channel;  // channel (or block) index within that kernel, -1 when not meaningful
     int site;     // WaitSite
     uint64_t waited_ns;
+    int64_t needed;  // kCapacity: the count found on the device
+    int64_t limit;   // kCapacity: the capacity the host gave
 };
 
 // Where device waits record a timeout, and how long they wait (each launcher's argument).

@@ -31,6 +31,23 @@ __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx,
     ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
 }
 
+// Records that a count the host could not know (num_worst_tokens sizing) is past its capacity, so the host raises
+// instead of returning results with rows dropped. The kernel goes on within the capacity.
+__device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* record, int rank, WaitSite site,
+                                                             int64_t needed, int64_t limit) {
+    int* code = &record->code;
+    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
+        static_cast<int>(ErrorCode::kNone))
+        return;
+    record->rank = rank;
+    record->channel = -1;
+    record->site = static_cast<int>(site);
+    record->waited_ns = 0;
+    record->needed = needed;
+    record->limit = limit;
+    ptx::st_release_sys(code, static_cast<int>(ErrorCode::kCapacity));
+}
+
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
 // another waiter has already failed (then this one stops too, so the whole kernel drains instead of hanging).
 // The caller must leave the kernel (or skip the work that needed the wait) on false.

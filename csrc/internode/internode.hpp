@@ -56,6 +56,7 @@ struct NotifyArgs {
     int* num_rounds_device;   // [1]
     int* host_counters;       // kNumHostCounters ints (device view of host memory), filled when host_sequence > 0
     int host_sequence;
+    int num_worst_tokens;     // > 0: the rows the host allocated without a sync; more leave a capacity record
 };
 
 void notify_dispatch(const Buffers& buffers, const NotifyArgs& args, const WaitConfig& wait, cudaStream_t stream);

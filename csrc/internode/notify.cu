@@ -117,8 +117,16 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     }
     __syncthreads();
     // At least one round: its barrier keeps a fast peer's next notify from overwriting the rows read above.
-    int num_rounds = max(1, (s_max_count + a.rows_per_round - 1) / a.rows_per_round);
-    num_rounds = min(num_rounds, a.max_rounds);
+    const int needed_rounds = max(1, (s_max_count + a.rows_per_round - 1) / a.rows_per_round);
+    const int num_rounds = min(needed_rounds, a.max_rounds);
+    if (tid == 0 && a.num_worst_tokens > 0) {
+        // max_rounds holds every row while each rank receives at most num_worst_tokens: the rank past it reports.
+        int num_recv_tokens = 0;
+        for (int src = 0; src < num_ranks; ++src) num_recv_tokens += count(src, v.rank);
+        if (num_recv_tokens > a.num_worst_tokens)
+            record_device_capacity_error(p.timeout.record, v.rank, WaitSite::kWorstTokensInternode, num_recv_tokens,
+                                         a.num_worst_tokens);
+    }
     if (tid == 0) *a.num_rounds_device = num_rounds;
     if (a.host_counters == nullptr) return;
 

@@ -45,6 +45,8 @@ struct NotifyArgs {
     // Host-mapped counters (device view of kNumHostCounters ints), filled when host_sequence > 0.
     int* host_counters;
     int host_sequence;
+    // > 0: the rows the host allocated without a sync; more rows for this rank leave a capacity record.
+    int num_worst_tokens;
 };
 
 void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const WaitConfig& wait, cudaStream_t stream);

@@ -32,6 +32,7 @@ struct NotifyParams {
     int* rank_prefix_matrix;  // [R, R]
     int* host_counters;       // kNumHostCounters ints (device view of host memory), or nullptr
     int host_sequence;
+    int num_worst_tokens;
     TimeoutContext timeout;
 };
 
@@ -60,6 +61,13 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         int sum = 0;
         for (int s = 0; s <= src; ++s) sum += ptx::ld_volatile_global(&own->send_counts[s][dst]);
         p.rank_prefix_matrix[i] = sum;
+    }
+    if (tid == 0 && p.num_worst_tokens > 0) {
+        int num_recv_tokens = 0;
+        for (int s = 0; s < num_ranks; ++s) num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
+        if (num_recv_tokens > p.num_worst_tokens)
+            record_device_capacity_error(p.timeout.record, rank, WaitSite::kWorstTokensIntranode, num_recv_tokens,
+                                         p.num_worst_tokens);
     }
     if (p.host_counters == nullptr) return;
 
@@ -135,6 +143,7 @@ void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const Wai
                               args.rank_prefix_matrix,
                               args.host_sequence > 0 ? args.host_counters : nullptr,
                               args.host_sequence,
+                              args.num_worst_tokens,
                               make_timeout_context(peers, wait)};
     launch_kernel(LaunchConfig{dim3(1), dim3(kNotifyThreads), 0, stream, false}, notify_dispatch_kernel, params);
 }

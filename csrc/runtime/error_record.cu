@@ -31,10 +31,15 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
     if (record == nullptr) return;
     const volatile int* code = &record->code;
     if (*code == static_cast<int>(ErrorCode::kNone)) return;
-    // A device writer has claimed the record; its release store of kTimeout follows the field writes.
+    // A device writer has claimed the record; its release store of the final code follows the field writes.
     while (*code == static_cast<int>(ErrorCode::kClaiming)) std::this_thread::yield();
     std::atomic_thread_fence(std::memory_order_acquire);
     const volatile DeviceErrorRecord* r = record;
+    if (*code == static_cast<int>(ErrorCode::kCapacity)) {
+        throw EPException(detail::concat(wait_site_name(r->site), " (", r->needed, ") exceed the ", r->limit,
+                                         " given, on rank ", r->rank, ": pass a larger num_worst_tokens (rows past it "
+                                         "were dropped; recreate the Buffer); noticed by ", what));
+    }
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
                                             ", waiting for ", wait_site_name(r->site), " (site ", r->site,
                                             ") after ", static_cast<double>(r->waited_ns) * 1e-9,

@@ -313,6 +313,7 @@ class InternodeKernels(RoundKernels):
             num_rounds_device=ptr(num_rounds_device),
             host_counters=self.host_counters.device_ptr if sequence else 0,
             host_sequence=sequence,
+            num_worst_tokens=num_worst_tokens,
         )
         per_expert: list[int] = []
         if sequence:

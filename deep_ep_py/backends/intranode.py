@@ -191,6 +191,7 @@ class IntranodeKernels(RoundKernels):
                 rank_prefix_matrix=rank_prefix_matrix.data_ptr(),
                 host_counters=self.host_counters.device_ptr if sequence else 0,
                 host_sequence=sequence,
+                num_worst_tokens=num_worst_tokens,
             )
             if num_worst_tokens == 0:
                 num_recv_rows, num_rounds, per_expert = self._wait_counts(sequence, num_local_experts)
