@@ -5,6 +5,13 @@ Every test here is marked ``gpu`` and skips unless the kernels are built and a C
 fails instead, so a broken build cannot pass as "all skipped". Multi-rank tests take a ``num_ranks`` argument,
 parametrized from DEEP_EP_PY_GPU_TEST_RANKS (rank counts separated by spaces or commas; default "2"); the ranks
 run on one GPU under MPS through ``launch(device="cuda")``, which starts the MPS daemon when it can.
+
+Table-driven cases run batched (deep_ep_py.testing.batch): every selected case of one module at one rank count (and
+one environment) in one launch, fetched through the ``gpu_batch`` fixture; each pytest test asserts its own case's
+outcome; a case that fails, hangs or breaks the CUDA context is reported on its own, by name and rank. Batches run
+with DEEP_EP_PY_TIMEOUT_S=30 unless the environment sets it (scripts/gpu_check.sh sets 30 too), so a rank whose peer
+left a case gives up after 30 s of waiting rather than the default 100. Tests that need a process of their own (an
+absent peer with a short timeout) keep a launch each. A timing line per batch is printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ import pytest
 
 from deep_ep_py import _ext
 from deep_ep_py.testing import mps
+from deep_ep_py.testing.batch import TIMEOUT_ENV, BatchResult, launch_batch, selected_param_values
+
+# Device wait timeout of batched cases when the environment does not set DEEP_EP_PY_TIMEOUT_S.
+BATCH_DEVICE_TIMEOUT_S = "30"
 
 
 def gpu_test_ranks() -> list[int]:
@@ -68,3 +79,54 @@ def require_gpu():
         if os.environ.get("DEEP_EP_PY_EXPECT_GPU") == "1":
             pytest.fail(f"DEEP_EP_PY_EXPECT_GPU=1 but the GPU tier cannot run: {reason}")
         pytest.skip(f"GPU tier: {reason}")
+
+
+def gpu_batch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a batch launch: DEEP_EP_PY_TIMEOUT_S (the environment's, else 30) and `extra`."""
+    return {TIMEOUT_ENV: os.environ.get(TIMEOUT_ENV) or BATCH_DEVICE_TIMEOUT_S, **(extra or {})}
+
+
+# (module, key, BatchResult) of every batch this session launched, for the timing summary at the end.
+_BATCHES_RUN: list[tuple[str, object, BatchResult]] = []
+
+
+@pytest.fixture(scope="module")
+def _gpu_batch_results() -> dict:
+    return {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per batch: cases, outcomes and time (what the GPU session's time budget is spent on)."""
+    if not _BATCHES_RUN:
+        return
+    terminalreporter.section("GPU batches")
+    for module, key, result in _BATCHES_RUN:
+        statuses = [outcome.status for outcome in result.outcomes.values()]
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in ("passed", "failed", "not_run") if statuses.count(s))
+        slowest = sorted(result.outcomes.values(), key=lambda o: -o.seconds)[:3]
+        terminalreporter.write_line(
+            f"{module} {key}: {len(statuses)} cases ({counts}) in {result.seconds:.1f} s; slowest: "
+            + ", ".join(f"{o.name} {o.seconds:.1f} s" for o in slowest)
+            + (f"; launch error: {result.launch_error.strip().splitlines()[-1]}" if result.launch_error else "")
+        )
+
+
+@pytest.fixture
+def gpu_batch(request, _gpu_batch_results, launch_timeout_s):
+    """gpu_batch(key, make_cases, num_ranks, env=None, **launch_batch_kwargs) -> BatchResult, launched once per
+    module and key. make_cases(selected) builds the BatchCase list, where selected(test_name, argname, **fixed)
+    gives the values of `argname` among this module's selected tests of that name (so -k runs only what it picks)."""
+
+    def selected(test_name: str, argname: str, **fixed):
+        return selected_param_values(request.session.items, request.module, test_name, argname, fixed)
+
+    def run(key, make_cases, num_ranks: int, env: dict[str, str] | None = None, **kwargs) -> BatchResult:
+        if key not in _gpu_batch_results:
+            cases = make_cases(selected)
+            kwargs.setdefault("startup_s", launch_timeout_s)
+            result = launch_batch(cases, num_ranks, device="cuda", env=gpu_batch_env(env), **kwargs)
+            _gpu_batch_results[key] = result
+            _BATCHES_RUN.append((request.module.__name__, key, result))
+        return _gpu_batch_results[key]
+
+    return run

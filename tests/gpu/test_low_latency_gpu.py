@@ -5,6 +5,11 @@ expectation); the main test also runs the reference backend on the same inputs. 
 (per (local expert, source rank) block, rows sorted by (token, top-k slot): indices, bf16 payloads, fp8 bytes and
 scale bits against deep_ep_py.fp8). Combine sums in float32 and rounds to bf16 once, as the reference; the order
 of the sum differs, hence the tolerance COMBINE_TOL (absolute and relative, a few bf16 ulps).
+
+Launches: the reference comparisons (every format and mode), the rank-mask test and the repeated-calls/CUDA-graph
+test of one rank count run in one batch (deep_ep_py.testing.batch) on one NvshmemContext, each case on fresh
+LowLatencyKernels (destroyed once every rank has left the case; the next case's buffer is allocated zeroed); the
+missing-peer test needs DEEP_EP_PY_TIMEOUT_S=2 and a launch of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import pytest
 
 from deep_ep_py import _ext
+from deep_ep_py.testing.batch import BatchCase, run_case
 
 pytestmark = pytest.mark.gpu
 
@@ -156,9 +162,25 @@ def expert_outputs_for(handle, inputs, experts_per_rank, num_ranks) -> torch.Ten
 # ------------------------------------------------------------------------------------------------- setup
 
 
-def _setup(num_experts: int):
-    import torch.distributed as dist
+def _open_nvshmem(ctx):
+    """Batch setup: one NvshmemContext per launch, sized for the kernels' buffer."""
+    from deep_ep_py.config import low_latency_rdma_size_hint
+    from deep_ep_py.runtime import NvshmemContext
 
+    num_ranks = ctx.num_ranks
+    num_bytes = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, EXPERTS_PER_RANK * num_ranks)
+    return NvshmemContext(ctx.group, num_symmetric_bytes=num_bytes)
+
+
+def _close_nvshmem(context) -> None:
+    """Batch teardown: every case's kernels are destroyed by then (their cleanups)."""
+    context.finalize()
+
+
+def _setup(ctx, num_experts: int):
+    """(LowLatencyKernels, ReferenceBackend) over the case's group. The kernels use the batch's NvshmemContext
+    (ctx.shared), or one of their own in a launch of their own; cleanups destroy the kernels first, then finalize a
+    context of their own."""
     from deep_ep_py import _ext as ext_module
     from deep_ep_py.backends.low_latency import LowLatencyKernels
     from deep_ep_py.backends.reference import ReferenceBackend
@@ -166,17 +188,15 @@ def _setup(num_experts: int):
     from deep_ep_py.runtime import NvshmemContext
     from deep_ep_py.topology import detect_topology
 
-    num_ranks = dist.get_world_size()
-    num_bytes = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
-    context = NvshmemContext(None, num_symmetric_bytes=num_bytes)
-    topology = detect_topology(None, None)
-    kernels = LowLatencyKernels(None, topology, num_bytes, ext_module.load_extension(), context)
-    return kernels, ReferenceBackend(None, topology), context
-
-
-def _teardown(kernels, context) -> None:
-    kernels.destroy()
-    context.finalize()
+    num_bytes = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, ctx.num_ranks, num_experts)
+    context = ctx.shared
+    if context is None:
+        context = NvshmemContext(ctx.resource_group, num_symmetric_bytes=num_bytes)
+        ctx.on_cleanup(context.finalize)
+    topology = detect_topology(ctx.group, None)
+    kernels = LowLatencyKernels(ctx.group, topology, num_bytes, ext_module.load_extension(), context)
+    ctx.on_cleanup(kernels.destroy)  # cleanups run last registered first: before the context's finalize
+    return kernels, ReferenceBackend(ctx.group, topology)
 
 
 def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None):
@@ -194,9 +214,10 @@ def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None):
 # ------------------------------------------------------------------------------------------------- workers
 
 
-def _against_reference_worker(rank: int, num_ranks: int, fmt: str, hook: bool, zero_copy: bool) -> None:
+def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
+    rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
-    kernels, reference, context = _setup(num_experts)
+    kernels, reference = _setup(ctx, num_experts)
     stats = torch.zeros(EXPERTS_PER_RANK, dtype=torch.int32, device="cuda")
     expected_total = 0
     for seed in range(3):
@@ -239,7 +260,6 @@ def _against_reference_worker(rank: int, num_ranks: int, fmt: str, hook: bool, z
             )
     assert int(stats.sum()) == expected_total, (int(stats.sum()), expected_total)
     kernels.check_device_errors("test end")
-    _teardown(kernels, context)
 
 
 def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -> None:
@@ -251,9 +271,10 @@ def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -
     torch.testing.assert_close(combined.float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
 
 
-def _repeat_and_graph_worker(rank: int, num_ranks: int, num_iters: int) -> None:
+def _repeat_and_graph_case(ctx, num_iters: int) -> None:
+    rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
-    kernels, _, context = _setup(num_experts)
+    kernels, _ = _setup(ctx, num_experts)
     gen = torch.Generator(device="cuda").manual_seed(rank)
 
     def fresh(num_tokens):
@@ -297,15 +318,14 @@ def _repeat_and_graph_worker(rank: int, num_ranks: int, num_iters: int) -> None:
         _round_trip_check(x, topk, weights, static_out)
     torch.cuda.synchronize()
     kernels.check_device_errors("graph replays")
-    _teardown(kernels, context)
+    del graph
 
 
-def _mask_worker(rank: int, num_ranks: int) -> None:
+def _mask_case(ctx) -> None:
     """The last rank 'dies' (makes no low-latency call); the others mask it and keep working."""
-    import torch.distributed as dist
-
+    rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
-    kernels, _, context = _setup(num_experts)
+    kernels, _ = _setup(ctx, num_experts)
     victim = num_ranks - 1
     if rank != victim:
         kernels.update_mask(victim, True)
@@ -325,23 +345,22 @@ def _mask_worker(rank: int, num_ranks: int) -> None:
             want = expected_combine(x, topk, weights, {victim}, EXPERTS_PER_RANK)
             torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
         kernels.check_device_errors("masked calls")
-    dist.barrier()
+    ctx.barrier()
     kernels.clean_low_latency_buffer()
     kernels.clean_mask()
     # Everyone back: a normal call works after the clean.
     inputs = make_inputs(400, num_ranks, num_experts)
     result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
     check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after unmask")
-    _teardown(kernels, context)
+    kernels.check_device_errors("after unmask")
 
 
-def _timeout_worker(rank: int, num_ranks: int) -> str:
-    import torch.distributed as dist
-
+def _timeout_case(ctx) -> str:
     from deep_ep_py.errors import DeepEPTimeoutError
 
+    rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
-    kernels, _, context = _setup(num_experts)
+    kernels, _ = _setup(ctx, num_experts)
     missing = num_ranks - 1
     message = ""
     if rank != missing:
@@ -355,49 +374,69 @@ def _timeout_worker(rank: int, num_ranks: int) -> str:
             kernels.check_device_errors("test")
         except DeepEPTimeoutError as exc:
             message = str(exc)
-        assert f"channel {missing}" in message and "low-latency dispatch" in message, message
-    dist.barrier()
+        # csrc/runtime/error_record.cu: "device wait timed out on rank R, channel C, waiting for <site> ...".
+        assert f"on rank {rank}, channel {missing}," in message, message
+        assert "low-latency dispatch receiver" in message, message
+    ctx.barrier()
     kernels.clean_low_latency_buffer()
-    _teardown(kernels, context)
     return message
 
 
 # ------------------------------------------------------------------------------------------------- tests
 
+MODES = ["plain", "hook", "zero_copy"]
+
+
+def _num_iters() -> int:
+    return int(os.environ.get("DEEP_EP_PY_LL_TEST_ITERS", "1000"))
+
+
+def _batch(gpu_batch, num_ranks: int):
+    """Every selected case of this module at num_ranks, in one launch on one NvshmemContext."""
+
+    def make_cases(selected):
+        cases = [
+            BatchCase(
+                f"against_reference_{fmt}_{mode}", _against_reference_case, (fmt, mode == "hook", mode == "zero_copy")
+            )
+            for mode in MODES
+            for fmt in selected("test_against_reference", "fmt", num_ranks=num_ranks, mode=mode)
+        ]
+        if selected("test_rank_mask", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("rank_mask", _mask_case))
+        if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
+            # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
+            # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off.
+            num_iters = _num_iters()
+            cases.append(
+                BatchCase("repeat_and_cuda_graph", _repeat_and_graph_case, (num_iters,), 120 + 0.2 * num_iters)
+            )
+        return cases
+
+    return gpu_batch(("low_latency", num_ranks), make_cases, num_ranks, setup=_open_nvshmem, teardown=_close_nvshmem)
+
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("mode", ["plain", "hook", "zero_copy"])
-def test_against_reference(require_gpu, num_ranks, fmt, mode, launch_timeout_s):
-    from deep_ep_py.testing import launch
-
-    launch(
-        _against_reference_worker,
-        num_ranks,
-        fmt,
-        mode == "hook",
-        mode == "zero_copy",
-        device="cuda",
-        timeout_s=launch_timeout_s,
-    )
+@pytest.mark.parametrize("mode", MODES)
+def test_against_reference(require_gpu, gpu_batch, num_ranks, fmt, mode):
+    _batch(gpu_batch, num_ranks)[f"against_reference_{fmt}_{mode}"].assert_passed()
 
 
-def test_repeated_calls_and_cuda_graph(require_gpu, num_ranks, launch_timeout_s):
-    from deep_ep_py.testing import launch
-
-    num_iters = int(os.environ.get("DEEP_EP_PY_LL_TEST_ITERS", "1000"))
-    launch(_repeat_and_graph_worker, num_ranks, num_iters, device="cuda", timeout_s=max(launch_timeout_s, 600.0))
+def test_repeated_calls_and_cuda_graph(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["repeat_and_cuda_graph"].assert_passed()
 
 
-def test_rank_mask(require_gpu, num_ranks, launch_timeout_s):
-    from deep_ep_py.testing import launch
-
-    launch(_mask_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+def test_rank_mask(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["rank_mask"].assert_passed()
 
 
 def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=2, a rank that never calls, and an NvshmemContext of its own."""
     from deep_ep_py.testing import launch
 
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
     messages = launch(
-        _timeout_worker, num_ranks, device="cuda", env={"DEEP_EP_PY_TIMEOUT_S": "2"}, timeout_s=launch_timeout_s
+        run_case, num_ranks, _timeout_case, device="cuda", env={"DEEP_EP_PY_TIMEOUT_S": "2"}, timeout_s=launch_timeout_s
     )
-    assert all(f"channel {num_ranks - 1}" in m for m in messages[:-1]), messages
+    assert messages[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in messages[:-1]), messages
