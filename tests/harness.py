@@ -56,3 +56,41 @@ def import_deep_ep():
     import deep_ep
 
     return deep_ep
+
+
+def dispatch_past_worst_tokens(
+    kernels: Any, reference: deep_ep_py.Buffer, inp: Any, num_experts: int, rank: int
+) -> str:
+    """Kernel dispatch of `inp` (make_rank_inputs, on CPU) with num_worst_tokens = 1 on every rank: a rank that
+    receives more rows must find a capacity record naming both counts (DeepEPError, not a timeout) once the GPU is
+    done; a rank that receives at most one row must find none. Returns the message ("" for none)."""
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+    per_rank, per_node, per_expert, in_rank, _ = reference.get_dispatch_layout(topk_idx, num_experts)
+    recv_x = reference.dispatch(
+        inp.x.cuda(),
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )[0]
+    num_recv_rows = int(recv_x.shape[0])
+    kernels.dispatch(inp.x.cuda(), None, None, in_rank, per_rank, per_expert, topk_idx, topk_weights, 1, 1, 8)
+    torch.cuda.synchronize()
+    message = ""
+    try:
+        kernels._check_device_errors("the num_worst_tokens test")
+    except DeepEPTimeoutError:
+        raise
+    except DeepEPError as exc:
+        message = str(exc)
+    if num_recv_rows <= 1:
+        assert message == "", f"rank {rank} receives {num_recv_rows} rows <= num_worst_tokens 1, yet: {message}"
+        return message
+    # csrc/runtime/error_record.cu: "num_worst_tokens: the rows this rank receives (N) exceed the W given, on rank R".
+    want = f"num_worst_tokens: the rows this rank receives ({num_recv_rows}) exceed the 1 given, on rank {rank}"
+    assert want in message, f"rank {rank}: expected {want!r}, got {message!r}"
+    return message

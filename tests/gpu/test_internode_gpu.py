@@ -556,6 +556,23 @@ def _timeout_case(ctx, num_nodes: int) -> str:
     return message
 
 
+WORST_TOO_SMALL_CASE = Case("worst_too_small", (24, 31, 17, 20), num_topk=4)
+
+
+def _worst_too_small_case(ctx, num_nodes: int) -> str:
+    """num_worst_tokens = 1 while ranks receive more rows: each such rank's notify leaves a capacity record, raised
+    as DeepEPError naming both counts (not as a timeout), instead of returning results with rows dropped."""
+    from harness import dispatch_past_worst_tokens
+
+    case = WORST_TOO_SMALL_CASE
+    reference, kernels = _setup(ctx, num_nodes, case.hidden, case.num_topk, 0)
+    inp, num_experts = _inputs(case, ctx.num_ranks, num_nodes, ctx.rank, 0)
+    message = dispatch_past_worst_tokens(kernels, reference, inp, num_experts, ctx.rank)
+    torch.cuda.synchronize()
+    ctx.barrier()
+    return message
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
@@ -600,6 +617,8 @@ def _batch(gpu_batch, num_ranks: int, num_nodes: int, emulate_network: bool = Fa
             if selected("test_internode_worst_tokens_in_cuda_graph", "num_ranks", num_ranks=num_ranks):
                 run_s = _table_run_s(2 * NUM_GRAPH_REPLAYS)
                 cases.append(BatchCase("cuda_graph", _graph_case, (num_nodes,), run_s=run_s))
+            if selected("test_internode_worst_tokens_too_small", "num_ranks", num_ranks=num_ranks):
+                cases.append(BatchCase("worst_too_small", _worst_too_small_case, (num_nodes,), run_s=_table_run_s(1)))
         return cases
 
     key = ("internode", num_ranks, num_nodes, emulate_network)
@@ -630,6 +649,11 @@ def test_internode_more_nodes_match_reference(require_gpu, gpu_batch, num_ranks,
 @pytest.mark.gpu
 def test_internode_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks, 2)["cuda_graph"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_internode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, 2)["worst_too_small"].assert_passed()
 
 
 @pytest.mark.gpu

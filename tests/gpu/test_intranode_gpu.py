@@ -436,6 +436,23 @@ def _timeout_case(ctx) -> str:
     return message
 
 
+WORST_TOO_SMALL_CASE = Case("worst_too_small", (24, 31, 17, 20), num_topk=4)
+
+
+def _worst_too_small_case(ctx) -> str:
+    """num_worst_tokens = 1 while ranks receive more rows: each such rank's notify leaves a capacity record, raised
+    as DeepEPError naming both counts (not as a timeout), instead of returning results with rows dropped."""
+    from harness import dispatch_past_worst_tokens
+
+    case = WORST_TOO_SMALL_CASE
+    reference, kernels = _setup(ctx, case.hidden, case.num_topk, 0)
+    inp, num_experts = _inputs(case, ctx.num_ranks, ctx.rank, 0)
+    message = dispatch_past_worst_tokens(kernels, reference, inp, num_experts, ctx.rank)
+    torch.cuda.synchronize()
+    ctx.barrier()
+    return message
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
@@ -463,6 +480,8 @@ def _batch(gpu_batch, num_ranks: int):
             cases.append(BatchCase("back_to_back", _back_to_back_case, run_s=_table_run_s(3 * NUM_BACK_TO_BACK_STEPS)))
         if selected("test_intranode_worst_tokens_in_cuda_graph", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("cuda_graph", _graph_case, run_s=_table_run_s(2 * NUM_GRAPH_REPLAYS)))
+        if selected("test_intranode_worst_tokens_too_small", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("worst_too_small", _worst_too_small_case, run_s=_table_run_s(1)))
         return cases
 
     return gpu_batch(("intranode", num_ranks), make_cases, num_ranks)
@@ -479,6 +498,11 @@ def test_intranode_matches_reference(require_gpu, gpu_batch, num_ranks, case):
 @pytest.mark.gpu
 def test_intranode_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["cuda_graph"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["worst_too_small"].assert_passed()
 
 
 @pytest.mark.gpu
