@@ -6,7 +6,7 @@
 # directory and is timed; a failed step does not stop the others; the exit status is non-zero when any step failed.
 #
 #   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
-#                        [--skip STEP[,STEP]] [--step-timeout SECONDS]
+#                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS]
 #
 #   --log-dir DIR         logs, bench.json, bench_internode.json (env GPU_CHECK_LOG_DIR; default ./gpu_check_logs)
 #   --ranks "2 4 8"       rank counts for the GPU tests and the benchmark, all ranks on the GPU(s) there are
@@ -17,6 +17,8 @@
 #   --wheel-dir DIR       pip-install the wheels in DIR first (e.g. the carried nvshmem4py wheel), offline
 #   --skip STEPS          steps to skip, comma-separated:
 #                         info,mps,wheel,build,ext,tests,bench,tests_internode,bench_internode
+#   --tests-k EXPR        only the GPU tests pytest -k EXPR selects (both test steps), e.g. "intranode" or
+#                         "layout or runtime": a lent GPU allows 10 minutes a command, so split the tier across calls
 #   --step-timeout S      wall-clock limit of each step (default 1200); a step past it is killed and FAILs
 #
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
@@ -38,6 +40,7 @@ INTERNODE_RANKS="4 8"
 QUICK=0
 WHEEL_DIR=""
 SKIP_STEPS=""
+TESTS_K=""
 STEP_TIMEOUT_S=1200
 PYTHON=${PYTHON:-python3}
 BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
@@ -66,6 +69,8 @@ while [ "$#" -gt 0 ]; do
         --wheel-dir=*) WHEEL_DIR=${1#*=}; shift ;;
         --skip) need_value "$@"; SKIP_STEPS=$2; shift 2 ;;
         --skip=*) SKIP_STEPS=${1#*=}; shift ;;
+        --tests-k) need_value "$@"; TESTS_K=$2; shift 2 ;;
+        --tests-k=*) TESTS_K=${1#*=}; shift ;;
         --step-timeout) need_value "$@"; STEP_TIMEOUT_S=$2; shift 2 ;;
         --step-timeout=*) STEP_TIMEOUT_S=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -399,9 +404,14 @@ run_step ext "$STEP_TIMEOUT_S" bash -c step_ext
 
 # The internode tests run in a step of their own (tests_internode, below), at their own rank counts.
 INTERNODE_TESTS=(tests/gpu/test_internode_gpu.py tests/gpu/test_buffer_internode_gpu.py)
+# pytest -k for both test steps (empty: every test).
+TESTS_K_ARGS=()
+if [ -n "$TESTS_K" ]; then
+    TESTS_K_ARGS=(-k "$TESTS_K")
+fi
 run_step tests "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
     DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
-    --junitxml="$LOG_DIR/pytest.xml"
+    ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest.xml"
 if ! is_skipped tests; then
     add_details "$(pytest_counts "$LAST_LOG")"
 fi
@@ -420,7 +430,7 @@ fi
 # steps above nor their figures.
 run_step tests_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$INTERNODE_RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
     DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
-    --junitxml="$LOG_DIR/pytest_internode.xml"
+    ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_internode.xml"
 if ! is_skipped tests_internode; then
     add_details "$(pytest_counts "$LAST_LOG")"
 fi
