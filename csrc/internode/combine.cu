@@ -40,8 +40,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_push_kernel(CombineRound
     for (int q = global_warp_idx(); q < num_rows; q += num_global_warps()) {
         const int slot_idx = a.recv_node_slot[q] - p.round_start;
         if (slot_idx < 0 || slot_idx >= v.rows_per_round) continue;
-        int src = 0;
-        while (q >= s_first_row[src + 1]) ++src;
+        const int src = find_range(s_first_row, v.num_ranks, q);
         const int forwarder = v.pe_of(v.node, v.local_of(src));
         uint8_t* slot = v.peer<uint8_t>(v.combine_in_slot(v.node_of(src), slot_idx, v.local_rank), forwarder);
         warp_copy_to_staging(reinterpret_cast<int4*>(slot),
@@ -84,8 +83,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRou
     const int num_chunks = row.payload_bytes / 16;
     bool issued_puts = false;
     for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
-        int src_node = 0;
-        while (item >= s_first_item[src_node + 1]) ++src_node;
+        const int src_node = find_range(s_first_item, v.num_nodes, item);
         const int slot_idx = item - s_first_item[src_node];
         const int flat = s_forward_base[src_node] + p.round_start + slot_idx;
         const int mask = flat < a.num_forward_rows ? a.forward_mask[flat] : 0;

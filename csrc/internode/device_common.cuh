@@ -100,6 +100,17 @@ __device__ __forceinline__ int node_rows_in_round(const View& v, int count, int 
     return rows_in_round(count, round_start, v.rows_per_round);
 }
 
+// Index of the range of `item` in first[0..num_ranges] (first[0] = 0, non-decreasing, item < first[num_ranges]).
+__device__ __forceinline__ int find_range(const int* first, int num_ranges, int item) {
+    int low = 0, high = num_ranges - 1;
+    while (low < high) {
+        const int mid = (low + high + 1) / 2;
+        if (first[mid] <= item) low = mid;
+        else high = mid - 1;
+    }
+    return low;
+}
+
 // Barrier of this rank with `num_members` ranks pe_of_member(0..num_members), run by every thread of one block of
 // kControlThreads. Epoch protocol: the owner counts its barriers of this kind (epochs()[epoch_idx]); it adds 1 to
 // flags[my_slot] on each member (an atomic add through nvshmem_ptr, or nvshmemx_signal_op), so a flag counts the

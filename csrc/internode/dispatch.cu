@@ -3,6 +3,7 @@
 // node into the received tensors (internode.hpp has the protocol).
 #include <cuda_runtime.h>
 
+#include "../common/dispatch_rows.cuh"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "device_common.cuh"
@@ -21,15 +22,9 @@ struct DispatchRoundParams {
     TimeoutContext timeout;
 };
 
-// Index of the range of `item` in first[0..num_ranges] (first[0] = 0, non-decreasing, item < first[num_ranges]).
-__device__ __forceinline__ int find_range(const int* first, int num_ranges, int item) {
-    int low = 0, high = num_ranges - 1;
-    while (low < high) {
-        const int mid = (low + high + 1) / 2;
-        if (first[mid] <= item) low = mid;
-        else high = mid - 1;
-    }
-    return low;
+__device__ __forceinline__ ReceivedRows received_rows(const DispatchArgs& a) {
+    return ReceivedRows{static_cast<uint8_t*>(a.recv_x), a.recv_scales, a.recv_src_idx, a.recv_topk_idx,
+                        a.recv_topk_weights};
 }
 
 // Sender: one warp per (destination node, slot) of this round.
@@ -62,25 +57,10 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
                                 : -1;
         const int mask = static_cast<int>(__ballot_sync(0xffffffffu, ordinal >= 0));
         auto write_row = [&](uint8_t* slot) {
-            warp_copy_to_staging(reinterpret_cast<int4*>(slot),
-                                 reinterpret_cast<const int4*>(x + static_cast<int64_t>(token) * row.payload_bytes),
-                                 row.payload_bytes / 16, lane);
-            float* slot_scales = reinterpret_cast<float*>(slot + row.scales_offset);
-            for (int group = lane; group < row.num_scales; group += 32)
-                __stcg(slot_scales + group,
-                       __ldg(a.x_scales + token * a.scale_stride_token + group * a.scale_stride_group));
-            if (lane == 0) {
-                __stcg(reinterpret_cast<int*>(slot + row.src_idx_offset), token);
-                __stcg(reinterpret_cast<int*>(slot + row.mask_offset), mask);
-            }
+            pack_dispatch_row(slot, row, x, a.x_scales, a.scale_stride_token, a.scale_stride_group, a.topk_idx,
+                              a.topk_weights, token, lane);
+            if (lane == 0) __stcg(reinterpret_cast<int*>(slot + row.mask_offset), mask);
             if (lane < v.num_local_ranks) __stcg(reinterpret_cast<int*>(slot + row.ordinals_offset) + lane, ordinal);
-            long long* slot_topk_idx = reinterpret_cast<long long*>(slot + row.topk_idx_offset);
-            float* slot_topk_weights = reinterpret_cast<float*>(slot + row.topk_weights_offset);
-            for (int k = lane; k < row.num_topk; k += 32) {
-                const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;
-                __stcg(slot_topk_idx + k, __ldg(reinterpret_cast<const long long*>(a.topk_idx) + entry));
-                __stcg(slot_topk_weights + k, __ldg(a.topk_weights + entry));
-            }
         };
         issued_puts |= deliver_row(v, v.dispatch_recv_slot(v.node, slot_idx), v.dispatch_send_slot(node, slot_idx),
                                    row.stride, v.control.dispatch_arrivals + 8 * static_cast<size_t>(v.node),
@@ -137,7 +117,6 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pull_kernel(DispatchRou
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
     const int64_t first_local_expert = static_cast<int64_t>(v.rank) * a.num_local_experts;
-    uint8_t* recv_x = static_cast<uint8_t*>(a.recv_x);
     for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
         const int pair = find_range(s_first_item, num_pairs, item);
         const int local = pair / num_nodes, src_node = pair % num_nodes;
@@ -156,26 +135,8 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pull_kernel(DispatchRou
         // Only past a peer that broke the protocol (a timed-out wait, num_worst_tokens too small): never write
         // outside the tensors.
         if (ordinal < 0 || out_row >= a.num_recv_rows) continue;
-        warp_copy_from_staging(reinterpret_cast<int4*>(recv_x + static_cast<int64_t>(out_row) * row.payload_bytes),
-                               reinterpret_cast<const int4*>(slot), row.payload_bytes / 16, lane);
-        const float* slot_scales = reinterpret_cast<const float*>(slot + row.scales_offset);
-        for (int group = lane; group < row.num_scales; group += 32)
-            a.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = __ldcg(slot_scales + group);
-        if (lane == 0) {
-            if (a.recv_src_idx != nullptr)
-                a.recv_src_idx[out_row] = __ldcg(reinterpret_cast<const int*>(slot + row.src_idx_offset));
-            a.recv_node_slot[out_row] = p.round_start + slot_idx;
-        }
-        const long long* slot_topk_idx = reinterpret_cast<const long long*>(slot + row.topk_idx_offset);
-        const float* slot_topk_weights = reinterpret_cast<const float*>(slot + row.topk_weights_offset);
-        for (int k = lane; k < row.num_topk; k += 32) {
-            const int64_t expert = __ldcg(slot_topk_idx + k);
-            const int64_t local_expert = expert - first_local_expert;
-            const bool is_local = expert >= 0 && local_expert >= 0 && local_expert < a.num_local_experts;
-            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
-            a.recv_topk_idx[entry] = is_local ? local_expert : -1;
-            a.recv_topk_weights[entry] = is_local ? __ldcg(slot_topk_weights + k) : 0.0f;
-        }
+        unpack_dispatch_row(slot, row, received_rows(a), out_row, first_local_expert, a.num_local_experts, lane);
+        if (lane == 0) a.recv_node_slot[out_row] = p.round_start + slot_idx;
     }
 }
 
@@ -187,21 +148,9 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoun
     const int num_real = a.rank_prefix_matrix[(v.num_ranks - 1) * v.num_ranks + v.rank];
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
-    uint8_t* recv_x = static_cast<uint8_t*>(a.recv_x);
     for (int out_row = max(num_real, 0) + global_warp_idx(); out_row < a.num_recv_rows; out_row += num_global_warps()) {
-        int4* payload = reinterpret_cast<int4*>(recv_x + static_cast<int64_t>(out_row) * row.payload_bytes);
-        for (int i = lane; i < row.payload_bytes / 16; i += 32) payload[i] = make_int4(0, 0, 0, 0);
-        for (int group = lane; group < row.num_scales; group += 32)
-            a.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = 0.0f;
-        if (lane == 0) {
-            if (a.recv_src_idx != nullptr) a.recv_src_idx[out_row] = -1;
-            a.recv_node_slot[out_row] = -1;
-        }
-        for (int k = lane; k < row.num_topk; k += 32) {
-            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
-            a.recv_topk_idx[entry] = -1;
-            a.recv_topk_weights[entry] = 0.0f;
-        }
+        pad_dispatch_row(row, received_rows(a), out_row, lane);
+        if (lane == 0) a.recv_node_slot[out_row] = -1;
     }
 }
 

@@ -2,6 +2,7 @@
 // their final place in the received tensors.
 #include <cuda_runtime.h>
 
+#include "../common/dispatch_rows.cuh"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "device_common.cuh"
@@ -35,6 +36,10 @@ struct DispatchRoundParams {
     int num_local_experts;
 };
 
+__device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams& p) {
+    return ReceivedRows{p.recv_x, p.recv_scales, p.recv_src_idx, p.recv_topk_idx, p.recv_topk_weights};
+}
+
 // Sender: one warp per (destination, slot) of this round. Work items are numbered destination by destination;
 // s_first_item[d] is the first item of destination d.
 __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
@@ -58,21 +63,8 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
         const int slot_idx = item - s_first_item[dst];
         const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + p.round_start + slot_idx];
         uint8_t* slot = staging_slot(p.peers.base[dst], p.peers.rank, slot_idx, p.rows_per_round, row.stride);
-        const int4* src_payload = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(token) * row.payload_bytes);
-        warp_copy_to_staging(reinterpret_cast<int4*>(slot), src_payload, row.payload_bytes / 16, lane);
-        float* slot_scales = reinterpret_cast<float*>(slot + row.scales_offset);
-        for (int group = lane; group < row.num_scales; group += 32) {
-            const int64_t offset = token * p.scale_stride_token + group * p.scale_stride_group;
-            __stcg(slot_scales + group, __ldg(p.x_scales + offset));
-        }
-        if (lane == 0) __stcg(reinterpret_cast<int*>(slot + row.src_idx_offset), token);
-        long long* slot_topk_idx = reinterpret_cast<long long*>(slot + row.topk_idx_offset);
-        float* slot_topk_weights = reinterpret_cast<float*>(slot + row.topk_weights_offset);
-        for (int k = lane; k < row.num_topk; k += 32) {
-            const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;
-            __stcg(slot_topk_idx + k, __ldg(reinterpret_cast<const long long*>(p.topk_idx) + entry));
-            __stcg(slot_topk_weights + k, __ldg(p.topk_weights + entry));
-        }
+        pack_dispatch_row(slot, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group, p.topk_idx,
+                          p.topk_weights, token, lane);
     }
 }
 
@@ -109,23 +101,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRou
         // outside the tensors.
         if (out_row >= p.num_recv_rows) continue;
         const uint8_t* slot = staging_slot(own_buffer, src, slot_idx, p.rows_per_round, row.stride);
-        int4* dst_payload = reinterpret_cast<int4*>(p.recv_x + static_cast<int64_t>(out_row) * row.payload_bytes);
-        warp_copy_from_staging(dst_payload, reinterpret_cast<const int4*>(slot), row.payload_bytes / 16, lane);
-        const float* slot_scales = reinterpret_cast<const float*>(slot + row.scales_offset);
-        for (int group = lane; group < row.num_scales; group += 32)
-            p.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = __ldcg(slot_scales + group);
-        if (lane == 0 && p.recv_src_idx != nullptr)
-            p.recv_src_idx[out_row] = __ldcg(reinterpret_cast<const int*>(slot + row.src_idx_offset));
-        const long long* slot_topk_idx = reinterpret_cast<const long long*>(slot + row.topk_idx_offset);
-        const float* slot_topk_weights = reinterpret_cast<const float*>(slot + row.topk_weights_offset);
-        for (int k = lane; k < row.num_topk; k += 32) {
-            const int64_t expert = __ldcg(slot_topk_idx + k);
-            const int64_t local_expert = expert - first_local_expert;
-            const bool is_local = expert >= 0 && local_expert >= 0 && local_expert < p.num_local_experts;
-            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
-            p.recv_topk_idx[entry] = is_local ? local_expert : -1;
-            p.recv_topk_weights[entry] = is_local ? __ldcg(slot_topk_weights + k) : 0.0f;
-        }
+        unpack_dispatch_row(slot, row, received_rows(p), out_row, first_local_expert, p.num_local_experts, lane);
     }
 }
 
@@ -138,16 +114,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoun
     const DispatchRowFormat& row = p.row;
     const int first_pad_row = num_real < 0 ? 0 : num_real;
     for (int out_row = first_pad_row + global_warp_idx(); out_row < p.num_recv_rows; out_row += num_global_warps()) {
-        int4* payload = reinterpret_cast<int4*>(p.recv_x + static_cast<int64_t>(out_row) * row.payload_bytes);
-        for (int i = lane; i < row.payload_bytes / 16; i += 32) payload[i] = make_int4(0, 0, 0, 0);
-        for (int group = lane; group < row.num_scales; group += 32)
-            p.recv_scales[static_cast<int64_t>(out_row) * row.num_scales + group] = 0.0f;
-        if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[out_row] = -1;
-        for (int k = lane; k < row.num_topk; k += 32) {
-            const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
-            p.recv_topk_idx[entry] = -1;
-            p.recv_topk_weights[entry] = 0.0f;
-        }
+        pad_dispatch_row(row, received_rows(p), out_row, lane);
     }
 }
 
