@@ -22,6 +22,7 @@ from bench.settings import (
     INTERNODE,
     LOW_LATENCY,
     NORMAL,
+    ONE_COPY,
     BenchConfig,
     log,
 )
@@ -29,7 +30,7 @@ from bench.settings import (
 # The environment variable that makes one machine play several nodes (deep_ep_py.config.RANKS_PER_NODE_ENV).
 RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
 # The Buffer backend's kernel module that runs each mode (None on it: the mode takes the reference fallback).
-KERNEL_MODULES = {NORMAL: "intranode", INTERNODE: "internode", LOW_LATENCY: "low_latency"}
+KERNEL_MODULES = {NORMAL: "intranode", ONE_COPY: "intranode", INTERNODE: "internode", LOW_LATENCY: "low_latency"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-rank side: runs inside each launched process.
@@ -154,6 +155,15 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
     num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
     if mode == NORMAL:
         return deep_ep_py.Buffer(group, num_nvl_bytes, 0, explicitly_destroy=True, **kwargs)
+    if mode == ONE_COPY:
+        return deep_ep_py.Buffer(
+            group,
+            num_nvl_bytes,
+            0,
+            explicitly_destroy=True,
+            num_recv_arena_bytes=_one_copy_arena_bytes(cfg, num_ranks),
+            **kwargs,
+        )
     # Internode: the NVSHMEM bytes DeepEP's size hints ask for on the emulated nodes (_ranks_per_node_env is set).
     num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
     return deep_ep_py.Buffer(
@@ -164,6 +174,16 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
         num_ranks_per_node=num_ranks // cfg.nodes,
         **kwargs,
     )
+
+
+def _one_copy_arena_bytes(cfg: BenchConfig, num_ranks: int) -> int:
+    """Room for two dispatch results of the most rows a rank can receive (every token of every rank): the one that
+    _normal_paths keeps for its handle and the timed call's, which goes back to the arena before the next call takes
+    it (the results of a timed call die when it returns)."""
+    num_scales = (cfg.hidden + 127) // 128
+    row_bytes = cfg.hidden * 2 + 4 * num_scales + 4 + 12 * cfg.topk
+    block_alignment = 5 * 256  # each of a block's five tensors starts 256-byte aligned
+    return 2 * (cfg.tokens * num_ranks * row_bytes + block_alignment) + (1 << 20)
 
 
 def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):
@@ -230,12 +250,13 @@ def _normal_paths(
     def combine() -> None:
         buffer.combine(recv_x, handle, config=combine_config)
 
-    prefix = "internode_" if mode == INTERNODE else ""
+    prefix = {INTERNODE: "internode_", ONE_COPY: "one_copy_"}.get(mode, "")
     paths = {
         (f"{prefix}dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
         (f"{prefix}dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
-        (f"{prefix}combine", "bf16", False): (combine, None, num_recv_tokens),
     }
+    if mode != ONE_COPY:
+        paths[(f"{prefix}combine", "bf16", False)] = (combine, None, num_recv_tokens)
     return paths, traffic
 
 
@@ -444,6 +465,11 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
         paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
     else:
         paths, traffic = _normal_paths(buffer, cfg, num_ranks, device, mode)
+        if mode == ONE_COPY and kernels_active and not buffer._backend.intranode.debug_one_copy_note():
+            out["notes"].append(
+                "one_copy rows: the first dispatch did not go by the one-copy path (a rank's receive arena had no "
+                "room), so these rows may time the two-copy path"
+            )
     for key, (fn, setup, num_recv_rows) in paths.items():
         path, dtype, _ = key
         if rank == 0:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from . import _validate as check
 from . import buffer_checks as checks
+from . import config as ep_config
 from .backends import BufferSizes, select_backend
 from .backends.reference import DispatchHandle, LowLatencyHandle
 from .config import (
@@ -51,6 +52,10 @@ class Buffer:
         backend: "cuda", "reference" or None (DEEP_EP_PY_BACKEND, else kernels where built and a GPU exists).
         num_ranks_per_node: ranks that form one node (NVLink domain); overrides DEEP_EP_PY_RANKS_PER_NODE and
             the hosts the ranks run on, so one machine can play several nodes.
+        num_recv_arena_bytes: bytes per rank (the same on every rank) of IPC-mapped memory that intranode dispatch
+            results are allocated from, so that peers write rows straight into them: one copy instead of two.
+            Results keep their block until they (and the handle) die; a dispatch whose results do not fit moves
+            its rows twice, as without an arena. Overrides DEEP_EP_PY_RECV_ARENA_BYTES; default 0 (no arena).
     """
 
     num_sms: int = 20
@@ -71,6 +76,7 @@ class Buffer:
         *,
         backend: str | None = None,
         num_ranks_per_node: int | None = None,
+        num_recv_arena_bytes: int | None = None,
     ) -> None:
         if group is None:
             raise ValueError(
@@ -92,7 +98,14 @@ class Buffer:
         self.explicitly_destroy = check.check_bool("explicitly_destroy", explicitly_destroy)
         self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
         self.topology = detect_topology(group, num_ranks_per_node)
-        sizes = BufferSizes(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode, self.enable_shrink)
+        self.num_recv_arena_bytes = ep_config.recv_arena_bytes(num_recv_arena_bytes)
+        sizes = BufferSizes(
+            self.num_nvl_bytes,
+            self.num_rdma_bytes,
+            self.low_latency_mode,
+            self.enable_shrink,
+            self.num_recv_arena_bytes,
+        )
         self._backend = select_backend(backend, group, self.topology, sizes)
         self.backend = self._backend.name
         self._comm_stream: Any = None

@@ -21,6 +21,8 @@ RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
 # How long any wait for a peer may take before it raises DeepEPTimeoutError (kernels read the same variable).
 TIMEOUT_ENV = "DEEP_EP_PY_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 100.0
+# Receive arena of the one-copy intranode dispatch (Buffer's num_recv_arena_bytes when that is not given).
+RECV_ARENA_ENV = "DEEP_EP_PY_RECV_ARENA_BYTES"
 
 
 def _align(num_bytes: int, alignment: int = BUFFER_ALIGNMENT_BYTES) -> int:
@@ -45,6 +47,27 @@ def ranks_per_node_override() -> int | None:
     except ValueError:
         raise ValueError(f"{RANKS_PER_NODE_ENV}: expected a positive int, got {raw!r}") from None
     return _check_positive_int(RANKS_PER_NODE_ENV, value)
+
+
+def recv_arena_bytes(requested: int | None) -> int:
+    """Bytes of receive arena per rank for one-copy intranode dispatch: Buffer's num_recv_arena_bytes, else
+    DEEP_EP_PY_RECV_ARENA_BYTES, else 0 (no arena: every dispatch moves its rows through the staging buffer)."""
+    if requested is None:
+        raw = os.environ.get(RECV_ARENA_ENV, "")
+        if raw == "":
+            return 0
+        try:
+            requested = int(raw)
+        except ValueError:
+            raise ValueError(f"{RECV_ARENA_ENV}: expected a non-negative int, got {raw!r}") from None
+        name = RECV_ARENA_ENV
+    else:
+        name = "num_recv_arena_bytes"
+    if isinstance(requested, bool) or not isinstance(requested, int):
+        raise TypeError(f"{name}: expected int, got {type(requested).__name__} ({requested!r})")
+    if requested < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {requested}")
+    return requested
 
 
 def timeout_s() -> float:

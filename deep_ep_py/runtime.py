@@ -181,27 +181,38 @@ class PeerMappedBuffer:
             raise DeepEPError(f"{what}({num_bytes} bytes, ranks {mapped_ranks}) failed: " + "; ".join(errors))
         self._closed = False
 
-    def _release(self) -> None:
-        """Close the peers' mappings and free the local allocation; local work only, no collective."""
-        extension, opened, local_ptr = self._extension, self._opened, self.local_ptr
-        self._opened, self.local_ptr, self.peer_ptrs = [], 0, [0] * self.num_ranks
+    def _release(self, keep_local: bool = False) -> None:
+        """Close the peers' mappings and free the local allocation (unless keep_local: then free_local() does, later);
+        local work only, no collective."""
+        extension, opened = self._extension, self._opened
+        self._opened, self.peer_ptrs = [], [0] * self.num_ranks
         failures = []
         for peer_ptr in opened:
             try:
                 extension.ipc_close_mem_handle(peer_ptr)
             except Exception as exc:
                 failures.append(f"closing peer mapping {peer_ptr:#x}: {exc}")
-        if local_ptr:
+        if not keep_local:
             try:
-                extension.ipc_free(local_ptr)
-            except Exception as exc:
-                failures.append(f"freeing {local_ptr:#x}: {exc}")
+                self.free_local()
+            except DeepEPError as exc:
+                failures.append(str(exc))
         if failures:
             raise DeepEPError(f"PeerMappedBuffer.close() on rank {self.rank}: " + "; ".join(failures))
 
-    def close(self) -> None:
+    def free_local(self) -> None:
+        """Free this rank's allocation (after close(keep_local=True)); idempotent."""
+        local_ptr, self.local_ptr = self.local_ptr, 0
+        if local_ptr:
+            try:
+                self._extension.ipc_free(local_ptr)
+            except Exception as exc:
+                raise DeepEPError(f"PeerMappedBuffer on rank {self.rank}: freeing {local_ptr:#x}: {exc}") from exc
+
+    def close(self, keep_local: bool = False) -> None:
         """Collective: barrier (no peer still uses this rank's memory), then unmap the peers and free the local
-        buffer. Idempotent."""
+        buffer. keep_local: leave the local allocation to a later free_local(), for memory that tensors still
+        view (the peers' mappings of it are closed all the same). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -211,7 +222,7 @@ class PeerMappedBuffer:
             if dist.is_initialized():
                 dist.barrier(group=self._group)
         finally:
-            self._release()
+            self._release(keep_local)
 
     def view(self, rank: int | None = None) -> torch.Tensor:
         """uint8 CUDA tensor [num_bytes] over rank's buffer as this process sees it (own buffer by default)."""

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -29,11 +30,32 @@ intranode::PeerBuffers make_peers(const std::vector<uintptr_t>& peer_ptrs, size_
     return peers;
 }
 
+// Where the recv_* tensors sit in this rank's receive arena [arena, arena + arena_bytes): byte offsets, -1 for the
+// absent ones (pointer 0).
+intranode::RecvBlock recv_block_in_arena(uintptr_t arena, size_t arena_bytes, int num_rows,
+                                         const std::vector<uintptr_t>& outputs) {
+    EP_HOST_ASSERT(outputs.size() == 5);
+    intranode::RecvBlock block{};
+    int64_t* offsets[5] = {&block.x, &block.scales, &block.src_idx, &block.topk_idx, &block.topk_weights};
+    for (size_t i = 0; i < outputs.size(); ++i) {
+        if (outputs[i] == 0) {
+            *offsets[i] = -1;
+            continue;
+        }
+        EP_HOST_ASSERT_MSG((outputs[i] >= arena && outputs[i] < arena + arena_bytes), "received tensor ", i,
+                           " at ", outputs[i], " is outside the receive arena [", arena, ", +", arena_bytes, ")");
+        *offsets[i] = static_cast<int64_t>(outputs[i] - arena);
+    }
+    block.num_rows = num_rows;
+    return block;
+}
+
 py::dict layout_constants() {
     py::dict constants;
     constants["max_ranks"] = intranode::kMaxRanks;
     constants["max_local_experts"] = intranode::kMaxLocalExperts;
     constants["staging_offset"] = intranode::kStagingOffset;
+    constants["one_copy_note_offset"] = offsetof(intranode::ControlArea, one_copy);
     constants["num_host_counters"] = intranode::kNumHostCounters;
     constants["counter_sequence"] = intranode::kCounterSequence;
     constants["counter_num_recv_tokens"] = intranode::kCounterNumRecvTokens;
@@ -96,8 +118,9 @@ void register_intranode(py::module_& m) {
            uintptr_t send_list, uintptr_t send_counts, uintptr_t rank_prefix_matrix, uintptr_t recv_x,
            uintptr_t recv_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
            int num_recv_rows, bool pad_rows, int num_local_experts, int num_sms, uintptr_t error_record,
-           double timeout_s, uintptr_t stream) {
-            const intranode::DispatchArgs args{num_rounds,
+           double timeout_s, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
+           size_t recv_arena_bytes, bool recv_in_arena) {
+            intranode::DispatchArgs args{num_rounds,
                                                rows_per_round,
                                                as_ptr<const void>(x),
                                                payload_bytes,
@@ -120,7 +143,20 @@ void register_intranode(py::module_& m) {
                                                num_recv_rows,
                                                pad_rows,
                                                num_local_experts,
-                                               num_sms};
+                                               num_sms,
+                                               !recv_arena_ptrs.empty(),
+                                               {},
+                                               {}};
+            if (args.one_copy) {
+                EP_HOST_ASSERT(recv_arena_ptrs.size() == peer_ptrs.size());
+                for (size_t r = 0; r < recv_arena_ptrs.size(); ++r)
+                    args.recv_arenas[r] = as_ptr<void>(recv_arena_ptrs[r]);
+                args.recv_block.num_rows = -1;
+                if (recv_in_arena)
+                    args.recv_block = recv_block_in_arena(recv_arena_ptrs[rank], recv_arena_bytes, num_recv_rows,
+                                                          {recv_x, recv_scales, recv_src_idx, recv_topk_idx,
+                                                           recv_topk_weights});
+            }
             intranode::dispatch(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
                                 reinterpret_cast<cudaStream_t>(stream));
         },
@@ -131,7 +167,11 @@ void register_intranode(py::module_& m) {
         py::arg("rank_prefix_matrix"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
         py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("num_recv_rows"), py::arg("pad_rows"),
         py::arg("num_local_experts"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
-        py::arg("stream"), "The rounds of a dispatch on `stream` (0 for absent tensors).");
+        py::arg("stream"), py::arg("recv_arena_ptrs") = std::vector<uintptr_t>{}, py::arg("recv_arena_bytes") = 0,
+        py::arg("recv_in_arena") = false,
+        "The rounds of a dispatch on `stream` (0 for absent tensors). With recv_arena_ptrs (every rank's receive "
+        "arena), a one-copy dispatch: recv_in_arena says the recv_* tensors lie in this rank's arena; the rows go "
+        "straight there when every rank's do, else through the rounds.");
 
     m.def(
         "intranode_combine",

@@ -12,6 +12,7 @@
 #include "../runtime/ipc.hpp"
 #include "../runtime/nvshmem_runtime.hpp"
 #include "bindings.hpp"
+#include "dlpack_view.hpp"
 
 namespace py = pybind11;
 
@@ -70,6 +71,10 @@ void register_ipc(py::module_& m) {
         "ipc_open_mem_handle", [](py::bytes handle) { return ipc_open_mem_handle(std::string(handle)); },
         py::arg("handle"), "Map a peer's allocation; returns the local device pointer.");
     m.def("ipc_close_mem_handle", &ipc_close_mem_handle, py::arg("ptr"));
+    m.def("dlpack_view", &make_dlpack_view, py::arg("ptr"), py::arg("num_bytes"), py::arg("device_type"),
+          py::arg("device_id"), py::arg("on_release"),
+          "A DLPack capsule viewing num_bytes at ptr as uint8 on (device_type 1 = CPU, 2 = CUDA, device_id), for "
+          "torch.from_dlpack; on_release() is called once, when the last tensor over it dies.");
 }
 
 void register_nvshmem(py::module_& m) {

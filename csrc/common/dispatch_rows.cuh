@@ -21,6 +21,17 @@ struct ReceivedRows {
     float* topk_weights;     // [N_cap, K]: 0 where not local
 };
 
+// Entry `entry` of a received row's top-k: the global expert id as a local id of the receiver's experts
+// [first_local_expert, + num_local_experts) with its weight, or -1 with weight 0 for another rank's expert.
+__device__ __forceinline__ void store_received_topk(const ReceivedRows& out, int64_t entry, int64_t expert,
+                                                    float weight, int64_t first_local_expert,
+                                                    int num_local_experts) {
+    const int64_t local_expert = expert - first_local_expert;
+    const bool is_local = expert >= 0 && local_expert >= 0 && local_expert < num_local_experts;
+    __stcg(reinterpret_cast<long long*>(out.topk_idx) + entry, is_local ? local_expert : -1LL);
+    __stcg(out.topk_weights + entry, is_local ? weight : 0.0f);
+}
+
 // The sender's token (payload from x, scales with any strides, source index, top-k ids and weights) into `slot`.
 // Stores stay out of L1 (.cg): another rank's kernel reads the slot.
 template <typename Row>
@@ -60,12 +71,32 @@ __device__ __forceinline__ void unpack_dispatch_row(const uint8_t* slot, const R
     const long long* slot_topk_idx = reinterpret_cast<const long long*>(slot + row.topk_idx_offset);
     const float* slot_topk_weights = reinterpret_cast<const float*>(slot + row.topk_weights_offset);
     for (int k = lane; k < row.num_topk; k += 32) {
-        const int64_t expert = __ldcg(slot_topk_idx + k);
-        const int64_t local_expert = expert - first_local_expert;
-        const bool is_local = expert >= 0 && local_expert >= 0 && local_expert < num_local_experts;
-        const int64_t entry = static_cast<int64_t>(out_row) * row.num_topk + k;
-        out.topk_idx[entry] = is_local ? local_expert : -1;
-        out.topk_weights[entry] = is_local ? __ldcg(slot_topk_weights + k) : 0.0f;
+        store_received_topk(out, static_cast<int64_t>(out_row) * row.num_topk + k, __ldcg(slot_topk_idx + k),
+                            __ldcg(slot_topk_weights + k), first_local_expert, num_local_experts);
+    }
+}
+
+// The sender's token straight into received row `out_row` of a receiver whose tensors this process maps (the
+// one-copy dispatch): what pack_dispatch_row then unpack_dispatch_row leave there, with one pass over the bytes.
+// first_local_expert and num_local_experts are the receiver's. Stores stay out of L1 (.cg).
+template <typename Row>
+__device__ __forceinline__ void write_dispatch_row(const ReceivedRows& out, int out_row, const Row& row,
+                                                   const uint8_t* x, const float* x_scales,
+                                                   int64_t scale_stride_token, int64_t scale_stride_group,
+                                                   const int64_t* topk_idx, const float* topk_weights, int token,
+                                                   int64_t first_local_expert, int num_local_experts, int lane) {
+    warp_copy_to_staging(reinterpret_cast<int4*>(out.x + static_cast<int64_t>(out_row) * row.payload_bytes),
+                         reinterpret_cast<const int4*>(x + static_cast<int64_t>(token) * row.payload_bytes),
+                         row.payload_bytes / 16, lane);
+    for (int group = lane; group < row.num_scales; group += 32)
+        __stcg(out.scales + static_cast<int64_t>(out_row) * row.num_scales + group,
+               __ldg(x_scales + token * scale_stride_token + group * scale_stride_group));
+    if (lane == 0 && out.src_idx != nullptr) __stcg(out.src_idx + out_row, token);
+    for (int k = lane; k < row.num_topk; k += 32) {
+        const int64_t entry = static_cast<int64_t>(token) * row.num_topk + k;
+        store_received_topk(out, static_cast<int64_t>(out_row) * row.num_topk + k,
+                            __ldg(reinterpret_cast<const long long*>(topk_idx) + entry), __ldg(topk_weights + entry),
+                            first_local_expert, num_local_experts);
     }
 }
 

@@ -32,6 +32,7 @@ enum class WaitSite : int {
     // Intranode normal kernels (csrc/intranode): the channel of the record is the peer rank that did not arrive.
     kIntranodeNotifyBarrier = 16,
     kIntranodeRoundBarrier = 17,
+    kIntranodePublishBarrier = 18,
     // Internode normal kernels (csrc/internode): the channel is the rank (or the node, for arrivals) waited for.
     kInternodeNotifyCounts = 24,
     kInternodeDispatchArrivals = 25,
@@ -57,6 +58,8 @@ inline const char* wait_site_name(int site) {
             return "intranode dispatch notify barrier: the peer rank given as the channel did not arrive";
         case WaitSite::kIntranodeRoundBarrier:
             return "intranode dispatch/combine round barrier: the peer rank given as the channel did not arrive";
+        case WaitSite::kIntranodePublishBarrier:
+            return "intranode one-copy dispatch: the peer rank given as the channel did not say where its rows go";
         case WaitSite::kInternodeNotifyCounts:
             return "internode dispatch notify: the counts of the rank given as the channel did not arrive";
         case WaitSite::kInternodeDispatchArrivals:

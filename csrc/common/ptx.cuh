@@ -41,6 +41,12 @@ __device__ __forceinline__ int ld_volatile_global(const int* ptr) {
     return value;
 }
 
+__device__ __forceinline__ int64_t ld_volatile_global(const int64_t* ptr) {
+    int64_t value;
+    asm volatile("ld.volatile.global.s64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
 __device__ __forceinline__ void st_release_sys(int* ptr, int value) {
     asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }

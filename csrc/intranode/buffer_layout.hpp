@@ -33,6 +33,21 @@ EP_HOST_DEVICE constexpr size_t align_up(size_t value, size_t alignment) {
     return (value + alignment - 1) / alignment * alignment;
 }
 
+// Where a receiver's rows of one one-copy dispatch go: byte offsets into the receiver's receive arena (a second
+// IPC-mapped allocation, deep_ep_py/recv_arena.py), -1 for an output the call does not have. num_rows = -1: the
+// receiver has no block this call (its arena is full, or the call is being captured), and every rank then moves
+// the rows through staging instead.
+struct RecvBlock {
+    int64_t x;             // [num_rows, payload_bytes]
+    int64_t scales;        // float32 [num_rows, num_scales]
+    int64_t src_idx;       // int32 [num_rows]
+    int64_t topk_idx;      // int64 [num_rows, K]
+    int64_t topk_weights;  // float32 [num_rows, K]
+    int64_t num_rows;
+    int64_t reserved[2];
+};
+static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
+
 // Who writes and who reads each field:
 // - barrier_flags[s]: written by rank s (st_release_sys) with its barrier epoch; read by the owner (ld_acquire_sys).
 // - local_epoch: the owner's count of barriers entered; only the owner's barrier code touches it.
@@ -41,17 +56,24 @@ EP_HOST_DEVICE constexpr size_t align_up(size_t value, size_t alignment) {
 // - expert_counts[s][l]: written by rank s likewise: s's tokens routed to the owner's local expert l.
 // A peer writes counts for the next call only after passing a barrier of this call that the owner reaches after
 // its notify kernel has read them (every dispatch has at least one round, i.e. two more barriers).
+// - recv_block: written by the owner before the publish barrier of a one-copy dispatch, read by every sender after
+//   it. The owner rewrites it only in its next dispatch, after the landing barrier every sender passes last.
+// - one_copy: the owner's own note, made after the publish barrier, of whether every rank published a block (the
+//   same answer on every rank); the copy kernels of the call read it to know which path carries the rows.
 struct ControlArea {
     int barrier_flags[kMaxRanks];                    // 4 * kMaxRanks = 32 B
     int reserved0[32 - kMaxRanks];                   // pads the flags to one 128 B line
     int local_epoch;                                 // 4 B
     int reserved1[31];                               // pads the epoch to its own 128 B line
+    RecvBlock recv_block;                            // 64 B
+    int one_copy;                                    // 4 B
+    int reserved2[15];                               // pads the block and the note to one 128 B line
     int send_counts[kMaxRanks][kMaxRanks];           // 4 * kMaxRanks^2 = 256 B
     int expert_counts[kMaxRanks][kMaxLocalExperts];  // 4 * kMaxRanks * kMaxLocalExperts = 32 KiB
 };
 static_assert(sizeof(ControlArea) % 16 == 0, "ControlArea must keep the staging area 16-byte aligned");
 
-// Start of the staging area: align_up(sizeof(ControlArea), 128) = 33280 B.
+// Start of the staging area: align_up(sizeof(ControlArea), 128) = 33408 B.
 constexpr size_t kStagingOffset = align_up(sizeof(ControlArea), kStagingAlignment);
 
 EP_HOST_DEVICE inline ControlArea* control_area(void* buffer_base) { return static_cast<ControlArea*>(buffer_base); }

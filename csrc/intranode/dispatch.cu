@@ -34,7 +34,17 @@ struct DispatchRoundParams {
     float* recv_topk_weights;
     int num_recv_rows;
     int num_local_experts;
+    // One-copy dispatch: every rank's receive arena (where its published RecvBlock points), and whether this
+    // launch is one: then the round kernels do nothing when the publish kernel found that every rank has a block.
+    void* recv_arenas[kMaxRanks];
+    bool one_copy;
 };
+
+// Whether the rows of this call went (or go) by the one-copy path: the publish kernel's note in the own control
+// area, written by an earlier kernel on this stream.
+__device__ __forceinline__ bool rows_go_by_one_copy(const DispatchRoundParams& p) {
+    return p.one_copy && ptx::ld_volatile_global(&control_area(p.peers.base[p.peers.rank])->one_copy) != 0;
+}
 
 __device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams& p) {
     return ReceivedRows{p.recv_x, p.recv_scales, p.recv_src_idx, p.recv_topk_idx, p.recv_topk_weights};
@@ -43,6 +53,7 @@ __device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams&
 // Sender: one warp per (destination, slot) of this round. Work items are numbered destination by destination;
 // s_first_item[d] is the first item of destination d.
 __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
+    if (rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     const int num_ranks = p.peers.num_ranks;
     if (threadIdx.x == 0) {
@@ -71,6 +82,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
 // Receiver: one warp per (source, slot) of this round. Row `slot_idx` of source s's block is received row
 // prefix_before(s) + round_start + slot_idx: rows of s come in ordinal (= token) order, after those of ranks < s.
 __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRoundParams p) {
+    if (rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     __shared__ int s_first_row[kMaxRanks];
     const int num_ranks = p.peers.num_ranks;
@@ -118,6 +130,74 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoun
     }
 }
 
+// One-copy publish (one block): this rank's block goes into its control area, a barrier, then the note of whether
+// every rank published one. Every rank reads the same blocks, so every rank takes the same path.
+__global__ void __launch_bounds__(kBarrierThreads)
+    publish_recv_block_kernel(PeerBuffers peers, RecvBlock block, TimeoutContext timeout) {
+    ControlArea* own = control_area(peers.base[peers.rank]);
+    if (threadIdx.x == 0) own->recv_block = block;
+    // The barrier fences the store above before this rank's arrival is visible.
+    const bool arrived = cross_rank_barrier(peers, timeout, WaitSite::kIntranodePublishBarrier);
+    if (threadIdx.x == 0) {
+        int every_rank_has_a_block = arrived ? 1 : 0;
+        for (int r = 0; r < peers.num_ranks && every_rank_has_a_block; ++r)
+            every_rank_has_a_block = ptx::ld_volatile_global(&control_area(peers.base[r])->recv_block.num_rows) >= 0;
+        own->one_copy = every_rank_has_a_block;
+    }
+}
+
+// A receiver's published block as pointers into its arena mapped here (nullptr for absent outputs).
+__device__ __forceinline__ ReceivedRows peer_received_rows(void* arena, const RecvBlock* block) {
+    uint8_t* base = static_cast<uint8_t*>(arena);
+    const auto at = [&](const int64_t* offset) {
+        const int64_t value = ptx::ld_volatile_global(offset);
+        return value < 0 ? nullptr : base + value;
+    };
+    return ReceivedRows{at(&block->x), reinterpret_cast<float*>(at(&block->scales)),
+                        reinterpret_cast<int*>(at(&block->src_idx)), reinterpret_cast<int64_t*>(at(&block->topk_idx)),
+                        reinterpret_cast<float*>(at(&block->topk_weights))};
+}
+
+// One-copy send: one warp per (destination, ordinal), all of this rank's rows, each written once, straight into the
+// destination's received row prefix_before(rank, d) + ordinal (the place dispatch_recv_kernel would give it).
+__global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(DispatchRoundParams p) {
+    if (!rows_go_by_one_copy(p)) return;
+    __shared__ int s_first_item[kMaxRanks + 1];
+    __shared__ int s_first_row[kMaxRanks];
+    __shared__ int s_num_rows[kMaxRanks];
+    __shared__ ReceivedRows s_rows[kMaxRanks];
+    const int num_ranks = p.peers.num_ranks;
+    const int rank = p.peers.rank;
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int dst = 0; dst < num_ranks; ++dst) {
+            const RecvBlock* block = &control_area(p.peers.base[dst])->recv_block;
+            s_first_item[dst] = total;
+            s_first_row[dst] = prefix_before(p.rank_prefix_matrix, num_ranks, rank, dst);
+            s_num_rows[dst] = static_cast<int>(ptx::ld_volatile_global(&block->num_rows));
+            s_rows[dst] = peer_received_rows(p.recv_arenas[dst], block);
+            total += p.send_counts[dst];
+        }
+        s_first_item[num_ranks] = total;
+    }
+    __syncthreads();
+    const int num_items = s_first_item[num_ranks];
+    const int lane = lane_idx();
+    const DispatchRowFormat& row = p.row;
+    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
+        int dst = 0;
+        while (item >= s_first_item[dst + 1]) ++dst;
+        const int ordinal = item - s_first_item[dst];
+        const int out_row = s_first_row[dst] + ordinal;
+        // Only past a rank that broke the protocol (num_worst_tokens too small): never write outside its tensors.
+        if (out_row >= s_num_rows[dst]) continue;
+        const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + ordinal];
+        write_dispatch_row(s_rows[dst], out_row, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group,
+                           p.topk_idx, p.topk_weights, token, static_cast<int64_t>(dst) * p.num_local_experts,
+                           p.num_local_experts, lane);
+    }
+}
+
 }  // namespace
 
 void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConfig& wait, cudaStream_t stream) {
@@ -153,6 +233,15 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
     EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
                        " slots of ", row.stride, " bytes per rank do not fit the staging area");
+    if (args.one_copy) {
+        for (int r = 0; r < peers.num_ranks; ++r)
+            EP_HOST_ASSERT_MSG(args.recv_arenas[r] != nullptr, "receive arena of rank ", r, " not mapped");
+        if (args.recv_block.num_rows >= 0) {
+            EP_HOST_ASSERT(args.recv_block.num_rows == args.num_recv_rows);
+            EP_HOST_ASSERT_MSG((args.recv_block.x >= 0 && args.recv_block.x % 16 == 0),
+                               "received rows must start 16-byte aligned in the arena");
+        }
+    }
 
     DispatchRoundParams params{peers,
                                0,
@@ -174,9 +263,20 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
                                args.recv_topk_idx,
                                args.recv_topk_weights,
                                args.num_recv_rows,
-                               args.num_local_experts};
+                               args.num_local_experts,
+                               {},
+                               args.one_copy};
+    for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.pad_rows) launch_kernel(copy_config, dispatch_pad_kernel, params);
+    if (args.one_copy) {
+        // publish, barrier (every block known), send, barrier (rows have landed); the rounds below then find
+        // rows_go_by_one_copy and return at once, unless some rank had no block.
+        launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, publish_recv_block_kernel,
+                      peers, args.recv_block, make_timeout_context(peers, wait));
+        launch_kernel(copy_config, dispatch_one_copy_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+    }
     // Per round: send, barrier (rows have landed), receive, barrier (staging is free again). Time goes into the two
     // copies and the 2 * num_rounds barriers (each a few microseconds of one block waiting on every peer);
     // overlapping the send of round r + 1 with the receive of round r is the first optimisation to make.

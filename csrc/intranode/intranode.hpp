@@ -5,6 +5,12 @@
 // counts), then num_rounds rounds of [send kernel -> barrier -> receive kernel -> barrier]. A cached dispatch skips
 // notify; a combine runs the rounds in the reverse direction and reduces at the source.
 //
+// One-copy dispatch (DispatchArgs::one_copy): the received tensors of every rank live in its receive arena, a
+// second IPC-mapped allocation, so senders write rows straight into them: [publish (each receiver writes where its
+// block is) -> barrier -> send -> barrier], one HBM read and one write per payload byte instead of two of each.
+// A receiver without a block this call publishes none; then every rank finds that after the publish barrier, the
+// one-copy send does nothing, and the rounds (launched after it in every one-copy dispatch) carry the rows.
+//
 // Only the barrier kernels (one block each) spin on other ranks; the copy kernels never wait, so ranks sharing one
 // GPU under MPS cannot deadlock on SM occupancy.
 #pragma once
@@ -79,6 +85,11 @@ struct DispatchArgs {
     bool pad_rows;                  // fill rows [N, N_cap) (num_worst_tokens): x 0, scales 0, src -1, idx -1, w 0
     int num_local_experts;          // L
     int num_sms;                    // blocks of the copy kernels
+    // One-copy mode: every rank's receive arena as this process sees it, and where this rank's recv_* tensors
+    // above sit in its own arena (num_rows -1: they do not, this call goes through staging on every rank).
+    bool one_copy;
+    void* recv_arenas[kMaxRanks];
+    RecvBlock recv_block;
 };
 
 void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConfig& wait, cudaStream_t stream);

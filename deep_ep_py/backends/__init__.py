@@ -22,6 +22,7 @@ class BufferSizes:
     num_rdma_bytes: int
     low_latency_mode: bool
     enable_shrink: bool
+    num_recv_arena_bytes: int = 0  # one-copy intranode dispatch (0: none)
 
 
 def select_backend(

@@ -49,7 +49,9 @@ class CudaBackend(ReferenceBackend):
         if sizes.num_nvl_bytes > 0 and topology.num_nodes == 1:
             from .intranode import IntranodeKernels
 
-            self.intranode = IntranodeKernels(group, topology, sizes.num_nvl_bytes, self._C)
+            self.intranode = IntranodeKernels(
+                group, topology, sizes.num_nvl_bytes, self._C, num_recv_arena_bytes=sizes.num_recv_arena_bytes
+            )
         # Each NVSHMEM user (low latency, internode normal kernels) takes its own num_rdma_bytes from one heap.
         use_low_latency = sizes.low_latency_mode and sizes.num_rdma_bytes > 0
         use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0

@@ -8,6 +8,10 @@ How a call runs (csrc/intranode/intranode.hpp has the protocol, buffer_layout.hp
   host); the host waits for its counts (N, rounds, per-expert) unless num_worst_tokens > 0; then num_rounds rounds
   of send / barrier / receive / barrier.
 - cached dispatch: the rounds only, with the positions and counts of the handle.
+- one-copy dispatch (num_recv_arena_bytes > 0): the received tensors are blocks of this rank's receive arena
+  (recv_arena.py), which every peer maps, so senders write rows straight into them: publish / barrier / send /
+  barrier, one HBM pass per byte instead of two. A call whose results do not fit the arena (or that is being
+  captured into a CUDA graph) takes ordinary tensors, and then every rank moves that call's rows through the rounds.
 - combine: the rounds in reverse (received rows back to their sources), reduced in float32 at the source.
 
 Shapes: T tokens here, H hidden, K top-k, R ranks, E experts, L = E / R, N rows received here.
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..recv_arena import Part, RecvArena
 from ..runtime import PeerMappedBuffer, device_bytes_view
 from ..topology import Topology
 from .reference import DispatchHandle
@@ -56,9 +61,12 @@ class IntranodeState:
 
 class IntranodeKernels(RoundKernels):
     """The intranode kernels of one Buffer: an IPC-mapped buffer of num_nvl_bytes per rank, its error record and
-    host counters. Collective to construct and to destroy (every rank of `group`)."""
+    host counters, and with num_recv_arena_bytes > 0 an IPC-mapped receive arena of that size for one-copy
+    dispatch. Collective to construct and to destroy (every rank of `group`)."""
 
-    def __init__(self, group: Any, topology: Topology, num_nvl_bytes: int, ext: Any) -> None:
+    def __init__(
+        self, group: Any, topology: Topology, num_nvl_bytes: int, ext: Any, num_recv_arena_bytes: int = 0
+    ) -> None:
         super().__init__(ext, "intranode", IntranodeState, ext.intranode_layout() if ext is not None else {})
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
@@ -78,6 +86,15 @@ class IntranodeKernels(RoundKernels):
         self.num_nvl_bytes = num_nvl_bytes
         self.buffer = PeerMappedBuffer(group, num_nvl_bytes)
         self.peer_ptrs = list(self.buffer.peer_ptrs)
+        self.recv_arena_buffer: PeerMappedBuffer | None = None
+        self.recv_arena: RecvArena | None = None
+        if num_recv_arena_bytes > 0:
+            self.recv_arena_buffer = PeerMappedBuffer(group, num_recv_arena_bytes)
+            self.recv_arena = RecvArena(
+                self.recv_arena_buffer.local_ptr,
+                num_recv_arena_bytes,
+                torch.device("cuda", torch.cuda.current_device()),
+            )
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -108,6 +125,14 @@ class IntranodeKernels(RoundKernels):
         (synchronize and barrier before and after), or rows in flight are destroyed."""
         staging_offset = self._constants["staging_offset"]
         device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[staging_offset:].fill_(byte)
+
+    def debug_one_copy_note(self) -> bool:
+        """Test hook (synchronizes): whether the last one-copy dispatch found a block on every rank, i.e. its rows
+        went by the one-copy path rather than the rounds."""
+        torch.cuda.synchronize()
+        offset = self._constants["one_copy_note_offset"]
+        note = device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[offset : offset + 4]
+        return bool(note.view(torch.int32).item())
 
     # ---------------------------------------------------------------------------------------------- dispatch
 
@@ -214,11 +239,19 @@ class IntranodeKernels(RoundKernels):
 
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_scales = x_scales.shape[1] if x_scales is not None else 0
-        recv_x = self._empty((num_recv_rows, hidden), x.dtype, device)
-        recv_scales = self._empty((num_recv_rows, num_scales), torch.float32, device) if x_scales is not None else None
-        recv_src_idx = self._empty((num_recv_rows,), torch.int32, device) if handle is None else None
-        recv_topk_idx = self._empty((num_recv_rows, num_topk), torch.int64, device) if num_topk else None
-        recv_topk_weights = self._empty((num_recv_rows, num_topk), torch.float32, device) if num_topk else None
+        parts = [
+            Part((num_recv_rows, hidden), x.dtype),
+            Part((num_recv_rows, num_scales), torch.float32) if x_scales is not None else None,
+            Part((num_recv_rows,), torch.int32) if handle is None else None,
+            Part((num_recv_rows, num_topk), torch.int64) if num_topk else None,
+            Part((num_recv_rows, num_topk), torch.float32) if num_topk else None,
+        ]
+        outputs = self._arena_outputs(parts, device)
+        in_arena = outputs is not None
+        if outputs is None:
+            outputs = [self._empty(part.shape, part.dtype, device) if part is not None else None for part in parts]
+        recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
+        arena = self.recv_arena_buffer
         self._ext.intranode_dispatch(
             **self._common(),
             num_rounds=num_rounds,
@@ -245,6 +278,9 @@ class IntranodeKernels(RoundKernels):
             pad_rows=num_worst_tokens > 0,
             num_local_experts=num_local_experts,
             num_sms=num_sms,
+            recv_arena_ptrs=list(arena.peer_ptrs) if arena is not None else [],
+            recv_arena_bytes=arena.num_bytes if arena is not None else 0,
+            recv_in_arena=in_arena,
         )
         if handle is None:
             handle = DispatchHandle(
@@ -258,6 +294,18 @@ class IntranodeKernels(RoundKernels):
                 backend_state=state,
             )
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
+
+    def _arena_outputs(self, parts: list[Part | None], device: torch.device) -> list[torch.Tensor | None] | None:
+        """The received tensors as one block of the receive arena, or None (no arena, no room, or graph capture: a
+        replay would write into a block the arena may have handed to another call by then)."""
+        if self.recv_arena is None or torch.cuda.is_current_stream_capturing():
+            return None
+        outputs = self.recv_arena.allocate(parts, torch.cuda.current_stream(device))
+        if outputs is not None and self.debug_poison_byte is not None:
+            for tensor in outputs:
+                if tensor is not None:
+                    tensor.view(torch.uint8).fill_(self.debug_poison_byte)
+        return outputs
 
     def _wait_counts(self, sequence: int, num_local_experts: int) -> tuple[int, int, list[int]]:
         """Wait (GIL released) for the notify kernel's counts of call `sequence`: (N, num_rounds, per-expert)."""
@@ -327,8 +375,14 @@ class IntranodeKernels(RoundKernels):
         self._ext.intranode_barrier(**self._common())
 
     def destroy(self) -> None:
-        """Collective: drain the streams, then unmap and free the IPC buffers. Idempotent."""
+        """Collective: drain the streams, then unmap and free the IPC buffers. Idempotent. Receive-arena memory that
+        dispatch results still view is freed when the last of them dies."""
         buffer = getattr(self, "buffer", None)
         if buffer is not None:
             self.buffer = None
             buffer.close()
+        arena_buffer, arena = getattr(self, "recv_arena_buffer", None), getattr(self, "recv_arena", None)
+        if arena_buffer is not None:
+            self.recv_arena_buffer = self.recv_arena = None
+            arena_buffer.close(keep_local=True)
+            arena.close(arena_buffer.free_local)

@@ -82,6 +82,9 @@ class KernelsPath(abc.ABC):
     def check_combined_x(self, where: str, combined_x: torch.Tensor, ref_x: torch.Tensor, magnitude) -> None:
         """combined_x against the reference's, within the module's stated tolerance."""
 
+    def after_dispatch(self, where: str, kernels, outputs, cached: bool) -> None:  # noqa: B027 (a hook; most paths need none)
+        """Checks of the path's own after a table case's dispatch (outputs: what kernels.dispatch returned)."""
+
     def label(self, ctx) -> str:
         """Where a check ran, for its message."""
         nodes = f" ({self.num_nodes} nodes)" if self.num_nodes > 1 else ""
@@ -226,6 +229,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     )
     torch.cuda.synchronize()
     _compare_dispatch(where, ref_out, mine_out, num_worst)
+    path.after_dispatch(where, kernels, mine_out, cached=False)
     ref_handle, handle = ref_out[4], mine_out[5]
 
     if case.cached:
@@ -238,6 +242,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
         mine_cached = kernels.dispatch(new_x, new_scales, handle, None, None, None, None, None, 1, 0, num_sms)
         torch.cuda.synchronize()
         _compare_dispatch(f"{where} cached", (ref_cached[0], None, None, None, None, None), mine_cached, 0)
+        path.after_dispatch(f"{where} cached", kernels, mine_cached, cached=True)
         assert mine_cached[2] is None and mine_cached[3] is None and mine_cached[5] is handle, where
 
     # Combine: bf16 rows of the received shape (the fp8 cases combine other bf16 data of that shape).

@@ -81,6 +81,7 @@ class IntranodePath(KernelsPath):
     name = "intranode"
     seconds_per_step = 1.5
     timeout_wait = "intranode dispatch notify barrier"
+    num_recv_arena_bytes = 0
 
     def setup(self, ctx, hidden: int, num_topk: int, rows_per_round: int):
         """(reference Buffer over the case's group, IntranodeKernels over its resource group, destroyed after the
@@ -106,7 +107,13 @@ class IntranodePath(KernelsPath):
         if rows_per_round > 0:
             slot_bytes = ext.intranode_reserved_slot_bytes(hidden, num_topk)
             num_nvl_bytes = ext.intranode_layout()["staging_offset"] + num_ranks * rows_per_round * slot_bytes
-        kernels = IntranodeKernels(ctx.resource_group, Topology(num_ranks, num_ranks), num_nvl_bytes, ext)
+        kernels = IntranodeKernels(
+            ctx.resource_group,
+            Topology(num_ranks, num_ranks),
+            num_nvl_bytes,
+            ext,
+            num_recv_arena_bytes=self.num_recv_arena_bytes,
+        )
         ctx.on_cleanup(kernels.destroy)
         if rows_per_round > 0:
             check_equal("rows per round", kernels.rows_per_round(hidden, num_topk)[0], rows_per_round)
@@ -147,22 +154,48 @@ class IntranodePath(KernelsPath):
         return num_ranks >= 2 or case.routing != "not_rank_1"
 
 
+class IntranodeOneCopyPath(IntranodePath):
+    """The same kernels with a receive arena: dispatch results are arena blocks that peers write straight into.
+    With room for every call (ONE_COPY), each dispatch must have gone by the one-copy path, its tensors in the arena;
+    with room for only some ranks' results (ONE_COPY_TIGHT), calls where a rank had no block fall back to the rounds
+    on every rank, and must be exact all the same."""
+
+    def __init__(self, name: str, num_recv_arena_bytes: int, always_fits: bool) -> None:
+        self.name = name
+        self.num_recv_arena_bytes = num_recv_arena_bytes
+        self.always_fits = always_fits
+
+    def after_dispatch(self, where: str, kernels, outputs, cached: bool) -> None:
+        from brute_force import check
+
+        if not self.always_fits:
+            return
+        check(kernels.recv_arena.contains(outputs[0]), f"{where}: recv_x is not in the receive arena")
+        check(kernels.debug_one_copy_note(), f"{where}: the rows did not go by the one-copy path")
+
+
 INTRANODE = IntranodePath()
+# 64 MiB per rank holds every table case's results (the largest, hidden 512, is well under 1 MiB a call) with the
+# back-to-back test's six steps alive at once; 12 KiB holds a hidden-256 block of up to about 20 rows, so ranks
+# that receive more fall back (and with them, every rank for that call).
+ONE_COPY = IntranodeOneCopyPath("intranode_one_copy", 64 << 20, always_fits=True)
+ONE_COPY_TIGHT = IntranodeOneCopyPath("intranode_one_copy_tight", 12 << 10, always_fits=False)
+TIGHT_CASES = [case for case in CASES if case.name in ("random", "multi_round", "cached", "repeat_100", "worst")]
 
 
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
-def _batch(gpu_batch, num_ranks: int):
-    """Every selected case of this module at num_ranks, in one launch."""
+def _batch(gpu_batch, num_ranks: int, path: IntranodePath = INTRANODE):
+    """Every selected case of this module's `path` at num_ranks, in one launch."""
 
     def make_cases(selected):
         return [
-            *table_batch_cases(selected, INTRANODE, "test_intranode_matches_reference", num_ranks),
-            *protocol_batch_cases(selected, INTRANODE, num_ranks),
+            *table_batch_cases(selected, path, f"test_{path.name}_matches_reference", num_ranks),
+            *protocol_batch_cases(selected, path, num_ranks),
         ]
 
-    return gpu_batch(("intranode", num_ranks), make_cases, num_ranks)
+    return gpu_batch((path.name, num_ranks), make_cases, num_ranks)
 
 
 @pytest.mark.gpu
@@ -186,6 +219,41 @@ def test_intranode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
 @pytest.mark.gpu
 def test_intranode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["back_to_back"].assert_passed()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_intranode_one_copy_matches_reference(require_gpu, gpu_batch, num_ranks, case):
+    if not ONE_COPY.runs_at(case, num_ranks):
+        pytest.skip("needs a rank 1")
+    _batch(gpu_batch, num_ranks, ONE_COPY)[case.name].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
+    """Capture takes no arena block, so every rank's captured dispatch goes through the rounds."""
+    _batch(gpu_batch, num_ranks, ONE_COPY)["cuda_graph"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, ONE_COPY)["worst_too_small"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, ONE_COPY)["back_to_back"].assert_passed()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TIGHT_CASES, ids=lambda c: c.name)
+def test_intranode_one_copy_tight_matches_reference(require_gpu, gpu_batch, num_ranks, case):
+    _batch(gpu_batch, num_ranks, ONE_COPY_TIGHT)[case.name].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_tight_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, ONE_COPY_TIGHT)["back_to_back"].assert_passed()
 
 
 @pytest.mark.gpu

@@ -1,0 +1,203 @@
+"""The receive arena's bookkeeping (deep_ep_py/recv_arena.py) on the CPU: blocks over a CPU byte tensor through the
+extension's DLPack view, streams and events replaced by recorders. What runs on the GPU (the arena's tensors as
+dispatch results, peers writing into them) is in tests/gpu/test_intranode_gpu.py."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+
+from deep_ep_py import _ext
+from deep_ep_py.recv_arena import ALIGNMENT, Part, RecvArena
+
+torch = pytest.importorskip("torch")
+
+ARENA_BYTES = 16 * ALIGNMENT
+
+
+class FakeStream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waited: list[FakeEvent] = []
+
+    def wait_event(self, event: FakeEvent) -> None:
+        self.waited.append(event)
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.stream: FakeStream | None = None
+        self.done = False
+
+    def record(self, stream: FakeStream) -> None:
+        self.stream = stream
+
+    def query(self) -> bool:
+        return self.done
+
+
+class Rig:
+    """An arena over a CPU byte tensor; `current` is the stream a release sees as current."""
+
+    def __init__(self, num_bytes: int = ARENA_BYTES) -> None:
+        if not _ext.has_kernels():
+            pytest.skip(f"the DLPack view is in the extension: {_ext.kernels_unavailable_reason()}")
+        ext = _ext.load_extension()
+        # Over-allocate so that the arena's base is ALIGNMENT-aligned, as device allocations are.
+        self.backing = torch.zeros(num_bytes + ALIGNMENT, dtype=torch.uint8)
+        skip = (-self.backing.data_ptr()) % ALIGNMENT
+        self.memory = self.backing[skip : skip + num_bytes]
+        self.current = FakeStream("compute")
+        self.events: list[FakeEvent] = []
+
+        def new_event() -> FakeEvent:
+            event = FakeEvent()
+            self.events.append(event)
+            return event
+
+        def wrap(ptr, num_bytes, on_release):
+            return torch.from_dlpack(ext.dlpack_view(ptr, num_bytes, 1, 0, on_release))
+
+        self.arena = RecvArena(
+            self.memory.data_ptr(),
+            num_bytes,
+            torch.device("cpu"),
+            wrap=wrap,
+            current_stream=lambda: self.current,
+            new_event=new_event,
+        )
+
+    def offset(self, tensor: torch.Tensor) -> int:
+        return tensor.data_ptr() - self.memory.data_ptr()
+
+
+def dispatch_parts(rows: int, hidden: int = 64, topk: int = 4, scales: bool = True, src: bool = True):
+    return [
+        Part((rows, hidden), torch.bfloat16),
+        Part((rows, hidden // 32), torch.float32) if scales else None,
+        Part((rows,), torch.int32) if src else None,
+        Part((rows, topk), torch.int64),
+        Part((rows, topk), torch.float32),
+    ]
+
+
+def test_a_block_holds_every_part_aligned_in_the_arena_memory():
+    rig = Rig()
+    comm = FakeStream("comm")
+    parts = dispatch_parts(5, scales=False)
+    tensors = rig.arena.allocate(parts, comm)
+    assert tensors[1] is None
+    offsets = []
+    for part, tensor in zip(parts, tensors):
+        if part is None:
+            continue
+        assert (tuple(tensor.shape), tensor.dtype) == (part.shape, part.dtype)
+        assert tensor.is_contiguous()
+        offsets.append(rig.offset(tensor))
+    assert offsets == sorted(offsets) and all(offset % ALIGNMENT == 0 for offset in offsets)
+    assert offsets[0] == 0 and rig.arena.contains(tensors[0])
+    # The tensors are the arena's memory, not copies.
+    tensors[3].fill_(-1)
+    assert bool((rig.memory[offsets[2] : offsets[2] + 5 * 4 * 8] == 0xFF).all())
+    assert rig.arena.num_live_blocks == 1 and rig.arena.live_bytes == sum(
+        (p.num_bytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT for p in parts if p is not None
+    )
+
+
+def test_a_block_returns_when_its_last_view_dies_fenced_on_both_streams():
+    rig = Rig()
+    comm = FakeStream("comm")
+    tensors = rig.arena.allocate(dispatch_parts(3), comm)
+    keep = tensors[2]  # the handle keeps recv_src_idx: the whole block stays
+    del tensors
+    gc.collect()
+    assert rig.arena.num_live_blocks == 1 and rig.events == []
+    del keep
+    gc.collect()
+    assert rig.arena.num_live_blocks == 0
+    assert sorted(event.stream.name for event in rig.events) == ["comm", "compute"]
+
+    # The next block reuses the range: its stream waits for both releases, as long as they are pending.
+    rig.events[0].done = True
+    stream = FakeStream("comm2")
+    again = rig.arena.allocate(dispatch_parts(3), stream)
+    assert rig.offset(again[0]) == 0
+    assert stream.waited == [rig.events[1]]
+
+
+def test_a_release_on_the_allocating_stream_records_one_event():
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(2), rig.current)
+    del tensors
+    gc.collect()
+    assert len(rig.events) == 1 and rig.events[0].stream is rig.current
+
+
+def test_first_fit_skips_live_blocks_and_merges_freed_neighbours():
+    rig = Rig()
+    stream = FakeStream("comm")
+    one = [Part((ALIGNMENT,), torch.uint8)]
+    blocks = [rig.arena.allocate(one, stream) for _ in range(4)]
+    assert [rig.offset(b[0]) for b in blocks] == [0, ALIGNMENT, 2 * ALIGNMENT, 3 * ALIGNMENT]
+    del blocks[1:3]  # two neighbours in the middle
+    gc.collect()
+    two = rig.arena.allocate([Part((2 * ALIGNMENT,), torch.uint8)], stream)
+    assert rig.offset(two[0]) == ALIGNMENT, "the freed neighbours were not merged into one range"
+    assert {id(event) for event in stream.waited} == {id(event) for event in rig.events}
+
+
+def test_no_room_gives_none_and_warns_once():
+    rig = Rig(num_bytes=4 * ALIGNMENT)
+    stream = FakeStream("comm")
+    held = rig.arena.allocate([Part((3 * ALIGNMENT,), torch.uint8)], stream)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert rig.arena.allocate([Part((2 * ALIGNMENT,), torch.uint8)], stream) is None
+        assert rig.arena.allocate([Part((2 * ALIGNMENT,), torch.uint8)], stream) is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "num_recv_arena_bytes" in messages[0] and "1 earlier" in messages[0]
+    # What fits still fits.
+    assert rig.arena.allocate([Part((ALIGNMENT,), torch.uint8)], stream) is not None
+    del held
+
+
+def test_a_call_that_receives_nothing_still_gets_a_block():
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(0), FakeStream("comm"))
+    assert tensors is not None and tensors[0].shape == (0, 64)
+    assert rig.arena.num_live_blocks == 1
+
+
+def test_close_frees_now_or_when_the_last_block_dies():
+    rig = Rig()
+    freed = []
+    assert rig.arena.close(lambda: freed.append("now")) is True and freed == ["now"]
+    assert rig.arena.allocate(dispatch_parts(1), FakeStream("comm")) is None
+
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(1), FakeStream("comm"))
+    assert rig.arena.close(lambda: freed.append("later")) is False
+    assert freed == ["now"]
+    del tensors
+    gc.collect()
+    assert freed == ["now", "later"]
+
+
+def test_dlpack_view_calls_back_once_even_when_never_consumed():
+    if not _ext.has_kernels():
+        pytest.skip(f"the DLPack view is in the extension: {_ext.kernels_unavailable_reason()}")
+    ext = _ext.load_extension()
+    backing = torch.arange(64, dtype=torch.uint8)
+    calls = []
+    capsule = ext.dlpack_view(backing.data_ptr(), 64, 1, 0, lambda: calls.append("unused"))
+    del capsule
+    assert calls == ["unused"]
+    view = torch.from_dlpack(ext.dlpack_view(backing.data_ptr(), 64, 1, 0, lambda: calls.append("used")))
+    assert view.data_ptr() == backing.data_ptr() and torch.equal(view, backing)
+    del view
+    gc.collect()
+    assert calls == ["unused", "used"]
+    with pytest.raises(Exception, match="device_type"):
+        ext.dlpack_view(backing.data_ptr(), 64, 7, 0, lambda: None)
