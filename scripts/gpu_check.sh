@@ -416,7 +416,7 @@ if ! is_skipped tests; then
     add_details "$(pytest_counts "$LAST_LOG")"
 fi
 
-BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --paths "normal,low_latency" --json "$LOG_DIR/bench.json")
+BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --paths "normal,one_copy,low_latency" --json "$LOG_DIR/bench.json")
 [ "$QUICK" -eq 1 ] && BENCH_ARGS+=(--quick)
 # The benchmark measures the kernels, including those still opt-in until the GPU tier passes (README, Status):
 # the reference fallback on GPU tensors goes through host memory and would only measure gloo.

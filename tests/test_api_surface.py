@@ -200,8 +200,11 @@ def _instance_surface(rank: int, num_ranks: int, backend: str):
     from harness import backend_kwargs
 
     group = dist.new_group(list(range(num_ranks)))
-    buffer = deep_ep_py.Buffer(group, 1 << 20, 1 << 20, low_latency_mode=True, **backend_kwargs(backend))
+    buffer = deep_ep_py.Buffer(
+        group, 1 << 20, 1 << 20, low_latency_mode=True, num_recv_arena_bytes=1 << 16, **backend_kwargs(backend)
+    )
     values = {
+        "num_recv_arena_bytes": buffer.num_recv_arena_bytes,
         "rank": buffer.rank,
         "group_is_group": buffer.group is group,
         "group_size": buffer.group_size,
@@ -229,6 +232,7 @@ def test_buffer_instance_attributes(backend, launch_timeout_s):
     results = launch(_instance_surface, 2, backend, timeout_s=launch_timeout_s)
     for rank, values in enumerate(results):
         assert values == {
+            "num_recv_arena_bytes": 1 << 16,
             "rank": rank,
             "group_is_group": True,
             "group_size": 2,

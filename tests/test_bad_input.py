@@ -201,3 +201,34 @@ def test_buffer_without_group():
 
     with pytest.raises((ValueError, TypeError), match="group"):
         deep_ep_py.Buffer(None, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "value, error, patterns",
+    [
+        (-1, ValueError, (r"num_recv_arena_bytes", r"non-negative", r"-1")),
+        (True, TypeError, (r"num_recv_arena_bytes", r"int", r"bool")),
+        (1.5, TypeError, (r"num_recv_arena_bytes", r"int", r"float")),
+    ],
+)
+def test_recv_arena_bytes_bad(value, error, patterns):
+    from deep_ep_py import config
+
+    with pytest.raises(error) as info:
+        config.recv_arena_bytes(value)
+    for pattern in patterns:
+        assert re.search(pattern, str(info.value)), f"message lacks /{pattern}/: {info.value}"
+
+
+def test_recv_arena_bytes_from_the_environment(monkeypatch):
+    from deep_ep_py import config
+
+    monkeypatch.delenv(config.RECV_ARENA_ENV, raising=False)
+    assert config.recv_arena_bytes(None) == 0
+    monkeypatch.setenv(config.RECV_ARENA_ENV, "4096")
+    assert config.recv_arena_bytes(None) == 4096
+    assert config.recv_arena_bytes(0) == 0  # the Buffer's argument wins
+    for raw in ("lots", "-5"):
+        monkeypatch.setenv(config.RECV_ARENA_ENV, raw)
+        with pytest.raises(ValueError, match=rf"DEEP_EP_PY_RECV_ARENA_BYTES.*{raw}"):
+            config.recv_arena_bytes(None)

@@ -24,6 +24,8 @@ EXPECTED_PATHS = [
     ("dispatch", "bf16"),
     ("dispatch", "fp8"),
     ("combine", "bf16"),
+    ("one_copy_dispatch", "bf16"),
+    ("one_copy_dispatch", "fp8"),
     *INTERNODE_PATHS,
     ("ll_dispatch", "fp8"),
     ("ll_dispatch+hook", "fp8"),
