@@ -53,6 +53,7 @@ from bench.settings import (
     INTERNODE,
     LOW_LATENCY,
     MODES,
+    ONE_COPY,
     QUICK,
     REPO_DIR,
     STANDARD,
@@ -116,7 +117,7 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             per_rank_gbps=reduced["per_rank_gbps"],
             per_rank_recv_bytes=reduced["per_rank_recv_bytes"],
             net_gbps=internode["net_gbps"] if internode else None,
-            vs_intranode=internode["vs_intranode"] if internode else None,
+            vs_intranode=internode["vs_intranode"] if internode else _vs_intranode(path, dtype, per_rank, reduced),
             extra={
                 "produced_by": KERNELS if kernels_active else REFERENCE_FALLBACK,
                 "rows_per_token": rows_per_token,
@@ -143,11 +144,7 @@ def _internode_figures(
     intranode row's time over this one's; None without that row). None for every other row."""
     if any(result.get("num_node_rows") is None for result in results):
         return None
-    intranode_key = (path.removeprefix("internode_"), dtype, False)
-    vs_intranode = None
-    if all(intranode_key in r["results"] for r in per_rank):
-        intranode = [timing.RankResult(**r["results"][intranode_key]["rank_result"]) for r in per_rank]
-        vs_intranode = timing.reduce_ranks(intranode)["time_us"] / time_us
+    vs_intranode = _vs_intranode(path, dtype, per_rank, {"time_us": time_us})
     net_gbps = [result["net_bytes"] / r.median_s / 1e9 for result, r in zip(results, rank_results)]
     return {
         "num_node_rows": sum(result["num_node_rows"] for result in results),
@@ -155,6 +152,21 @@ def _internode_figures(
         "net_gbps": sum(net_gbps) / len(net_gbps),
         "vs_intranode": vs_intranode,
     }
+
+
+def _vs_intranode(path: str, dtype: str, per_rank: list[dict], reduced: dict) -> float | None:
+    """The intranode (two-copy) row's time of the same call on the same data over this row's, for the internode and
+    one-copy rows; None for the others, and where that row was not run."""
+    for prefix in ("internode_", "one_copy_"):
+        if path.startswith(prefix):
+            key = (path.removeprefix(prefix), dtype, False)
+            break
+    else:
+        return None
+    if not all(key in r["results"] for r in per_rank):
+        return None
+    intranode = [timing.RankResult(**r["results"][key]["rank_result"]) for r in per_rank]
+    return timing.reduce_ranks(intranode)["time_us"] / reduced["time_us"]
 
 
 def _internode_extra(cfg: BenchConfig, num_ranks: int, internode: dict) -> dict:
@@ -203,6 +215,11 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
             " GB/s = received rows, all delivered inside the node (NVLink bytes); net GB/s = rows crossing nodes, a"
             " token once per other node (network bytes); vs intranode = intranode time / internode time (>= 1:"
             " no slower)"
+        )
+    if any(row.mode == ONE_COPY for row in rows):
+        notes.append(
+            "one_copy_dispatch: the intranode dispatch on the same data with a receive arena (num_recv_arena_bytes):"
+            " senders write rows straight into the receivers' results; vs intranode = two-copy time / one-copy time"
         )
     if any(row.path == GRAPH_PATH for row in rows):
         notes.append(

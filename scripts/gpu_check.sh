@@ -362,19 +362,20 @@ pytest_counts() {  # log file -> "passed=N failed=N skipped=N error=N"
     echo "${out# }"
 }
 
-internode_speed() {  # bench_internode.json -> "vs intranode: 8 ranks dispatch bf16 1.05x, ..." for the summary
-    "$PYTHON" - "$1" <<'EOF'
+speed_vs_intranode() {  # MODE bench.json -> "MODE vs intranode: 8 ranks dispatch bf16 1.05x, ..." for the summary
+    "$PYTHON" - "$1" "$2" <<'EOF'
 import json
 import sys
 
-with open(sys.argv[1]) as f:
+mode, path = sys.argv[1:3]
+with open(path) as f:
     rows = json.load(f)["rows"]
 parts = [
-    f"{row['ranks']} ranks {row['path'].replace('internode_', '')} {row['dtype']} {row['vs_intranode']:.2f}x"
+    f"{row['ranks']} ranks {row['path'].replace(mode + '_', '')} {row['dtype']} {row['vs_intranode']:.2f}x"
     for row in rows
-    if row["mode"] == "internode" and row.get("vs_intranode")
+    if row["mode"] == mode and row.get("vs_intranode")
 ]
-print("vs intranode: " + ", ".join(parts) if parts else "no internode rows next to intranode rows")
+print(f"{mode} vs intranode: " + ", ".join(parts) if parts else f"no {mode} rows next to intranode rows")
 EOF
 }
 
@@ -424,6 +425,7 @@ run_step bench "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY
     "$PYTHON" -m bench "${BENCH_ARGS[@]}"
 if ! is_skipped bench && [ "$LAST_RC" -eq 0 ]; then
     add_details "$LOG_DIR/bench.json"
+    add_details "$(speed_vs_intranode one_copy "$LOG_DIR/bench.json" 2>&1 | tail -n 1)"
 fi
 
 # The internode path in steps of its own, so that a hang or a crash there (the newest kernels) costs neither the
@@ -443,7 +445,7 @@ run_step bench_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${
     "$PYTHON" -m bench "${INTERNODE_BENCH_ARGS[@]}"
 if ! is_skipped bench_internode && [ "$LAST_RC" -eq 0 ]; then
     add_details "$LOG_DIR/bench_internode.json"
-    add_details "$(internode_speed "$LOG_DIR/bench_internode.json" 2>&1 | tail -n 1)"
+    add_details "$(speed_vs_intranode internode "$LOG_DIR/bench_internode.json" 2>&1 | tail -n 1)"
 fi
 
 if [ "$MPS_STARTED" -eq 1 ]; then
