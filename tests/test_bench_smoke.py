@@ -67,6 +67,9 @@ def test_bench_tiny_end_to_end(tmp_path):
             # Each (token, other node) pair delivers at least one received row on that node.
             assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
             assert row["vs_intranode"] is not None and row["vs_intranode"] > 0, row
+        elif row["mode"] == "one_copy":
+            # Against the two-copy dispatch of the same data; no network bytes.
+            assert row["net_gbps"] is None and row["vs_intranode"] is not None and row["vs_intranode"] > 0, row
         else:
             assert row["net_gbps"] is None and row["vs_intranode"] is None, row
     env = doc["environment"]
@@ -195,6 +198,13 @@ def test_bench_internode_rows():
     assert fp8.hbm_bytes_per_payload_byte is None and fp8.extra["produced_by"] == "reference fallback"
     for path in ("dispatch", "combine"):
         assert by_key[(path, "bf16")].net_gbps is None and by_key[(path, "bf16")].vs_intranode is None
+    # A one-copy row is compared with the two-copy row of its call, and moves each payload byte once (2 B of HBM).
+    one_copy_results = {**results, ("one_copy_dispatch", "bf16", False): _fake_result(True, 160, 64, "bf16", 5e-5)}
+    one_copy = {row.path: row for row in bench_run._rows_for(4, cfg, [_fake_rank(one_copy_results)] * 4)}[
+        "one_copy_dispatch"
+    ]
+    assert math.isclose(one_copy.vs_intranode, 4.0) and one_copy.net_gbps is None
+    assert math.isclose(one_copy.hbm_bytes_per_payload_byte, 2.0)
     # One receiver per (token, node): the intranode figure; without node rows the internode figure is unknown.
     assert hbm_bytes_per_payload_byte("internode_dispatch", True, 5.0, 1.0) == 4.0
     assert hbm_bytes_per_payload_byte("internode_dispatch", True, 5.0) is None
