@@ -56,6 +56,9 @@ class Buffer:
             results are allocated from, so that peers write rows straight into them: one copy instead of two.
             Results keep their block until they (and the handle) die; a dispatch whose results do not fit moves
             its rows twice, as without an arena. Overrides DEEP_EP_PY_RECV_ARENA_BYTES; default 0 (no arena).
+            A freed block is reused only after the work queued before the free on the current, compute and
+            communication streams; torch's Tensor.record_stream does not reach arena memory, so keep a result
+            alive while another stream still reads it.
     """
 
     num_sms: int = 20
@@ -245,11 +248,11 @@ class Buffer:
             done = EventHandle.recorded_on(comm)
         # Outputs were allocated on the communication stream and will be used on the compute stream.
         for tensor in _tensors_in(result):
-            tensor.record_stream(compute)
+            self._backend.record_stream(tensor, compute)
         if async_finish:
             for tensor in inputs:
                 if tensor is not None and tensor.is_cuda:
-                    tensor.record_stream(comm)
+                    self._backend.record_stream(tensor, comm)
             return result, EventOverlap(done, extra_tensors=[t for t in inputs if t is not None])
         done.current_stream_wait()
         return result, EventOverlap(None)

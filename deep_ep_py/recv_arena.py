@@ -3,23 +3,33 @@ the torch tensors a dispatch returns, so that every peer can write its rows stra
 
 Lifetime: a block goes back to the arena when the last tensor viewing it dies (the tensors come from a DLPack
 capsule whose deleter calls back here). Memory that a stream may still be reading is not written again too early:
-a release records an event on the stream current at that moment and on the communication stream, and the dispatch
-that next takes any byte of the range makes its stream wait for those events first. That is the rule torch's
-caching allocator applies to a tensor used on the streams record_stream named, which the arena's tensors cannot use
-(record_stream ignores memory torch did not allocate).
+a release records an event on the stream current at that moment, on the stream the block was allocated for and on
+every stream record_stream() named (Buffer names its compute stream), and the dispatch that next takes any byte of
+the range makes its stream wait for those events first. That is the rule torch's caching allocator applies, which
+the arena's tensors cannot use: torch's own Tensor.record_stream ignores memory torch did not allocate.
+
+A block released while the current stream is being captured into a CUDA graph is never handed out again: the graph
+may read it on every replay, and the arena cannot know when the graph dies. (The arena warns once when that
+happens.) Blocks are not handed out during capture either: the dispatch then uses ordinary torch tensors.
 
 The arena never hands out memory it does not have: a call whose results do not fit gets None, and the dispatch then
-takes the two-copy path into ordinary torch tensors. Blocks are not handed out during CUDA-graph capture, since a
-replay would write into a block the arena may have given to someone else by then.
+takes the two-copy path into ordinary torch tensors.
+
+Releases can run anywhere: in any thread, and inside the arena's own locked sections when Python's garbage collector
+runs there and frees a cycle holding an arena tensor. So a release only queues the block; the queue is drained
+under the lock, by the releasing thread when it does not already hold the lock, else by the locked section itself
+before it lets go.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -53,18 +63,24 @@ class _FreeRange:
     fences: list[Any]  # events every later user of a byte of this range waits for
 
 
+@dataclasses.dataclass
+class _LiveBlock:
+    end: int
+    streams: list[Any]  # the stream it was allocated for, then those record_stream() named
+
+
 def _align(value: int) -> int:
     return (value + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
 class RecvArena:
-    """Blocks of [base_ptr, base_ptr + num_bytes) on CUDA device `device` as torch tensors.
+    """Blocks of [base_ptr, base_ptr + num_bytes) on `device` as torch tensors.
 
     `wrap(ptr, num_bytes, on_release)` -> uint8 tensor [num_bytes] over that memory whose death calls on_release()
     (deep_ep_py._C.dlpack_view through torch.from_dlpack by default). `current_stream()` -> the stream current where
-    a block is released (a release fences it and the stream the block was allocated for). `new_event()` -> an
-    object with record(stream) and query() that a stream can wait_event() on (torch.cuda.Event by default). The last
-    two exist so that tests can run the bookkeeping on the CPU.
+    a block is released. `is_capturing(stream)` -> whether that stream is being captured into a CUDA graph.
+    `new_event()` -> an object with record(stream) and query() that a stream can wait_event() on (torch.cuda.Event).
+    The last three exist so that tests can run the bookkeeping on the CPU.
     """
 
     def __init__(
@@ -75,6 +91,7 @@ class RecvArena:
         *,
         wrap: Callable[[int, int, Callable[[], None]], torch.Tensor] | None = None,
         current_stream: Callable[[], Any] | None = None,
+        is_capturing: Callable[[Any], bool] | None = None,
         new_event: Callable[[], Any] | None = None,
     ) -> None:
         if base_ptr % ALIGNMENT != 0:
@@ -83,28 +100,69 @@ class RecvArena:
         self.num_bytes = num_bytes
         self.device = device
         self._wrap = wrap if wrap is not None else functools.partial(_wrap_cuda, device)
-        self._current_stream = (
-            current_stream if current_stream is not None else functools.partial(torch.cuda.current_stream, device)
-        )
-        self._new_event = new_event if new_event is not None else torch.cuda.Event
+        self._current_stream = current_stream or functools.partial(torch.cuda.current_stream, device)
+        self._is_capturing = is_capturing or _stream_is_capturing
+        self._new_event = new_event or torch.cuda.Event
         self._lock = threading.Lock()
+        self._holder: int | None = None  # thread inside a locked section
+        self._released: collections.deque[tuple[int, list[Any] | None]] = collections.deque()  # (start, fences)
         self._free: list[_FreeRange] = [_FreeRange(0, num_bytes, [])] if num_bytes >= ALIGNMENT else []
-        self._live: dict[int, tuple[int, Any]] = {}  # start -> (end, stream allocated for) of blocks in use
+        self._live: dict[int, _LiveBlock] = {}  # start -> block some tensor still views
+        self._num_quarantined_bytes = 0
         self._closed = False
         self._on_drained: Callable[[], None] | None = None
-        self._warned_full = False
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------------- locking
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, with the releases queued meanwhile (also by the garbage collector inside the section) applied
+        before it is let go; then on_drained() if close() is waiting for the last block and it is gone."""
+        with self._lock:
+            self._holder = threading.get_ident()
+            try:
+                self._drain()
+                yield
+            finally:
+                self._drain()
+                self._holder = None
+                on_drained = self._take_on_drained()
+        if on_drained is not None:
+            on_drained()
+
+    def _drain(self) -> None:
+        while self._released:
+            start, fences = self._released.popleft()
+            block = self._live.pop(start)
+            if fences is None:
+                self._num_quarantined_bytes += block.end - start
+            else:
+                self._insert_free(_FreeRange(start, block.end, fences))
+
+    def _take_on_drained(self) -> Callable[[], None] | None:
+        if self._closed and not self._live and self._on_drained is not None:
+            on_drained, self._on_drained = self._on_drained, None
+            return on_drained
+        return None
 
     # ---------------------------------------------------------------------------------------------- queries
 
     @property
     def live_bytes(self) -> int:
-        with self._lock:
-            return sum(end - start for start, (end, _) in self._live.items())
+        with self._locked():
+            return sum(block.end - start for start, block in self._live.items())
 
     @property
     def num_live_blocks(self) -> int:
-        with self._lock:
+        with self._locked():
             return len(self._live)
+
+    @property
+    def quarantined_bytes(self) -> int:
+        """Bytes released during CUDA-graph capture, never handed out again."""
+        with self._locked():
+            return self._num_quarantined_bytes
 
     def contains(self, tensor: torch.Tensor) -> bool:
         """Whether tensor's memory lies in this arena."""
@@ -122,14 +180,25 @@ class RecvArena:
             offsets.append(total)
             total += _align(part.num_bytes) if part is not None else 0
         total = max(total, ALIGNMENT)  # a call that receives nothing still publishes a block
-        with self._lock:
+        with self._locked():
             if self._closed:
                 return None
             start, fences = self._take(total)
-            if start is None:
-                self._warn_full(total)
-                return None
-            self._live[start] = (start + total, stream)
+            if start is not None:
+                self._live[start] = _LiveBlock(start + total, [stream])
+            else:
+                live = sum(block.end - s for s, block in self._live.items())
+                num_live, quarantined = len(self._live), self._num_quarantined_bytes
+        if start is None:
+            self._warn_once(
+                "full",
+                f"deep_ep_py: the receive arena ({self.num_bytes} bytes: {live} held by {num_live} earlier results "
+                f"still alive, {quarantined} set aside after CUDA-graph capture) has no room for a {total}-byte "
+                "dispatch result; such dispatches move their rows twice (through the staging buffer) until room frees "
+                "up. A larger num_recv_arena_bytes, or dropping dispatch results sooner, keeps them on the one-copy "
+                "path.",
+            )
+            return None
         for event in fences:
             stream.wait_event(event)
         block = self._wrap(self.base_ptr + start, total, functools.partial(self._release, start))
@@ -157,40 +226,55 @@ class RecvArena:
             return start, fences
         return None, []
 
-    def _warn_full(self, num_bytes: int) -> None:
-        if self._warned_full:
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> bool:
+        """Tensor.record_stream for arena memory: the block holding `tensor` is also fenced on `stream` when it is
+        released. False (nothing done) when the tensor is not in a live block of this arena."""
+        offset = tensor.data_ptr() - self.base_ptr
+        with self._locked():
+            for start, block in self._live.items():
+                if start <= offset < block.end:
+                    if all(stream != known for known in block.streams):
+                        block.streams.append(stream)
+                    return True
+        return False
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what in self._warned:
             return
-        self._warned_full = True
-        live = sum(end - start for start, (end, _) in self._live.items())
-        warnings.warn(
-            f"deep_ep_py: the receive arena ({self.num_bytes} bytes, {live} held by {len(self._live)} earlier "
-            f"results still alive) has no room for a {num_bytes}-byte dispatch result; such dispatches move their "
-            "rows twice (through the staging buffer) until room frees up. A larger num_recv_arena_bytes, or "
-            "dropping dispatch results sooner, keeps them on the one-copy path. (Said once per Buffer.)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        self._warned.add(what)
+        warnings.warn(message + " (Said once per Buffer.)", RuntimeWarning, stacklevel=4)
 
     # ----------------------------------------------------------------------------------------------- release
 
     def _release(self, start: int) -> None:
-        """The DLPack deleter of the block at `start`: back to the free ranges, fenced by events on the streams
-        that may still read it."""
-        with self._lock:
-            end, allocated_for = self._live[start]
-        fences = []
+        """The DLPack deleter of the block at `start`: queued back to the free ranges, fenced by events on the
+        streams that may still read it; set aside for good when released during capture."""
+        block = self._live[start]  # a dict read: safe without the lock under the GIL, and the entry stays until drained
         current = self._current_stream()
-        for stream in (current, allocated_for) if allocated_for != current else (current,):
-            event = self._new_event()
-            event.record(stream)
-            fences.append(event)
-        with self._lock:
-            del self._live[start]
-            self._insert_free(_FreeRange(start, end, fences))
-            drained = self._closed and not self._live
-            on_drained, self._on_drained = (self._on_drained, None) if drained else (None, self._on_drained)
-        if on_drained is not None:
-            on_drained()
+        streams = [current] + [s for s in block.streams if s != current]
+        if any(self._is_capturing(stream) for stream in streams):
+            fences = None
+            self._warn_once(
+                "captured",
+                "deep_ep_py: a dispatch result from the receive arena was freed while a CUDA graph was being "
+                "captured; the graph may read it on every replay, so its memory is never reused. Keep eager results "
+                "alive until capture ends, or drop them before it starts, to keep the arena's room.",
+            )
+        else:
+            try:
+                fences = []
+                for stream in streams:
+                    event = self._new_event()
+                    event.record(stream)
+                    fences.append(event)
+            except Exception as exc:  # a deleter must not raise; without its fences the block is never safe to reuse
+                fences = None
+                self._warn_once("fence", f"deep_ep_py: fencing a freed receive-arena block failed ({exc}); set aside.")
+        self._released.append((start, fences))
+        if self._holder == threading.get_ident():
+            return  # the garbage collector, inside this thread's locked section: that section drains the queue
+        with self._locked():
+            pass
 
     def _insert_free(self, new: _FreeRange) -> None:
         """Insert keeping the ranges sorted, merged with adjacent ones (their fences together)."""
@@ -213,13 +297,16 @@ class RecvArena:
     def close(self, on_drained: Callable[[], None]) -> bool:
         """No more blocks. on_drained() (which frees the memory) runs now when no block is alive, and returns True;
         else it runs when the last live block is released, and close returns False."""
-        with self._lock:
+        with self._locked():
             self._closed = True
-            if self._live:
-                self._on_drained = on_drained
-                return False
-        on_drained()
-        return True
+            self._on_drained = on_drained
+            drained_now = not self._live
+        return drained_now
+
+
+def _stream_is_capturing(stream: Any) -> bool:
+    with torch.cuda.stream(stream):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _wrap_cuda(device: torch.device, ptr: int, num_bytes: int, on_release: Callable[[], None]) -> torch.Tensor:

@@ -239,15 +239,19 @@ class PeerMappedBuffer:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # Best effort, without the barrier: a collective from a finaliser could hang.
+    def release_now(self, keep_local: bool = False) -> None:
+        """close() without the barrier, for finalisers (a collective there could hang): unmap the peers and free the
+        local buffer unless keep_local. Errors are swallowed. Idempotent."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
         try:
-            self._release()
+            self._release(keep_local)
         except Exception:
             pass
+
+    def __del__(self) -> None:
+        self.release_now()
 
 
 def ranks_share_gpu(num_local_ranks: int, num_local_devices: int) -> bool:

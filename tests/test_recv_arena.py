@@ -5,6 +5,7 @@ dispatch results, peers writing into them) is in tests/gpu/test_intranode_gpu.py
 from __future__ import annotations
 
 import gc
+import threading
 import warnings
 
 import pytest
@@ -18,8 +19,9 @@ ARENA_BYTES = 16 * ALIGNMENT
 
 
 class FakeStream:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, capturing: bool = False) -> None:
         self.name = name
+        self.capturing = capturing
         self.waited: list[FakeEvent] = []
 
     def wait_event(self, event: FakeEvent) -> None:
@@ -66,6 +68,7 @@ class Rig:
             torch.device("cpu"),
             wrap=wrap,
             current_stream=lambda: self.current,
+            is_capturing=lambda stream: stream.capturing,
             new_event=new_event,
         )
 
@@ -201,3 +204,76 @@ def test_dlpack_view_calls_back_once_even_when_never_consumed():
     assert calls == ["unused", "used"]
     with pytest.raises(Exception, match="device_type"):
         ext.dlpack_view(backing.data_ptr(), 64, 7, 0, lambda: None)
+
+
+def _in_thread(fn, timeout_s: float = 10.0) -> None:
+    """Run fn in a thread; fail (instead of hanging the suite) when it does not finish: a deadlock."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), "deadlock: the arena's lock was taken twice by one thread"
+    if errors:
+        raise errors[0]
+
+
+def test_a_release_inside_the_arenas_own_locked_section_is_applied_when_it_ends():
+    """The garbage collector can free an arena tensor while this thread is inside a locked section (allocate makes
+    objects): the release must neither deadlock nor change the free ranges under the section's feet."""
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))
+
+    def release_while_locked():
+        with rig.arena._locked():
+            free_before = [(r.start, r.end) for r in rig.arena._free]
+            del tensors[:]
+            gc.collect()
+            assert [(r.start, r.end) for r in rig.arena._free] == free_before, "released inside the section"
+            assert len(rig.arena._released) == 1
+
+    _in_thread(release_while_locked)
+    assert rig.arena.num_live_blocks == 0 and len(rig.arena._free) == 1
+
+
+def test_a_release_from_another_thread_returns_the_block():
+    rig = Rig()
+    holder = {"tensors": rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))}
+    _in_thread(lambda: holder.clear() or gc.collect())
+    assert rig.arena.num_live_blocks == 0
+
+
+def test_a_block_released_during_capture_is_never_reused():
+    rig = Rig()
+    comm = FakeStream("comm")
+    tensors = rig.arena.allocate(dispatch_parts(2), comm)
+    size = rig.arena.live_bytes
+    rig.current = FakeStream("compute", capturing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del tensors
+        gc.collect()
+    assert any("captured" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert rig.events == [], "events recorded on a capturing stream cannot be queried later"
+    assert rig.arena.num_live_blocks == 0 and rig.arena.quarantined_bytes == size
+    rig.current = FakeStream("compute")
+    again = rig.arena.allocate(dispatch_parts(2), comm)
+    assert rig.offset(again[0]) >= size, "a block released during capture was handed out again"
+
+
+def test_record_stream_adds_a_fence_stream():
+    rig = Rig()
+    comm, side = FakeStream("comm"), FakeStream("side")
+    tensors = rig.arena.allocate(dispatch_parts(2), comm)
+    assert rig.arena.record_stream(tensors[3], side) is True
+    assert rig.arena.record_stream(tensors[3], side) is True  # once only
+    assert rig.arena.record_stream(torch.zeros(4), side) is False  # not arena memory
+    del tensors
+    gc.collect()
+    assert sorted(event.stream.name for event in rig.events) == ["comm", "compute", "side"]

@@ -20,6 +20,18 @@ __device__ __forceinline__ int global_warp_idx() {
 __device__ __forceinline__ int num_global_warps() { return static_cast<int>(gridDim.x) * kCopyWarps; }
 __device__ __forceinline__ int lane_idx() { return static_cast<int>(threadIdx.x) % 32; }
 
+// The warp-per-row loop of the copy kernels over items numbered rank by rank: first_item[r] is the first item of
+// rank r, first_item[num_ranks] the total. Calls work(r, index of the item among r's) for each item of this warp.
+template <typename Work>
+__device__ __forceinline__ void for_each_item_by_rank(const int* first_item, int num_ranks, Work&& work) {
+    const int num_items = first_item[num_ranks];
+    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
+        int r = 0;
+        while (item >= first_item[r + 1]) ++r;
+        work(r, item - first_item[r]);
+    }
+}
+
 // Rows a source rank sends to a destination in one round: the part of [round_start, round_start + B) below count.
 __device__ __forceinline__ int rows_in_round(int count, int round_start, int rows_per_round) {
     const int left = count - round_start;

@@ -59,7 +59,8 @@ static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
 // - recv_block: written by the owner before the publish barrier of a one-copy dispatch, read by every sender after
 //   it. The owner rewrites it only in its next dispatch, after the landing barrier every sender passes last.
 // - one_copy: the owner's own note, made after the publish barrier, of whether every rank published a block (the
-//   same answer on every rank); the copy kernels of the call read it to know which path carries the rows.
+//   same answer on every rank); the copy kernels and the round barriers of the call read it to know which path
+//   carries the rows (the rounds' barriers are skipped with their copies, on every rank alike).
 struct ControlArea {
     int barrier_flags[kMaxRanks];                    // 4 * kMaxRanks = 32 B
     int reserved0[32 - kMaxRanks];                   // pads the flags to one 128 B line

@@ -54,22 +54,18 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
         s_first_item[num_ranks] = total;
     }
     __syncthreads();
-    const int num_items = s_first_item[num_ranks];
     const int lane = lane_idx();
     const CombineRowFormat& row = p.row;
-    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
-        int src = 0;
-        while (item >= s_first_item[src + 1]) ++src;
-        const int slot_idx = item - s_first_item[src];
+    for_each_item_by_rank(s_first_item, num_ranks, [&](int src, int slot_idx) {
         const int in_row = s_first_row[src] + slot_idx;
-        if (in_row >= p.num_x_rows) continue;  // only past a broken protocol: never read outside x
+        if (in_row >= p.num_x_rows) return;  // only past a broken protocol: never read outside x
         uint8_t* slot = staging_slot(p.peers.base[src], rank, slot_idx, p.rows_per_round, row.stride);
         const int4* src_payload = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(in_row) * row.payload_bytes);
         warp_copy_to_staging(reinterpret_cast<int4*>(slot), src_payload, row.payload_bytes / 16, lane);
         float* slot_weights = reinterpret_cast<float*>(slot + row.weights_offset);
         for (int k = lane; k < row.num_topk; k += 32)
             __stcg(slot_weights + k, __ldg(p.topk_weights + static_cast<int64_t>(in_row) * row.num_topk + k));
-    }
+    });
 }
 
 // Reducer (the dispatch's source): one warp per token. Rank d's row of token t sits in slot (d, send_pos[t][d] - round

@@ -33,8 +33,10 @@ inline void check_peers(const PeerBuffers& peers) {
     for (int r = 0; r < peers.num_ranks; ++r) EP_HOST_ASSERT_MSG(peers.base[r] != nullptr, "rank ", r, " not mapped");
 }
 
-// One block running cross_rank_barrier (notify.cu).
-void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream);
+// One block running cross_rank_barrier (notify.cu); with skip_when_one_copy, none when the publish kernel of this
+// one-copy dispatch noted that its rows go by the one-copy path (the rounds' barriers then have nothing to order).
+void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,
+                    bool skip_when_one_copy = false);
 
 // Epoch barrier over all ranks, run by every thread of one block (blockDim.x >= num_ranks).
 //

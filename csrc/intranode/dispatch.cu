@@ -65,18 +65,14 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
         s_first_item[num_ranks] = total;
     }
     __syncthreads();
-    const int num_items = s_first_item[num_ranks];
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
-    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
-        int dst = 0;
-        while (item >= s_first_item[dst + 1]) ++dst;
-        const int slot_idx = item - s_first_item[dst];
+    for_each_item_by_rank(s_first_item, num_ranks, [&](int dst, int slot_idx) {
         const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + p.round_start + slot_idx];
         uint8_t* slot = staging_slot(p.peers.base[dst], p.peers.rank, slot_idx, p.rows_per_round, row.stride);
         pack_dispatch_row(slot, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group, p.topk_idx,
                           p.topk_weights, token, lane);
-    }
+    });
 }
 
 // Receiver: one warp per (source, slot) of this round. Row `slot_idx` of source s's block is received row
@@ -99,22 +95,18 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRou
         s_first_item[num_ranks] = total;
     }
     __syncthreads();
-    const int num_items = s_first_item[num_ranks];
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
     const int64_t first_local_expert = static_cast<int64_t>(rank) * p.num_local_experts;
     void* own_buffer = p.peers.base[rank];
-    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
-        int src = 0;
-        while (item >= s_first_item[src + 1]) ++src;
-        const int slot_idx = item - s_first_item[src];
+    for_each_item_by_rank(s_first_item, num_ranks, [&](int src, int slot_idx) {
         const int out_row = s_first_row[src] + slot_idx;
         // Only past a peer that broke the protocol (a timed-out barrier, num_worst_tokens too small): never write
         // outside the tensors.
-        if (out_row >= p.num_recv_rows) continue;
+        if (out_row >= p.num_recv_rows) return;
         const uint8_t* slot = staging_slot(own_buffer, src, slot_idx, p.rows_per_round, row.stride);
         unpack_dispatch_row(slot, row, received_rows(p), out_row, first_local_expert, p.num_local_experts, lane);
-    }
+    });
 }
 
 // num_worst_tokens: rows [N, N_cap) get x 0, scales 0, source index -1, top-k -1, weights 0. N comes from the
@@ -181,21 +173,17 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(Dispatc
         s_first_item[num_ranks] = total;
     }
     __syncthreads();
-    const int num_items = s_first_item[num_ranks];
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
-    for (int item = global_warp_idx(); item < num_items; item += num_global_warps()) {
-        int dst = 0;
-        while (item >= s_first_item[dst + 1]) ++dst;
-        const int ordinal = item - s_first_item[dst];
+    for_each_item_by_rank(s_first_item, num_ranks, [&](int dst, int ordinal) {
         const int out_row = s_first_row[dst] + ordinal;
         // Only past a rank that broke the protocol (num_worst_tokens too small): never write outside its tensors.
-        if (out_row >= s_num_rows[dst]) continue;
+        if (out_row >= s_num_rows[dst]) return;
         const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + ordinal];
         write_dispatch_row(s_rows[dst], out_row, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group,
                            p.topk_idx, p.topk_weights, token, static_cast<int64_t>(dst) * p.num_local_experts,
                            p.num_local_experts, lane);
-    }
+    });
 }
 
 }  // namespace
@@ -270,8 +258,9 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.pad_rows) launch_kernel(copy_config, dispatch_pad_kernel, params);
     if (args.one_copy) {
-        // publish, barrier (every block known), send, barrier (rows have landed); the rounds below then find
-        // rows_go_by_one_copy and return at once, unless some rank had no block.
+        // publish, barrier (every block known), send, barrier (rows have landed); the rounds below (copies and
+        // barriers) then return at once, unless some rank had no block. They are launched all the same: the host
+        // does not know which way the rows go.
         launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, publish_recv_block_kernel,
                       peers, args.recv_block, make_timeout_context(peers, wait));
         launch_kernel(copy_config, dispatch_one_copy_kernel, params);
@@ -283,9 +272,9 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     for (int round = 0; round < args.num_rounds; ++round) {
         params.round_start = round * args.rows_per_round;
         launch_kernel(copy_config, dispatch_send_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
         launch_kernel(copy_config, dispatch_recv_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
     }
 }
 

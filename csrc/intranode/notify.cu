@@ -94,15 +94,20 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
     if (tid == 0) ptx::st_release_sys(&p.host_counters[kCounterSequence], p.host_sequence);
 }
 
-__global__ void __launch_bounds__(kBarrierThreads) barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site) {
+__global__ void __launch_bounds__(kBarrierThreads)
+    barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site, bool skip_when_one_copy) {
+    // The note is the same on every rank (dispatch.cu, publish), so every rank skips the same barriers and the
+    // epochs stay in step.
+    if (skip_when_one_copy && ptx::ld_volatile_global(&control_area(peers.base[peers.rank])->one_copy) != 0) return;
     cross_rank_barrier(peers, timeout, site);
 }
 
 }  // namespace
 
-void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream) {
+void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,
+                    bool skip_when_one_copy) {
     launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, barrier_kernel, peers,
-                  make_timeout_context(peers, wait), site);
+                  make_timeout_context(peers, wait), site, skip_when_one_copy);
 }
 
 void barrier(const PeerBuffers& peers, const WaitConfig& wait, cudaStream_t stream) {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -88,12 +89,28 @@ class IntranodeKernels(RoundKernels):
         self.peer_ptrs = list(self.buffer.peer_ptrs)
         self.recv_arena_buffer: PeerMappedBuffer | None = None
         self.recv_arena: RecvArena | None = None
+        self._arena_finalizer: weakref.finalize | None = None
+        # Every rank must take the same branch (the arena's construction is collective), and the size comes from an
+        # argument or a per-process environment variable: agree first, and say which ranks differ.
+        sizes: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(sizes, num_recv_arena_bytes, group=group)
+        if len(set(sizes)) != 1:
+            self.buffer.close()
+            raise ValueError(
+                f"num_recv_arena_bytes: expected the same value on every rank, got {sizes} (by rank); "
+                "DEEP_EP_PY_RECV_ARENA_BYTES is read per process"
+            )
         if num_recv_arena_bytes > 0:
             self.recv_arena_buffer = PeerMappedBuffer(group, num_recv_arena_bytes)
             self.recv_arena = RecvArena(
                 self.recv_arena_buffer.local_ptr,
                 num_recv_arena_bytes,
                 torch.device("cuda", torch.cuda.current_device()),
+            )
+            # Dropped without destroy(): results may still view the arena, so its memory outlives this object and
+            # is freed with the last of them (PeerMappedBuffer's own finaliser would free it at once).
+            self._arena_finalizer = weakref.finalize(
+                self, _close_arena, self.recv_arena_buffer, self.recv_arena, collective=False
             )
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -378,11 +395,30 @@ class IntranodeKernels(RoundKernels):
         """Collective: drain the streams, then unmap and free the IPC buffers. Idempotent. Receive-arena memory that
         dispatch results still view is freed when the last of them dies."""
         buffer = getattr(self, "buffer", None)
-        if buffer is not None:
-            self.buffer = None
-            buffer.close()
         arena_buffer, arena = getattr(self, "recv_arena_buffer", None), getattr(self, "recv_arena", None)
-        if arena_buffer is not None:
-            self.recv_arena_buffer = self.recv_arena = None
+        self.buffer = self.recv_arena_buffer = self.recv_arena = None
+        try:
+            if buffer is not None:
+                buffer.close()
+        finally:
+            if arena_buffer is not None:
+                self._arena_finalizer.detach()
+                _close_arena(arena_buffer, arena, collective=True)
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> bool:
+        """Tensor.record_stream for a dispatch result in the receive arena (torch's ignores that memory); False when
+        the tensor is not there."""
+        arena = self.recv_arena
+        return arena is not None and arena.contains(tensor) and arena.record_stream(tensor, stream)
+
+
+def _close_arena(arena_buffer: PeerMappedBuffer, arena: RecvArena, collective: bool) -> None:
+    """Unmap the peers' arenas now (collectively, or at once from a finaliser); free this rank's arena memory when
+    no result views it any more."""
+    try:
+        if collective:
             arena_buffer.close(keep_local=True)
-            arena.close(arena_buffer.free_local)
+        else:
+            arena_buffer.release_now(keep_local=True)
+    finally:
+        arena.close(arena_buffer.free_local)

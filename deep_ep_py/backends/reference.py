@@ -8,7 +8,7 @@ so each result follows the contract's definition directly. Inputs arrive validat
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -471,6 +471,10 @@ class ReferenceBackend:
 
     def barrier(self) -> None:
         self.exchange.barrier()
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        """tensor.record_stream(stream), for memory that a backend of kernels may own itself."""
+        tensor.record_stream(stream)
 
     def destroy(self) -> None:
         """Release what the backend holds (the reference holds only host-side state)."""

@@ -82,8 +82,12 @@ class KernelsPath(abc.ABC):
     def check_combined_x(self, where: str, combined_x: torch.Tensor, ref_x: torch.Tensor, magnitude) -> None:
         """combined_x against the reference's, within the module's stated tolerance."""
 
-    def after_dispatch(self, where: str, kernels, outputs, cached: bool) -> None:  # noqa: B027 (a hook; most paths need none)
-        """Checks of the path's own after a table case's dispatch (outputs: what kernels.dispatch returned)."""
+    def after_dispatch(  # noqa: B027 (a hook; most paths need none)
+        self, ctx, where: str, kernels, outputs, *, captured: bool = False, check_note: bool = True
+    ) -> None:
+        """Checks of the path's own after a dispatch (outputs: what kernels.dispatch returned), called on every rank
+        at the same point: captured = the dispatch was captured in a CUDA graph (outputs: the graph's);
+        check_note = it was the last call on the kernels."""
 
     def label(self, ctx) -> str:
         """Where a check ran, for its message."""
@@ -229,7 +233,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     )
     torch.cuda.synchronize()
     _compare_dispatch(where, ref_out, mine_out, num_worst)
-    path.after_dispatch(where, kernels, mine_out, cached=False)
+    path.after_dispatch(ctx, where, kernels, mine_out)
     ref_handle, handle = ref_out[4], mine_out[5]
 
     if case.cached:
@@ -242,7 +246,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
         mine_cached = kernels.dispatch(new_x, new_scales, handle, None, None, None, None, None, 1, 0, num_sms)
         torch.cuda.synchronize()
         _compare_dispatch(f"{where} cached", (ref_cached[0], None, None, None, None, None), mine_cached, 0)
-        path.after_dispatch(f"{where} cached", kernels, mine_cached, cached=True)
+        path.after_dispatch(ctx, f"{where} cached", kernels, mine_cached)
         assert mine_cached[2] is None and mine_cached[3] is None and mine_cached[5] is handle, where
 
     # Combine: bf16 rows of the received shape (the fp8 cases combine other bf16 data of that shape).
@@ -311,6 +315,7 @@ def graph_case(ctx, path: KernelsPath) -> None:
         ref_out = _reference_dispatch(reference, static_x, layout, topk_idx, topk_weights, 1, num_worst)
         where = f"graph replay {replay} {path.label(ctx)}"
         _compare_dispatch(where, (*ref_out[:3], None, ref_out[4], None), static_out, num_worst)
+        path.after_dispatch(ctx, where, kernels, static_out, captured=True)
         rows = static_out[0].clone()
         ref_combined = reference.combine(rows, ref_out[4], topk_weights=static_out[3].clone())
         magnitude = path.combine_magnitude(reference, ref_out[4], rows, ())
@@ -364,6 +369,8 @@ def back_to_back_case(ctx, path: KernelsPath) -> None:
         where = f"back-to-back step {step} {path.label(ctx)}"
         _compare_dispatch(where, ref_out, mine, num_worst)
         _compare_dispatch(f"{where} cached", (ref_cached[0], None, None, None, None, None), cached, 0)
+        path.after_dispatch(ctx, where, kernels, mine, check_note=False)
+        path.after_dispatch(ctx, f"{where} cached", kernels, cached, check_note=False)
         _compare_combine(path, where, ref_combined, combined, magnitude)
 
 

@@ -165,13 +165,28 @@ class IntranodeOneCopyPath(IntranodePath):
         self.num_recv_arena_bytes = num_recv_arena_bytes
         self.always_fits = always_fits
 
-    def after_dispatch(self, where: str, kernels, outputs, cached: bool) -> None:
-        from brute_force import check
+    def after_dispatch(self, ctx, where: str, kernels, outputs, *, captured=False, check_note=True) -> None:
+        import torch.distributed as dist
+        from brute_force import check, check_equal
 
-        if not self.always_fits:
+        in_arena = kernels.recv_arena.contains(outputs[0])
+        if captured:
+            # Capture takes no block (a replay would write into whatever the block has become), so every rank's
+            # captured dispatch went through the rounds.
+            check(not in_arena, f"{where}: a captured dispatch returned receive-arena tensors")
+            check(not kernels.debug_one_copy_note(), f"{where}: a captured dispatch noted the one-copy path")
             return
-        check(kernels.recv_arena.contains(outputs[0]), f"{where}: recv_x is not in the receive arena")
-        check(kernels.debug_one_copy_note(), f"{where}: the rows did not go by the one-copy path")
+        if self.always_fits:
+            check(in_arena, f"{where}: recv_x is not in the receive arena")
+            if check_note:
+                check(kernels.debug_one_copy_note(), f"{where}: the rows did not go by the one-copy path")
+            return
+        if check_note:
+            # The path is one-copy exactly when every rank's results got a block.
+            every_rank: list = [None] * ctx.num_ranks
+            dist.all_gather_object(every_rank, in_arena, group=ctx.group)
+            note = kernels.debug_one_copy_note()
+            check_equal(f"{where} one-copy note (blocks by rank {every_rank})", note, all(every_rank))
 
 
 INTRANODE = IntranodePath()
