@@ -177,13 +177,12 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
 
 
 def _one_copy_arena_bytes(cfg: BenchConfig, num_ranks: int) -> int:
-    """Room for two dispatch results of the most rows a rank can receive (every token of every rank): the one that
-    _normal_paths keeps for its handle and the timed call's, which goes back to the arena before the next call takes
-    it (the results of a timed call die when it returns)."""
-    num_scales = (cfg.hidden + 127) // 128
-    row_bytes = cfg.hidden * 2 + 4 * num_scales + 4 + 12 * cfg.topk
-    block_alignment = 5 * 256  # each of a block's five tensors starts 256-byte aligned
-    return 2 * (cfg.tokens * num_ranks * row_bytes + block_alignment) + (1 << 20)
+    """Room for two dispatch results of the most rows a rank can receive: the one that _normal_paths keeps for its
+    handle and the timed call's, which goes back to the arena before the next call takes it (the results of a timed
+    call die when it returns)."""
+    import deep_ep_py
+
+    return deep_ep_py.Buffer.get_recv_arena_size_hint(cfg.tokens, cfg.hidden, num_ranks, cfg.topk, num_results=2)
 
 
 def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):

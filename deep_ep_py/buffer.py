@@ -27,6 +27,7 @@ from .config import (
     default_combine_config,
     default_dispatch_config,
     low_latency_rdma_size_hint,
+    recv_arena_size_hint,
 )
 from .events import CpuStream, EventHandle, EventOverlap
 from .topology import detect_topology
@@ -144,6 +145,14 @@ class Buffer:
     ) -> int:
         """Bytes of num_rdma_bytes the low-latency calls need for these sizes."""
         return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_recv_arena_size_hint(
+        num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int, num_results: int = 2
+    ) -> int:
+        """Bytes of num_recv_arena_bytes (keyword-only extension) that hold num_results intranode dispatch results
+        alive at once, each as large as routing can make it (every token of every rank to one rank)."""
+        return recv_arena_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_results)
 
     @staticmethod
     def is_sm90_compiled() -> bool:

@@ -256,3 +256,27 @@ def low_latency_rdma_size_hint(
     signal_bytes = 2 * e * 8
     half = _align(send_bytes) + _align(recv_bytes) + _align(signal_bytes)
     return 2 * half
+
+
+# Each tensor of a receive-arena block starts on this boundary (deep_ep_py/recv_arena.py ALIGNMENT).
+RECV_ARENA_PART_ALIGNMENT = 256
+NUM_RECV_ARENA_PARTS = 5  # recv_x, its scales, source indices, top-k ids, top-k weights
+
+
+def recv_arena_size_hint(
+    num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int, num_results: int
+) -> int:
+    """Bytes of receive arena per rank (Buffer's num_recv_arena_bytes) that hold num_results dispatch results alive
+    at once, each of the most rows a rank can receive (every token of every rank routed to it): a row is the larger
+    of a bf16 row and an fp8 row with its scales, plus its source index, top-k ids and weights, and each of a
+    block's five tensors starts 256-byte aligned. Routing that spreads tokens over the ranks needs less; results
+    that do not fit take the two-copy path, so a smaller arena is never wrong, only slower."""
+    t = _check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank)
+    h = _check_positive_int("hidden", hidden)
+    r = _check_positive_int("num_ranks", num_ranks)
+    k = _check_positive_int("num_topk", num_topk)
+    n = _check_positive_int("num_results", num_results)
+    num_scales = math.ceil(h / FP8_GROUP_SIZE)
+    row_bytes = max(2 * h, h + 4 * num_scales) + 4 + (8 + 4) * k
+    block = t * r * row_bytes + NUM_RECV_ARENA_PARTS * RECV_ARENA_PART_ALIGNMENT
+    return n * block

@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 
+from .config import RECV_ARENA_PART_ALIGNMENT
+
 __all__ = ["Part", "RecvArena"]
 
 # Every part of a block starts on this boundary: 16-byte row copies need 16, and 256 keeps each part on its own
-# cache lines.
-ALIGNMENT = 256
+# cache lines. (config.recv_arena_size_hint counts with it.)
+ALIGNMENT = RECV_ARENA_PART_ALIGNMENT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,3 +277,26 @@ def test_record_stream_adds_a_fence_stream():
     del tensors
     gc.collect()
     assert sorted(event.stream.name for event in rig.events) == ["comm", "compute", "side"]
+
+
+@pytest.mark.parametrize("hidden, num_topk", [(256, 4), (7168, 8), (128, 1), (384, 16)])
+def test_the_size_hint_holds_that_many_worst_case_results(hidden, num_topk):
+    """Buffer.get_recv_arena_size_hint(T, H, R, K, n) holds n results of T * R rows (every token of every rank),
+    bf16 or fp8, and no third one (it is a bound, not a guess)."""
+    import deep_ep_py
+
+    num_tokens, num_ranks, num_results = 6, 3, 2
+    rows = num_tokens * num_ranks
+    hint = deep_ep_py.Buffer.get_recv_arena_size_hint(num_tokens, hidden, num_ranks, num_topk, num_results)
+    rig = Rig(num_bytes=hint)
+    stream = FakeStream("comm")
+    bf16 = dispatch_parts(rows, hidden, num_topk, scales=False)
+    fp8 = [Part((rows, hidden), torch.float8_e4m3fn), *dispatch_parts(rows, hidden, num_topk)[1:]]
+    fp8[1] = Part((rows, (hidden + 127) // 128), torch.float32)
+    held = [rig.arena.allocate(parts, stream) for parts in (bf16, fp8)[:num_results]]
+    assert all(block is not None for block in held), "the hint does not hold its results"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert rig.arena.allocate(bf16, stream) is None, "the hint holds a third worst-case result: not a bound"
+    with pytest.raises(ValueError, match="num_results"):
+        deep_ep_py.Buffer.get_recv_arena_size_hint(num_tokens, hidden, num_ranks, num_topk, 0)
