@@ -43,7 +43,9 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
                                             ", waiting for ", wait_site_name(r->site), " (site ", r->site,
                                             ") after ", static_cast<double>(r->waited_ns) * 1e-9,
-                                            " s; noticed by ", what));
+                                            " s (DEEP_EP_PY_TIMEOUT_S sets the limit); noticed by ", what,
+                                            ". The ranks' buffers are out of step from here on: destroy this Buffer "
+                                            "and create a new one on every rank."));
 }
 
 ErrorRecord::ErrorRecord() {
