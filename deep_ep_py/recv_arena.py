@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 
 from .config import RECV_ARENA_PART_ALIGNMENT
 
-__all__ = ["Part", "RecvArena"]
+__all__ = ["Part", "RecvArena", "record_stream"]
 
 # Every part of a block starts on this boundary: 16-byte row copies need 16, and 256 keeps each part on its own
 # cache lines. (config.recv_arena_size_hint counts with it.)
@@ -69,6 +70,11 @@ class _FreeRange:
 class _LiveBlock:
     end: int
     streams: list[Any]  # the stream it was allocated for, then those record_stream() named
+
+
+# Every arena alive in this process, so that record_stream finds a result's arena whichever Buffer the tensor is
+# passed to.
+_ARENAS: weakref.WeakSet[RecvArena] = weakref.WeakSet()
 
 
 def _align(value: int) -> int:
@@ -106,7 +112,10 @@ class RecvArena:
         self._is_capturing = is_capturing or _stream_is_capturing
         self._new_event = new_event or torch.cuda.Event
         self._lock = threading.Lock()
-        self._holder: int | None = None  # thread inside a locked section
+        # Per thread: inside a locked section of this arena (set before the lock is taken, cleared after it is let
+        # go), where a release or close that the garbage collector runs may only queue.
+        self._inside = threading.local()
+        self._pending_close: Callable[[], None] | None = None
         self._released: collections.deque[tuple[int, list[Any] | None]] = collections.deque()  # (start, fences)
         self._free: list[_FreeRange] = [_FreeRange(0, num_bytes, [])] if num_bytes >= ALIGNMENT else []
         self._live: dict[int, _LiveBlock] = {}  # start -> block some tensor still views
@@ -114,26 +123,38 @@ class RecvArena:
         self._closed = False
         self._on_drained: Callable[[], None] | None = None
         self._warned: set[str] = set()
+        _ARENAS.add(self)
 
     # ----------------------------------------------------------------------------------------------- locking
 
+    def _is_inside(self) -> bool:
+        return getattr(self._inside, "active", False)
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """The lock, with the releases queued meanwhile (also by the garbage collector inside the section) applied
-        before it is let go; then on_drained() if close() is waiting for the last block and it is gone."""
-        with self._lock:
-            self._holder = threading.get_ident()
-            try:
-                self._drain()
-                yield
-            finally:
-                self._drain()
-                self._holder = None
-                on_drained = self._take_on_drained()
+        """The lock, with the releases (and a close) queued meanwhile, also by the garbage collector inside the
+        section, applied before it is let go; then on_drained() if close() waits for the last block and it is gone."""
+        self._inside.active = True
+        on_drained = None
+        try:
+            with self._lock:
+                try:
+                    self._drain()
+                    yield
+                finally:
+                    while True:  # what the collector queued while this loop ran is applied too
+                        self._drain()
+                        on_drained = on_drained or self._take_on_drained()
+                        if not self._released and self._pending_close is None:
+                            break
+        finally:
+            self._inside.active = False
         if on_drained is not None:
-            on_drained()
+            self._run_on_drained(on_drained)
 
     def _drain(self) -> None:
+        if self._pending_close is not None:
+            self._closed, self._on_drained, self._pending_close = True, self._pending_close, None
         while self._released:
             start, fences = self._released.popleft()
             block = self._live.pop(start)
@@ -143,10 +164,23 @@ class RecvArena:
                 self._insert_free(_FreeRange(start, block.end, fences))
 
     def _take_on_drained(self) -> Callable[[], None] | None:
-        if self._closed and not self._live and self._on_drained is not None:
+        # Quarantined blocks may still be read by a CUDA graph's replays: their memory is never freed.
+        if self._closed and not self._live and self._on_drained is not None and not self._num_quarantined_bytes:
             on_drained, self._on_drained = self._on_drained, None
             return on_drained
         return None
+
+    def _run_on_drained(self, on_drained: Callable[[], None]) -> None:
+        """Free the arena's memory, unless a CUDA graph is being captured here (a free would break the capture);
+        then it stays allocated until the process ends."""
+        if self._is_capturing(self._current_stream()):
+            self._warn_once(
+                "free_in_capture",
+                "deep_ep_py: the last receive-arena result of a destroyed Buffer died during CUDA-graph capture; "
+                "freeing there would break the capture, so the arena's memory stays allocated.",
+            )
+            return
+        on_drained()
 
     # ---------------------------------------------------------------------------------------------- queries
 
@@ -201,9 +235,17 @@ class RecvArena:
                 "path.",
             )
             return None
-        for event in fences:
-            stream.wait_event(event)
-        block = self._wrap(self.base_ptr + start, total, functools.partial(self._release, start))
+        try:
+            for event in fences:
+                stream.wait_event(event)
+            block = self._wrap(self.base_ptr + start, total, functools.partial(self._release, start))
+        except BaseException:
+            # No capsule owns the block (a capsule that existed released it already): give it back here.
+            with self._locked():
+                if start in self._live:
+                    del self._live[start]
+                    self._insert_free(_FreeRange(start, start + total, fences))
+            raise
         tensors: list[torch.Tensor | None] = []
         for part, offset in zip(parts, offsets):
             if part is None:
@@ -240,40 +282,49 @@ class RecvArena:
                     return True
         return False
 
-    def _warn_once(self, what: str, message: str) -> None:
+    def _warn_once(self, what: str, message: str, quiet: bool = False) -> None:
+        """warnings.warn once per arena. quiet: swallow what the warning raises (warnings made errors), where the
+        caller is a deleter that must not fail."""
         if what in self._warned:
             return
         self._warned.add(what)
-        warnings.warn(message + " (Said once per Buffer.)", RuntimeWarning, stacklevel=4)
+        try:
+            warnings.warn(message + " (Said once per Buffer.)", RuntimeWarning, stacklevel=4)
+        except Exception:
+            if not quiet:
+                raise
 
     # ----------------------------------------------------------------------------------------------- release
 
     def _release(self, start: int) -> None:
         """The DLPack deleter of the block at `start`: queued back to the free ranges, fenced by events on the
         streams that may still read it; set aside for good when released during capture."""
-        block = self._live[start]  # a dict read: safe without the lock under the GIL, and the entry stays until drained
+        block = self._live[start]  # a dict read: safe without the lock under the GIL; only this release removes it
         current = self._current_stream()
         streams = [current] + [s for s in block.streams if s != current]
-        if any(self._is_capturing(stream) for stream in streams):
-            fences = None
-            self._warn_once(
-                "captured",
-                "deep_ep_py: a dispatch result from the receive arena was freed while a CUDA graph was being "
-                "captured; the graph may read it on every replay, so its memory is never reused. Keep eager results "
-                "alive until capture ends, or drop them before it starts, to keep the arena's room.",
-            )
-        else:
-            try:
+        warning = None
+        try:
+            if any(self._is_capturing(stream) for stream in streams):
+                fences = None
+                warning = (
+                    "captured",
+                    "deep_ep_py: a dispatch result from the receive arena was freed while a CUDA graph was being "
+                    "captured; the graph may read it on every replay, so its memory is never reused. Keep eager "
+                    "results alive until capture ends, or drop them before it starts, to keep the arena's room.",
+                )
+            else:
                 fences = []
                 for stream in streams:
                     event = self._new_event()
                     event.record(stream)
                     fences.append(event)
-            except Exception as exc:  # a deleter must not raise; without its fences the block is never safe to reuse
-                fences = None
-                self._warn_once("fence", f"deep_ep_py: fencing a freed receive-arena block failed ({exc}); set aside.")
+        except Exception as exc:  # a deleter must not fail; without its fences the block is never safe to reuse
+            fences = None
+            warning = ("fence", f"deep_ep_py: fencing a freed receive-arena block failed ({exc}); set aside.")
         self._released.append((start, fences))
-        if self._holder == threading.get_ident():
+        if warning is not None:
+            self._warn_once(*warning, quiet=True)
+        if self._is_inside():
             return  # the garbage collector, inside this thread's locked section: that section drains the queue
         with self._locked():
             pass
@@ -297,13 +348,27 @@ class RecvArena:
     # ------------------------------------------------------------------------------------------------- close
 
     def close(self, on_drained: Callable[[], None]) -> bool:
-        """No more blocks. on_drained() (which frees the memory) runs now when no block is alive, and returns True;
-        else it runs when the last live block is released, and close returns False."""
+        """No more blocks. on_drained() (which frees the memory) runs now when no block is alive, and close returns
+        True; else it runs when the last live block is released (never, while blocks released during capture are
+        set aside), and close returns False."""
+        if self._is_inside():
+            # A finaliser the garbage collector runs inside this thread's locked section: the section applies it.
+            self._pending_close = on_drained
+            return False
         with self._locked():
             self._closed = True
             self._on_drained = on_drained
-            drained_now = not self._live
+            drained_now = not self._live and not self._num_quarantined_bytes
         return drained_now
+
+
+def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+    """Tensor.record_stream for any tensor: through the arena that holds it (torch's own ignores arena memory, and
+    fails on it with the cudaMallocAsync allocator), else torch's."""
+    for arena in list(_ARENAS):
+        if arena.contains(tensor) and arena.record_stream(tensor, stream):
+            return
+    tensor.record_stream(stream)
 
 
 def _stream_is_capturing(stream: Any) -> bool:

@@ -300,3 +300,103 @@ def test_the_size_hint_holds_that_many_worst_case_results(hidden, num_topk):
         assert rig.arena.allocate(bf16, stream) is None, "the hint holds a third worst-case result: not a bound"
     with pytest.raises(ValueError, match="num_results"):
         deep_ep_py.Buffer.get_recv_arena_size_hint(num_tokens, hidden, num_ranks, num_topk, 0)
+
+
+def test_close_from_a_finaliser_inside_the_locked_section_is_applied_when_it_ends():
+    rig = Rig()
+    freed = []
+
+    def close_while_locked():
+        with rig.arena._locked():
+            assert rig.arena.close(lambda: freed.append("freed")) is False  # queued, not a deadlock
+            assert freed == []
+
+    _in_thread(close_while_locked)
+    assert freed == ["freed"]
+    assert rig.arena.allocate(dispatch_parts(1), FakeStream("comm")) is None  # closed
+
+
+def test_a_release_while_another_thread_holds_the_lock_waits_and_lands():
+    rig = Rig()
+    holder = {"tensors": rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))}
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with rig.arena._locked():
+            entered.set()
+            leave.wait(10)
+
+    holder_thread = threading.Thread(target=hold_the_lock, daemon=True)
+    holder_thread.start()
+    assert entered.wait(10)
+    releaser = threading.Thread(target=lambda: holder.clear() or gc.collect(), daemon=True)
+    releaser.start()
+    releaser.join(0.5)
+    assert releaser.is_alive(), "the release did not wait for the lock"
+    leave.set()
+    holder_thread.join(10)
+    releaser.join(10)
+    assert not releaser.is_alive() and rig.arena.num_live_blocks == 0
+
+
+def test_a_release_survives_warnings_made_errors():
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))
+    rig.current = FakeStream("compute", capturing=True)  # the release warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del tensors
+        gc.collect()
+    assert rig.arena.num_live_blocks == 0 and rig.arena.quarantined_bytes > 0
+
+
+def test_a_block_whose_tensor_cannot_be_made_goes_back():
+    rig = Rig()
+
+    def broken_wrap(ptr, num_bytes, on_release):
+        raise RuntimeError("no tensor today")
+
+    rig.arena._wrap = broken_wrap
+    with pytest.raises(RuntimeError, match="no tensor today"):
+        rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))
+    assert rig.arena.num_live_blocks == 0
+    assert [(r.start, r.end) for r in rig.arena._free] == [(0, ARENA_BYTES)]
+
+
+def test_memory_a_graph_may_read_is_never_freed():
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))
+    rig.current = FakeStream("compute", capturing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        del tensors
+        gc.collect()
+    freed = []
+    assert rig.arena.close(lambda: freed.append("freed")) is False
+    assert freed == [], "freed memory that a captured graph may still read"
+
+
+def test_no_free_while_a_graph_is_being_captured():
+    """The free a closed arena's last release runs (test_close_frees_now_or_when_the_last_block_dies) is skipped
+    when the stream current there is capturing: a free would break the capture."""
+    rig = Rig()
+    freed = []
+    rig.current = FakeStream("compute", capturing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rig.arena._run_on_drained(lambda: freed.append("freed"))
+    assert freed == [] and any("capture" in str(w.message) for w in caught)
+    rig.current = FakeStream("compute")
+    rig.arena._run_on_drained(lambda: freed.append("freed"))
+    assert freed == ["freed"]
+
+
+def test_record_stream_finds_the_arena_of_any_result():
+    from deep_ep_py import recv_arena
+
+    rig = Rig()
+    tensors = rig.arena.allocate(dispatch_parts(2), FakeStream("comm"))
+    recv_arena.record_stream(tensors[0], FakeStream("other_buffer_comm"))
+    del tensors
+    gc.collect()
+    assert "other_buffer_comm" in {event.stream.name for event in rig.events}

@@ -129,13 +129,6 @@ class CudaBackend(ReferenceBackend):
             return super().combine(x, handle, topk_weights, bias, config=config)
         return kernels.combine(x, handle, topk_weights, bias, num_sms=config.num_sms)
 
-    def record_stream(self, tensor, stream) -> None:
-        """Dispatch results in the intranode receive arena are fenced by the arena (torch's record_stream does not
-        reach that memory, and with the cudaMallocAsync allocator fails on it); other tensors by torch."""
-        if self.intranode is not None and self.intranode.record_stream(tensor, stream):
-            return
-        tensor.record_stream(stream)
-
     # ----------------------------------------------------------------------------------------- low latency
 
     def _low_latency_takes(self, x: torch.Tensor, handle: LowLatencyHandle | None = None) -> bool:

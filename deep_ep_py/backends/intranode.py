@@ -405,12 +405,6 @@ class IntranodeKernels(RoundKernels):
                 self._arena_finalizer.detach()
                 _close_arena(arena_buffer, arena, collective=True)
 
-    def record_stream(self, tensor: torch.Tensor, stream: Any) -> bool:
-        """Tensor.record_stream for a dispatch result in the receive arena (torch's ignores that memory); False when
-        the tensor is not there."""
-        arena = self.recv_arena
-        return arena is not None and arena.contains(tensor) and arena.record_stream(tensor, stream)
-
 
 def _close_arena(arena_buffer: PeerMappedBuffer, arena: RecvArena, collective: bool) -> None:
     """Unmap the peers' arenas now (collectively, or at once from a finaliser); free this rank's arena memory when

@@ -473,8 +473,10 @@ class ReferenceBackend:
         self.exchange.barrier()
 
     def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
-        """tensor.record_stream(stream), for memory that a backend of kernels may own itself."""
-        tensor.record_stream(stream)
+        """tensor.record_stream(stream), through the receive arena for dispatch results that live in one."""
+        from ..recv_arena import record_stream
+
+        record_stream(tensor, stream)
 
     def destroy(self) -> None:
         """Release what the backend holds (the reference holds only host-side state)."""
