@@ -49,3 +49,32 @@ def _same_results(rank: int, num_ranks: int) -> None:
 
 def test_cuda_backend_routes_cpu_tensors_to_the_reference() -> None:
     launch(_same_results, 2, timeout_s=120.0)
+
+
+def _arena_on_two_nodes(rank: int, num_ranks: int) -> list[str]:
+    """With the opt-in kernels on but no buffers to build, a receive arena asked for on a group of two nodes is only
+    warned about: it serves the intranode kernels."""
+    import os
+    import warnings
+
+    from deep_ep_py.backends import BufferSizes
+    from deep_ep_py.backends.cuda import CudaBackend
+    from deep_ep_py.topology import Topology
+
+    os.environ["DEEP_EP_PY_UNVERIFIED_KERNELS"] = "1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cuda = CudaBackend(dist.group.WORLD, Topology(num_ranks, 1), BufferSizes(0, 0, False, False, 1 << 20))
+    assert cuda.intranode is None and cuda.internode is None
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_receive_arena_on_several_nodes_is_warned_about() -> None:
+    from deep_ep_py import _ext
+
+    if not _ext.has_kernels():
+        import pytest
+
+        pytest.skip(_ext.kernels_unavailable_reason())
+    for messages in launch(_arena_on_two_nodes, 2, timeout_s=120.0):
+        assert any("num_recv_arena_bytes" in m and "2 nodes" in m for m in messages), messages

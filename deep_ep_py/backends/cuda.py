@@ -16,6 +16,7 @@ What runs where:
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -46,6 +47,13 @@ class CudaBackend(ReferenceBackend):
         if not unverified_kernels_enabled():
             return
         # Collective construction: every rank of the group takes the same branches (same sizes, same topology).
+        if sizes.num_recv_arena_bytes > 0 and topology.num_nodes > 1:
+            warnings.warn(
+                f"num_recv_arena_bytes: the receive arena serves the intranode kernels only; this group spans "
+                f"{topology.num_nodes} nodes, so it is not allocated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if sizes.num_nvl_bytes > 0 and topology.num_nodes == 1:
             from .intranode import IntranodeKernels
 
