@@ -218,8 +218,9 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
         )
     if any(row.mode == ONE_COPY for row in rows):
         notes.append(
-            "one_copy_dispatch: the intranode dispatch on the same data with a receive arena (num_recv_arena_bytes):"
-            " senders write rows straight into the receivers' results; vs intranode = two-copy time / one-copy time"
+            "one_copy_*: the intranode calls on the same data with a receive arena (num_recv_arena_bytes): dispatch"
+            " senders write rows straight into the receivers' results, combine sources read them straight from"
+            " recv_x; vs intranode = rounds time / one-copy time"
         )
     if any(row.path == GRAPH_PATH for row in rows):
         notes.append(

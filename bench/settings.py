@@ -16,8 +16,8 @@ LOW_LATENCY = "low_latency"
 # Normal mode on the same data with R ranks emulating --nodes nodes (num_ranks_per_node = R / nodes, as
 # DEEP_EP_PY_RANKS_PER_NODE does): the hierarchical path, next to the intranode rows of the same rank count.
 INTERNODE = "internode"
-# Normal-mode dispatch on the same data with a receive arena (Buffer's num_recv_arena_bytes): the one-copy path of the
-# intranode kernels. Its combine is the normal one, so it has no combine row.
+# Normal mode on the same data with a receive arena (Buffer's num_recv_arena_bytes): the one-copy paths of the
+# intranode kernels.
 ONE_COPY = "one_copy"
 MODES = (NORMAL, ONE_COPY, INTERNODE, LOW_LATENCY)
 DEFAULT_NODES = 2
@@ -30,6 +30,7 @@ CASES: tuple[tuple[str, str, str, bool], ...] = (
     ("combine", NORMAL, "bf16", False),
     ("one_copy_dispatch", ONE_COPY, "bf16", False),
     ("one_copy_dispatch", ONE_COPY, "fp8", False),
+    ("one_copy_combine", ONE_COPY, "bf16", False),
     ("internode_dispatch", INTERNODE, "bf16", False),
     ("internode_dispatch", INTERNODE, "fp8", False),
     ("internode_combine", INTERNODE, "bf16", False),
@@ -69,8 +70,13 @@ BYTES_PER_CHANNEL = {
 #             rows (1) and writes the reduced token once (1 row per token)             = 3 per row, 1 per token.
 #             That is a combine in one round; when the staging holds fewer rows than a call moves, each further
 #             round also writes and reads a float32 partial sum per token (+4 rows per token a round), not counted.
-# One-copy intranode dispatch (receive arena): the sender reads the row of x (1) and writes it straight into the
-#             receiver's result tensor (1)                                             = 2 per row, 0 per token.
+# One-copy intranode kernels (receive arena):
+#   dispatch: the sender reads the row of x (1) and writes it straight into the receiver's result tensor (1)
+#                                                                                      = 2 per row, 0 per token.
+#   combine:  the source reads each row from the rank that holds it (1), and writes the sum once (1 per token)
+#                                                                                      = 1 per row, 1 per token.
+#             The bench combines recv_x, a dispatch result already in the arena; an input that is not gets copied
+#             in first (+2 per row).
 # Internode (hierarchical) normal kernels (csrc/internode): a token bound for node n goes once to its forwarder on n
 # (the rank of n with the source's local index; on the source's own node, the source itself), by direct stores
 # where the forwarder is P2P-mapped (always, on one GPU); every rank of n that needs it reads it from there.
@@ -108,6 +114,7 @@ class HbmDesign(NamedTuple):
 _INTRANODE_DISPATCH = HbmDesign(4.0, 0.0)
 _INTRANODE_COMBINE = HbmDesign(3.0, 1.0)
 _ONE_COPY_DISPATCH = HbmDesign(2.0, 0.0)
+_ONE_COPY_COMBINE = HbmDesign(1.0, 1.0)
 _INTERNODE_DISPATCH = HbmDesign(2.0, 0.0, 2.0)
 _INTERNODE_COMBINE = HbmDesign(3.0, 1.0, 2.0)
 _LL_DISPATCH_FP8 = HbmDesign(4.0, 1.0 + timing.BF16_BYTES_PER_CHANNEL / timing.FP8_BYTES_PER_CHANNEL)
@@ -116,6 +123,7 @@ HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
     ("dispatch", True): _INTRANODE_DISPATCH,
     ("combine", True): _INTRANODE_COMBINE,
     ("one_copy_dispatch", True): _ONE_COPY_DISPATCH,
+    ("one_copy_combine", True): _ONE_COPY_COMBINE,
     ("internode_dispatch", True): _INTERNODE_DISPATCH,
     ("internode_combine", True): _INTERNODE_COMBINE,
     ("ll_dispatch", True): _LL_DISPATCH_FP8,

@@ -253,9 +253,8 @@ def _normal_paths(
     paths = {
         (f"{prefix}dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
         (f"{prefix}dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
+        (f"{prefix}combine", "bf16", False): (combine, None, num_recv_tokens),
     }
-    if mode != ONE_COPY:
-        paths[(f"{prefix}combine", "bf16", False)] = (combine, None, num_recv_tokens)
     return paths, traffic
 
 
@@ -467,7 +466,7 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
         if mode == ONE_COPY and kernels_active and not buffer._backend.intranode.debug_one_copy_note():
             out["notes"].append(
                 "one_copy rows: the first dispatch did not go by the one-copy path (a rank's receive arena had no "
-                "room), so these rows may time the two-copy path"
+                "room), so these rows may time the rounds"
             )
     for key, (fn, setup, num_recv_rows) in paths.items():
         path, dtype, _ = key

@@ -26,6 +26,7 @@ EXPECTED_PATHS = [
     ("combine", "bf16"),
     ("one_copy_dispatch", "bf16"),
     ("one_copy_dispatch", "fp8"),
+    ("one_copy_combine", "bf16"),
     *INTERNODE_PATHS,
     ("ll_dispatch", "fp8"),
     ("ll_dispatch+hook", "fp8"),

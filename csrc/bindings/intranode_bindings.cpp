@@ -50,6 +50,21 @@ intranode::RecvBlock recv_block_in_arena(uintptr_t arena, size_t arena_bytes, in
     return block;
 }
 
+// The one-copy fields of DispatchArgs / CombineArgs: with recv_arena_ptrs (every rank's arena), one_copy, and this
+// rank's block: where `tensors` (x, scales, src_idx, topk_idx, topk_weights; 0 for absent) sit in its own arena
+// when in_arena, else none (num_rows -1).
+template <typename Args>
+void set_one_copy(Args& args, int rank, const std::vector<uintptr_t>& recv_arena_ptrs, size_t recv_arena_bytes,
+                  bool in_arena, int num_rows, const std::vector<uintptr_t>& tensors) {
+    args.one_copy = !recv_arena_ptrs.empty();
+    if (!args.one_copy) return;
+    EP_HOST_ASSERT(recv_arena_ptrs.size() <= static_cast<size_t>(intranode::kMaxRanks));
+    for (size_t r = 0; r < recv_arena_ptrs.size(); ++r) args.recv_arenas[r] = as_ptr<void>(recv_arena_ptrs[r]);
+    args.recv_block = intranode::RecvBlock{};
+    args.recv_block.num_rows = -1;
+    if (in_arena) args.recv_block = recv_block_in_arena(recv_arena_ptrs[rank], recv_arena_bytes, num_rows, tensors);
+}
+
 py::dict layout_constants() {
     py::dict constants;
     constants["max_ranks"] = intranode::kMaxRanks;
@@ -143,20 +158,10 @@ void register_intranode(py::module_& m) {
                                                num_recv_rows,
                                                pad_rows,
                                                num_local_experts,
-                                               num_sms,
-                                               !recv_arena_ptrs.empty(),
-                                               {},
-                                               {}};
-            if (args.one_copy) {
-                EP_HOST_ASSERT(recv_arena_ptrs.size() == peer_ptrs.size());
-                for (size_t r = 0; r < recv_arena_ptrs.size(); ++r)
-                    args.recv_arenas[r] = as_ptr<void>(recv_arena_ptrs[r]);
-                args.recv_block.num_rows = -1;
-                if (recv_in_arena)
-                    args.recv_block = recv_block_in_arena(recv_arena_ptrs[rank], recv_arena_bytes, num_recv_rows,
-                                                          {recv_x, recv_scales, recv_src_idx, recv_topk_idx,
-                                                           recv_topk_weights});
-            }
+                                               num_sms};
+            EP_HOST_ASSERT((recv_arena_ptrs.empty() || recv_arena_ptrs.size() == peer_ptrs.size()));
+            set_one_copy(args, rank, recv_arena_ptrs, recv_arena_bytes, recv_in_arena, num_recv_rows,
+                         {recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights});
             intranode::dispatch(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
                                 reinterpret_cast<cudaStream_t>(stream));
         },
@@ -179,8 +184,9 @@ void register_intranode(py::module_& m) {
            int hidden, uintptr_t x, int num_x_rows, uintptr_t topk_weights, int num_topk,
            uintptr_t rank_prefix_matrix, uintptr_t send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1,
            uintptr_t acc_x, uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
-           uintptr_t error_record, double timeout_s, uintptr_t stream) {
-            const intranode::CombineArgs args{num_rounds,
+           uintptr_t error_record, double timeout_s, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
+           size_t recv_arena_bytes, bool recv_in_arena) {
+            intranode::CombineArgs args{num_rounds,
                                               rows_per_round,
                                               hidden,
                                               as_ptr<const void>(x),
@@ -197,6 +203,9 @@ void register_intranode(py::module_& m) {
                                               as_ptr<void>(combined_x),
                                               as_ptr<float>(combined_weights),
                                               num_sms};
+            EP_HOST_ASSERT((recv_arena_ptrs.empty() || recv_arena_ptrs.size() == peer_ptrs.size()));
+            set_one_copy(args, rank, recv_arena_ptrs, recv_arena_bytes, recv_in_arena, num_x_rows,
+                         {x, 0, 0, 0, topk_weights});
             intranode::combine(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
                                reinterpret_cast<cudaStream_t>(stream));
         },
@@ -205,7 +214,11 @@ void register_intranode(py::module_& m) {
         py::arg("num_topk"), py::arg("rank_prefix_matrix"), py::arg("send_pos"), py::arg("num_tokens"),
         py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"), py::arg("acc_weights"), py::arg("combined_x"),
         py::arg("combined_weights"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
-        py::arg("stream"), "The rounds of a combine on `stream` (0 for absent tensors).");
+        py::arg("stream"), py::arg("recv_arena_ptrs") = std::vector<uintptr_t>{}, py::arg("recv_arena_bytes") = 0,
+        py::arg("recv_in_arena") = false,
+        "The rounds of a combine on `stream` (0 for absent tensors). With recv_arena_ptrs (every rank's receive "
+        "arena), a one-copy combine: recv_in_arena says x and topk_weights lie in this rank's arena; every source "
+        "then reads its rows straight from their ranks when every rank's do, else the rounds move them.");
 
     m.def(
         "intranode_barrier",

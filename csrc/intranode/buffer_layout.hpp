@@ -36,7 +36,8 @@ EP_HOST_DEVICE constexpr size_t align_up(size_t value, size_t alignment) {
 // Where a receiver's rows of one one-copy dispatch go: byte offsets into the receiver's receive arena (a second
 // IPC-mapped allocation, deep_ep_py/recv_arena.py), -1 for an output the call does not have. num_rows = -1: the
 // receiver has no block this call (its arena is full, or the call is being captured), and every rank then moves
-// the rows through staging instead.
+// the rows through staging instead. A one-copy combine publishes its input the same way: x (bf16 rows) and
+// topk_weights, the other offsets -1.
 struct RecvBlock {
     int64_t x;             // [num_rows, payload_bytes]
     int64_t scales;        // float32 [num_rows, num_scales]

@@ -32,11 +32,20 @@ struct CombineRoundParams {
     float* acc_weights;
     __nv_bfloat16* combined_x;
     float* combined_weights;
+    // One-copy combine: every rank's receive arena (where its published RecvBlock points), and whether this launch
+    // is one: then the round kernels and barriers do nothing when the publish kernel noted every rank's block.
+    void* recv_arenas[kMaxRanks];
+    bool one_copy;
 };
+
+__device__ __forceinline__ bool rows_go_by_one_copy(const CombineRoundParams& p) {
+    return p.one_copy && one_copy_noted(p.peers);
+}
 
 // Sender (the dispatch's receiver): row prefix_before(s) + round_start + j of x goes to slot (me, j) of source s,
 // the slot the dispatch took it from.
 __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRoundParams p) {
+    if (rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     __shared__ int s_first_row[kMaxRanks];
     const int num_ranks = p.peers.num_ranks;
@@ -75,6 +84,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
 // Time: with several rounds every token's accumulator is read and written each round; sizing the staging so one
 // round suffices, or reducing only tokens complete in a round, removes that.
 __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRoundParams p) {
+    if (rows_go_by_one_copy(p)) return;
     const int num_ranks = p.peers.num_ranks;
     const int lane = lane_idx();
     const bool is_first = p.round == 0;
@@ -134,6 +144,70 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRou
     }
 }
 
+// One-copy combine (the dispatch's source pulls): one warp per token. Rank d received token t as its row
+// prefix_before(me, d) + send_pos[t][d]; that row of d's combine input, published in d's arena, is read here over
+// NVLink and summed in float32, rank by rank from rank 0 and then the biases (the reference's order), with no
+// staging and no partial sums between rounds.
+__global__ void __launch_bounds__(kCopyThreads) combine_pull_kernel(CombineRoundParams p) {
+    if (!rows_go_by_one_copy(p)) return;
+    __shared__ const uint8_t* s_x[kMaxRanks];
+    __shared__ const float* s_weights[kMaxRanks];
+    __shared__ int s_first_row[kMaxRanks];
+    __shared__ int s_num_rows[kMaxRanks];
+    const int num_ranks = p.peers.num_ranks;
+    const int rank = p.peers.rank;
+    if (threadIdx.x < num_ranks) {
+        const int d = static_cast<int>(threadIdx.x);
+        const RecvBlock* block = &control_area(p.peers.base[d])->recv_block;
+        const uint8_t* base = static_cast<const uint8_t*>(p.recv_arenas[d]);
+        const int64_t x_offset = ptx::ld_volatile_global(&block->x);
+        const int64_t weights_offset = ptx::ld_volatile_global(&block->topk_weights);
+        s_x[d] = x_offset < 0 ? nullptr : base + x_offset;
+        s_weights[d] = weights_offset < 0 ? nullptr : reinterpret_cast<const float*>(base + weights_offset);
+        s_num_rows[d] = static_cast<int>(ptx::ld_volatile_global(&block->num_rows));
+        s_first_row[d] = prefix_before(p.rank_prefix_matrix, num_ranks, rank, d);
+    }
+    __syncthreads();
+    const int lane = lane_idx();
+    const int num_chunks = p.hidden / kBf16PerChunk;
+    const int64_t row_bytes = static_cast<int64_t>(p.hidden) * 2;
+    const int num_topk = p.row.num_topk;
+    for (int token = global_warp_idx(); token < p.num_tokens; token += num_global_warps()) {
+        int rows[kMaxRanks];
+#pragma unroll
+        for (int d = 0; d < kMaxRanks; ++d) {
+            rows[d] = -1;
+            if (d >= num_ranks) continue;
+            const int ordinal = p.send_pos[static_cast<int64_t>(token) * num_ranks + d];
+            const int row = s_first_row[d] + ordinal;
+            // Only past a rank that broke the protocol: never read outside its input.
+            if (ordinal >= 0 && row < s_num_rows[d] && s_x[d] != nullptr) rows[d] = row;
+        }
+        const int64_t row_offset = static_cast<int64_t>(token) * p.hidden;
+        for (int chunk = lane; chunk < num_chunks; chunk += 32) {
+            const int64_t offset = row_offset + static_cast<int64_t>(chunk) * kBf16PerChunk;
+            float acc[kBf16PerChunk] = {};
+#pragma unroll
+            for (int d = 0; d < kMaxRanks; ++d) {
+                if (rows[d] < 0) continue;
+                add_bf16_chunk(acc, __ldcg(reinterpret_cast<const int4*>(s_x[d] + rows[d] * row_bytes) + chunk));
+            }
+            if (p.bias0 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias0 + offset)));
+            if (p.bias1 != nullptr) add_bf16_chunk(acc, __ldg(reinterpret_cast<const int4*>(p.bias1 + offset)));
+            reinterpret_cast<int4*>(p.combined_x + offset)[0] = to_bf16_chunk(acc);
+        }
+        for (int k = lane; k < num_topk; k += 32) {
+            float acc = 0.0f;
+#pragma unroll
+            for (int d = 0; d < kMaxRanks; ++d) {
+                if (rows[d] < 0 || s_weights[d] == nullptr) continue;
+                acc += __ldcg(s_weights[d] + static_cast<int64_t>(rows[d]) * num_topk + k);
+            }
+            p.combined_weights[static_cast<int64_t>(token) * num_topk + k] = acc;
+        }
+    }
+}
+
 }  // namespace
 
 void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig& wait, cudaStream_t stream) {
@@ -160,6 +234,17 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
         EP_HOST_ASSERT_MSG(args.acc_x != nullptr, "several rounds need float32 partial sums");
         EP_HOST_ASSERT_MSG((args.num_topk == 0 || args.acc_weights != nullptr), "several rounds need partial weights");
     }
+    if (args.one_copy) {
+        for (int r = 0; r < peers.num_ranks; ++r)
+            EP_HOST_ASSERT_MSG(args.recv_arenas[r] != nullptr, "receive arena of rank ", r, " not mapped");
+        if (args.recv_block.num_rows >= 0) {
+            EP_HOST_ASSERT(args.recv_block.num_rows == args.num_x_rows);
+            EP_HOST_ASSERT_MSG((args.recv_block.x >= 0 && args.recv_block.x % 16 == 0),
+                               "combine rows must start 16-byte aligned in the arena");
+            EP_HOST_ASSERT_MSG((args.num_topk == 0 || args.num_x_rows == 0 || args.recv_block.topk_weights >= 0),
+                               "the combine weights must be in the arena with x");
+        }
+    }
     const CombineRowFormat row = CombineRowFormat::make(args.hidden, args.num_topk);
     const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
     EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
@@ -182,14 +267,24 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
                               args.acc_x,
                               args.acc_weights,
                               static_cast<__nv_bfloat16*>(args.combined_x),
-                              args.combined_weights};
+                              args.combined_weights,
+                              {},
+                              args.one_copy};
+    for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
+    if (args.one_copy) {
+        // publish, barrier (every input known), pull and sum, barrier (no rank reads this rank's input any more);
+        // the rounds below then return at once, unless some rank had no block.
+        launch_publish(peers, args.recv_block, wait, stream);
+        launch_kernel(copy_config, combine_pull_kernel, params);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+    }
     for (int round = 0; round < args.num_rounds; ++round) {
         params.round = round;
         launch_kernel(copy_config, combine_send_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
         launch_kernel(copy_config, combine_reduce_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
     }
 }
 

@@ -33,6 +33,16 @@ inline void check_peers(const PeerBuffers& peers) {
     for (int r = 0; r < peers.num_ranks; ++r) EP_HOST_ASSERT_MSG(peers.base[r] != nullptr, "rank ", r, " not mapped");
 }
 
+// Whether this call's rows go by the one-copy path: the note the publish kernel (launch_publish) left in the own
+// control area, earlier on this stream. Only for launches that ran the publish kernel.
+__device__ __forceinline__ bool one_copy_noted(const PeerBuffers& peers) {
+    return ptx::ld_volatile_global(&control_area(peers.base[peers.rank])->one_copy) != 0;
+}
+
+// One-copy publish (one block, notify.cu): this rank's block goes into its control area, a barrier, then the note of
+// whether every rank published one (num_rows >= 0). Every rank reads the same blocks, so every rank notes the same.
+void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const WaitConfig& wait, cudaStream_t stream);
+
 // One block running cross_rank_barrier (notify.cu); with skip_when_one_copy, none when the publish kernel of this
 // one-copy dispatch noted that its rows go by the one-copy path (the rounds' barriers then have nothing to order).
 void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,

@@ -40,10 +40,8 @@ struct DispatchRoundParams {
     bool one_copy;
 };
 
-// Whether the rows of this call went (or go) by the one-copy path: the publish kernel's note in the own control
-// area, written by an earlier kernel on this stream.
 __device__ __forceinline__ bool rows_go_by_one_copy(const DispatchRoundParams& p) {
-    return p.one_copy && ptx::ld_volatile_global(&control_area(p.peers.base[p.peers.rank])->one_copy) != 0;
+    return p.one_copy && one_copy_noted(p.peers);
 }
 
 __device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams& p) {
@@ -119,22 +117,6 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoun
     const int first_pad_row = num_real < 0 ? 0 : num_real;
     for (int out_row = first_pad_row + global_warp_idx(); out_row < p.num_recv_rows; out_row += num_global_warps()) {
         pad_dispatch_row(row, received_rows(p), out_row, lane);
-    }
-}
-
-// One-copy publish (one block): this rank's block goes into its control area, a barrier, then the note of whether
-// every rank published one. Every rank reads the same blocks, so every rank takes the same path.
-__global__ void __launch_bounds__(kBarrierThreads)
-    publish_recv_block_kernel(PeerBuffers peers, RecvBlock block, TimeoutContext timeout) {
-    ControlArea* own = control_area(peers.base[peers.rank]);
-    if (threadIdx.x == 0) own->recv_block = block;
-    // The barrier fences the store above before this rank's arrival is visible.
-    const bool arrived = cross_rank_barrier(peers, timeout, WaitSite::kIntranodePublishBarrier);
-    if (threadIdx.x == 0) {
-        int every_rank_has_a_block = arrived ? 1 : 0;
-        for (int r = 0; r < peers.num_ranks && every_rank_has_a_block; ++r)
-            every_rank_has_a_block = ptx::ld_volatile_global(&control_area(peers.base[r])->recv_block.num_rows) >= 0;
-        own->one_copy = every_rank_has_a_block;
     }
 }
 
@@ -261,8 +243,7 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
         // publish, barrier (every block known), send, barrier (rows have landed); the rounds below (copies and
         // barriers) then return at once, unless some rank had no block. They are launched all the same: the host
         // does not know which way the rows go.
-        launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, publish_recv_block_kernel,
-                      peers, args.recv_block, make_timeout_context(peers, wait));
+        launch_publish(peers, args.recv_block, wait, stream);
         launch_kernel(copy_config, dispatch_one_copy_kernel, params);
         launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream);
     }

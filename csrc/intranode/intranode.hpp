@@ -10,6 +10,10 @@
 // block is) -> barrier -> send -> barrier], one HBM read and one write per payload byte instead of two of each.
 // A receiver without a block this call publishes none; then every rank finds that after the publish barrier, the
 // one-copy send does nothing, and the rounds (launched after it in every one-copy dispatch) carry the rows.
+// One-copy combine (CombineArgs::one_copy) is the same in reverse: each rank publishes where its combine input
+// (and its top-k weights) sit in its arena, and every source reads the rows it sums straight from their ranks:
+// [publish -> barrier -> pull and sum -> barrier], one read of each row where the rounds write it into staging and
+// read it back.
 //
 // Only the barrier kernels (one block each) spin on other ranks; the copy kernels never wait, so ranks sharing one
 // GPU under MPS cannot deadlock on SM occupancy.
@@ -115,6 +119,12 @@ struct CombineArgs {
     void* combined_x;               // bf16 [T, hidden]
     float* combined_weights;        // [T, K] or nullptr
     int num_sms;
+    // One-copy mode: every rank's receive arena as this process sees it, and where this rank's x and topk_weights
+    // sit in its own arena (num_rows -1: they do not, and this call goes through staging on every rank). The
+    // source then reads every row it sums straight from the rank that holds it.
+    bool one_copy;
+    void* recv_arenas[kMaxRanks];
+    RecvBlock recv_block;
 };
 
 void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig& wait, cudaStream_t stream);

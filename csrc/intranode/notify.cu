@@ -96,10 +96,24 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
 
 __global__ void __launch_bounds__(kBarrierThreads)
     barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site, bool skip_when_one_copy) {
-    // The note is the same on every rank (dispatch.cu, publish), so every rank skips the same barriers and the
-    // epochs stay in step.
-    if (skip_when_one_copy && ptx::ld_volatile_global(&control_area(peers.base[peers.rank])->one_copy) != 0) return;
+    // The note is the same on every rank (publish_kernel), so every rank skips the same barriers and the epochs stay
+    // in step.
+    if (skip_when_one_copy && one_copy_noted(peers)) return;
     cross_rank_barrier(peers, timeout, site);
+}
+
+__global__ void __launch_bounds__(kBarrierThreads)
+    publish_kernel(PeerBuffers peers, RecvBlock block, TimeoutContext timeout) {
+    ControlArea* own = control_area(peers.base[peers.rank]);
+    if (threadIdx.x == 0) own->recv_block = block;
+    // The barrier fences the store above before this rank's arrival is visible.
+    const bool arrived = cross_rank_barrier(peers, timeout, WaitSite::kIntranodePublishBarrier);
+    if (threadIdx.x == 0) {
+        int every_rank_has_a_block = arrived ? 1 : 0;
+        for (int r = 0; r < peers.num_ranks && every_rank_has_a_block; ++r)
+            every_rank_has_a_block = ptx::ld_volatile_global(&control_area(peers.base[r])->recv_block.num_rows) >= 0;
+        own->one_copy = every_rank_has_a_block;
+    }
 }
 
 }  // namespace
@@ -108,6 +122,11 @@ void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite s
                     bool skip_when_one_copy) {
     launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, barrier_kernel, peers,
                   make_timeout_context(peers, wait), site, skip_when_one_copy);
+}
+
+void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const WaitConfig& wait, cudaStream_t stream) {
+    launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, publish_kernel, peers, block,
+                  make_timeout_context(peers, wait));
 }
 
 void barrier(const PeerBuffers& peers, const WaitConfig& wait, cudaStream_t stream) {

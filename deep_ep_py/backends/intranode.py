@@ -363,6 +363,9 @@ class IntranodeKernels(RoundKernels):
             num_tokens, hidden, num_topk, state.num_rounds > 1, device
         )
         biases = [_aligned(_on(b, device).contiguous()) for b in bias]
+        # Kept until the call returns: a staged copy goes back to the arena fenced after the kernels queued here.
+        x, topk_weights, in_arena = self._arena_combine_inputs(x, topk_weights, device)
+        arena = self.recv_arena_buffer
         self._ext.intranode_combine(
             **self._common(),
             num_rounds=state.num_rounds,
@@ -382,8 +385,33 @@ class IntranodeKernels(RoundKernels):
             combined_x=combined_x.data_ptr(),
             combined_weights=_ptr(combined_weights),
             num_sms=num_sms,
+            recv_arena_ptrs=list(arena.peer_ptrs) if arena is not None else [],
+            recv_arena_bytes=arena.num_bytes if arena is not None else 0,
+            recv_in_arena=in_arena,
         )
         return combined_x, combined_weights
+
+    def _arena_combine_inputs(
+        self, x: torch.Tensor, topk_weights: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(x, topk_weights, in_arena) for a one-copy combine: the inputs where they already lie in this rank's
+        receive arena (a dispatch's results), else copies in one block of it; or the inputs as given and False (no
+        arena, no room, or graph capture), and the rounds move the rows. A copy costs what the rounds' first pass
+        does (one read, one write) and saves their second and the partial sums between rounds."""
+        arena = self.recv_arena
+        if arena is None or torch.cuda.is_current_stream_capturing():
+            return x, topk_weights, False
+        inputs = [x, topk_weights]
+        to_copy = [i for i, t in enumerate(inputs) if t is not None and not arena.contains(t)]
+        if to_copy:
+            copies = arena.allocate(
+                [Part(tuple(inputs[i].shape), inputs[i].dtype) for i in to_copy], torch.cuda.current_stream(device)
+            )
+            if copies is None:
+                return x, topk_weights, False
+            for i, copy in zip(to_copy, copies):
+                inputs[i] = copy.copy_(inputs[i])
+        return inputs[0], inputs[1], True
 
     # -------------------------------------------------------------------------------------------- lifetime
 

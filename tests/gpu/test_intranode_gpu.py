@@ -155,10 +155,11 @@ class IntranodePath(KernelsPath):
 
 
 class IntranodeOneCopyPath(IntranodePath):
-    """The same kernels with a receive arena: dispatch results are arena blocks that peers write straight into.
-    ONE_COPY has room for every call: each dispatch must go by the one-copy path, its tensors in the arena.
-    ONE_COPY_STARVED fills the last rank's arena before the case: that rank gets no block, so every rank must move
-    every call's rows through the rounds (the others' results still in their arenas), exactly all the same."""
+    """The same kernels with a receive arena: dispatch results are arena blocks that peers write straight into, and
+    combine sources read their rows straight from the arenas (the input copied in when it is not a dispatch result).
+    ONE_COPY has room for every call: each dispatch and combine must go by the one-copy path, dispatch results in the
+    arena. ONE_COPY_STARVED fills the last rank's arena before the case: that rank gets no block, so every rank must
+    move every call's rows through the rounds (the others' results still in their arenas), exactly all the same."""
 
     def __init__(self, name: str, num_recv_arena_bytes: int, starve_last_rank: bool) -> None:
         self.name = name
@@ -192,6 +193,20 @@ class IntranodeOneCopyPath(IntranodePath):
         if check_note:
             # One-copy exactly when every rank's results got a block.
             check_equal(f"{where} one-copy note", kernels.debug_one_copy_note(), not self.starve_last_rank)
+
+    def combine_input(self, dispatched, combine_x):
+        """bf16 cases combine their dispatch's recv_x (in the arena: no copy before the pull), overwritten with
+        combine_x's values; fp8 cases (recv_x is fp8) pass combine_x, which the combine copies into the arena."""
+        recv_x = dispatched[0]
+        if recv_x.dtype != combine_x.dtype or recv_x.shape != combine_x.shape:
+            return combine_x
+        return recv_x.copy_(combine_x)
+
+    def after_combine(self, ctx, where: str, kernels) -> None:
+        from brute_force import check_equal
+
+        # One-copy exactly when every rank's input (and weights) got into its arena; the starved rank has no room.
+        check_equal(f"{where} combine one-copy note", kernels.debug_one_copy_note(), not self.starve_last_rank)
 
 
 INTRANODE = IntranodePath()
