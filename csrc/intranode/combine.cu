@@ -235,15 +235,10 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
         EP_HOST_ASSERT_MSG((args.num_topk == 0 || args.acc_weights != nullptr), "several rounds need partial weights");
     }
     if (args.one_copy) {
-        for (int r = 0; r < peers.num_ranks; ++r)
-            EP_HOST_ASSERT_MSG(args.recv_arenas[r] != nullptr, "receive arena of rank ", r, " not mapped");
-        if (args.recv_block.num_rows >= 0) {
-            EP_HOST_ASSERT(args.recv_block.num_rows == args.num_x_rows);
-            EP_HOST_ASSERT_MSG((args.recv_block.x >= 0 && args.recv_block.x % 16 == 0),
-                               "combine rows must start 16-byte aligned in the arena");
-            EP_HOST_ASSERT_MSG((args.num_topk == 0 || args.num_x_rows == 0 || args.recv_block.topk_weights >= 0),
-                               "the combine weights must be in the arena with x");
-        }
+        check_one_copy(peers, args.recv_arenas, args.recv_block, args.num_x_rows);
+        EP_HOST_ASSERT_MSG((args.recv_block.num_rows < 0 || args.num_topk == 0 || args.num_x_rows == 0 ||
+                            args.recv_block.topk_weights >= 0),
+                           "the combine weights must be in the arena with x");
     }
     const CombineRowFormat row = CombineRowFormat::make(args.hidden, args.num_topk);
     const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;

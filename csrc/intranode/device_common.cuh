@@ -39,6 +39,16 @@ __device__ __forceinline__ bool one_copy_noted(const PeerBuffers& peers) {
     return ptx::ld_volatile_global(&control_area(peers.base[peers.rank])->one_copy) != 0;
 }
 
+// Host checks of a one-copy launch: every rank's arena mapped; this rank's block (if any) holds num_rows rows whose
+// x starts 16-byte aligned (the kernels move rows in 16-byte chunks).
+inline void check_one_copy(const PeerBuffers& peers, void* const* recv_arenas, const RecvBlock& block, int num_rows) {
+    for (int r = 0; r < peers.num_ranks; ++r)
+        EP_HOST_ASSERT_MSG(recv_arenas[r] != nullptr, "receive arena of rank ", r, " not mapped");
+    if (block.num_rows < 0) return;
+    EP_HOST_ASSERT(block.num_rows == num_rows);
+    EP_HOST_ASSERT_MSG((block.x >= 0 && block.x % 16 == 0), "rows must start 16-byte aligned in the arena");
+}
+
 // One-copy publish (one block, notify.cu): this rank's block goes into its control area, a barrier, then the note of
 // whether every rank published one (num_rows >= 0). Every rank reads the same blocks, so every rank notes the same.
 void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const WaitConfig& wait, cudaStream_t stream);

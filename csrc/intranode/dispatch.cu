@@ -203,15 +203,7 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
     EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
                        " slots of ", row.stride, " bytes per rank do not fit the staging area");
-    if (args.one_copy) {
-        for (int r = 0; r < peers.num_ranks; ++r)
-            EP_HOST_ASSERT_MSG(args.recv_arenas[r] != nullptr, "receive arena of rank ", r, " not mapped");
-        if (args.recv_block.num_rows >= 0) {
-            EP_HOST_ASSERT(args.recv_block.num_rows == args.num_recv_rows);
-            EP_HOST_ASSERT_MSG((args.recv_block.x >= 0 && args.recv_block.x % 16 == 0),
-                               "received rows must start 16-byte aligned in the arena");
-        }
-    }
+    if (args.one_copy) check_one_copy(peers, args.recv_arenas, args.recv_block, args.num_recv_rows);
 
     DispatchRoundParams params{peers,
                                0,
