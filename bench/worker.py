@@ -185,6 +185,21 @@ def _one_copy_arena_bytes(cfg: BenchConfig, num_ranks: int) -> int:
     return deep_ep_py.Buffer.get_recv_arena_size_hint(cfg.tokens, cfg.hidden, num_ranks, cfg.topk, num_results=2)
 
 
+def _check_one_copy(buffer, paths: dict, out: dict) -> None:
+    """A note when the one-copy rows may time the rounds instead: the first dispatch, or an untimed combine of its
+    recv_x, found a rank without room in its receive arena."""
+    intranode = buffer._backend.intranode
+    for call, run in (("dispatch", None), ("combine", paths[("one_copy_combine", "bf16", False)][0])):
+        if run is not None:
+            run()
+        if not intranode.debug_one_copy_note():
+            out["notes"].append(
+                f"one_copy rows: the first {call} did not go by the one-copy path (a rank's receive arena had no "
+                "room), so these rows may time the rounds"
+            )
+            return
+
+
 def _random_routing(num_tokens: int, cfg: BenchConfig, device: torch.device):
     """x bf16 [T, H], topk_idx int64 [T, K] from random scores, topk_weights float32 [T, K] (positive)."""
     x = torch.randn(num_tokens, cfg.hidden, dtype=torch.bfloat16, device=device)
@@ -463,11 +478,8 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
         paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
     else:
         paths, traffic = _normal_paths(buffer, cfg, num_ranks, device, mode)
-        if mode == ONE_COPY and kernels_active and not buffer._backend.intranode.debug_one_copy_note():
-            out["notes"].append(
-                "one_copy rows: the first dispatch did not go by the one-copy path (a rank's receive arena had no "
-                "room), so these rows may time the rounds"
-            )
+        if mode == ONE_COPY and kernels_active:
+            _check_one_copy(buffer, paths, out)
     for key, (fn, setup, num_recv_rows) in paths.items():
         path, dtype, _ = key
         if rank == 0:

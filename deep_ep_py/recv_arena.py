@@ -120,6 +120,7 @@ class RecvArena:
         self._free: list[_FreeRange] = [_FreeRange(0, num_bytes, [])] if num_bytes >= ALIGNMENT else []
         self._live: dict[int, _LiveBlock] = {}  # start -> block some tensor still views
         self._num_quarantined_bytes = 0
+        self._num_blocks_allocated = 0
         self._closed = False
         self._on_drained: Callable[[], None] | None = None
         self._warned: set[str] = set()
@@ -195,6 +196,12 @@ class RecvArena:
             return len(self._live)
 
     @property
+    def num_blocks_allocated(self) -> int:
+        """Blocks handed out since the arena was made (for tests: which calls took one)."""
+        with self._locked():
+            return self._num_blocks_allocated
+
+    @property
     def quarantined_bytes(self) -> int:
         """Bytes released during CUDA-graph capture, never handed out again."""
         with self._locked():
@@ -222,6 +229,7 @@ class RecvArena:
             start, fences = self._take(total)
             if start is not None:
                 self._live[start] = _LiveBlock(start + total, [stream])
+                self._num_blocks_allocated += 1
             else:
                 live = sum(block.end - s for s, block in self._live.items())
                 num_live, quarantined = len(self._live), self._num_quarantined_bytes
@@ -230,9 +238,9 @@ class RecvArena:
                 "full",
                 f"deep_ep_py: the receive arena ({self.num_bytes} bytes: {live} held by {num_live} earlier results "
                 f"still alive, {quarantined} set aside after CUDA-graph capture) has no room for a {total}-byte "
-                "dispatch result; such dispatches move their rows twice (through the staging buffer) until room frees "
-                "up. A larger num_recv_arena_bytes, or dropping dispatch results sooner, keeps them on the one-copy "
-                "path.",
+                "dispatch result or combine input; such calls move their rows through the staging buffer until "
+                "room frees up. A larger num_recv_arena_bytes, or dropping dispatch results sooner, keeps them on "
+                "the one-copy path.",
             )
             return None
         try:

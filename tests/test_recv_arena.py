@@ -161,6 +161,7 @@ def test_no_room_gives_none_and_warns_once():
         assert rig.arena.allocate([Part((2 * ALIGNMENT,), torch.uint8)], stream) is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "num_recv_arena_bytes" in messages[0] and "1 earlier" in messages[0]
+    assert rig.arena.num_blocks_allocated == 1  # the calls that got None took nothing
     # What fits still fits.
     assert rig.arena.allocate([Part((ALIGNMENT,), torch.uint8)], stream) is not None
     del held

@@ -144,8 +144,8 @@ class IntranodeKernels(RoundKernels):
         device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[staging_offset:].fill_(byte)
 
     def debug_one_copy_note(self) -> bool:
-        """Test hook (synchronizes): whether the last one-copy dispatch found a block on every rank, i.e. its rows
-        went by the one-copy path rather than the rounds."""
+        """Test hook (synchronizes): whether the last one-copy dispatch or combine found a block on every rank, i.e.
+        its rows went by the one-copy path rather than the rounds."""
         torch.cuda.synchronize()
         offset = self._constants["one_copy_note_offset"]
         note = device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[offset : offset + 4]
@@ -402,7 +402,8 @@ class IntranodeKernels(RoundKernels):
         if arena is None or torch.cuda.is_current_stream_capturing():
             return x, topk_weights, False
         inputs = [x, topk_weights]
-        to_copy = [i for i, t in enumerate(inputs) if t is not None and not arena.contains(t)]
+        # Empty inputs publish no rows (and torch gives them a null pointer, even in the arena): nothing to copy.
+        to_copy = [i for i, t in enumerate(inputs) if t is not None and t.numel() > 0 and not arena.contains(t)]
         if to_copy:
             copies = arena.allocate(
                 [Part(tuple(inputs[i].shape), inputs[i].dtype) for i in to_copy], torch.cuda.current_stream(device)

@@ -89,10 +89,10 @@ class KernelsPath(abc.ABC):
         at the same point: captured = the dispatch was captured in a CUDA graph (outputs: the graph's);
         check_note = it was the last call on the kernels."""
 
-    def combine_input(self, dispatched, combine_x: torch.Tensor) -> torch.Tensor:
-        """The tensor a table case's combine passes, holding combine_x's values (dispatched: what the dispatch
-        returned); a path may place it elsewhere."""
-        return combine_x
+    def combine_inputs(self, kernels, dispatched, combine_x: torch.Tensor, combine_weights):
+        """(x, topk_weights) a table case's combine passes, holding the values of combine_x and combine_weights
+        (dispatched: what the dispatch returned); a path may place them elsewhere."""
+        return combine_x, combine_weights
 
     def after_combine(self, ctx, where: str, kernels) -> None:  # noqa: B027 (a hook; most paths need none)
         """Checks of the path's own after a table case's combine, on every rank at the same point."""
@@ -269,7 +269,8 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     ref_combined = reference.combine(combine_x, ref_handle, topk_weights=combine_weights, bias=biases or None)
     magnitude = path.combine_magnitude(reference, ref_handle, combine_x, biases)
     _poison_staging(ctx, kernels)
-    mine_combined = kernels.combine(path.combine_input(mine_out, combine_x), handle, combine_weights, biases, num_sms)
+    combine_in, weights_in = path.combine_inputs(kernels, mine_out, combine_x, combine_weights)
+    mine_combined = kernels.combine(combine_in, handle, weights_in, biases, num_sms)
     torch.cuda.synchronize()
     _compare_combine(path, where, ref_combined, mine_combined, magnitude)
     path.after_combine(ctx, where, kernels)

@@ -194,19 +194,28 @@ class IntranodeOneCopyPath(IntranodePath):
             # One-copy exactly when every rank's results got a block.
             check_equal(f"{where} one-copy note", kernels.debug_one_copy_note(), not self.starve_last_rank)
 
-    def combine_input(self, dispatched, combine_x):
-        """bf16 cases combine their dispatch's recv_x (in the arena: no copy before the pull), overwritten with
-        combine_x's values; fp8 cases (recv_x is fp8) pass combine_x, which the combine copies into the arena."""
+    def combine_inputs(self, kernels, dispatched, combine_x, combine_weights):
+        """bf16 cases combine their dispatch's recv_x, overwritten with combine_x's values, with its recv_topk_weights:
+        both in the arena, so the combine takes no block. fp8 cases (recv_x is fp8) pass combine_x and a copy of the
+        weights, neither in the arena: the combine copies both into one block. (back_to_back covers x copied alone.)"""
         recv_x = dispatched[0]
-        if recv_x.dtype != combine_x.dtype or recv_x.shape != combine_x.shape:
-            return combine_x
-        return recv_x.copy_(combine_x)
+        self._blocks_before = kernels.recv_arena.num_blocks_allocated
+        if recv_x.dtype == combine_x.dtype and recv_x.shape == combine_x.shape:
+            x, weights = recv_x.copy_(combine_x), combine_weights
+        else:
+            x, weights = combine_x, combine_weights.clone() if combine_weights is not None else None
+        needs_copy = [t for t in (x, weights) if t is not None and t.numel() > 0 and not kernels.recv_arena.contains(t)]
+        self._blocks_expected = 1 if needs_copy else 0
+        return x, weights
 
     def after_combine(self, ctx, where: str, kernels) -> None:
         from brute_force import check_equal
 
         # One-copy exactly when every rank's input (and weights) got into its arena; the starved rank has no room.
         check_equal(f"{where} combine one-copy note", kernels.debug_one_copy_note(), not self.starve_last_rank)
+        if not self.starve_last_rank:
+            taken = kernels.recv_arena.num_blocks_allocated - self._blocks_before
+            check_equal(f"{where} blocks the combine took for copies of its inputs", taken, self._blocks_expected)
 
 
 INTRANODE = IntranodePath()
