@@ -19,12 +19,13 @@ supplies what is intranode's own.
 
 from __future__ import annotations
 
+import normal_kernels_cases as cases
 import pytest
 from normal_kernels_cases import Case, KernelsPath, protocol_batch_cases, table_batch_cases, timeout_case
 
 from deep_ep_py import _ext
 from deep_ep_py.testing import launch
-from deep_ep_py.testing.batch import run_case
+from deep_ep_py.testing.batch import BatchCase, run_case
 
 torch = pytest.importorskip("torch")
 
@@ -226,6 +227,55 @@ ONE_COPY_STARVED = IntranodeOneCopyPath("intranode_one_copy_starved", 64 << 20, 
 STARVED_CASES = [case for case in CASES if case.name in ("random", "multi_round", "cached", "repeat_100", "worst")]
 
 
+REUSE_CASE = Case("reuse", (29, 7, 0, 18), drop_prob=0.2)
+NUM_REUSE_STEPS = 8
+
+
+def reuse_case(ctx, path: IntranodeOneCopyPath) -> None:
+    """One-copy blocks reused across calls with no host sync in between (odd steps use num_worst_tokens): each step
+    dispatches, combines its own recv_x (read straight from the arenas), and drops every result and the handle at
+    once, so the next step's dispatch (a fast peer's first) takes the same blocks while a rank delayed on the GPU may
+    still be reading them. Every step must equal the reference; some step must really have reused a block."""
+    from brute_force import check, check_equal
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    reference, kernels = cases._reference_and_kernels(ctx, path, REUSE_CASE)
+    steps = []
+    for step in range(NUM_REUSE_STEPS):
+        inp, num_experts = path.inputs(REUSE_CASE, num_ranks, rank, step)
+        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        layout = reference.get_dispatch_layout(topk_idx, num_experts)[:4]
+        num_worst = cases._total_tokens(ctx, inp.x.shape[0]) + 1 if step % 2 == 1 else 0
+        x = inp.x.cuda()
+        ref_out = cases._reference_dispatch(reference, x, layout, topk_idx, topk_weights, 1, num_worst)
+        with_weights = step % 3 != 2  # every third combine without top-k weights
+        ref_combined = reference.combine(ref_out[0], ref_out[4], topk_weights=ref_out[2] if with_weights else None)
+        kernel_layout = (layout[3], layout[0], layout[2], topk_idx, topk_weights)
+        steps.append((x, kernel_layout, num_worst, with_weights, ref_out, ref_combined))
+    torch.cuda.synchronize()
+    ctx.barrier()
+
+    results, block_ptrs = [], []
+    for step, (x, kernel_layout, num_worst, with_weights, *_) in enumerate(steps):
+        if step % num_ranks == rank:
+            torch.cuda._sleep(2_000_000)  # about a millisecond: this rank enters the step late
+        mine = kernels.dispatch(x, None, None, *kernel_layout, 1, num_worst, 8)
+        block_ptrs.append(mine[0].data_ptr())
+        kept = (mine[0].clone(), mine[3].clone())  # ordered on the stream before the block can go back
+        combined = kernels.combine(mine[0], mine[5], mine[3] if with_weights else None, (), 8)
+        results.append((kept, combined))
+        del mine  # every view of the block, the handle's included: the next dispatch may take it
+    torch.cuda.synchronize()
+    kernels._check_device_errors("one-copy reuse test")
+    check(len(set(block_ptrs)) < len(block_ptrs), f"no step reused an arena block: {block_ptrs}")
+    for step, ((recv_x, recv_weights), combined) in enumerate(results):
+        ref_out, ref_combined = steps[step][4], steps[step][5]
+        where = f"reuse step {step} {path.label(ctx)}"
+        check_equal(f"{where} recv_x", recv_x, ref_out[0])
+        check_equal(f"{where} recv_topk_weights", recv_weights, ref_out[2])
+        cases._compare_combine(path, where, ref_combined, combined, None)
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
@@ -233,9 +283,14 @@ def _batch(gpu_batch, num_ranks: int, path: IntranodePath = INTRANODE):
     """Every selected case of this module's `path` at num_ranks, in one launch."""
 
     def make_cases(selected):
+        extra = []
+        reuse_test = "test_intranode_one_copy_reuse_without_sync"
+        if path.name == ONE_COPY.name and selected(reuse_test, "num_ranks", num_ranks=num_ranks):
+            extra.append(BatchCase("reuse", reuse_case, (path,), run_s=path.run_s(2 * NUM_REUSE_STEPS)))
         return [
             *table_batch_cases(selected, path, f"test_{path.name}_matches_reference", num_ranks),
             *protocol_batch_cases(selected, path, num_ranks),
+            *extra,
         ]
 
     return gpu_batch((path.name, num_ranks), make_cases, num_ranks)
@@ -286,6 +341,11 @@ def test_intranode_one_copy_worst_tokens_too_small(require_gpu, gpu_batch, num_r
 @pytest.mark.gpu
 def test_intranode_one_copy_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks, ONE_COPY)["back_to_back"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_reuse_without_sync(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, ONE_COPY)["reuse"].assert_passed()
 
 
 @pytest.mark.gpu
