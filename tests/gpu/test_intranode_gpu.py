@@ -190,7 +190,8 @@ class IntranodeOneCopyPath(IntranodePath):
             check(not kernels.debug_one_copy_note(), f"{where}: a captured dispatch noted the one-copy path")
             return
         starved = self.starve_last_rank and ctx.rank == ctx.num_ranks - 1
-        check_equal(f"{where} recv_x in the receive arena", in_arena, not starved)
+        if outputs[0].numel() > 0:  # torch gives an empty tensor a null pointer, in the arena or not
+            check_equal(f"{where} recv_x in the receive arena", in_arena, not starved)
         if check_note:
             # One-copy exactly when every rank's results got a block.
             check_equal(f"{where} one-copy note", kernels.debug_one_copy_note(), not self.starve_last_rank)
