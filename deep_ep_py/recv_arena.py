@@ -56,7 +56,7 @@ class Part:
         count = 1
         for extent in self.shape:
             count *= extent
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 @dataclasses.dataclass

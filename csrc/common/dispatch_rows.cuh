@@ -8,9 +8,40 @@
 
 #include <cstdint>
 
+#include "exception.hpp"
 #include "rounds.cuh"
 
 namespace ep {
+
+// The host checks both dispatch launchers (intranode, internode) make on the arguments their DispatchArgs share by
+// name: rounds, row sizes, and the tensors a call with tokens or received rows must have. Tensors with no rows may
+// be null (torch gives zero-size tensors no storage).
+template <typename Args>
+void check_dispatch_row_args(const Args& args) {
+    EP_HOST_ASSERT(args.num_rounds >= 1);
+    EP_HOST_ASSERT(args.rows_per_round >= 1);
+    EP_HOST_ASSERT(args.payload_bytes > 0);
+    EP_HOST_ASSERT_MSG(args.payload_bytes % 16 == 0, "rows must be whole 16-byte chunks");
+    EP_HOST_ASSERT(args.num_scales >= 0);
+    EP_HOST_ASSERT(args.num_topk >= 0);
+    EP_HOST_ASSERT(args.num_tokens >= 0);
+    EP_HOST_ASSERT(args.num_recv_rows >= 0);
+    if (args.num_tokens > 0) {
+        EP_HOST_ASSERT(args.x != nullptr);
+        if (args.num_scales > 0) EP_HOST_ASSERT(args.x_scales != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_idx != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_weights != nullptr);
+    }
+    if (args.num_recv_rows > 0) {
+        EP_HOST_ASSERT(args.recv_x != nullptr);
+        if (args.num_scales > 0) EP_HOST_ASSERT(args.recv_scales != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_idx != nullptr);
+        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_weights != nullptr);
+    }
+    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
+    EP_HOST_ASSERT(args.num_local_experts >= 1);
+    EP_HOST_ASSERT(args.num_sms >= 1);
+}
 
 // Where a dispatch's received rows go (N_cap rows; pointers of absent outputs are null).
 struct ReceivedRows {

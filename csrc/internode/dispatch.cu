@@ -158,37 +158,16 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_pad_kernel(DispatchRoun
 
 void dispatch(const Buffers& buffers, const DispatchArgs& args, const WaitConfig& wait, cudaStream_t stream) {
     EP_HOST_ASSERT(wait.record != nullptr);
-    EP_HOST_ASSERT(args.num_rounds >= 1);
-    EP_HOST_ASSERT(args.rows_per_round >= 1);
-    EP_HOST_ASSERT(args.payload_bytes > 0);
-    EP_HOST_ASSERT_MSG(args.payload_bytes % 16 == 0, "rows must be whole 16-byte chunks");
-    EP_HOST_ASSERT(args.num_scales >= 0);
-    EP_HOST_ASSERT(args.num_topk >= 0);
-    EP_HOST_ASSERT(args.num_tokens >= 0);
-    EP_HOST_ASSERT(args.num_recv_rows >= 0);
+    check_dispatch_row_args(args);
     EP_HOST_ASSERT(args.num_forward_rows >= 0);
-    // Tensors with no rows may be null (torch gives zero-size tensors no storage).
     if (args.num_tokens > 0) {
-        EP_HOST_ASSERT(args.x != nullptr);
         EP_HOST_ASSERT(args.send_pos != nullptr);
         EP_HOST_ASSERT(args.node_send_list != nullptr);
-        if (args.num_scales > 0) EP_HOST_ASSERT(args.x_scales != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_idx != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_weights != nullptr);
     }
-    if (args.num_recv_rows > 0) {
-        EP_HOST_ASSERT(args.recv_x != nullptr);
-        EP_HOST_ASSERT(args.recv_node_slot != nullptr);
-        if (args.num_scales > 0) EP_HOST_ASSERT(args.recv_scales != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_idx != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_weights != nullptr);
-    }
+    if (args.num_recv_rows > 0) EP_HOST_ASSERT(args.recv_node_slot != nullptr);
     if (args.num_forward_rows > 0) EP_HOST_ASSERT(args.forward_mask != nullptr);
-    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
     EP_HOST_ASSERT(args.node_counts != nullptr);
     EP_HOST_ASSERT(args.num_rounds_device != nullptr);
-    EP_HOST_ASSERT(args.num_local_experts >= 1);
-    EP_HOST_ASSERT(args.num_sms >= 1);
     const View view = make_view(buffers, args.rows_per_round, args.dispatch_stride, args.combine_stride);
     const DispatchRowFormat row =
         DispatchRowFormat::make(args.payload_bytes, args.num_scales, args.num_topk, view.num_local_ranks);

@@ -173,32 +173,9 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(Dispatc
 void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConfig& wait, cudaStream_t stream) {
     check_peers(peers);
     EP_HOST_ASSERT(wait.record != nullptr);
-    EP_HOST_ASSERT(args.num_rounds >= 1);
-    EP_HOST_ASSERT(args.rows_per_round >= 1);
-    EP_HOST_ASSERT(args.payload_bytes > 0);
-    EP_HOST_ASSERT_MSG(args.payload_bytes % 16 == 0, "rows must be whole 16-byte chunks");
-    EP_HOST_ASSERT(args.num_scales >= 0);
-    EP_HOST_ASSERT(args.num_topk >= 0);
-    EP_HOST_ASSERT(args.num_tokens >= 0);
-    EP_HOST_ASSERT(args.num_recv_rows >= 0);
-    // Tensors with no rows may be null (torch gives zero-size tensors no storage).
-    if (args.num_tokens > 0) {
-        EP_HOST_ASSERT(args.x != nullptr);
-        EP_HOST_ASSERT(args.send_list != nullptr);
-        if (args.num_scales > 0) EP_HOST_ASSERT(args.x_scales != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_idx != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.topk_weights != nullptr);
-    }
-    if (args.num_recv_rows > 0) {
-        EP_HOST_ASSERT(args.recv_x != nullptr);
-        if (args.num_scales > 0) EP_HOST_ASSERT(args.recv_scales != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_idx != nullptr);
-        if (args.num_topk > 0) EP_HOST_ASSERT(args.recv_topk_weights != nullptr);
-    }
+    check_dispatch_row_args(args);
+    if (args.num_tokens > 0) EP_HOST_ASSERT(args.send_list != nullptr);
     EP_HOST_ASSERT(args.send_counts != nullptr);
-    EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
-    EP_HOST_ASSERT(args.num_local_experts >= 1);
-    EP_HOST_ASSERT(args.num_sms >= 1);
     const DispatchRowFormat row = DispatchRowFormat::make(args.payload_bytes, args.num_scales, args.num_topk);
     const size_t needed = static_cast<size_t>(peers.num_ranks) * args.rows_per_round * row.stride;
     EP_HOST_ASSERT_MSG(needed <= staging_bytes(peers.num_bytes), "rows_per_round ", args.rows_per_round,
