@@ -36,7 +36,7 @@ struct LayoutParams {
 // rank, or node); the lowest lane of each group counts it, so a token is counted once per destination even when
 // its top-k repeats an expert or hits several experts of one rank.
 __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_layout_kernel(LayoutParams p) {
-    extern __shared__ int smem_counts[];
+    EP_DYNAMIC_SHARED(int, smem_counts);
     const int num_counters = p.num_experts + p.num_ranks + p.num_nodes;
     int* expert_counts = p.num_tokens_per_expert;
     int* rank_counts = p.num_tokens_per_rank;

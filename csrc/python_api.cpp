@@ -50,7 +50,12 @@ py::dict build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// deep_ep_py._C, or deep_ep_py._C_emu: the same sources built for the CPU emulator (csrc/emu).
+#ifndef DEEP_EP_PY_MODULE_NAME
+#define DEEP_EP_PY_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(DEEP_EP_PY_MODULE_NAME, m) {
     m.doc() = "deep_ep_py CUDA kernels and runtime (raw device pointers as ints, streams as ints).";
     register_exception_translators();
     m.def("build_info", &build_info, "CUDA version, target archs and NVSHMEM version the module was built with.");

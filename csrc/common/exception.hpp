@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -187,6 +189,16 @@ CheckResult to_result(const ExprLhs<L>& expr) {
             printf("%s:%d: device assertion failed: %s (block %d, thread %d)\n", __FILE__, __LINE__, #cond,    \
                    static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));                               \
             asm volatile("trap;");                                                                             \
+        }                                                                                                      \
+    } while (0)
+#elif defined(DEEP_EP_PY_EMULATE)
+// The emulator's trap: the process dies with the same message (a GPU trap also ends the context).
+#define EP_DEVICE_ASSERT(cond)                                                                                 \
+    do {                                                                                                       \
+        if (!(cond)) {                                                                                         \
+            std::fprintf(stderr, "%s:%d: device assertion failed: %s (block %d, thread %d)\n", __FILE__,       \
+                         __LINE__, #cond, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));        \
+            std::abort();                                                                                      \
         }                                                                                                      \
     } while (0)
 #endif

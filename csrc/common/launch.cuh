@@ -3,10 +3,16 @@
 
 #include <cuda_runtime.h>
 
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
 #include "exception.hpp"
+
+// Dynamic shared memory (LaunchConfig::smem_bytes) as a `type*` named `name`; the emulator defines its own.
+#ifndef DEEP_EP_PY_EMULATE
+#define EP_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace ep {
 
@@ -24,6 +30,11 @@ struct LaunchConfig {
 template <typename... KernelParams, typename... Args>
 void launch_kernel(const LaunchConfig& config, void (*kernel)(KernelParams...), Args&&... args) {
     static_assert(sizeof...(KernelParams) == sizeof...(Args), "launch_kernel: argument count differs from kernel");
+#ifdef DEEP_EP_PY_EMULATE
+    // Every emulated thread gets its own copy of the parameters, as every GPU thread reads them from constant bank.
+    const std::tuple<std::decay_t<KernelParams>...> params(static_cast<KernelParams>(std::forward<Args>(args))...);
+    ep_emu::launch(config.grid, config.block, config.smem_bytes, [&] { std::apply(kernel, params); });
+#else
     if (config.smem_bytes > 48 * 1024) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(config.smem_bytes)));
@@ -42,6 +53,7 @@ void launch_kernel(const LaunchConfig& config, void (*kernel)(KernelParams...), 
         launch_config.numAttrs = 1;
     }
     CUDA_CHECK(cudaLaunchKernelEx(&launch_config, kernel, static_cast<KernelParams>(std::forward<Args>(args))...));
+#endif
 }
 
 // Supported compile-time values, in one spot. A kernel templated on one of these is instantiated for each listed

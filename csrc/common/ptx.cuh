@@ -8,6 +8,10 @@
 
 #include <cstdint>
 
+#ifdef DEEP_EP_PY_EMULATE
+#include "../emu/ptx_emu.hpp"
+#else
+
 namespace ep::ptx {
 
 // Nanoseconds from the global timer (same clock on all SMs of a GPU).
@@ -59,6 +63,12 @@ __device__ __forceinline__ void red_add_release_sys(uint64_t* ptr, uint64_t valu
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
+__device__ __forceinline__ int ld_relaxed_gpu(const int* ptr) {
+    int value;
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
 __device__ __forceinline__ void st_release_gpu(int* ptr, int value) {
     asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
@@ -76,6 +86,12 @@ __device__ __forceinline__ int atomic_add_release_sys(int* ptr, int value) {
 __device__ __forceinline__ int atomic_add_release_gpu(int* ptr, int value) {
     int old;
     asm volatile("atom.add.release.gpu.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(value) : "memory");
+    return old;
+}
+
+__device__ __forceinline__ int atomic_add_acq_rel_sys(int* ptr, int value) {
+    int old;
+    asm volatile("atom.add.acq_rel.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(value) : "memory");
     return old;
 }
 
@@ -110,3 +126,5 @@ __device__ __forceinline__ void st_no_allocate(int4* ptr, const int4& v) {
 }
 
 }  // namespace ep::ptx
+
+#endif  // DEEP_EP_PY_EMULATE

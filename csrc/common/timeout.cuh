@@ -56,6 +56,9 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
     const uint64_t start_ns = ptx::read_globaltimer();
     uint32_t num_polls = 0;
     while (keep_waiting()) {
+#ifdef DEEP_EP_PY_EMULATE
+        ep_emu::poll_yield();  // the thread this one waits for may be a fiber of the same OS thread
+#endif
         if ((++num_polls & 255u) != 0) continue;  // check the clock and the record every 256 polls
         const uint64_t waited_ns = ptx::read_globaltimer() - start_ns;
         if (waited_ns > ctx.timeout_ns) {

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
 // Every block first waits for all experts on unmasked ranks (thread i for experts i, i + 256, ...), then block b
 // reduces tokens b, b + grid, ...; the weights and validity of a token's top-k sit in dynamic shared memory.
 __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const CombineParams p) {
-    extern __shared__ float topk_weight_smem[];  // [K] weight, 0 where the choice is not summed
+    EP_DYNAMIC_SHARED(float, topk_weight_smem);  // [K] weight, 0 where the choice is not summed
     const Shape& shape = p.shape;
     const CombineArgs& args = p.args;
     const BufferLayout& layout = p.layout;

@@ -1,5 +1,5 @@
-// Device helpers shared by the low-latency kernels: memory-ordered loads/stores (peer signals are in
-// common/peer_signal.cuh) and the last-block election.
+// Device helpers shared by the low-latency kernels: timeouts, warp copies and the last-block election (memory-ordered
+// loads and stores are in common/ptx.cuh, peer signals in common/peer_signal.cuh).
 // Included by .cu files only (NVSHMEM device headers need relocatable device code).
 #pragma once
 
@@ -17,22 +17,6 @@ namespace ep::low_latency {
 
 constexpr int kNumWarpsPerBlock = 8;
 constexpr int kNumThreadsPerBlock = kNumWarpsPerBlock * 32;
-
-__device__ __forceinline__ void st_relaxed_gpu(uint64_t* ptr, uint64_t value) {
-    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ int atomic_add_acq_rel_sys(int* ptr, int value) {
-    int old;
-    asm volatile("atom.add.acq_rel.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(ptr), "r"(value) : "memory");
-    return old;
-}
-
-__device__ __forceinline__ int ld_relaxed_gpu(const int* ptr) {
-    int value;
-    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
-    return value;
-}
 
 __device__ __forceinline__ TimeoutContext timeout_context(const Launch& launch, int rank, int awaited_rank) {
     // channel = the rank waited for: the DeepEPTimeoutError then names the peer that never arrived.
@@ -53,7 +37,7 @@ __device__ __forceinline__ bool arrive_is_last_block(int* counter) {
     __shared__ int is_last;
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomic_add_acq_rel_sys(counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (threadIdx.x == 0) is_last = ptx::atomic_add_acq_rel_sys(counter, 1) == static_cast<int>(gridDim.x) - 1;
     __syncthreads();
     return is_last != 0;
 }

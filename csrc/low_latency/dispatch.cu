@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     if (arrive_is_last_block(num_finished_blocks)) {
         for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
              expert_idx += kNumThreadsPerBlock) {
-            const int count = min(ld_relaxed_gpu(next_slot + expert_idx), shape.num_max_tokens);
+            const int count = min(ptx::ld_relaxed_gpu(next_slot + expert_idx), shape.num_max_tokens);
             next_slot[expert_idx] = 0;
             const int dst_rank = expert_idx / num_local_experts;
             if (args.rank_mask[dst_rank] != 0) continue;
