@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .device import is_current_stream_capturing, is_kernel_tensor
+
 SKIP_VALUE_CHECKS_ENV = "DEEP_EP_PY_SKIP_VALUE_CHECKS"
 
 
@@ -64,7 +66,7 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
     and everywhere when DEEP_EP_PY_SKIP_VALUE_CHECKS=1."""
     if os.environ.get(SKIP_VALUE_CHECKS_ENV, "0") not in ("", "0"):
         return False
-    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not (is_kernel_tensor(tensor) and is_current_stream_capturing())
 
 
 def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:

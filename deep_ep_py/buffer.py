@@ -20,6 +20,7 @@ import torch.distributed as dist
 from . import _validate as check
 from . import buffer_checks as checks
 from . import config as ep_config
+from . import device as ep_device
 from .backends import BufferSizes, select_backend
 from .backends.reference import DispatchHandle, LowLatencyHandle
 from .config import (
@@ -168,9 +169,10 @@ class Buffer:
     # ------------------------------------------------------------------------------------- streams, buffers
 
     def get_comm_stream(self) -> Any:
-        """The stream the communication runs on: a torch.cuda.Stream, or a no-op stand-in without CUDA."""
+        """The stream the communication runs on: a torch.cuda.Stream, or a no-op stand-in without CUDA (and under the
+        CPU emulator of the kernels, whose launches are synchronous)."""
         if self._comm_stream is None:
-            self._comm_stream = torch.cuda.Stream() if torch.cuda.is_available() else CpuStream()
+            self._comm_stream = ep_device.new_stream() if ep_device.available() else CpuStream()
         return self._comm_stream
 
     def get_local_buffer_tensor(
@@ -205,7 +207,7 @@ class Buffer:
                     f"({total} bytes), got {tuple(size)} ({numel} elements)"
                 )
         if use_rdma_buffer not in self._local_buffers:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            device = ep_device.kernel_device() if ep_device.available() else "cpu"
             self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=device)
         raw = self._local_buffers[use_rdma_buffer][offset : offset + numel * element_size]
         view = raw.view(dtype)
@@ -227,7 +229,7 @@ class Buffer:
 
     def _run(
         self,
-        on_cuda: bool,
+        on_kernel_device: bool,
         work: Callable[[], Any],
         previous_event: EventOverlap | None,
         async_finish: bool,
@@ -243,16 +245,16 @@ class Buffer:
         check.check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         if allocate_on_comm_stream and not async_finish:
             raise ValueError("allocate_on_comm_stream: expected async_finish=True with it, got async_finish=False")
-        if not on_cuda:
+        if not on_kernel_device:
             result = work()
             return result, EventOverlap(EventHandle() if async_finish else None)
-        compute = torch.cuda.current_stream()
+        compute = ep_device.current_stream()
         comm = self.get_comm_stream()
         if previous_event is not None and previous_event.event is not None:
             previous_event.event.stream_wait(comm)
         else:
             comm.wait_stream(compute)
-        with torch.cuda.stream(comm):
+        with ep_device.stream(comm):
             result = work()
             done = EventHandle.recorded_on(comm)
         # Outputs were allocated on the communication stream and will be used on the compute stream.
@@ -260,7 +262,7 @@ class Buffer:
             self._backend.record_stream(tensor, compute)
         if async_finish:
             for tensor in inputs:
-                if tensor is not None and tensor.is_cuda:
+                if tensor is not None and ep_device.is_kernel_tensor(tensor):
                     self._backend.record_stream(tensor, comm)
             return result, EventOverlap(done, extra_tensors=[t for t in inputs if t is not None])
         done.current_stream_wait()
@@ -292,7 +294,7 @@ class Buffer:
         check.check_expert_ids("topk_idx", topk_idx, num_experts)
         return self._with_event(
             self._run(
-                topk_idx.is_cuda,
+                ep_device.is_kernel_tensor(topk_idx),
                 lambda: self._backend.get_dispatch_layout(topk_idx, num_experts),
                 previous_event,
                 async_finish,
@@ -364,7 +366,7 @@ class Buffer:
         hidden_bytes = hidden * max(values.element_size(), 2)
         config = checks.config_fits(self, config, self.get_dispatch_config(self.group_size), hidden_bytes)
         result, event = self._run(
-            values.is_cuda,
+            ep_device.is_kernel_tensor(values),
             lambda: self._backend.dispatch(
                 values,
                 scales,
@@ -415,7 +417,7 @@ class Buffer:
         rows, biases = checks.combine(handle, x, topk_weights, bias)
         config = checks.config_fits(self, config, self.get_combine_config(self.group_size), x.shape[1] * 2)
         (combined_x, combined_weights), event = self._run(
-            x.is_cuda,
+            ep_device.is_kernel_tensor(x),
             lambda: self._backend.combine(
                 x[:rows], handle, topk_weights[:rows] if topk_weights is not None else None, biases, config=config
             ),
@@ -477,7 +479,7 @@ class Buffer:
         )
         checks.flags(async_finish=async_finish, return_recv_hook=return_recv_hook)
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
-            x.is_cuda,
+            ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_dispatch(
                 x,
                 topk_idx,
@@ -532,7 +534,7 @@ class Buffer:
             use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
         )
         (combined, hook), event = self._run(
-            x.is_cuda,
+            ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_combine(
                 x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats
             ),
@@ -604,9 +606,9 @@ class Buffer:
 
 
 def _tensors_in(result: Any) -> list[torch.Tensor]:
-    """Every CUDA tensor in a (nested) result tuple, for record_stream."""
+    """Every tensor on the kernels' device (CUDA) in a (nested) result tuple, for record_stream."""
     if isinstance(result, torch.Tensor):
-        return [result] if result.is_cuda else []
+        return [result] if ep_device.is_kernel_tensor(result) else []
     if isinstance(result, (tuple, list)):
         return [t for item in result for t in _tensors_in(item)]
     return []

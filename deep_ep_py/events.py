@@ -1,7 +1,8 @@
 """CUDA events and the overlap wrapper that DeepEP V1's callers pass around.
 
 On a machine without CUDA both classes keep the same interface and do nothing: the reference backend runs
-synchronously there, so there is never anything to wait for.
+synchronously there, so there is never anything to wait for. Under the CPU emulator of the kernels the events are
+deep_ep_py.device's stand-ins, complete as soon as recorded.
 """
 
 from __future__ import annotations
@@ -11,28 +12,29 @@ from typing import Any
 
 import torch
 
-
-def _cuda_usable() -> bool:
-    return torch.cuda.is_available()
+from . import device
+from .device import CpuStream  # noqa: F401  (re-exported: deep_ep_py.events.CpuStream is where callers find it)
 
 
 class EventHandle:
     """A CUDA event recorded on the current stream when constructed with no argument.
 
-    `event` is the underlying torch.cuda.Event, or None on a machine without CUDA.
+    `event` is the underlying torch.cuda.Event (a device.CpuEvent under emulation), or None on a machine without
+    CUDA.
     """
 
-    def __init__(self, event: torch.cuda.Event | None = None) -> None:
-        if event is None and _cuda_usable():
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
+    def __init__(self, event: Any = None) -> None:
+        if event is None and device.available():
+            event = device.new_event()
+            event.record(device.current_stream())
         self.event = event
 
     @classmethod
     def recorded_on(cls, stream: Any) -> EventHandle:
-        """An event recorded on `stream` when it is a CUDA stream, else on the current stream (if any)."""
-        if isinstance(stream, torch.cuda.Stream):
-            event = torch.cuda.Event()
+        """An event recorded on `stream` when it is a stream of the kernels' device, else on the current stream (if
+        any)."""
+        if device.is_stream(stream):
+            event = device.new_event()
             event.record(stream)
             return cls(event)
         return cls()
@@ -40,10 +42,10 @@ class EventHandle:
     def current_stream_wait(self) -> None:
         """Make the current CUDA stream wait for this event (no-op without CUDA)."""
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            device.current_stream().wait_event(self.event)
 
     def stream_wait(self, stream: Any) -> None:
-        if self.event is not None and isinstance(stream, torch.cuda.Stream):
+        if self.event is not None and device.is_stream(stream):
             stream.wait_event(self.event)
 
     def __repr__(self) -> str:
@@ -76,19 +78,3 @@ class EventOverlap:
 
     def __repr__(self) -> str:
         return f"EventOverlap(event={self.event!r})"
-
-
-class CpuStream:
-    """Stands in for the communication stream where there is no CUDA: the reference backend is synchronous."""
-
-    def synchronize(self) -> None:
-        pass
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return "CpuStream()"

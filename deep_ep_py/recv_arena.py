@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import device as ep_device
 from .config import RECV_ARENA_PART_ALIGNMENT
 
 __all__ = ["Part", "RecvArena", "record_stream"]
@@ -85,10 +86,11 @@ class RecvArena:
     """Blocks of [base_ptr, base_ptr + num_bytes) on `device` as torch tensors.
 
     `wrap(ptr, num_bytes, on_release)` -> uint8 tensor [num_bytes] over that memory whose death calls on_release()
-    (deep_ep_py._C.dlpack_view through torch.from_dlpack by default). `current_stream()` -> the stream current where
+    (the extension's dlpack_view through torch.from_dlpack by default). `current_stream()` -> the stream current where
     a block is released. `is_capturing(stream)` -> whether that stream is being captured into a CUDA graph.
     `new_event()` -> an object with record(stream) and query() that a stream can wait_event() on (torch.cuda.Event).
-    The last three exist so that tests can run the bookkeeping on the CPU.
+    The last three exist so that tests can run the bookkeeping on the CPU; their defaults are deep_ep_py.device's,
+    which are the CPU emulator's where it runs the kernels.
     """
 
     def __init__(
@@ -107,10 +109,10 @@ class RecvArena:
         self.base_ptr = base_ptr
         self.num_bytes = num_bytes
         self.device = device
-        self._wrap = wrap if wrap is not None else functools.partial(_wrap_cuda, device)
-        self._current_stream = current_stream or functools.partial(torch.cuda.current_stream, device)
+        self._wrap = wrap if wrap is not None else functools.partial(_wrap_device_memory, device)
+        self._current_stream = current_stream or functools.partial(ep_device.current_stream, device)
         self._is_capturing = is_capturing or _stream_is_capturing
-        self._new_event = new_event or torch.cuda.Event
+        self._new_event = new_event or ep_device.new_event
         self._lock = threading.Lock()
         # Per thread: inside a locked section of this arena (set before the lock is taken, cleared after it is let
         # go), where a release or close that the garbage collector runs may only queue.
@@ -372,20 +374,25 @@ class RecvArena:
 
 def record_stream(tensor: torch.Tensor, stream: Any) -> None:
     """Tensor.record_stream for any tensor: through the arena that holds it (torch's own ignores arena memory, and
-    fails on it with the cudaMallocAsync allocator), else torch's."""
+    fails on it with the cudaMallocAsync allocator), else torch's (nothing for CPU memory: see device.record_stream)."""
     for arena in list(_ARENAS):
         if arena.contains(tensor) and arena.record_stream(tensor, stream):
             return
-    tensor.record_stream(stream)
+    ep_device.record_stream(tensor, stream)
 
 
 def _stream_is_capturing(stream: Any) -> bool:
-    with torch.cuda.stream(stream):
-        return torch.cuda.is_current_stream_capturing()
+    with ep_device.stream(stream):
+        return ep_device.is_current_stream_capturing()
 
 
-def _wrap_cuda(device: torch.device, ptr: int, num_bytes: int, on_release: Callable[[], None]) -> torch.Tensor:
+# DLPack's device types: the arena is device memory on a GPU, host memory under the CPU emulator.
+_DLPACK_DEVICE_TYPES = {"cpu": 1, "cuda": 2}
+
+
+def _wrap_device_memory(device: torch.device, ptr: int, num_bytes: int, on_release: Callable[[], None]) -> torch.Tensor:
     from ._ext import load_extension
 
-    capsule = load_extension().dlpack_view(ptr, num_bytes, 2, device.index, on_release)
+    device_type = _DLPACK_DEVICE_TYPES[device.type]
+    capsule = load_extension().dlpack_view(ptr, num_bytes, device_type, device.index or 0, on_release)
     return torch.from_dlpack(capsule)

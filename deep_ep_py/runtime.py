@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import collections.abc
+import ctypes
 import os
 import socket
 import weakref
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ext
+from . import device as ep_device
 from .errors import DeepEPError
 
 __all__ = [
@@ -66,10 +68,11 @@ _SYMMETRIC_SIZE_GRANULARITY = 2 << 20
 
 
 def _require_gpu_extension(what: str) -> ModuleType:
-    """The loaded _C, or DeepEPError naming what is missing (extension or CUDA device)."""
+    """The loaded _C (_C_emu under emulation), or DeepEPError naming what is missing (extension or CUDA device)."""
     extension = _ext.load_extension()
     if extension is None:
-        raise DeepEPError(f"{what} needs the CUDA extension deep_ep_py._C: {_ext.kernels_unavailable_reason()}")
+        kind = "CPU emulator" if _ext.emulated() else "CUDA extension"
+        raise DeepEPError(f"{what} needs the {kind} {_ext.extension_name()}: {_ext.kernels_unavailable_reason()}")
     if extension.device_count() < 1:
         raise DeepEPError(f"{what} needs a CUDA device: {extension.gpu_status()}")
     return extension
@@ -87,9 +90,12 @@ def _group_rank_and_size(group: Any) -> tuple[int, int]:
 def device_bytes_view(ptr: int, num_bytes: int) -> torch.Tensor:
     """A uint8 CUDA tensor [num_bytes] over the device memory at ptr (own or peer-mapped), without a copy and
     without ownership: keep the owner (PeerMappedBuffer, NvshmemContext) open while the view is used. For tests
-    and debugging; kernels take raw pointers."""
+    and debugging; kernels take raw pointers. Under the CPU emulator the device memory is host memory, and the
+    view a CPU tensor."""
     if ptr == 0 or num_bytes <= 0:
         raise ValueError(f"device_bytes_view: need a non-null pointer and num_bytes > 0, got {ptr:#x}, {num_bytes}")
+    if ep_device.emulated():
+        return torch.frombuffer((ctypes.c_uint8 * num_bytes).from_address(ptr), dtype=torch.uint8)
 
     class _CudaArray:
         # torch.as_tensor imports device memory described by __cuda_array_interface__ (finds the device from the
@@ -218,7 +224,7 @@ class PeerMappedBuffer:
         self._closed = True
         try:
             # The kernels that used the buffers were issued on streams: drain them before anyone frees.
-            torch.cuda.synchronize()
+            ep_device.synchronize()
             if dist.is_initialized():
                 dist.barrier(group=self._group)
         finally:
@@ -314,7 +320,7 @@ class NvshmemContext:
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         num_local_ranks = hosts.count(socket.gethostname())
         if share_gpu is None:
-            share_gpu = ranks_share_gpu(num_local_ranks, torch.cuda.device_count())
+            share_gpu = ranks_share_gpu(num_local_ranks, ep_device.device_count())
         self.env_set = nvshmem_env_updates(
             os.environ,
             num_symmetric_bytes=num_symmetric_bytes,

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import deep_ep_py
+from deep_ep_py import device as ep_device
 
 
 def backend_kwargs(backend: str | None) -> dict:
@@ -62,14 +63,16 @@ def dispatch_past_worst_tokens(
     kernels: Any, reference: deep_ep_py.Buffer, inp: Any, num_experts: int, rank: int
 ) -> str:
     """Kernel dispatch of `inp` (make_rank_inputs, on CPU) with num_worst_tokens = 1 on every rank: a rank that
-    receives more rows must find a capacity record naming both counts (DeepEPError, not a timeout) once the GPU is
-    done; a rank that receives at most one row must find none. Returns the message ("" for none)."""
+    receives more rows must find a capacity record naming both counts (DeepEPError, not a timeout) once the device
+    (a GPU, or the CPU emulator) is done; a rank that receives at most one row must find none. Returns the message
+    ("" for none)."""
     from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
 
-    topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+    kernel_device = ep_device.kernel_device()
+    x, topk_idx, topk_weights = (t.to(kernel_device) for t in (inp.x, inp.topk_idx, inp.topk_weights))
     per_rank, per_node, per_expert, in_rank, _ = reference.get_dispatch_layout(topk_idx, num_experts)
     recv_x = reference.dispatch(
-        inp.x.cuda(),
+        x,
         num_tokens_per_rank=per_rank,
         num_tokens_per_rdma_rank=per_node,
         is_token_in_rank=in_rank,
@@ -78,8 +81,8 @@ def dispatch_past_worst_tokens(
         topk_weights=topk_weights,
     )[0]
     num_recv_rows = int(recv_x.shape[0])
-    kernels.dispatch(inp.x.cuda(), None, None, in_rank, per_rank, per_expert, topk_idx, topk_weights, 1, 1, 8)
-    torch.cuda.synchronize()
+    kernels.dispatch(x, None, None, in_rank, per_rank, per_expert, topk_idx, topk_weights, 1, 1, 8)
+    ep_device.synchronize()
     message = ""
     try:
         kernels._check_device_errors("the num_worst_tokens test")

@@ -28,8 +28,11 @@ void register_device(py::module_& m) {
 }
 
 void register_waits(py::module_& m) {
+    // module_local: deep_ep_py._C and its CPU emulator _C_emu bind the same C++ types, and one process may load both
+    // (the test session decides where the GPU tier runs after loading _C).
     py::class_<ErrorRecord>(m, "ErrorRecord",
-                            "Host-mapped record where a timed-out device wait leaves rank, channel and wait site.")
+                            "Host-mapped record where a timed-out device wait leaves rank, channel and wait site.",
+                            py::module_local())
         .def(py::init<>())
         .def_property_readonly("device_ptr", &ErrorRecord::device_ptr)
         .def_property_readonly("host_ptr", &ErrorRecord::host_ptr)
@@ -38,7 +41,8 @@ void register_waits(py::module_& m) {
              "Raise DeepEPTimeoutError if a kernel recorded a timeout; `what` names the operation that checked.")
         .def("reset", &ErrorRecord::reset);
 
-    py::class_<HostCounters>(m, "HostCounters", "Host-mapped int32 counters written by kernels, polled by the host.")
+    py::class_<HostCounters>(m, "HostCounters", "Host-mapped int32 counters written by kernels, polled by the host.",
+                             py::module_local())
         .def(py::init<int>(), py::arg("num_counters"))
         .def("__len__", &HostCounters::size)
         .def_property_readonly("device_ptr", &HostCounters::device_ptr)

@@ -1,4 +1,5 @@
-"""Backend choice: the CUDA kernels where they are built and a GPU exists, else the reference."""
+"""Backend choice: the CUDA kernels where they are built and a GPU exists (or, under DEEP_EP_PY_EMULATE_DEVICE=1,
+where their CPU emulator is built), else the reference."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ What runs where:
   DEEP_EP_PY_UNVERIFIED_KERNELS=1. They have been compiled but have not yet run on a GPU; until they pass the GPU
   tier (scripts/gpu_check.sh) the default is the reference implementation, which gives the same results at
   reference speed.
-- anything on CPU tensors, and handles made by the reference: the reference.
+- anything on tensors off the kernels' device (CPU tensors, unless the CPU emulator runs the kernels: see
+  deep_ep_py.device), and handles made by the reference: the reference.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from .._ext import load_extension
 from ..config import Config
+from ..device import current_stream, is_kernel_tensor
 from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
 # What the layout kernel's warp-per-token scheme supports (csrc/layout.cu).
@@ -89,7 +91,7 @@ class CudaBackend(ReferenceBackend):
     # ------------------------------------------------------------------------------------------------ layout
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        if not unverified_kernels_enabled() or not topk_idx.is_cuda or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
+        if not unverified_kernels_enabled() or not is_kernel_tensor(topk_idx) or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
             return super().get_dispatch_layout(topk_idx, num_experts)
         num_tokens, num_topk = topk_idx.shape
         device = topk_idx.device
@@ -110,7 +112,7 @@ class CudaBackend(ReferenceBackend):
             num_tokens_per_rdma_rank.data_ptr() if num_tokens_per_rdma_rank is not None else 0,
             num_tokens_per_expert.data_ptr(),
             is_token_in_rank.data_ptr(),
-            torch.cuda.current_stream(device).cuda_stream,
+            current_stream(device).cuda_stream,
         )
         return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
 
@@ -118,9 +120,9 @@ class CudaBackend(ReferenceBackend):
 
     def _normal_kernels(self, x: torch.Tensor, handle: DispatchHandle | None):
         """The normal-mode kernels (intranode or internode, whichever this topology built) that take this call, or
-        None for the reference: CPU tensors, and handles the kernels did not make."""
+        None for the reference: tensors off the kernels' device, and handles the kernels did not make."""
         kernels = self.intranode if self.intranode is not None else self.internode
-        if kernels is None or not x.is_cuda:
+        if kernels is None or not is_kernel_tensor(x):
             return None
         return kernels if handle is None or kernels.owns(handle) else None
 
@@ -140,7 +142,7 @@ class CudaBackend(ReferenceBackend):
     # ----------------------------------------------------------------------------------------- low latency
 
     def _low_latency_takes(self, x: torch.Tensor, handle: LowLatencyHandle | None = None) -> bool:
-        if self.low_latency is None or not x.is_cuda:
+        if self.low_latency is None or not is_kernel_tensor(x):
             return False
         return handle is None or self.low_latency.owns(handle)
 

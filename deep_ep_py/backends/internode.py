@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..device import current_stream, is_current_stream_capturing, record_stream, synchronize
 from ..errors import DeepEPError
 from ..runtime import device_bytes_view
 from ..topology import Topology
@@ -125,7 +126,7 @@ class InternodeKernels(RoundKernels):
             **self._buffer_args(),
             "error_record": self.error_record.device_ptr,
             "timeout_s": self._timeout_s(),
-            "stream": torch.cuda.current_stream().cuda_stream,
+            "stream": current_stream().cuda_stream,
         }
 
     def rows_per_round(self, hidden: int, num_topk: int) -> tuple[int, int]:
@@ -263,7 +264,7 @@ class InternodeKernels(RoundKernels):
             )
         rows_per_round, dispatch_stride = self.rows_per_round(hidden, num_topk)
         _, combine_stride = self._ext.internode_strides(hidden, num_topk, self.num_local_ranks)
-        if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
+        if num_worst_tokens == 0 and is_current_stream_capturing():
             # Checked before any launch: the host would wait for counts from a kernel that is only captured.
             raise ValueError(
                 "num_worst_tokens: expected > 0 inside CUDA graph capture (a dispatch without it waits on the host "
@@ -271,8 +272,7 @@ class InternodeKernels(RoundKernels):
             )
         # The notify kernel reads num_tokens_per_expert on this (communication) stream, possibly after the call
         # returns, and Buffer does not keep it alive: keep its memory from being reused before that read.
-        if num_tokens_per_expert.is_cuda:
-            num_tokens_per_expert.record_stream(torch.cuda.current_stream(device))
+        record_stream(num_tokens_per_expert, current_stream(device))
         is_token_in_rank = on_device(is_token_in_rank, device).contiguous()
         num_tokens_per_expert = on_device(num_tokens_per_expert, device).contiguous()
 
@@ -413,5 +413,5 @@ class InternodeKernels(RoundKernels):
         buffer_ptr = getattr(self, "buffer_ptr", 0)
         if buffer_ptr:
             self.buffer_ptr = 0
-            torch.cuda.synchronize()
+            synchronize()
             self.nvshmem_context.free(buffer_ptr)

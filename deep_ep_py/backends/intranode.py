@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..device import current_stream, is_current_stream_capturing, kernel_device, record_stream, synchronize
 from ..recv_arena import Part, RecvArena
 from ..runtime import PeerMappedBuffer, device_bytes_view
 from ..topology import Topology
@@ -105,7 +106,7 @@ class IntranodeKernels(RoundKernels):
             self.recv_arena = RecvArena(
                 self.recv_arena_buffer.local_ptr,
                 num_recv_arena_bytes,
-                torch.device("cuda", torch.cuda.current_device()),
+                kernel_device(),
             )
             # Dropped without destroy(): results may still view the arena, so its memory outlives this object and
             # is freed with the last of them (PeerMappedBuffer's own finaliser would free it at once).
@@ -122,7 +123,7 @@ class IntranodeKernels(RoundKernels):
             "rank": self.rank,
             "error_record": self.error_record.device_ptr,
             "timeout_s": self._timeout_s(),
-            "stream": torch.cuda.current_stream().cuda_stream,
+            "stream": current_stream().cuda_stream,
         }
 
     def rows_per_round(self, hidden: int, num_topk: int) -> tuple[int, int]:
@@ -146,7 +147,7 @@ class IntranodeKernels(RoundKernels):
     def debug_one_copy_note(self) -> bool:
         """Test hook (synchronizes): whether the last one-copy dispatch or combine found a block on every rank, i.e.
         its rows went by the one-copy path rather than the rounds."""
-        torch.cuda.synchronize()
+        synchronize()
         offset = self._constants["one_copy_note_offset"]
         note = device_bytes_view(self.buffer.local_ptr, self.num_nvl_bytes)[offset : offset + 4]
         return bool(note.view(torch.int32).item())
@@ -199,7 +200,7 @@ class IntranodeKernels(RoundKernels):
                     f"kernels, got {num_local_experts}"
                 )
             rows_per_round, slot_bytes = self.rows_per_round(hidden, num_topk)
-            if num_worst_tokens == 0 and torch.cuda.is_current_stream_capturing():
+            if num_worst_tokens == 0 and is_current_stream_capturing():
                 # Checked before any launch: the host would wait for counts from a kernel that is only captured.
                 raise ValueError(
                     "num_worst_tokens: expected > 0 inside CUDA graph capture (a dispatch without it waits on the "
@@ -208,8 +209,7 @@ class IntranodeKernels(RoundKernels):
             # The notify kernel (or a copy below) reads num_tokens_per_expert on this (communication) stream, possibly
             # after the call returns (num_worst_tokens > 0 with async_finish), and Buffer does not list it among the
             # inputs it keeps alive: keep its memory from being reused before that read.
-            if num_tokens_per_expert.is_cuda:
-                num_tokens_per_expert.record_stream(torch.cuda.current_stream(device))
+            record_stream(num_tokens_per_expert, current_stream(device))
             is_token_in_rank = _on(is_token_in_rank, device)
             num_tokens_per_expert = _on(num_tokens_per_expert, device).contiguous()
             send_pos = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
@@ -315,9 +315,9 @@ class IntranodeKernels(RoundKernels):
     def _arena_outputs(self, parts: list[Part | None], device: torch.device) -> list[torch.Tensor | None] | None:
         """The received tensors as one block of the receive arena, or None (no arena, no room, or graph capture: a
         replay would write into a block the arena may have handed to another call by then)."""
-        if self.recv_arena is None or torch.cuda.is_current_stream_capturing():
+        if self.recv_arena is None or is_current_stream_capturing():
             return None
-        outputs = self.recv_arena.allocate(parts, torch.cuda.current_stream(device))
+        outputs = self.recv_arena.allocate(parts, current_stream(device))
         if outputs is not None and self.debug_poison_byte is not None:
             for tensor in outputs:
                 if tensor is not None:
@@ -399,14 +399,14 @@ class IntranodeKernels(RoundKernels):
         arena, no room, or graph capture), and the rounds move the rows. A copy costs what the rounds' first pass
         does (one read, one write) and saves their second and the partial sums between rounds."""
         arena = self.recv_arena
-        if arena is None or torch.cuda.is_current_stream_capturing():
+        if arena is None or is_current_stream_capturing():
             return x, topk_weights, False
         inputs = [x, topk_weights]
         # Empty inputs publish no rows (and torch gives them a null pointer, even in the arena): nothing to copy.
         to_copy = [i for i, t in enumerate(inputs) if t is not None and t.numel() > 0 and not arena.contains(t)]
         if to_copy:
             copies = arena.allocate(
-                [Part(tuple(inputs[i].shape), inputs[i].dtype) for i in to_copy], torch.cuda.current_stream(device)
+                [Part(tuple(inputs[i].shape), inputs[i].dtype) for i in to_copy], current_stream(device)
             )
             if copies is None:
                 return x, topk_weights, False

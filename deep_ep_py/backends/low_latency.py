@@ -4,8 +4,8 @@
 csrc/low_latency/buffer_layout.hpp, sized by :func:`deep_ep_py.config.low_latency_rdma_size_hint`), a device rank
 mask, a small zeroed counter workspace per expert count, and a host-mapped error record that timed-out device
 waits fill in. Its methods have the signatures and return tuples of the reference backend's low-latency methods;
-Buffer has validated the arguments. Kernels run on ``torch.cuda.current_stream()``; nothing here synchronises the
-host or allocates outside torch, so every call can be captured in a CUDA graph.
+Buffer has validated the arguments. Kernels run on the current stream (``deep_ep_py.device.current_stream()``);
+nothing here synchronises the host or allocates outside torch, so every call can be captured in a CUDA graph.
 
 Each call uses the half of the buffer after the previous call's (dispatch and combine alike, as DeepEP V1): keep at
 most two calls' results pending (a hook not yet called counts), or a peer's third call overwrites the first.
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import config
+from ..device import current_stream, kernel_device, synchronize
 from ..runtime import device_bytes_view
 from ..topology import Topology
 from .reference import LowLatencyHandle
@@ -101,7 +102,7 @@ class LowLatencyKernels:
         self.num_ranks = nvshmem_context.num_ranks
         self.num_rdma_bytes = num_rdma_bytes
         self.num_blocks = num_blocks
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = kernel_device()
         # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
         self.error_record = ext.ErrorRecord()
@@ -151,7 +152,7 @@ class LowLatencyKernels:
     def _launch_args(self) -> dict[str, Any]:
         return {
             "num_blocks": self.num_blocks,
-            "stream": torch.cuda.current_stream(self.device).cuda_stream,
+            "stream": current_stream(self.device).cuda_stream,
             "error_record_ptr": self.error_record.device_ptr,
             "timeout_s": config.timeout_s(),
         }
@@ -361,12 +362,12 @@ class LowLatencyKernels:
     def clean_low_latency_buffer(self) -> None:
         """Collective: zero the whole symmetric buffer (signals of both halves included) and the counters, with
         a barrier before (no peer still writes here) and after (no peer sends before everyone is clean)."""
-        torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         dist.barrier(group=self.group)
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
         for workspace in self._workspaces.values():
             workspace.zero_()
-        torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.error_record.reset()
         # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
         # others, whose next call would otherwise wait on the other half's signals.
@@ -386,7 +387,7 @@ class LowLatencyKernels:
         """Collective: free the symmetric buffer (the NvshmemContext stays open)."""
         if self.buffer_ptr == 0:
             return
-        torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         ptr, self.buffer_ptr = self.buffer_ptr, 0
         self.nvshmem_context.free(ptr)
         self._workspaces.clear()

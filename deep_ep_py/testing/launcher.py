@@ -20,6 +20,8 @@ rig. When ranks outnumber GPUs, the kernels of the ranks sharing a GPU spin-wait
 the same time: the launch then makes sure the CUDA MPS control daemon runs (starting it when root, see
 :mod:`deep_ep_py.testing.mps`) unless ``mps=False``. Without a CUDA device, ``device="cuda"`` raises before
 anything is spawned. Keep ``backend="gloo"`` when ranks share a GPU: NCCL refuses two ranks on one device.
+``device="emulated"`` runs the ranks on the CPU emulator of the kernels (``DEEP_EP_PY_EMULATE_DEVICE=1`` in each
+child, see :mod:`deep_ep_py.device`): tensors on the CPU, the kernels of ``deep_ep_py._C_emu``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import Any, Callable
 
 __all__ = ["DEVICES", "RankFailedError", "find_free_port", "launch"]
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "emulated")
+# What a child gets in its environment under device="emulated" (deep_ep_py._ext.emulated() reads it).
+EMULATE_DEVICE_ENV = "DEEP_EP_PY_EMULATE_DEVICE"
 
 # How many times a launch is retried when the port picked for the rendezvous was taken in the meantime.
 _NUM_PORT_ATTEMPTS = 4
@@ -282,7 +286,8 @@ def launch(
     """Run ``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned processes; return their results in rank order.
 
     env: environment variables set in the children before they import anything (torch included).
-    device: "cpu", or "cuda" (rank r on GPU r % device_count; raises RuntimeError here when no GPU is visible).
+    device: "cpu", "cuda" (rank r on GPU r % device_count; raises RuntimeError here when no GPU is visible), or
+        "emulated" (the CPU emulator of the kernels).
     mps: with device="cuda" and more ranks than GPUs, make sure the MPS daemon runs (start it when root; raise
         deep_ep_py.testing.mps.MPSUnavailableError when it cannot). False skips that: ranks time-slice the GPU.
     Raises RankFailedError (a RuntimeError) naming the first failing rank with its traceback, or TimeoutError
@@ -299,6 +304,8 @@ def launch(
     if device == "cuda":
         _check_cuda(num_ranks, mps)
     env = {str(key): str(value) for key, value in (env or {}).items()}
+    if device == "emulated":
+        env[EMULATE_DEVICE_ENV] = "1"
     try:
         payload = pickle.dumps((fn, args))
     except Exception as exc:  # lambdas, closures, local functions

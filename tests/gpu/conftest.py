@@ -1,10 +1,15 @@
 """GPU tier: options shared by tests/gpu.
 
-Every test here is marked ``gpu`` and skips unless the kernels are built and a CUDA device is visible
-(``deep_ep_py._ext.gpu_available()``); with DEEP_EP_PY_EXPECT_GPU=1 (scripts/gpu_check.sh sets it) a missing GPU
-fails instead, so a broken build cannot pass as "all skipped". Multi-rank tests take a ``num_ranks`` argument,
-parametrized from DEEP_EP_PY_GPU_TEST_RANKS (rank counts separated by spaces or commas; default "2"); the ranks
-run on one GPU under MPS through ``launch(device="cuda")``, which starts the MPS daemon when it can.
+Where the tier runs (``tier_device()``): on the GPU when the kernels are built and a CUDA device is visible
+(``deep_ep_py._ext.gpu_available()``); else on the CPU emulator of the same kernels (``deep_ep_py._C_emu``, built next
+to ``_C``; ranks launched with ``device="emulated"``, in-process tests with DEEP_EP_PY_EMULATE_DEVICE=1 for their
+duration), where what a CPU cannot do (CUDA graphs, timings, the CUDA runtime itself) skips; else every test skips.
+With DEEP_EP_PY_EXPECT_GPU=1 (scripts/gpu_check.sh sets it) anything but the GPU fails instead, so a broken build
+cannot pass as "all skipped" or as emulated. DEEP_EP_PY_GPU_TIER=emulated picks the emulator even where a GPU is.
+
+Multi-rank tests take a ``num_ranks`` argument, parametrized from DEEP_EP_PY_GPU_TEST_RANKS (rank counts separated
+by spaces or commas; default "2"); on the GPU the ranks share it under MPS through ``launch(device="cuda")``, which
+starts the MPS daemon when it can.
 
 Table-driven cases run batched (deep_ep_py.testing.batch): every selected case of one module at one rank count (and
 one environment) in one launch, fetched through the ``gpu_batch`` fixture; each pytest test asserts its own case's
@@ -17,6 +22,7 @@ absent peer with a short timeout) keep a launch each. A timing line per batch is
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import pytest
@@ -27,6 +33,36 @@ from deep_ep_py.testing.batch import TIMEOUT_ENV, BatchResult, launch_batch, sel
 
 # Device wait timeout of batched cases when the environment does not set DEEP_EP_PY_TIMEOUT_S.
 BATCH_DEVICE_TIMEOUT_S = "30"
+TIER_ENV = "DEEP_EP_PY_GPU_TIER"
+EMULATE_DEVICE_ENV = "DEEP_EP_PY_EMULATE_DEVICE"
+
+
+@functools.cache
+def tier_device() -> str | None:
+    """ "cuda", "emulated" (the CPU emulator of the kernels), or None when neither can run the tier here. Decided
+    once per session, before require_gpu sets DEEP_EP_PY_EMULATE_DEVICE (under which gpu_available() answers for
+    the emulator)."""
+    wants_emulator = os.environ.get(TIER_ENV) == "emulated" or _ext.emulated()
+    if not wants_emulator and _ext.gpu_available():
+        return "cuda"
+    if _ext.emulator_available():
+        return "emulated"
+    return None
+
+
+def emulated_tier() -> bool:
+    """Whether this session's GPU tier runs on the CPU emulator (what it cannot do then skips)."""
+    return tier_device() == "emulated"
+
+
+def _tier_unavailable_reason() -> str:
+    if os.environ.get(TIER_ENV) == "emulated":
+        return f"{TIER_ENV}=emulated but the CPU emulator is not built: {_ext.emulator_unavailable_reason()}"
+    reason = _ext.kernels_unavailable_reason() or "no CUDA device"
+    extension = _ext.load_extension()
+    if extension is not None:
+        reason = extension.gpu_status()
+    return f"{reason}; and the CPU emulator: {_ext.emulator_unavailable_reason()}"
 
 
 def gpu_test_ranks() -> list[int]:
@@ -60,25 +96,32 @@ def _mps_before_any_cuda_context():
     """Bring MPS up (when ranks will share a GPU and this process may start it) before any test of this session
     creates a CUDA context in this process: the daemon must be there before the GPU's first context. Failing here
     is left to the multi-rank launches, which raise with the reason."""
-    extension = _ext.load_extension()
-    if extension is None or not _ext.gpu_available():
+    if tier_device() != "cuda":
         return
+    extension = _ext.load_extension()
     if max(gpu_test_ranks()) > extension.device_count():
         with contextlib.suppress(mps.MPSUnavailableError):
             mps.ensure_mps(allowed=True)
 
 
 @pytest.fixture
-def require_gpu():
-    """Skip (or fail, under DEEP_EP_PY_EXPECT_GPU=1) unless the kernels are built and a GPU is visible."""
-    if not _ext.gpu_available():
-        reason = _ext.kernels_unavailable_reason() or "no CUDA device"
-        extension = _ext.load_extension()
-        if extension is not None:
-            reason = extension.gpu_status()
-        if os.environ.get("DEEP_EP_PY_EXPECT_GPU") == "1":
-            pytest.fail(f"DEEP_EP_PY_EXPECT_GPU=1 but the GPU tier cannot run: {reason}")
-        pytest.skip(f"GPU tier: {reason}")
+def require_gpu(monkeypatch):
+    """Skip (or fail, under DEEP_EP_PY_EXPECT_GPU=1) unless the tier can run here (tier_device()). On the emulator
+    the test itself runs with DEEP_EP_PY_EMULATE_DEVICE=1, so what it does in this process uses the emulator too."""
+    device = tier_device()
+    if os.environ.get("DEEP_EP_PY_EXPECT_GPU") == "1" and device != "cuda":
+        pytest.fail(f"DEEP_EP_PY_EXPECT_GPU=1 but the GPU tier cannot run on a GPU: {_tier_unavailable_reason()}")
+    if device is None:
+        pytest.skip(f"GPU tier: {_tier_unavailable_reason()}")
+    if device == "emulated":
+        monkeypatch.setenv(EMULATE_DEVICE_ENV, "1")
+
+
+@pytest.fixture
+def require_gpu_hardware(require_gpu):
+    """For what the CPU emulator cannot do (CUDA graphs, the CUDA runtime itself): skip on the emulator."""
+    if emulated_tier():
+        pytest.skip("needs a GPU: not something the CPU emulator of the kernels can do")
 
 
 def gpu_batch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -124,7 +167,7 @@ def gpu_batch(request, _gpu_batch_results, launch_timeout_s):
         if key not in _gpu_batch_results:
             cases = make_cases(selected)
             kwargs.setdefault("startup_s", launch_timeout_s)
-            result = launch_batch(cases, num_ranks, device="cuda", env=gpu_batch_env(env), **kwargs)
+            result = launch_batch(cases, num_ranks, device=tier_device(), env=gpu_batch_env(env), **kwargs)
             _gpu_batch_results[key] = result
             _BATCHES_RUN.append((request.module.__name__, key, result))
         return _gpu_batch_results[key]

@@ -7,6 +7,10 @@ and the reference Buffer are built, how a case's routing draws experts, the comb
 docstring gives its reasoning) and the wait a timed-out dispatch names. The case functions and the paths travel to
 the batch's spawned ranks pickled by module name, so this module sits next to the test modules (pytest puts tests/gpu
 on sys.path, and spawned ranks inherit it); its name keeps pytest from collecting it.
+
+The ranks run on a GPU or on the CPU emulator of the kernels (DEEP_EP_PY_EMULATE_DEVICE=1): tensors go to the kernels'
+device through kernel_device.on_kernel_device, synchronize and streams through deep_ep_py.device. Only the CUDA-graph
+case is GPU only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import abc
 import dataclasses
 
 import torch
+from kernel_device import delay_this_rank, emulated_tier, on_kernel_device
 
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing.batch import BatchCase
 
 POISON_BYTE = 0xA5
@@ -123,10 +129,10 @@ def _reference_and_kernels(ctx, path: KernelsPath, case: Case):
 
 def _poison_staging(ctx, kernels) -> None:
     """Every rank out of the previous call (synchronize, barrier), poison, every rank done poisoning."""
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
     kernels.poison_staging(POISON_BYTE)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
 
 
@@ -144,11 +150,11 @@ def _as_input(case: Case, x_bf16: torch.Tensor):
     from brute_force import fp8_cast
 
     if not case.fp8:
-        return x_bf16.cuda(), None
+        return on_kernel_device(x_bf16), None
     values, scales = fp8_cast(x_bf16)
-    scales_cm = torch.empty((scales.shape[1], scales.shape[0]), dtype=torch.float32, device="cuda").T
+    scales_cm = torch.empty((scales.shape[1], scales.shape[0]), dtype=torch.float32, device=ep_device.kernel_device()).T
     scales_cm.copy_(scales)
-    return values.cuda(), scales_cm
+    return on_kernel_device(values), scales_cm
 
 
 def _reference_dispatch(reference, x_in, layout, topk_idx, topk_weights, alignment: int, num_worst: int):
@@ -217,7 +223,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     where = f"{case.name} step {step} {path.label(ctx)}"
     inp, num_experts = path.inputs(case, num_ranks, rank, step)
     x, scales = _as_input(case, inp.x)
-    topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
     layout = reference.get_dispatch_layout(topk_idx, num_experts)[:4]
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = layout
     path.check_routing(where, case, layout, inp.x.shape[0], rank, num_ranks)
@@ -239,7 +245,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
         num_worst,
         num_sms,
     )
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     _compare_dispatch(where, ref_out, mine_out, num_worst)
     path.after_dispatch(ctx, where, kernels, mine_out)
     ref_handle, handle = ref_out[4], mine_out[5]
@@ -252,7 +258,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
         ref_cached = reference.dispatch(new_in, handle=ref_handle)
         _poison_staging(ctx, kernels)
         mine_cached = kernels.dispatch(new_x, new_scales, handle, None, None, None, None, None, 1, 0, num_sms)
-        torch.cuda.synchronize()
+        ep_device.synchronize()
         _compare_dispatch(f"{where} cached", (ref_cached[0], None, None, None, None, None), mine_cached, 0)
         path.after_dispatch(ctx, f"{where} cached", kernels, mine_cached)
         assert mine_cached[2] is None and mine_cached[3] is None and mine_cached[5] is handle, where
@@ -260,10 +266,10 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     # Combine: bf16 rows of the received shape (the fp8 cases combine other bf16 data of that shape).
     num_rows = mine_out[0].shape[0]
     gen = torch.Generator().manual_seed(step * 13 + rank + 5)
-    combine_x = (torch.randn((num_rows, case.hidden), generator=gen) * 2).to(torch.bfloat16).cuda()
+    combine_x = on_kernel_device((torch.randn((num_rows, case.hidden), generator=gen) * 2).to(torch.bfloat16))
     combine_weights = mine_out[3]
     biases = tuple(
-        (torch.randn((inp.x.shape[0], case.hidden), generator=gen)).to(torch.bfloat16).cuda()
+        on_kernel_device(torch.randn((inp.x.shape[0], case.hidden), generator=gen).to(torch.bfloat16))
         for _ in range(case.num_biases)
     )
     ref_combined = reference.combine(combine_x, ref_handle, topk_weights=combine_weights, bias=biases or None)
@@ -271,7 +277,7 @@ def _run_step(ctx, path: KernelsPath, case: Case, reference, kernels, step: int,
     _poison_staging(ctx, kernels)
     combine_in, weights_in = path.combine_inputs(kernels, mine_out, combine_x, combine_weights)
     mine_combined = kernels.combine(combine_in, handle, weights_in, biases, num_sms)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     _compare_combine(path, where, ref_combined, mine_combined, magnitude)
     path.after_combine(ctx, where, kernels)
 
@@ -284,7 +290,8 @@ def table_case(ctx, path: KernelsPath, case: Case) -> None:
 
 def graph_case(ctx, path: KernelsPath) -> None:
     """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new x (same routing): every
-    replay equals the reference on that x. The barriers' epochs live on the device, so replays stay in step."""
+    replay equals the reference on that x. The barriers' epochs live on the device, so replays stay in step. GPU only
+    (torch.cuda throughout): protocol_batch_cases leaves it out of an emulated tier's batch."""
     rank, num_ranks = ctx.rank, ctx.num_ranks
     case = GRAPH_CASE
     reference, kernels = _reference_and_kernels(ctx, path, case)
@@ -346,33 +353,35 @@ def back_to_back_case(ctx, path: KernelsPath) -> None:
     steps = []
     for step in range(NUM_BACK_TO_BACK_STEPS):
         inp, num_experts = path.inputs(case, num_ranks, rank, step)
-        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
         ref_layout = reference.get_dispatch_layout(topk_idx, num_experts)[:4]
         num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = ref_layout
         num_worst = _total_tokens(ctx, inp.x.shape[0]) + 1 if step % 2 == 1 else 0
         layout = (is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights)
-        x = inp.x.cuda()
+        x = on_kernel_device(inp.x)
         ref_out = _reference_dispatch(reference, x, ref_layout, topk_idx, topk_weights, 1, num_worst)
         gen = torch.Generator().manual_seed(step * 17 + rank + 3)
-        new_x = (torch.randn(inp.x.shape, generator=gen) * 3).to(torch.bfloat16).cuda()
+        new_x = on_kernel_device((torch.randn(inp.x.shape, generator=gen) * 3).to(torch.bfloat16))
         ref_cached = reference.dispatch(new_x, handle=ref_out[4])
-        combine_x = (torch.randn((ref_out[0].shape[0], case.hidden), generator=gen) * 2).to(torch.bfloat16).cuda()
-        bias = (torch.randn((inp.x.shape[0], case.hidden), generator=gen).to(torch.bfloat16).cuda(),)
+        combine_x = on_kernel_device(
+            (torch.randn((ref_out[0].shape[0], case.hidden), generator=gen) * 2).to(torch.bfloat16)
+        )
+        bias = (on_kernel_device(torch.randn((inp.x.shape[0], case.hidden), generator=gen).to(torch.bfloat16)),)
         ref_combined = reference.combine(combine_x, ref_out[4], topk_weights=ref_out[2], bias=bias)
         magnitude = path.combine_magnitude(reference, ref_out[4], combine_x, bias)
         steps.append((x, layout, num_worst, new_x, combine_x, bias, ref_out, ref_cached, ref_combined, magnitude))
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
 
     results = []
     for step, (x, layout, num_worst, new_x, combine_x, bias, *_) in enumerate(steps):
         if step % num_ranks == rank:
-            torch.cuda._sleep(2_000_000)  # about a millisecond: this rank enters the step late
+            delay_this_rank()  # about a millisecond: this rank enters the step late
         mine = kernels.dispatch(x, None, None, *layout, 1, num_worst, 8)
         cached = kernels.dispatch(new_x, None, mine[5], None, None, None, None, None, 1, 0, 8)
         combined = kernels.combine(combine_x, mine[5], mine[3], bias, 8)
         results.append((mine, cached, combined))
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     kernels._check_device_errors("back-to-back test")
     for step, (expected, (mine, cached, combined)) in enumerate(zip(steps, results)):
         num_worst, ref_out, ref_cached, ref_combined, magnitude = expected[2], *expected[6:]
@@ -396,10 +405,11 @@ def timeout_case(ctx, path: KernelsPath) -> str:
     message = ""
     if rank != absent:
         inp, num_experts = path.inputs(case, num_ranks, rank, 0)
-        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
         layout = reference.get_dispatch_layout(topk_idx, num_experts)
+        x = on_kernel_device(inp.x)
         try:
-            kernels.dispatch(inp.x.cuda(), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8)
+            kernels.dispatch(x, None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8)
         except DeepEPTimeoutError as exc:
             message = str(exc)
         else:
@@ -408,7 +418,7 @@ def timeout_case(ctx, path: KernelsPath) -> str:
         assert f"on rank {rank}, channel {absent}," in message, message
         assert path.timeout_wait in message, message
     # Every rank's notify kernel has returned (timed out, or never launched) before the buffer is freed.
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
     return message
 
@@ -422,7 +432,7 @@ def worst_too_small_case(ctx, path: KernelsPath) -> str:
     reference, kernels = _reference_and_kernels(ctx, path, case)
     inp, num_experts = path.inputs(case, ctx.num_ranks, ctx.rank, 0)
     message = dispatch_past_worst_tokens(kernels, reference, inp, num_experts, ctx.rank)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
     return message
 
@@ -443,12 +453,14 @@ def table_batch_cases(selected, path: KernelsPath, test_name: str, num_ranks: in
 def protocol_batch_cases(selected, path: KernelsPath, num_ranks: int) -> list[BatchCase]:
     """The back-to-back, CUDA-graph and num_worst_tokens-too-small cases, each if its test (test_<path>_...) is
     selected at num_ranks; named as the tests look them up. They go after the table: on fresh kernels like every
-    case, but a failed capture is the likeliest to leave something behind."""
+    case, but a failed capture is the likeliest to leave something behind. No CUDA-graph case when the tier runs on
+    the CPU emulator (its test skips there)."""
     cases = []
     if selected(f"test_{path.name}_back_to_back_calls", "num_ranks", num_ranks=num_ranks):
         run_s = path.run_s(3 * NUM_BACK_TO_BACK_STEPS)
         cases.append(BatchCase("back_to_back", back_to_back_case, (path,), run_s=run_s))
-    if selected(f"test_{path.name}_worst_tokens_in_cuda_graph", "num_ranks", num_ranks=num_ranks):
+    graph_test = f"test_{path.name}_worst_tokens_in_cuda_graph"
+    if not emulated_tier() and selected(graph_test, "num_ranks", num_ranks=num_ranks):
         cases.append(BatchCase("cuda_graph", graph_case, (path,), run_s=path.run_s(2 * NUM_GRAPH_REPLAYS)))
     if selected(f"test_{path.name}_worst_tokens_too_small", "num_ranks", num_ranks=num_ranks):
         cases.append(BatchCase("worst_too_small", worst_too_small_case, (path,), run_s=path.run_s(1)))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from kernel_device import tier_device
 
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing import launch
 
 pytestmark = pytest.mark.gpu
@@ -39,7 +41,7 @@ def _normal(buffer, x, topk_idx, weights, num_experts):
         expert_alignment=4,
     )
     combined, combined_w, _ = buffer.combine(recv_x * 2, handle, topk_weights=recv_w)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     return [per_rank, per_expert, in_rank, recv_x, recv_idx, recv_w, handle[0]], per_expert_list, combined, combined_w
 
 
@@ -52,14 +54,14 @@ def _low_latency(buffer, x, topk_idx, weights, num_experts):
     # row order within an expert is the implementation's: compare sorted rows
     rows = [v.float().sort(dim=0).values for v in valid]
     out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     return rows, recv_count, out
 
 
 def _compare(rank: int, num_ranks: int) -> None:
     import deep_ep_py
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = ep_device.kernel_device()
     num_experts = EXPERTS_PER_RANK * num_ranks
     group = dist.group.WORLD
     configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
@@ -95,4 +97,4 @@ def _compare(rank: int, num_ranks: int) -> None:
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])
 def test_buffer_cuda_matches_reference(require_gpu, num_ranks: int, unverified_kernels: str) -> None:
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": unverified_kernels, "DEEP_EP_PY_TIMEOUT_S": "30"}
-    launch(_compare, num_ranks, timeout_s=300.0, device="cuda", env=env)
+    launch(_compare, num_ranks, timeout_s=300.0, device=tier_device(), env=env)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from kernel_device import tier_device
 
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing import launch
 
 pytestmark = pytest.mark.gpu
@@ -61,7 +63,7 @@ def _normal(buffer, x, topk_idx, weights, num_experts: int, internode_names: boo
     cached_recv_x = dispatch(x * 3, handle=handle)[0]
     combined, combined_w, _ = combine(recv_x * 2, handle, topk_weights=recv_w)
     magnitude = combine(recv_x.abs() * 2, handle)[0]
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     exact = [per_rank, per_rdma, per_expert, in_rank, recv_x, recv_idx, recv_w, handle[0], cached_recv_x, combined_w]
     return exact, per_expert_list, combined, magnitude, handle
 
@@ -70,7 +72,7 @@ def _compare(rank: int, num_ranks: int, topology_from: str, unverified_kernels: 
     import deep_ep_py
     from deep_ep_py import _ext
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = ep_device.kernel_device()
     num_experts = EXPERTS_PER_RANK * num_ranks
     ranks_per_node = num_ranks // NUM_NODES
     group = dist.group.WORLD
@@ -144,6 +146,6 @@ def test_buffer_internode_matches_reference(
         topology_from,
         unverified_kernels,
         timeout_s=max(launch_timeout_s, 300.0),
-        device="cuda",
+        device=tier_device(),
         env=env,
     )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from kernel_device import skip_on_emulator, tier_device
 from normal_kernels_cases import (
     BACK_TO_BACK_CASE,
     GRAPH_CASE,
@@ -316,6 +317,7 @@ def test_internode_more_nodes_match_reference(require_gpu, gpu_batch, num_ranks,
 
 @pytest.mark.gpu
 def test_internode_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
+    skip_on_emulator("CUDA graphs")
     _batch(gpu_batch, num_ranks, 2)["cuda_graph"].assert_passed()
 
 
@@ -335,7 +337,7 @@ def test_internode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
     num_nodes = 2
     env = {RANKS_PER_NODE_ENV: str(_ranks_per_node(num_ranks, num_nodes)), "DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S}
     path = InternodePath(num_nodes)
-    results = launch(run_case, num_ranks, timeout_case, path, device="cuda", timeout_s=launch_timeout_s, env=env)
+    results = launch(run_case, num_ranks, timeout_case, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
     assert results[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in results[:-1]), results
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import normal_kernels_cases as cases
 import pytest
+from kernel_device import delay_this_rank, on_kernel_device, skip_on_emulator, tier_device
 from normal_kernels_cases import Case, KernelsPath, protocol_batch_cases, table_batch_cases, timeout_case
 
 from deep_ep_py import _ext
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing import launch
 from deep_ep_py.testing.batch import BatchCase, run_case
 
@@ -174,7 +176,7 @@ class IntranodeOneCopyPath(IntranodePath):
         if self.starve_last_rank and ctx.rank == ctx.num_ranks - 1:
             # Held as long as the kernels: the whole arena, so not even a call that receives nothing fits.
             kernels.test_starving_block = kernels.recv_arena.allocate(
-                [Part((self.num_recv_arena_bytes,), torch.uint8)], torch.cuda.current_stream()
+                [Part((self.num_recv_arena_bytes,), torch.uint8)], ep_device.current_stream()
             )
             assert kernels.test_starving_block is not None
         return reference, kernels
@@ -244,29 +246,29 @@ def reuse_case(ctx, path: IntranodeOneCopyPath) -> None:
     steps = []
     for step in range(NUM_REUSE_STEPS):
         inp, num_experts = path.inputs(REUSE_CASE, num_ranks, rank, step)
-        topk_idx, topk_weights = inp.topk_idx.cuda(), inp.topk_weights.cuda()
+        topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
         layout = reference.get_dispatch_layout(topk_idx, num_experts)[:4]
         num_worst = cases._total_tokens(ctx, inp.x.shape[0]) + 1 if step % 2 == 1 else 0
-        x = inp.x.cuda()
+        x = on_kernel_device(inp.x)
         ref_out = cases._reference_dispatch(reference, x, layout, topk_idx, topk_weights, 1, num_worst)
         with_weights = step % 3 != 2  # every third combine without top-k weights
         ref_combined = reference.combine(ref_out[0], ref_out[4], topk_weights=ref_out[2] if with_weights else None)
         kernel_layout = (layout[3], layout[0], layout[2], topk_idx, topk_weights)
         steps.append((x, kernel_layout, num_worst, with_weights, ref_out, ref_combined))
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ctx.barrier()
 
     results, block_ptrs = [], []
     for step, (x, kernel_layout, num_worst, with_weights, *_) in enumerate(steps):
         if step % num_ranks == rank:
-            torch.cuda._sleep(2_000_000)  # about a millisecond: this rank enters the step late
+            delay_this_rank()  # about a millisecond: this rank enters the step late
         mine = kernels.dispatch(x, None, None, *kernel_layout, 1, num_worst, 8)
         block_ptrs.append(mine[0].data_ptr())
         kept = (mine[0].clone(), mine[3].clone())  # ordered on the stream before the block can go back
         combined = kernels.combine(mine[0], mine[5], mine[3] if with_weights else None, (), 8)
         results.append((kept, combined))
         del mine  # every view of the block, the handle's included: the next dispatch may take it
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     kernels._check_device_errors("one-copy reuse test")
     check(len(set(block_ptrs)) < len(block_ptrs), f"no step reused an arena block: {block_ptrs}")
     for step, ((recv_x, recv_weights), combined) in enumerate(results):
@@ -307,6 +309,7 @@ def test_intranode_matches_reference(require_gpu, gpu_batch, num_ranks, case):
 
 @pytest.mark.gpu
 def test_intranode_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
+    skip_on_emulator("CUDA graphs")
     _batch(gpu_batch, num_ranks)["cuda_graph"].assert_passed()
 
 
@@ -331,6 +334,7 @@ def test_intranode_one_copy_matches_reference(require_gpu, gpu_batch, num_ranks,
 @pytest.mark.gpu
 def test_intranode_one_copy_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, num_ranks):
     """Capture takes no arena block, so every rank's captured dispatch goes through the rounds."""
+    skip_on_emulator("CUDA graphs")
     _batch(gpu_batch, num_ranks, ONE_COPY)["cuda_graph"].assert_passed()
 
 
@@ -370,7 +374,7 @@ def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
         num_ranks,
         timeout_case,
         INTRANODE,
-        device="cuda",
+        device=tier_device(),
         timeout_s=launch_timeout_s,
         env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
     )

@@ -1,11 +1,14 @@
 """get_dispatch_layout kernel against a brute-force torch reference: exact comparison (it counts). In-process on the
-GPU, and on N ranks sharing it at once (DEEP_EP_PY_GPU_TEST_RANKS)."""
+GPU, and on N ranks sharing it at once (DEEP_EP_PY_GPU_TEST_RANKS). On an emulated tier the in-process tests run the
+CPU emulator in the pytest process (require_gpu sets DEEP_EP_PY_EMULATE_DEVICE=1 for the test)."""
 
 from __future__ import annotations
 
 import pytest
+from kernel_device import on_kernel_device, tier_device
 
 from deep_ep_py import _ext
+from deep_ep_py import device as ep_device
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +28,8 @@ def reference_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, n
                 is_token_in_expert[token_idx, expert_idx] = True
     is_token_in_rank = is_token_in_expert.view(num_tokens, num_ranks, num_experts // num_ranks).any(dim=2)
     num_nodes = max(1, num_ranks // num_ranks_per_node)
-    is_token_in_node = is_token_in_rank.view(num_tokens, num_nodes, -1).any(dim=2)
+    # Ranks per node spelled out: -1 is ambiguous when there are no tokens.
+    is_token_in_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks // num_nodes).any(dim=2)
     return (
         is_token_in_rank.sum(dim=0, dtype=torch.int32),
         is_token_in_node.sum(dim=0, dtype=torch.int32),
@@ -53,11 +57,12 @@ def _check_layout_kernel(
     num_tokens, num_topk = topk_idx_cpu.shape
     multi_node = num_ranks > num_ranks_per_node
     num_nodes = num_ranks // num_ranks_per_node if multi_node else 1
-    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device="cuda")
-    per_node = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device="cuda")
-    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device="cuda")
-    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device="cuda")
-    topk_idx = topk_idx_cpu.cuda()
+    device = ep_device.kernel_device()
+    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device=device)
+    per_node = torch.full((num_nodes,), POISON_INT, dtype=torch.int32, device=device)
+    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device=device)
+    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device=device)
+    topk_idx = on_kernel_device(topk_idx_cpu)
     ext.get_dispatch_layout(
         topk_idx.data_ptr(),
         num_tokens,
@@ -69,9 +74,9 @@ def _check_layout_kernel(
         per_node.data_ptr() if multi_node else 0,
         per_expert.data_ptr(),
         in_rank.data_ptr(),
-        torch.cuda.current_stream().cuda_stream,
+        ep_device.current_stream().cuda_stream,
     )
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     ref_per_rank, ref_per_node, ref_per_expert, ref_in_rank = reference_layout(
         topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node
     )
@@ -110,14 +115,15 @@ def test_dispatch_layout_matches_reference(
 def test_dispatch_layout_runs_on_the_given_stream(require_gpu):
     ext = _ext.load_extension()
     num_tokens, num_topk, num_experts, num_ranks = 512, 8, 64, 8
-    stream = torch.cuda.Stream()
+    stream = ep_device.new_stream()
     generator = torch.Generator().manual_seed(0)
     topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
-    with torch.cuda.stream(stream):
-        topk_idx = topk_idx_cpu.cuda()
-        per_rank = torch.empty(num_ranks, dtype=torch.int32, device="cuda")
-        per_expert = torch.empty(num_experts, dtype=torch.int32, device="cuda")
-        in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device="cuda")
+    with ep_device.stream(stream):
+        topk_idx = on_kernel_device(topk_idx_cpu)
+        device = ep_device.kernel_device()
+        per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
+        per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+        in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
         ext.get_dispatch_layout(
             topk_idx.data_ptr(),
             num_tokens,
@@ -151,5 +157,5 @@ def _layout_worker(rank: int, num_ranks: int, num_tokens: int, num_topk: int, nu
 def test_dispatch_layout_on_ranks_sharing_the_gpu(require_gpu, num_ranks, launch_timeout_s):
     from deep_ep_py.testing import launch
 
-    results = launch(_layout_worker, num_ranks, 4096, 8, 32, device="cuda", timeout_s=launch_timeout_s)
+    results = launch(_layout_worker, num_ranks, 4096, 8, 32, device=tier_device(), timeout_s=launch_timeout_s)
     assert len(results) == num_ranks and all(total > 0 for total in results), results

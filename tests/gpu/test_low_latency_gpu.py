@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from kernel_device import emulated_tier, on_kernel_device, tier_device
 
 from deep_ep_py import _ext
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing.batch import BatchCase, run_case
 
 pytestmark = pytest.mark.gpu
@@ -200,14 +202,14 @@ def _setup(ctx, num_experts: int):
 
 
 def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None):
-    x, topk, _ = inputs[rank]
+    x, topk = (on_kernel_device(t) for t in inputs[rank][:2])
     use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
     result = backend.low_latency_dispatch(
-        x.cuda(), topk.cuda(), MAX_TOKENS, num_experts, stats, None, use_fp8, round_scale, use_ue8m0, hook
+        x, topk, MAX_TOKENS, num_experts, stats, None, use_fp8, round_scale, use_ue8m0, hook
     )
     if hook:
         result[4]()
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     return result
 
 
@@ -218,7 +220,7 @@ def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, reference = _setup(ctx, num_experts)
-    stats = torch.zeros(EXPERTS_PER_RANK, dtype=torch.int32, device="cuda")
+    stats = torch.zeros(EXPERTS_PER_RANK, dtype=torch.int32, device=ep_device.kernel_device())
     expected_total = 0
     for seed in range(3):
         inputs = make_inputs(100 + seed, num_ranks, num_experts, empty_rank=seed % num_ranks)
@@ -238,16 +240,16 @@ def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
         outs = []
         for backend, result in ((kernels, ours), (reference, theirs)):
             handle = result[3]
-            expert_x = expert_outputs_for(handle, inputs, EXPERTS_PER_RANK, num_ranks).cuda()
-            out = torch.full((x.shape[0], HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
+            expert_x = on_kernel_device(expert_outputs_for(handle, inputs, EXPERTS_PER_RANK, num_ranks))
+            out = torch.full((x.shape[0], HIDDEN), float("nan"), dtype=torch.bfloat16, device=ep_device.kernel_device())
             use_zero_copy = zero_copy and backend is kernels
             if use_zero_copy:
-                kernels.next_combine_buffer(handle, torch.device("cuda")).copy_(expert_x)
+                kernels.next_combine_buffer(handle, ep_device.kernel_device()).copy_(expert_x)
             combined, combine_hook = backend.low_latency_combine(
-                expert_x, topk.cuda(), weights.cuda(), handle, use_zero_copy, hook, out, None
+                expert_x, on_kernel_device(topk), on_kernel_device(weights), handle, use_zero_copy, hook, out, None
             )
             combine_hook()
-            torch.cuda.synchronize()
+            ep_device.synchronize()
             assert combined.data_ptr() == out.data_ptr()
             outs.append(combined.cpu())
         for name, got in zip(("kernels", "reference"), outs):
@@ -271,17 +273,20 @@ def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -
     torch.testing.assert_close(combined.float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
 
 
-def _repeat_and_graph_case(ctx, num_iters: int) -> None:
+def _repeat_and_graph_case(ctx, num_iters: int, with_graph: bool = True) -> None:
+    """num_iters eager round trips on fresh data, then (with_graph: GPU only, the emulator has no CUDA graphs) one
+    round trip captured in a CUDA graph and replayed num_iters times with fresh data copied in."""
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, _ = _setup(ctx, num_experts)
-    gen = torch.Generator(device="cuda").manual_seed(rank)
+    device = ep_device.kernel_device()
+    gen = torch.Generator(device=device).manual_seed(rank)
 
     def fresh(num_tokens):
-        x = torch.randn(num_tokens, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16)
-        topk = torch.rand(num_tokens, num_experts, device="cuda", generator=gen).argsort(dim=1)[:, :NUM_TOPK]
-        topk = torch.where(torch.rand(num_tokens, NUM_TOPK, device="cuda", generator=gen) < 0.15, -1, topk)
-        return x, topk.contiguous(), torch.rand(num_tokens, NUM_TOPK, device="cuda", generator=gen)
+        x = torch.randn(num_tokens, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
+        topk = torch.rand(num_tokens, num_experts, device=device, generator=gen).argsort(dim=1)[:, :NUM_TOPK]
+        topk = torch.where(torch.rand(num_tokens, NUM_TOPK, device=device, generator=gen) < 0.15, -1, topk)
+        return x, topk.contiguous(), torch.rand(num_tokens, NUM_TOPK, device=device, generator=gen)
 
     def round_trip(x, topk, weights, out, hook):
         recv_x, _, _, handle, dispatch_hook = kernels.low_latency_dispatch(
@@ -299,12 +304,14 @@ def _repeat_and_graph_case(ctx, num_iters: int) -> None:
         combined = round_trip(x, topk, weights, out, hook=i % 2 == 1)
         _round_trip_check(x, topk, weights, combined)
     kernels.check_device_errors("eager repeats")
+    if not with_graph:
+        return
 
     # CUDA graph: capture one round trip on static tensors, replay with fresh data copied in.
     static_x, static_topk, static_weights = fresh(MAX_TOKENS)
     static_out = torch.empty_like(static_x)
     round_trip(static_x, static_topk, static_weights, static_out, hook=False)  # warm-up: workspace, pools
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         round_trip(static_x, static_topk, static_weights, static_out, hook=False)
@@ -316,7 +323,7 @@ def _repeat_and_graph_case(ctx, num_iters: int) -> None:
         static_out.fill_(float("nan"))
         graph.replay()
         _round_trip_check(x, topk, weights, static_out)
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     kernels.check_device_errors("graph replays")
     del graph
 
@@ -329,7 +336,7 @@ def _mask_case(ctx) -> None:
     victim = num_ranks - 1
     if rank != victim:
         kernels.update_mask(victim, True)
-        status = torch.empty(num_ranks, dtype=torch.int32, device="cuda")
+        status = torch.empty(num_ranks, dtype=torch.int32, device=ep_device.kernel_device())
         kernels.query_mask(status)
         assert status.tolist() == [int(r == victim) for r in range(num_ranks)], status.tolist()
         for seed in range(4):
@@ -337,11 +344,11 @@ def _mask_case(ctx) -> None:
             result = _dispatch(kernels, inputs, rank, num_experts, "fp8", hook=bool(seed % 2))
             check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "fp8", masked={victim}, what=f"masked seed {seed}")
             x, topk, weights = inputs[rank]
-            expert_x = expert_outputs_for(result[3], inputs, EXPERTS_PER_RANK, num_ranks).cuda()
+            expert_x = on_kernel_device(expert_outputs_for(result[3], inputs, EXPERTS_PER_RANK, num_ranks))
             combined, _ = kernels.low_latency_combine(
-                expert_x, topk.cuda(), weights.cuda(), result[3], False, False, None, None
+                expert_x, on_kernel_device(topk), on_kernel_device(weights), result[3], False, False, None, None
             )
-            torch.cuda.synchronize()
+            ep_device.synchronize()
             want = expected_combine(x, topk, weights, {victim}, EXPERTS_PER_RANK)
             torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
         kernels.check_device_errors("masked calls")
@@ -367,9 +374,9 @@ def _timeout_case(ctx) -> str:
         inputs = make_inputs(500, num_ranks, num_experts)
         x, topk, _ = inputs[rank]
         kernels.low_latency_dispatch(
-            x.cuda(), topk.cuda(), MAX_TOKENS, num_experts, None, None, True, False, False, False
+            on_kernel_device(x), on_kernel_device(topk), MAX_TOKENS, num_experts, None, None, True, False, False, False
         )
-        torch.cuda.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
+        ep_device.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
         try:
             kernels.check_device_errors("test")
         except DeepEPTimeoutError as exc:
@@ -406,10 +413,13 @@ def _batch(gpu_batch, num_ranks: int):
             cases.append(BatchCase("rank_mask", _mask_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
-            # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off.
-            num_iters = _num_iters()
+            # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
+            # CPU emulator the repeated calls alone (no CUDA graphs there).
+            num_iters, with_graph = _num_iters(), not emulated_tier()
             cases.append(
-                BatchCase("repeat_and_cuda_graph", _repeat_and_graph_case, (num_iters,), 120 + 0.2 * num_iters)
+                BatchCase(
+                    "repeat_and_cuda_graph", _repeat_and_graph_case, (num_iters, with_graph), 120 + 0.2 * num_iters
+                )
             )
         return cases
 
@@ -424,6 +434,8 @@ def test_against_reference(require_gpu, gpu_batch, num_ranks, fmt, mode):
 
 def test_repeated_calls_and_cuda_graph(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["repeat_and_cuda_graph"].assert_passed()
+    if emulated_tier():
+        pytest.skip("the repeated calls passed; CUDA graphs: not in the CPU emulator of the kernels")
 
 
 def test_rank_mask(require_gpu, gpu_batch, num_ranks):
@@ -437,6 +449,11 @@ def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
     if num_ranks < 2:
         pytest.skip("needs a peer")
     messages = launch(
-        run_case, num_ranks, _timeout_case, device="cuda", env={"DEEP_EP_PY_TIMEOUT_S": "2"}, timeout_s=launch_timeout_s
+        run_case,
+        num_ranks,
+        _timeout_case,
+        device=tier_device(),
+        env={"DEEP_EP_PY_TIMEOUT_S": "2"},
+        timeout_s=launch_timeout_s,
     )
     assert messages[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in messages[:-1]), messages

@@ -1,4 +1,5 @@
-"""deep_ep_py.runtime and the _C runtime on N ranks sharing the GPU (launch(device="cuda"), under MPS).
+"""deep_ep_py.runtime and the _C runtime on N ranks sharing the GPU (launch(device="cuda"), under MPS), or on the CPU
+emulator of the kernels (launch(device="emulated"): _C_emu's runtime, IPC and NVSHMEM on host memory).
 
 Each test runs its whole check sequence in one launch; a rank raises AssertionError with the values seen. A
 failing rank raises at once rather than entering a collective, so the launcher reports it instead of a hang.
@@ -11,7 +12,9 @@ import threading
 import time
 
 import pytest
+from kernel_device import tier_device
 
+from deep_ep_py import device as ep_device
 from deep_ep_py.testing import launch
 
 pytestmark = pytest.mark.gpu
@@ -34,11 +37,16 @@ def _expect_raises(exc_type, fn, *args, match: str = ""):
 
 
 def _pattern(rank: int, num_ints: int) -> torch.Tensor:
-    """int32 [num_ints] on the current CUDA device, different for every rank and every position."""
-    return torch.arange(num_ints, dtype=torch.int32, device="cuda") * 7 + rank * 1_000_003
+    """int32 [num_ints] on the kernels' device (the current CUDA device), different for every rank and every
+    position."""
+    return torch.arange(num_ints, dtype=torch.int32, device=ep_device.kernel_device()) * 7 + rank * 1_000_003
 
 
 def _check_cuda_usable() -> None:
+    """The CUDA context still works after the test (a torch op on the GPU). Nothing under the emulator: it has no
+    CUDA context."""
+    if ep_device.emulated():
+        return
     values = torch.arange(1000, dtype=torch.float32, device="cuda")
     total = values.sum().item()
     assert total == 499500.0, f"a torch op after the test gave {total}, expected 499500"
@@ -68,7 +76,7 @@ def _peer_mapped_worker(rank: int, num_ranks: int, num_ranks_per_node: int) -> l
         assert num_nonzero == 0, f"rank {rank}: rank {peer}'s fresh buffer has {num_nonzero} non-zero bytes"
     dist.barrier()
     buffer.view().view(torch.int32).copy_(_pattern(rank, num_ints))
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     dist.barrier()
     for peer in node_ranks:
         seen = buffer.view(peer).view(torch.int32).cpu()
@@ -93,7 +101,9 @@ def _peer_mapped_worker(rank: int, num_ranks: int, num_ranks_per_node: int) -> l
 @pytest.mark.parametrize("layout", ["one_node", "pairs"])
 def test_peer_mapped_buffer(require_gpu, num_ranks, layout, launch_timeout_s):
     num_ranks_per_node = num_ranks if layout == "one_node" else 2
-    results = launch(_peer_mapped_worker, num_ranks, num_ranks_per_node, device="cuda", timeout_s=launch_timeout_s)
+    results = launch(
+        _peer_mapped_worker, num_ranks, num_ranks_per_node, device=tier_device(), timeout_s=launch_timeout_s
+    )
     for rank, node_ranks in enumerate(results):
         assert rank in node_ranks and len(node_ranks) == min(num_ranks_per_node, num_ranks)
 
@@ -129,7 +139,7 @@ def _host_counters_worker(rank: int, num_ranks: int) -> float:
 
 
 def test_host_counters(require_gpu, num_ranks, launch_timeout_s):
-    results = launch(_host_counters_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    results = launch(_host_counters_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
     assert all(0.05 <= released_after < SURFACE_BOUND_S for released_after in results), results
 
 
@@ -144,9 +154,9 @@ def _device_timeout_worker(rank: int, num_ranks: int) -> float:
     channel = 10 + rank
     start = time.monotonic()
     ext.launch_timeout_self_test(
-        record.device_ptr, WAIT_TIMEOUT_S, rank, channel, torch.cuda.current_stream().cuda_stream
+        record.device_ptr, WAIT_TIMEOUT_S, rank, channel, ep_device.current_stream().cuda_stream
     )
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     elapsed = time.monotonic() - start
     assert elapsed < SURFACE_BOUND_S, f"rank {rank}: the device wait took {elapsed:.2f} s to time out"
     assert record.has_error(), f"rank {rank}: the self-test kernel finished without recording a timeout"
@@ -159,7 +169,7 @@ def _device_timeout_worker(rank: int, num_ranks: int) -> float:
 
 
 def test_device_timeout_becomes_an_exception(require_gpu, num_ranks, launch_timeout_s):
-    results = launch(_device_timeout_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
+    results = launch(_device_timeout_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
     assert all(WAIT_TIMEOUT_S * 0.5 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
 
 
@@ -188,7 +198,7 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     assert num_nonzero == 0, f"rank {rank}: nvshmem_malloc left {num_nonzero} non-zero bytes"
     context.barrier()
     device_bytes_view(ptr, num_bytes).view(torch.int32).copy_(_pattern(rank, num_ints))
-    torch.cuda.synchronize()
+    ep_device.synchronize()
     context.barrier()
     for pe, peer_ptr in enumerate(peer_ptrs):
         seen = device_bytes_view(peer_ptr, num_bytes).view(torch.int32).cpu()
@@ -205,8 +215,9 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
 
 
 def test_nvshmem_context(require_gpu, num_ranks, launch_timeout_s):
-    results = launch(_nvshmem_worker, num_ranks, device="cuda", timeout_s=launch_timeout_s)
-    share_gpu = num_ranks > torch.cuda.device_count()
+    results = launch(_nvshmem_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
+    # The GPUs of this host, or under emulation (require_gpu selects it here too) the emulator's device.
+    share_gpu = num_ranks > ep_device.device_count()
     for result in results:
         assert result["share_gpu"] == share_gpu, result
         assert "NVSHMEM_IB_ENABLE_IBGDA" not in result["env_set"], result
