@@ -57,6 +57,7 @@ struct State {
     int n_pes = 0;
     size_t heap_bytes = 0;
     double timeout_s = kDefaultTimeoutS;
+    int p2p_pes = 0;  // PEs share a P2P domain in consecutive groups of this many (see p2p_pes_from_env)
     std::vector<uint8_t*> heaps;           // every PE's heap as mapped in this process; heaps[my_pe] is our own
     std::map<size_t, size_t> free_ranges;  // heap offset -> bytes; neighbours always merged
     std::map<size_t, size_t> allocations;  // heap offset handed out -> bytes
@@ -123,6 +124,19 @@ double timeout_s_from_env() {
     if (*end != '\0' || !std::isfinite(seconds) || !(seconds > 0))
         fail(concat("DEEP_EP_PY_TIMEOUT_S='", raw, "' is not a positive number of seconds"));
     return seconds;
+}
+
+// DEEP_EP_PY_EMULATE_P2P_PES=k: consecutive groups of k PEs share an (emulated) NVLink domain, and nvshmem_ptr is
+// null for a PE outside this PE's group, so the kernels reach it through puts and signals, as over a NIC. Every PE
+// (the default) takes the kernels' P2P stores everywhere; 1 takes their put paths everywhere.
+int p2p_pes_from_env(int n_pes) {
+    const char* raw = std::getenv("DEEP_EP_PY_EMULATE_P2P_PES");
+    if (raw == nullptr || *raw == '\0') return n_pes;
+    char* end = nullptr;
+    const long value = std::strtol(raw, &end, 10);
+    if (*end != '\0' || value < 1 || n_pes % value != 0)
+        fail(concat("DEEP_EP_PY_EMULATE_P2P_PES='", raw, "' is not a positive divisor of the ", n_pes, " PEs"));
+    return static_cast<int>(value);
 }
 
 std::string pe_list(const std::vector<int>& pes) {
@@ -248,6 +262,7 @@ void join(const nvshmemx_init_attr_t& attr) {
     state.n_pes = attr.uniqueid_n_pes;
     state.heap_bytes = heap_bytes_from_env();
     state.timeout_s = timeout_s_from_env();
+    state.p2p_pes = p2p_pes_from_env(state.n_pes);
     state.heaps.assign(static_cast<size_t>(state.n_pes), nullptr);
 
     const FileDescriptor own_fd(memfd_create("deep_ep_py_emu_heap", MFD_CLOEXEC));
@@ -519,6 +534,7 @@ void* nvshmem_ptr(const void* ptr, int pe) {
     const auto begin = reinterpret_cast<uintptr_t>(state.heaps[state.my_pe]);
     const auto at = reinterpret_cast<uintptr_t>(ptr);
     if (at < begin || at - begin >= state.heap_bytes) return nullptr;
+    if (pe / state.p2p_pes != state.my_pe / state.p2p_pes) return nullptr;
     return state.heaps[pe] + (at - begin);
 }
 

@@ -398,8 +398,14 @@ def _num_iters() -> int:
     return int(os.environ.get("DEEP_EP_PY_LL_TEST_ITERS", "1000"))
 
 
-def _batch(gpu_batch, num_ranks: int):
-    """Every selected case of this module at num_ranks, in one launch on one NvshmemContext."""
+# How the kernels reach a peer: "p2p" (stores through nvshmem_ptr, as over NVLink or on one GPU) or "puts" (NVSHMEM
+# puts and signals, as over a NIC). A GPU machine of one node has only the first; the CPU emulator gives the second
+# with DEEP_EP_PY_EMULATE_P2P_PES=1 (every peer outside this PE's P2P domain).
+REACHES = ("p2p", "puts")
+
+
+def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
+    """Every selected case of this module at num_ranks and reach, in one launch on one NvshmemContext."""
 
     def make_cases(selected):
         cases = [
@@ -407,8 +413,10 @@ def _batch(gpu_batch, num_ranks: int):
                 f"against_reference_{fmt}_{mode}", _against_reference_case, (fmt, mode == "hook", mode == "zero_copy")
             )
             for mode in MODES
-            for fmt in selected("test_against_reference", "fmt", num_ranks=num_ranks, mode=mode)
+            for fmt in selected("test_against_reference", "fmt", num_ranks=num_ranks, mode=mode, reach=reach)
         ]
+        if reach != "p2p":
+            return cases
         if selected("test_rank_mask", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("rank_mask", _mask_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
@@ -423,13 +431,24 @@ def _batch(gpu_batch, num_ranks: int):
             )
         return cases
 
-    return gpu_batch(("low_latency", num_ranks), make_cases, num_ranks, setup=_open_nvshmem, teardown=_close_nvshmem)
+    env = {"DEEP_EP_PY_EMULATE_P2P_PES": "1"} if reach == "puts" else None
+    return gpu_batch(
+        ("low_latency", num_ranks, reach),
+        make_cases,
+        num_ranks,
+        env=env,
+        setup=_open_nvshmem,
+        teardown=_close_nvshmem,
+    )
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("mode", MODES)
-def test_against_reference(require_gpu, gpu_batch, num_ranks, fmt, mode):
-    _batch(gpu_batch, num_ranks)[f"against_reference_{fmt}_{mode}"].assert_passed()
+@pytest.mark.parametrize("reach", REACHES)
+def test_against_reference(require_gpu, gpu_batch, num_ranks, fmt, mode, reach):
+    if reach == "puts" and not emulated_tier():
+        pytest.skip("the put path needs peers beyond NVLink: a second node, or the CPU emulator")
+    _batch(gpu_batch, num_ranks, reach)[f"against_reference_{fmt}_{mode}"].assert_passed()
 
 
 def test_repeated_calls_and_cuda_graph(require_gpu, gpu_batch, num_ranks):
