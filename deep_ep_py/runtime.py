@@ -117,9 +117,10 @@ class PeerMappedBuffer:
     through CUDA IPC.
 
     Collective over ``group`` (any torch.distributed backend; gloo is enough): every rank of the group constructs
-    it with the same ``num_bytes`` and ``ranks``. ``ranks`` are group ranks on this host (one node; default: the
-    whole group); each rank opens the IPC handles of the others in ``ranks`` and uses its own pointer for itself
-    (a process cannot open its own handle). Allocates on the current CUDA device.
+    it, and the ranks of one ``ranks`` set pass the same ``num_bytes`` and ``ranks``. ``ranks`` are group ranks on
+    this host (one node; default: the whole group), so each node's ranks may map their own set in one call; each
+    rank opens the IPC handles of the others in ``ranks`` and uses its own pointer for itself (a process cannot open
+    its own handle). Allocates on the current CUDA device.
 
     local_ptr: int, this rank's allocation. peer_ptrs: list[int] [group size], the address at which this process
     sees each rank's buffer (local_ptr at its own rank, 0 for ranks not mapped). close() releases everything.
@@ -158,7 +159,9 @@ class PeerMappedBuffer:
         handles: list[Any] = [None] * num_ranks
         dist.all_gather_object(handles, (handle, num_bytes, mapped_ranks, error), group=group)
         errors = [entry[3] for entry in handles if entry[3]]
-        mismatched = [r for r, entry in enumerate(handles) if (entry[1], entry[2]) != (num_bytes, mapped_ranks)]
+        # Only the ranks this one maps must agree with it: several nodes' ranks (or pairs) map their own sets in one
+        # call over the whole group. A rank that maps this one without being mapped back sees the mismatch itself.
+        mismatched = [r for r in mapped_ranks if (handles[r][1], handles[r][2]) != (num_bytes, mapped_ranks)]
         if mismatched and not errors:
             errors.append(
                 f"ranks {mismatched} passed other (num_bytes, ranks) than rank {rank}'s ({num_bytes}, {mapped_ranks}): "

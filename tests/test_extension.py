@@ -38,6 +38,8 @@ def test_kernels_built_when_expected():
     if not EXPECT_KERNELS:
         pytest.skip("DEEP_EP_PY_EXPECT_KERNELS is not 1")
     assert _ext.has_kernels(), _ext.kernels_unavailable_reason()
+    # Without it the GPU tier would skip on a machine with no GPU instead of running on the CPU emulator.
+    assert _ext.emulator_available(), _ext.emulator_unavailable_reason()
 
 
 def test_timeout_error_is_a_deep_ep_error_and_a_timeout_error():
