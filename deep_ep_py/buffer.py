@@ -91,19 +91,26 @@ class Buffer:
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self.num_nvl_bytes = check.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        self.num_rdma_bytes = check.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = check.check_bool("low_latency_mode", low_latency_mode)
-        self.num_qps_per_rank = check.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
-        self.allow_nvlink_for_low_latency_mode = check.check_bool(
-            "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
-        )
-        self.allow_mnnvl = check.check_bool("allow_mnnvl", allow_mnnvl)
-        self.use_fabric = check.check_bool("use_fabric", use_fabric)
-        self.explicitly_destroy = check.check_bool("explicitly_destroy", explicitly_destroy)
-        self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
-        self.topology = detect_topology(group, num_ranks_per_node)
-        self.num_recv_arena_bytes = ep_config.recv_arena_bytes(num_recv_arena_bytes)
+        # What this rank rejects goes to every rank through the first collective (detect_topology), so that all
+        # raise instead of the others waiting for this one in a later collective.
+        local_error = None
+        try:
+            self.num_nvl_bytes = check.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
+            self.num_rdma_bytes = check.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
+            self.low_latency_mode = check.check_bool("low_latency_mode", low_latency_mode)
+            self.num_qps_per_rank = check.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+            self.allow_nvlink_for_low_latency_mode = check.check_bool(
+                "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
+            )
+            self.allow_mnnvl = check.check_bool("allow_mnnvl", allow_mnnvl)
+            self.use_fabric = check.check_bool("use_fabric", use_fabric)
+            self.explicitly_destroy = check.check_bool("explicitly_destroy", explicitly_destroy)
+            self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
+            self.num_recv_arena_bytes = ep_config.recv_arena_bytes(num_recv_arena_bytes)
+            ep_config.timeout_s()  # read again by every wait; a bad value fails here, on every rank
+        except (TypeError, ValueError) as exc:
+            local_error = exc
+        self.topology = detect_topology(group, num_ranks_per_node, local_error)
         sizes = BufferSizes(
             self.num_nvl_bytes,
             self.num_rdma_bytes,

@@ -28,10 +28,8 @@ class Topology:
         return rank // self.num_ranks_per_node
 
 
-def _ranks_per_node_from_hosts(group: dist.ProcessGroup, num_ranks: int) -> int:
+def _ranks_per_node_from_hosts(hosts: list[str], num_ranks: int) -> int:
     """Ranks per node from the hosts the ranks run on; nodes must be equal, contiguous blocks of ranks."""
-    hosts: list[str | None] = [None] * num_ranks
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
     per_node = hosts.count(hosts[0])
     blocks = [hosts[i : i + per_node] for i in range(0, num_ranks, per_node)]
     if num_ranks % per_node != 0 or any(len(set(b)) != 1 for b in blocks) or len({b[0] for b in blocks}) != len(blocks):
@@ -42,19 +40,40 @@ def _ranks_per_node_from_hosts(group: dist.ProcessGroup, num_ranks: int) -> int:
     return per_node
 
 
-def detect_topology(group: dist.ProcessGroup, num_ranks_per_node: int | None) -> Topology:
-    """The argument wins over the environment, which wins over the hosts the ranks run on."""
+def detect_topology(
+    group: dist.ProcessGroup, num_ranks_per_node: int | None, local_error: Exception | None = None
+) -> Topology:
+    """The argument wins over the environment, which wins over the hosts the ranks run on.
+
+    Collective, and the first one of a Buffer: every rank passes what it made of its own arguments and environment
+    (local_error: what it rejected), and every rank learns every rank's outcome. So a rank that rejects its input
+    stops all ranks here, with its reason, instead of leaving them waiting in the next collective until the process
+    group's timeout; and ranks that disagree on the ranks per node all raise.
+    """
     num_ranks = dist.get_world_size(group)
-    source = "num_ranks_per_node"
-    if num_ranks_per_node is None:
-        num_ranks_per_node = ranks_per_node_override()
+    requested, source = num_ranks_per_node, "num_ranks_per_node"
+    if local_error is None and requested is None:
         source = RANKS_PER_NODE_ENV
-    if num_ranks_per_node is None:
-        num_ranks_per_node = _ranks_per_node_from_hosts(group, num_ranks)
-    if isinstance(num_ranks_per_node, bool) or not isinstance(num_ranks_per_node, int) or num_ranks_per_node <= 0:
-        raise ValueError(f"{source}: expected a positive int, got {num_ranks_per_node!r}")
+        try:
+            requested = ranks_per_node_override()
+        except ValueError as exc:
+            local_error = exc
+    reason = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
+    entries: list = [None] * num_ranks
+    dist.all_gather_object(entries, (socket.gethostname(), requested, reason), group=group)
+    failed = [f"rank {rank}: {entry[2]}" for rank, entry in enumerate(entries) if entry[2] is not None]
+    if failed:
+        if local_error is not None:
+            raise local_error
+        raise ValueError("Buffer: other ranks rejected their arguments or environment: " + "; ".join(failed))
+    if len({repr(entry[1]) for entry in entries}) > 1:
+        raise ValueError(f"{source}: ranks asked for different ranks per node: {[entry[1] for entry in entries]}")
+    if requested is None:
+        requested = _ranks_per_node_from_hosts([entry[0] for entry in entries], num_ranks)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+        raise ValueError(f"{source}: expected a positive int, got {requested!r}")
     # An override larger than the group means "all of it is one node".
-    num_ranks_per_node = min(num_ranks_per_node, num_ranks)
-    if num_ranks % num_ranks_per_node != 0:
-        raise ValueError(f"{source}: expected a divisor of the group size {num_ranks}, got {num_ranks_per_node}")
-    return Topology(num_ranks=num_ranks, num_ranks_per_node=num_ranks_per_node)
+    requested = min(requested, num_ranks)
+    if num_ranks % requested != 0:
+        raise ValueError(f"{source}: expected a divisor of the group size {num_ranks}, got {requested}")
+    return Topology(num_ranks=num_ranks, num_ranks_per_node=requested)

@@ -232,3 +232,46 @@ def test_recv_arena_bytes_from_the_environment(monkeypatch):
         monkeypatch.setenv(config.RECV_ARENA_ENV, raw)
         with pytest.raises(ValueError, match=rf"DEEP_EP_PY_RECV_ARENA_BYTES.*{raw}"):
             config.recv_arena_bytes(None)
+
+
+# What one rank alone gets wrong: (environment of rank 1, Buffer keyword arguments of rank 1). Every rank must raise
+# from Buffer(), not wait in a collective rank 1 never reaches.
+ONE_RANK_WRONG = {
+    "arena_env": ({"DEEP_EP_PY_RECV_ARENA_BYTES": "lots"}, {}),
+    "timeout_env": ({"DEEP_EP_PY_TIMEOUT_S": "-3"}, {}),
+    "ranks_per_node_env": ({"DEEP_EP_PY_RANKS_PER_NODE": "two"}, {}),
+    "num_nvl_bytes_arg": ({}, {"num_nvl_bytes": -1}),
+    "ranks_per_node_differs": ({}, {"num_ranks_per_node": 1}),
+}
+
+
+def _construct_with_rank_1_wrong(rank: int, num_ranks: int, case: str) -> str:
+    import os
+    import time
+
+    import deep_ep_py
+
+    env, kwargs = ONE_RANK_WRONG[case] if rank == 1 else ({}, {})
+    os.environ.update(env)
+    defaults = {"num_nvl_bytes": 1 << 20, "backend": "reference"}
+    if case == "ranks_per_node_differs":
+        defaults["num_ranks_per_node"] = 2
+    started = time.monotonic()
+    try:
+        deep_ep_py.Buffer(dist.group.WORLD, **{**defaults, **kwargs})
+    except (TypeError, ValueError) as exc:
+        assert time.monotonic() - started < 20, f"rank {rank} raised only after {time.monotonic() - started:.0f} s"
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError(f"rank {rank}: Buffer() accepted what rank 1 got wrong ({case})")
+
+
+@pytest.mark.parametrize("case", list(ONE_RANK_WRONG))
+def test_one_rank_wrong_fails_every_rank(case):
+    # The group's own timeout is far longer than the launch's: a rank left waiting makes the launch time out.
+    messages = launch(_construct_with_rank_1_wrong, 2, case, timeout_s=60)
+    env, kwargs = ONE_RANK_WRONG[case]
+    names = list(env) + [name for name in kwargs if name != "num_ranks_per_node"] or ["num_ranks_per_node"]
+    for rank, message in enumerate(messages):
+        assert any(name in message for name in names), f"rank {rank}'s error does not name {names}: {message}"
+    if case != "ranks_per_node_differs":
+        assert "rank 1" in messages[0], f"rank 0's error does not say which rank: {messages[0]}"
