@@ -269,11 +269,14 @@ class LowLatencyKernels:
             num_tokens=num_tokens,
             backend_state=KernelHandleState(owner_id=id(self), num_topk=num_topk),
         )
-        # The closure keeps x and topk_idx alive until the receive is launched.
-        inputs = (x, topk_idx)
+        # The closure keeps every tensor the receive reads or writes alive until it is launched: a caller may drop the
+        # results and keep only the hook (DeepEP's hook holds them too); their memory must not go to other tensors
+        # before the receive kernel has written it.
+        tensors = (x, topk_idx, recv_x, recv_x_scales, src_info, src_topk_slot, layout_range, recv_count)
+        tensors += (recv_stats, wait_stats)
 
         def receive() -> None:
-            assert inputs
+            assert tensors
             self._C.low_latency_dispatch_recv(**args, **self._launch_args())
             finish_recv_stats()
             finish_wait_stats()
@@ -348,10 +351,11 @@ class LowLatencyKernels:
             "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
         self._C.low_latency_combine_send(**args, **self._launch_args())
-        inputs = (source, topk_idx, topk_weights, handle)
+        # As in dispatch: everything the receive touches lives until it is launched, results included.
+        tensors = (source, topk_idx, topk_weights, handle, combined, wait_stats)
 
         def receive() -> None:
-            assert inputs
+            assert tensors
             self._C.low_latency_combine_recv(**args, **self._launch_args())
             finish_wait_stats()
 

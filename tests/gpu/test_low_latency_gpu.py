@@ -264,6 +264,43 @@ def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
     kernels.check_device_errors("test end")
 
 
+def _hook_outlives_results_case(ctx) -> None:
+    """A caller may drop a hooked call's results and keep only the hook (DeepEP's hook holds them): hook() must still
+    write into those results' memory, not into tensors allocated since (bystanders, same sizes, poisoned)."""
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    device = ep_device.kernel_device()
+
+    def check_bystanders_after(hook, sizes, what):
+        bystanders = [torch.full((n,), 0x5A, dtype=torch.uint8, device=device) for n in sizes for _ in range(4)]
+        hook()
+        ep_device.synchronize()
+        for bystander in bystanders:
+            changed = int((bystander != 0x5A).sum())
+            assert changed == 0, f"rank {rank} {what}: hook() wrote {changed} bytes of a tensor allocated after it"
+
+    for seed, fmt in enumerate(("bf16", "fp8")):
+        inputs = make_inputs(500 + seed, num_ranks, num_experts)
+        x, topk, weights = (on_kernel_device(t) for t in inputs[rank])
+        use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
+        result = kernels.low_latency_dispatch(
+            x, topk, MAX_TOKENS, num_experts, None, None, use_fp8, round_scale, use_ue8m0, True
+        )
+        hook = result[4]
+        sizes = [t.numel() * t.element_size() for t in (result[0], result[1], result[2]) if t is not None]
+        del result
+        check_bystanders_after(hook, sizes, f"{fmt} dispatch")
+
+        result = _dispatch(kernels, inputs, rank, num_experts, fmt)
+        expert_x = on_kernel_device(expert_outputs_for(result[3], inputs, EXPERTS_PER_RANK, num_ranks))
+        combined, hook = kernels.low_latency_combine(expert_x, topk, weights, result[3], False, True, None, None)
+        sizes = [combined.numel() * combined.element_size()]
+        del combined, result, expert_x
+        check_bystanders_after(hook, sizes, f"{fmt} combine")
+    kernels.check_device_errors("test end")
+
+
 def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -> None:
     """Identity experts (combine x = dispatch recv_x): combined[t] = x[t] * sum of its summed weights."""
     valid = topk_gpu >= 0
@@ -419,6 +456,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             return cases
         if selected("test_rank_mask", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("rank_mask", _mask_case))
+        if selected("test_hook_outlives_results", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("hook_outlives_results", _hook_outlives_results_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -459,6 +498,10 @@ def test_repeated_calls_and_cuda_graph(require_gpu, gpu_batch, num_ranks):
 
 def test_rank_mask(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["rank_mask"].assert_passed()
+
+
+def test_hook_outlives_results(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["hook_outlives_results"].assert_passed()
 
 
 def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
