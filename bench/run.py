@@ -30,6 +30,12 @@ time over the internode row's time on the same data and rank count (>= 1: no slo
 running (the GPU check script starts it), since the kernels of all ranks spin-wait on each other. There, rank 0
 also measures the device-to-device copy roof in the same run, and each row is shown as a fraction of it
 (see bench/report.py).
+
+``--device emulated`` runs the same kernel rows on the CPU emulator of the kernels (deep_ep_py._C_emu; ranks
+launched with DEEP_EP_PY_EMULATE_DEVICE=1 and, unless the environment sets it, DEEP_EP_PY_UNVERIFIED_KERNELS=1):
+every kernel-only path of the bench (one-copy checks, internode and low-latency rows, vs intranode, the copy roof,
+the notes) runs where no GPU is, as CI does. Its figures are CPU wall-clock time of emulated kernels and mean
+nothing about the kernels' speed: the table, its notes and the JSON say so. No CUDA graphs there: no graph row.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ from bench.settings import (
     CASES,
     DEFAULT_ITERS,
     DEFAULT_NODES,
+    DEFAULT_ROOF_BYTES,
+    DEVICES,
+    EMULATED,
+    EMULATOR_DEVICE_NAME,
+    EMULATOR_NOTE,
     GRAPH_PATH,
     INTERNODE,
     LOW_LATENCY,
@@ -69,6 +80,10 @@ from bench.worker import bench_worker
 
 KERNELS = "kernels"
 REFERENCE_FALLBACK = "reference fallback"
+# The environment variables a rank of --device emulated gets (deep_ep_py._ext.EMULATE_DEVICE_ENV,
+# deep_ep_py.backends.cuda.UNVERIFIED_KERNELS_ENV).
+EMULATE_DEVICE_ENV = "DEEP_EP_PY_EMULATE_DEVICE"
+UNVERIFIED_KERNELS_ENV = "DEEP_EP_PY_UNVERIFIED_KERNELS"
 
 
 def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[report.Row]:
@@ -78,6 +93,8 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
     if cfg.device == "cuda":
         num_gpus = max(torch.cuda.device_count(), 1)
         ranks_per_gpu = -(-num_ranks // num_gpus)
+    elif cfg.device == EMULATED:
+        ranks_per_gpu = num_ranks  # the emulator has one device, shared by every rank
     rows = []
     for path, mode, dtype, hook in CASES:
         key = (path, dtype, hook)
@@ -120,15 +137,26 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             vs_intranode=internode["vs_intranode"] if internode else _vs_intranode(path, dtype, per_rank, reduced),
             extra={
                 "produced_by": KERNELS if kernels_active else REFERENCE_FALLBACK,
+                "one_copy_path": _one_copy_path(results),
                 "rows_per_token": rows_per_token,
                 **(_internode_extra(cfg, num_ranks, internode) if internode else {}),
                 "hbm_by_design": results[0]["hbm_reported"] is None and hbm is not None,
                 "per_rank_iter_us": [[t * 1e6 for t in r.iter_s] for r in rank_results],
+                **({"emulated": True, "timings_meaningful": False} if cfg.device == EMULATED else {}),
             },
         )
         row.fill_roof()
         rows.append(row)
     return rows
+
+
+def _one_copy_path(results: list[dict]) -> bool | None:
+    """For a one-copy row the kernels produced: whether the last timed call took the one-copy path on every rank
+    (False: the rounds, for want of arena room). None for every other row."""
+    taken = [result.get("one_copy_path") for result in results]
+    if any(value is None for value in taken):
+        return None
+    return all(taken)
 
 
 def _internode_figures(
@@ -193,12 +221,17 @@ def _producer_notes(rows: Sequence[report.Row]) -> list[str]:
 
 
 def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[str]) -> list[str]:
-    notes = []
+    notes = [EMULATOR_NOTE] if cfg.device == EMULATED else []
     if not any(row.extra.get("produced_by") == KERNELS for row in rows):
-        where = "CPU, gloo" if cfg.device == "cpu" else "CUDA tensors, no kernels"
+        where = {"cpu": "CPU, gloo", EMULATED: "CPU emulator, no kernels"}.get(cfg.device, "CUDA tensors, no kernels")
         notes.append(f"reference backend ({where}): figures measure the reference all-to-all, not kernels")
     notes += _producer_notes(rows)
-    if cfg.device != "cuda":
+    if cfg.device == EMULATED:
+        notes.append(
+            "copy roof: the host's memcpy rate (the emulator's device memory is host memory); % of roof = ranks"
+            " sharing the emulated device x GB/s x 2 B / copy roof, as on a GPU, and as meaningless as the rest"
+        )
+    elif cfg.device != "cuda":
         notes.append("copy roof: - (no GPU)")
     else:
         notes.append(
@@ -222,6 +255,14 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
             " senders write rows straight into the receivers' results, combine sources read them straight from"
             " recv_x; vs intranode = rounds time / one-copy time"
         )
+        by_path: dict[str, list[str]] = {}
+        for row in rows:
+            if row.extra.get("one_copy_path") is not None:
+                taken = "one-copy path" if row.extra["one_copy_path"] else "rounds (no arena room)"
+                by_path.setdefault(taken, []).append(f"{row.path} {row.dtype} (ranks={row.ranks})")
+        if by_path:
+            parts = "; ".join(f"{taken}: {', '.join(labels)}" for taken, labels in by_path.items())
+            notes.append(f"one_copy_* rows, path of the last timed call on every rank: {parts}")
     if any(row.path == GRAPH_PATH for row in rows):
         notes.append(
             f"{GRAPH_PATH}: one ll_dispatch (fp8) + ll_combine (bf16) replayed from a CUDA graph, inputs copied in"
@@ -263,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_NODES,
         help=f"nodes the internode rows emulate, ranks / nodes ranks each ({DEFAULT_NODES})",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=None,
+        help="cpu (reference backend), cuda (kernels) or emulated (kernels on their CPU emulator, timings not"
+        " meaningful); default: emulated under DEEP_EP_PY_EMULATE_DEVICE=1, else cuda when available, else cpu",
+    )
     p.add_argument("--backend", choices=("auto", "reference", "cuda"), default=None, help="Buffer(backend=...)")
     p.add_argument("--dist-backend", default="gloo", help="torch.distributed backend of the group (gloo)")
     p.add_argument(
@@ -272,7 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="cached",
         help="time normal dispatch with a cached handle (DeepEP's test) or the full call",
     )
-    p.add_argument("--roof-bytes", type=int, default=1 << 30, help="bytes of the copy-roof tensor (CUDA only)")
+    p.add_argument(
+        "--roof-bytes",
+        type=int,
+        default=None,
+        help=f"bytes of the copy-roof tensor, kernels' device only ({DEFAULT_ROOF_BYTES['cuda']} on CUDA,"
+        f" {DEFAULT_ROOF_BYTES[EMULATED]} on the emulator)",
+    )
     p.add_argument("--timeout-s", type=float, default=None, help="per rank-count launch timeout (default scales)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output JSON (default bench/results/<timestamp>.json)")
@@ -281,16 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[BenchConfig, list[int]]:
     preset = dict(STANDARD, **QUICK) if args.quick else dict(STANDARD)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from deep_ep_py import _ext
+
+    device = args.device or (EMULATED if _ext.emulated() else "cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
+    if device == EMULATED and not _ext.emulator_available():
+        parser.error(f"--device emulated: the CPU emulator is not built ({_ext.emulator_unavailable_reason()})")
     warmup_default, iters_default = DEFAULT_ITERS[device]
 
     def pick(name: str, fallback=None):
         value = getattr(args, name)
         return value if value is not None else preset.get(name, fallback)
 
-    ranks = _parse_ranks(pick("ranks", "2" if device == "cpu" else "2,4,8"), parser)
+    ranks = _parse_ranks(pick("ranks", "2,4,8" if device == "cuda" else "2"), parser)
     modes = tuple(m.strip() for m in args.paths.split(",") if m.strip())
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -309,11 +366,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         device=device,
         backend=args.backend,
         dispatch_handle=args.dispatch_handle,
-        roof_bytes=args.roof_bytes,
+        roof_bytes=args.roof_bytes if args.roof_bytes is not None else DEFAULT_ROOF_BYTES[device],
         seed=args.seed,
         nodes=args.nodes,
     )
-    for name in ("tokens", "hidden", "topk", "experts", "ll_tokens", "iters"):
+    for name in ("tokens", "hidden", "topk", "experts", "ll_tokens", "iters", "roof_bytes"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(cfg, name)}")
     if cfg.warmup < 0:
@@ -331,14 +388,33 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def _default_timeout_s(cfg: BenchConfig, num_ranks: int) -> float:
-    """Seconds one rank count may take: generous, since the CPU reference pushes every byte through gloo."""
+    """Seconds one rank count may take: generous, since the CPU reference pushes every byte through gloo (and the
+    CPU emulator runs every CUDA thread of the kernels as a fiber on the host)."""
     if cfg.device == "cuda":
         per_iter_s = 1.0
+    elif cfg.device == EMULATED:
+        # bf16 bytes each rank moves per call in either mode, at a pessimistic 5 MB/s through the emulator
+        num_bytes = (cfg.tokens + cfg.ll_tokens * cfg.topk) * cfg.hidden * 2 * num_ranks
+        per_iter_s = max(1.0, num_bytes / 5e6)
     else:
         # bf16 bytes each rank moves per call in either mode, at a pessimistic 50 MB/s on a small CPU box
         num_bytes = (cfg.tokens + cfg.ll_tokens * cfg.topk) * cfg.hidden * 2 * num_ranks
         per_iter_s = max(1.0, num_bytes / 50e6)
     return 120.0 + per_iter_s * (cfg.warmup + cfg.iters + 2) * len(CASES)
+
+
+def _launch_env(cfg: BenchConfig) -> dict[str, str] | None:
+    """The environment the ranks get besides this process's: under --device emulated the emulator, and the kernels
+    unless the environment says otherwise (DEEP_EP_PY_UNVERIFIED_KERNELS set, to anything); elsewhere nothing, but
+    the emulator switched off where this process's environment switched it on."""
+    if cfg.device == EMULATED:
+        env = {EMULATE_DEVICE_ENV: "1"}
+        if UNVERIFIED_KERNELS_ENV not in os.environ:
+            env[UNVERIFIED_KERNELS_ENV] = "1"
+        return env
+    if os.environ.get(EMULATE_DEVICE_ENV, "") not in ("", "0"):
+        return {EMULATE_DEVICE_ENV: "0"}
+    return None
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -366,7 +442,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
         )
         launch_start = time.perf_counter()
         per_rank = launch(
-            bench_worker, num_ranks, cfg, timeout_s=timeout_s, backend=args.dist_backend, device=cfg.device
+            bench_worker,
+            num_ranks,
+            cfg,
+            timeout_s=timeout_s,
+            backend=args.dist_backend,
+            env=_launch_env(cfg),
+            device=cfg.device,
         )
         log(f"ranks={num_ranks} done in {time.perf_counter() - launch_start:.1f} s")
         first_rank = first_rank or per_rank[0]
@@ -377,13 +459,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
     backends = sorted({row.backend for row in rows})
     has_kernels = bool(first_rank.get("has_kernels"))
     notes = _notes(cfg, rows, [f"{note} [ranks {','.join(map(str, counts))}]" for note, counts in worker_notes.items()])
+    emulated = cfg.device == EMULATED
     env = report.environment(
-        device_name=first_rank.get("device_name", cfg.device),
+        device_name=first_rank.get("device_name", EMULATOR_DEVICE_NAME if emulated else cfg.device),
         backend=",".join(backends),
         has_kernels=has_kernels,
         repo_dir=REPO_DIR,
         extra={
             "device": cfg.device,
+            "emulated": emulated,
+            "timings_meaningful": not emulated,
+            **({"timings_note": EMULATOR_NOTE} if emulated else {}),
             "no_kernels_reason": first_rank.get("no_kernels_reason", ""),
             "dist_backend": args.dist_backend,
             "wall_s": time.perf_counter() - start,
@@ -391,6 +477,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     settings = dict(dataclasses.asdict(cfg), ranks=rank_counts, argv=list(argv if argv is not None else sys.argv[1:]))
     report.write_json(json_path, rows, env, settings, notes)
+    if emulated:
+        print(f"# {EMULATOR_NOTE}")  # above the table too: no figure of it may be read as a kernel's speed
     print(report.format_table(rows, notes))
     log(f"wrote {json_path} ({env['wall_s']:.1f} s)")
     return {"rows": rows, "environment": env, "settings": settings, "notes": notes, "json_path": json_path}

@@ -168,7 +168,22 @@ QUICK = {
     "warmup": 1,
     "iters": 5,
 }
-DEFAULT_ITERS = {"cuda": (10, 50), "cpu": (2, 5)}  # device -> (warmup, iters)
+# --device: "cpu" (the reference backend over gloo), "cuda" (the kernels on the GPU) or "emulated" (the kernels on
+# their CPU emulator, deep_ep_py._C_emu: the kernel rows and every kernel-only path of the bench, run where no GPU
+# is, timings meaningless).
+EMULATED = "emulated"
+DEVICES = ("cpu", "cuda", EMULATED)
+DEFAULT_ITERS = {"cuda": (10, 50), "cpu": (2, 5), EMULATED: (1, 3)}  # device -> (warmup, iters)
+# Bytes of the copy-roof tensor when --roof-bytes is not given: 1 GiB on a GPU, less on the emulator's host.
+DEFAULT_ROOF_BYTES = {"cuda": 1 << 30, "cpu": 1 << 30, EMULATED: 1 << 26}
+# What the table and the JSON call the device of an emulated run, and the note they carry: its figures are the
+# CPU's wall-clock time of the emulated kernels (fibers, host memory), nothing about the kernels' speed on a GPU.
+EMULATOR_DEVICE_NAME = "CPU emulator (timings not meaningful)"
+EMULATOR_NOTE = (
+    "CPU EMULATOR of the kernels (--device emulated, deep_ep_py._C_emu): every figure below (times, GB/s, copy"
+    " roof, % of roof, vs intranode) is CPU wall-clock time of emulated kernels and means NOTHING about the"
+    " kernels' speed; this run checks the bench's kernel paths, not performance"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +198,7 @@ class BenchConfig:
     warmup: int
     iters: int
     modes: tuple[str, ...]
-    device: str  # "cpu" or "cuda"
+    device: str  # one of DEVICES: "cpu", "cuda" or "emulated"
     backend: str | None  # Buffer(backend=...) or None for the library's default
     dispatch_handle: str  # "cached" or "fresh"
     roof_bytes: int

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from deep_ep_py import device as kernel_dev
+
 # Bytes of a token's hidden vector on the wire, as DeepEP's tests count them.
 FP8_BYTES_PER_CHANNEL = 1.0 + 4.0 / 128.0  # one float8 byte per channel + one float32 scale per 128 channels
 BF16_BYTES_PER_CHANNEL = 2.0
@@ -39,6 +41,13 @@ class IterTimes:
         return statistics.median(self.send_s) if self.send_s else None
 
 
+def on_kernel_device(device: torch.device) -> bool:
+    """Whether ``device`` is the kernels' device: a CUDA device, or the CPU in a process that runs the CPU emulator
+    of the kernels (DEEP_EP_PY_EMULATE_DEVICE=1, ``--device emulated``). There the timers and the copy roof take
+    the kernels' path, through deep_ep_py.device (CUDA events, or their wall-clock stand-ins under emulation)."""
+    return device.type == ("cpu" if kernel_dev.emulated() else "cuda")
+
+
 def _barrier(group: dist.ProcessGroup | None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=group)
@@ -56,14 +65,15 @@ def time_iters(
     """Run ``fn`` ``warmup`` times untimed, then ``iters`` times timed, with a group barrier before each.
 
     setup: when given, called untimed before each iteration's barrier; its result is ``fn``'s one argument
-    (a low-latency combine needs the handle of a fresh dispatch). On CUDA the device is synchronised before each
-    barrier (so every rank starts with an idle stream) and the region is timed with CUDA events on the current
-    stream; on CPU with ``time.perf_counter``. If ``fn`` returns a callable, it is called inside the timed region
+    (a low-latency combine needs the handle of a fresh dispatch). On the kernels' device (on_kernel_device) the
+    device is synchronised before each barrier (so every rank starts with an idle stream) and the region is timed
+    with its events on the current stream (CUDA events; under the CPU emulator, wall-clock stand-ins); on the CPU
+    with ``time.perf_counter``. If ``fn`` returns a callable, it is called inside the timed region
     and the return point is recorded too.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    use_cuda = device.type == "cuda"
+    use_events = on_kernel_device(device)
     call = fn if setup is None else None
 
     def prepare() -> Callable[[], object]:
@@ -74,18 +84,18 @@ def time_iters(
 
     for _ in range(warmup):
         _call_with_hook(prepare())
-    if use_cuda:
-        torch.cuda.synchronize(device)
+    if use_events:
+        kernel_dev.synchronize(device)
     _barrier(group)
 
     times = IterTimes()
-    if use_cuda:
+    if use_events:
         marks = []
         for _ in range(iters):
             step = prepare()
-            torch.cuda.synchronize(device)
+            kernel_dev.synchronize(device)
             _barrier(group)
-            start, sent, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start, sent, end = (kernel_dev.new_event(enable_timing=True) for _ in range(3))
             start.record()
             hook = step()
             sent.record()
@@ -93,7 +103,7 @@ def time_iters(
                 hook()
             end.record()
             marks.append((start, sent, end, callable(hook)))
-        torch.cuda.synchronize(device)
+        kernel_dev.synchronize(device)
         for start, sent, end, has_hook in marks:
             times.total_s.append(start.elapsed_time(end) * 1e-3)
             if has_hook:
@@ -124,25 +134,27 @@ def _call_with_hook(fn: Callable[[], object]) -> None:
 def measure_copy_roof_gbps(device: torch.device, num_bytes: int = 1 << 30, iters: int = 20) -> float | None:
     """Device-to-device copy rate in GB/s (1e9 B/s), counting bytes read plus bytes written.
 
-    Returns None off CUDA: there is no HBM roof to compare a CPU reference run against.
+    Returns None off the kernels' device (on_kernel_device): there is no HBM roof to compare a CPU reference run
+    against. Under the CPU emulator it is the host's memcpy rate, measured the same way.
     """
-    if device.type != "cuda":
+    if not on_kernel_device(device):
         return None
     num_elems = num_bytes // 2
     src = torch.empty(num_elems, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    kernel_dev.synchronize(device)
+    start, end = kernel_dev.new_event(enable_timing=True), kernel_dev.new_event(enable_timing=True)
     start.record()
     for _ in range(iters):
         dst.copy_(src)
     end.record()
-    torch.cuda.synchronize(device)
+    kernel_dev.synchronize(device)
     seconds = start.elapsed_time(end) * 1e-3 / iters
     del src, dst
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return 2.0 * num_elems * 2 / seconds / 1e9
 
 

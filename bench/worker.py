@@ -17,6 +17,8 @@ import torch.distributed as dist
 from bench import timing
 from bench.settings import (
     BYTES_PER_CHANNEL,
+    EMULATED,
+    EMULATOR_DEVICE_NAME,
     GRAPH_DTYPE,
     GRAPH_PATH,
     INTERNODE,
@@ -96,8 +98,9 @@ def _kernels_active(buffer: object, mode: str, device: torch.device) -> bool:
     """Whether the Buffer's backend runs this mode's kernels (else its calls take the reference fallback): backend
     "cuda" with its kernel module for the mode loaded (KERNEL_MODULES: ``_backend.intranode`` for normal mode,
     ``_backend.internode`` for the emulated nodes, ``_backend.low_latency`` for low latency; None unless
-    DEEP_EP_PY_UNVERIFIED_KERNELS=1), and CUDA tensors."""
-    if device.type != "cuda" or getattr(buffer, "backend", None) != "cuda":
+    DEEP_EP_PY_UNVERIFIED_KERNELS=1), and tensors on the kernels' device (CUDA tensors; CPU tensors under the CPU
+    emulator of the kernels)."""
+    if not timing.on_kernel_device(device) or getattr(buffer, "backend", None) != "cuda":
         return False
     return getattr(getattr(buffer, "_backend", None), KERNEL_MODULES[mode], None) is not None
 
@@ -312,17 +315,18 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
 
     def dispatch_fn(hook: bool) -> Callable[[], Callable | None]:
         def run() -> Callable | None:
-            recv_hook = dispatch(hook)[4]
-            return recv_hook if hook else None  # without the hook the data has arrived: nothing more to time
+            outputs = dispatch(hook)
+            # Without the hook the data has arrived: nothing more to time.
+            return _hook_keeping(outputs[4], outputs) if hook else None
 
         return run
 
     def combine_fn(hook: bool) -> Callable[[object], Callable | None]:
         def run(handle) -> Callable | None:
-            _, _, recv_hook = buffer.low_latency_combine(
+            outputs = buffer.low_latency_combine(
                 expert_out, topk_idx, topk_weights, handle, async_finish=False, return_recv_hook=hook
             )
-            return recv_hook if hook else None
+            return _hook_keeping(outputs[2], outputs) if hook else None
 
         return run
 
@@ -335,6 +339,19 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
         ("ll_combine", "bf16", False): (combine_fn(False), combine_setup, num_recv_rows),
         ("ll_combine+hook", "bf16", True): (combine_fn(True), combine_setup, num_recv_rows),
     }
+
+
+def _hook_keeping(recv_hook: Callable[[], None], outputs: tuple) -> Callable[[], None]:
+    """recv_hook, holding the call's outputs until it has run: the receive it launches writes into them, and a
+    caller, who reads them after hook(), holds them that long. (The kernels' hook does not hold them itself: a
+    hook called after its outputs were dropped wrote into freed memory, found on the CPU emulator.)"""
+    held = [outputs]
+
+    def hook() -> None:
+        recv_hook()
+        held.clear()
+
+    return hook
 
 
 def _short_error(exc: BaseException) -> str:
@@ -433,6 +450,13 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
         device_name = torch.cuda.get_device_name(device)
+    elif cfg.device == EMULATED:
+        from deep_ep_py import device as kernel_dev
+
+        if not kernel_dev.emulated():
+            raise RuntimeError("--device emulated: this rank was not launched with DEEP_EP_PY_EMULATE_DEVICE=1")
+        device = kernel_dev.kernel_device()  # the CPU: the emulator's tensors are CPU tensors
+        device_name = f"{EMULATOR_DEVICE_NAME}, {_cpu_name()}"
     else:
         device = torch.device("cpu")
         device_name = _cpu_name()
@@ -488,10 +512,14 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
         out["results"][key] = _path_result(
             buffer, path, dtype, times, num_recv_rows, num_tokens, kernels_active, cfg, traffic
         )
+        if mode == ONE_COPY and kernels_active:
+            # Which path the last timed call took (the one-copy path, or the rounds for want of arena room).
+            out["results"][key]["one_copy_path"] = buffer._backend.intranode.debug_one_copy_note()
     del paths
     if ll_inputs is not None:
         if device.type != "cuda":
-            out["notes"].append(f"graph replay: skipped ({GRAPH_PATH} needs --device cuda)")
+            why = "the CPU emulator has no CUDA graphs; " if cfg.device == EMULATED else ""
+            out["notes"].append(f"graph replay: skipped ({why}{GRAPH_PATH} needs --device cuda)")
         elif not kernels_active:
             out["notes"].append(
                 f"graph replay: skipped (the low-latency kernels are not active on the {out['backend']} backend;"

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = [
     "--device", "cpu", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--ll-tokens", "16",
@@ -35,17 +37,33 @@ EXPECTED_PATHS = [
 ]
 
 
-def test_bench_tiny_end_to_end(tmp_path):
-    json_path = tmp_path / "bench.json"
+# The same sizes on the CPU emulator of the kernels: the kernel rows, and with them every kernel-only path of the
+# bench (one-copy path checks, copy roof, design HBM figures). A small copy-roof tensor; the emulator is slower than
+# the reference and CI runs other tests beside it, so a generous timeout.
+EMULATED_ARGS = [
+    "--device", "emulated", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--ll-tokens", "16",
+    "--experts", "64", "--topk", "4", "--warmup", "1", "--iters", "2", "--timeout-s", "240", "--roof-bytes", "1048576",
+]  # fmt: skip
+EMULATED_TIMEOUT_S = 270
+
+
+def _run_bench(args: list[str], json_path, timeout_s: float, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", *TINY_ARGS, "--json", str(json_path)],
+        [sys.executable, "-m", "bench", *args, "--json", str(json_path)],
         cwd=REPO_DIR,
         check=False,
         capture_output=True,
         text=True,
-        timeout=55,
+        timeout=timeout_s,
+        env=env,
     )
     assert proc.returncode == 0, f"bench failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_bench_tiny_end_to_end(tmp_path):
+    json_path = tmp_path / "bench.json"
+    proc = _run_bench(TINY_ARGS, json_path, timeout_s=55)
 
     doc = json.loads(json_path.read_text())
     rows = doc["rows"]
@@ -91,6 +109,98 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert "ranks=2 rows from reference fallback: dispatch bf16" in proc.stdout, proc.stdout
     assert "graph replay: skipped" in proc.stdout, proc.stdout
     assert "ll_dispatch+combine graph " not in proc.stdout.split("\n# ")[0], proc.stdout
+
+
+def test_bench_emulated_end_to_end(tmp_path):
+    """--device emulated: every kernel row of --device cuda but the CUDA graph's, produced by the kernels on their
+    CPU emulator (not the reference fallback), the one-copy rows by the one-copy path, and the figures marked as
+    meaningless wherever they are printed or stored."""
+    from deep_ep_py import _ext
+
+    if not _ext.emulator_available():
+        pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
+    # The bench itself turns the kernels on for its ranks (DEEP_EP_PY_UNVERIFIED_KERNELS=1) where the environment
+    # does not say otherwise: leave that, and the backend, to it.
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEP_EP_PY_UNVERIFIED_KERNELS", "DEEP_EP_PY_BACKEND")}
+    json_path = tmp_path / "bench.json"
+    proc = _run_bench(EMULATED_ARGS, json_path, timeout_s=EMULATED_TIMEOUT_S, env=env)
+
+    doc = json.loads(json_path.read_text())
+    rows = doc["rows"]
+    keys = [(row["path"], row["dtype"]) for row in rows]
+    assert keys == EXPECTED_PATHS, keys  # no graph row: the emulator has no CUDA graphs
+    for row in rows:
+        assert row["ranks"] == 2 and row["backend"] == "cuda", row
+        assert row["extra"]["produced_by"] == "kernels", row  # not the reference fallback
+        assert row["extra"]["emulated"] is True and row["extra"]["timings_meaningful"] is False, row
+        for key in ("time_us", "gbps", "copy_roof_gbps", "roof_fraction", "hbm_bytes_per_payload_byte"):
+            assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["ranks_per_gpu"] == 2, row  # the emulator's one device, shared
+        assert len(row["per_rank_time_us"]) == 2 and all(t > 0 for t in row["per_rank_time_us"]), row
+        if row["path"].endswith("+hook"):
+            assert math.isfinite(row["send_time_us"]) and 0 < row["send_time_us"] <= row["time_us"], row
+        else:
+            assert row["send_time_us"] is None, row
+        is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
+        assert (row["mode"] == "internode") == is_internode, row
+        if is_internode:
+            assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
+            assert math.isfinite(row["net_gbps"]) and row["net_gbps"] > 0, row
+            assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
+        else:
+            assert row["net_gbps"] is None, row
+        if is_internode or row["mode"] == "one_copy":
+            assert math.isfinite(row["vs_intranode"]) and row["vs_intranode"] > 0, row
+        else:
+            assert row["vs_intranode"] is None, row
+        # The one-copy rows' last timed calls went by the one-copy path on every rank (not the rounds).
+        assert row["extra"]["one_copy_path"] is (True if row["mode"] == "one_copy" else None), row
+
+    env = doc["environment"]
+    assert env["device"] == "emulated" and env["emulated"] is True and env["timings_meaningful"] is False, env
+    assert "timings not meaningful" in env["device_name"], env
+    assert "means NOTHING" in env["timings_note"], env
+    assert env["has_kernels"] is True and env["backend"] == "cuda", env
+    notes = doc["notes"]
+    assert "means NOTHING" in notes[0], notes
+    assert not any("not kernels" in note for note in notes), notes
+    assert not any("did not go by the one-copy path" in note for note in notes), notes
+    one_copy_rows = "one_copy_dispatch bf16 (ranks=2), one_copy_dispatch fp8 (ranks=2), one_copy_combine bf16 (ranks=2)"
+    assert f"one_copy_* rows, path of the last timed call on every rank: one-copy path: {one_copy_rows}" in notes
+    assert any(note.startswith("graph replay: skipped (the CPU emulator has no CUDA graphs") for note in notes), notes
+
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("# CPU EMULATOR") and "means NOTHING" in lines[0], proc.stdout  # above the table
+    header = lines[1]
+    for column in ("path", "time us", "GB/s", "copy roof GB/s", "% of roof", "HBM B/payload B", "vs intranode"):
+        assert column in header, header
+    for path, _ in EXPECTED_PATHS:
+        assert f"\n{path} " in proc.stdout, proc.stdout
+    assert "ranks=2 rows from kernels: dispatch bf16" in proc.stdout, proc.stdout
+    assert "ll_dispatch+combine graph " not in proc.stdout.split("\n# ")[1], proc.stdout
+
+
+def test_bench_launch_env(monkeypatch):
+    """The ranks' environment: the emulator and the kernels under --device emulated (the kernels unless the
+    environment says otherwise), the emulator off for the other devices where this process has it on."""
+    from bench import run as bench_run
+    from bench.settings import BenchConfig
+
+    def cfg(device: str) -> BenchConfig:
+        return BenchConfig(
+            tokens=1, hidden=128, topk=1, experts=8, ll_tokens=1, warmup=0, iters=1, modes=("normal",),
+            device=device, backend=None, dispatch_handle="cached", roof_bytes=1, seed=0,
+        )  # fmt: skip
+
+    monkeypatch.delenv("DEEP_EP_PY_UNVERIFIED_KERNELS", raising=False)
+    monkeypatch.delenv("DEEP_EP_PY_EMULATE_DEVICE", raising=False)
+    emulated = {"DEEP_EP_PY_EMULATE_DEVICE": "1", "DEEP_EP_PY_UNVERIFIED_KERNELS": "1"}
+    assert bench_run._launch_env(cfg("emulated")) == emulated
+    assert bench_run._launch_env(cfg("cpu")) is None and bench_run._launch_env(cfg("cuda")) is None
+    monkeypatch.setenv("DEEP_EP_PY_UNVERIFIED_KERNELS", "0")  # inherited by the ranks, not overridden
+    assert bench_run._launch_env(cfg("emulated")) == {"DEEP_EP_PY_EMULATE_DEVICE": "1"}
+    monkeypatch.setenv("DEEP_EP_PY_EMULATE_DEVICE", "1")
+    assert bench_run._launch_env(cfg("cpu")) == {"DEEP_EP_PY_EMULATE_DEVICE": "0"}
 
 
 def _fake_rank(results: dict) -> dict:
@@ -232,7 +342,7 @@ def test_bench_node_traffic():
     assert "3 ranks" in internode_skip_reason(cfg, 3)
 
 
-def test_bench_kernels_active_detection():
+def test_bench_kernels_active_detection(monkeypatch):
     import torch
 
     from bench.worker import _kernels_active
@@ -246,6 +356,7 @@ def test_bench_kernels_active_detection():
         backend = "cuda"
         _backend = Backend()
 
+    monkeypatch.delenv("DEEP_EP_PY_EMULATE_DEVICE", raising=False)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert _kernels_active(FakeBuffer(), "normal", cuda)
     assert not _kernels_active(FakeBuffer(), "low_latency", cuda)
@@ -258,3 +369,8 @@ def test_bench_kernels_active_detection():
     reference = FakeBuffer()
     reference.backend = "reference"
     assert not _kernels_active(reference, "normal", cuda)
+    # Under the CPU emulator of the kernels (--device emulated) their tensors are CPU tensors.
+    monkeypatch.setenv("DEEP_EP_PY_EMULATE_DEVICE", "1")
+    assert _kernels_active(FakeBuffer(), "normal", cpu)
+    assert not _kernels_active(FakeBuffer(), "normal", cuda)
+    assert not _kernels_active(reference, "normal", cpu)
