@@ -315,18 +315,17 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
 
     def dispatch_fn(hook: bool) -> Callable[[], Callable | None]:
         def run() -> Callable | None:
-            outputs = dispatch(hook)
-            # Without the hook the data has arrived: nothing more to time.
-            return _hook_keeping(outputs[4], outputs) if hook else None
+            recv_hook = dispatch(hook)[4]
+            return recv_hook if hook else None  # without the hook the data has arrived: nothing more to time
 
         return run
 
     def combine_fn(hook: bool) -> Callable[[object], Callable | None]:
         def run(handle) -> Callable | None:
-            outputs = buffer.low_latency_combine(
+            _, _, recv_hook = buffer.low_latency_combine(
                 expert_out, topk_idx, topk_weights, handle, async_finish=False, return_recv_hook=hook
             )
-            return _hook_keeping(outputs[2], outputs) if hook else None
+            return recv_hook if hook else None
 
         return run
 
@@ -339,19 +338,6 @@ def _low_latency_paths(buffer, cfg: BenchConfig, num_ranks: int, device: torch.d
         ("ll_combine", "bf16", False): (combine_fn(False), combine_setup, num_recv_rows),
         ("ll_combine+hook", "bf16", True): (combine_fn(True), combine_setup, num_recv_rows),
     }
-
-
-def _hook_keeping(recv_hook: Callable[[], None], outputs: tuple) -> Callable[[], None]:
-    """recv_hook, holding the call's outputs until it has run: the receive it launches writes into them, and a
-    caller, who reads them after hook(), holds them that long. (The kernels' hook does not hold them itself: a
-    hook called after its outputs were dropped wrote into freed memory, found on the CPU emulator.)"""
-    held = [outputs]
-
-    def hook() -> None:
-        recv_hook()
-        held.clear()
-
-    return hook
 
 
 def _short_error(exc: BaseException) -> str:
