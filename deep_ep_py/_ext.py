@@ -172,10 +172,7 @@ def kernels_unavailable_reason() -> str:
     return _loaded[extension_name()][1]
 
 
-def gpu_available() -> bool:
-    """True when the kernels are built and at least one CUDA device is visible; under emulation, when the emulator
-    is built (it has one device)."""
-    extension = load_extension()
+def _has_device(extension: ModuleType | None) -> bool:
     if extension is None:
         return False
     try:
@@ -184,16 +181,16 @@ def gpu_available() -> bool:
         return False
 
 
+def gpu_available() -> bool:
+    """True when the kernels are built and at least one CUDA device is visible; under emulation, when the emulator
+    is built (it has one device)."""
+    return _has_device(load_extension())
+
+
 def emulator_available() -> bool:
     """Whether the CPU emulator (deep_ep_py._C_emu) is built and has its device, whatever DEEP_EP_PY_EMULATE_DEVICE
     says: for callers that decide whether to set it (a test tier that runs on the emulator where no GPU is)."""
-    emulator = _load(_EMULATOR)
-    if emulator is None:
-        return False
-    try:
-        return emulator.device_count() > 0
-    except Exception:
-        return False
+    return _has_device(_load(_EMULATOR))
 
 
 def emulator_unavailable_reason() -> str:

@@ -61,6 +61,29 @@ def _run_bench(args: list[str], json_path, timeout_s: float, env: dict | None = 
     return proc
 
 
+def _check_path_figures(row: dict) -> None:
+    """What a row carries by its path, at 2 ranks: send time only with the hook; network figures only internode
+    (the 2 ranks as 2 nodes x 1); a ratio to the intranode rows on the same data for internode and one-copy rows."""
+    if row["path"].endswith("+hook"):
+        assert math.isfinite(row["send_time_us"]) and 0 < row["send_time_us"] <= row["time_us"], row
+    else:
+        assert row["send_time_us"] is None, row
+    is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
+    assert (row["mode"] == "internode") == is_internode, row
+    if is_internode:
+        # Every token leaves its node once per other node it goes to.
+        assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
+        assert math.isfinite(row["net_gbps"]) and row["net_gbps"] > 0, row
+        # Each (token, other node) pair delivers at least one received row on that node.
+        assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
+    else:
+        assert row["net_gbps"] is None, row
+    if is_internode or row["mode"] == "one_copy":
+        assert math.isfinite(row["vs_intranode"]) and row["vs_intranode"] > 0, row
+    else:
+        assert row["vs_intranode"] is None, row
+
+
 def test_bench_tiny_end_to_end(tmp_path):
     json_path = tmp_path / "bench.json"
     proc = _run_bench(TINY_ARGS, json_path, timeout_s=55)
@@ -76,21 +99,7 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert math.isfinite(row["gbps"]) and row["gbps"] > 0, row
         assert len(row["per_rank_time_us"]) == 2
         assert row["copy_roof_gbps"] is None  # no GPU roof on the CPU reference
-        assert (row["send_time_us"] is not None) == row["path"].endswith("+hook"), row
-        is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
-        assert (row["mode"] == "internode") == is_internode, row
-        if is_internode:
-            # 2 ranks as 2 nodes x 1: every token leaves its node once per other node it goes to.
-            assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
-            assert math.isfinite(row["net_gbps"]) and row["net_gbps"] > 0, row
-            # Each (token, other node) pair delivers at least one received row on that node.
-            assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
-            assert row["vs_intranode"] is not None and row["vs_intranode"] > 0, row
-        elif row["mode"] == "one_copy":
-            # Against the two-copy dispatch of the same data; no network bytes.
-            assert row["net_gbps"] is None and row["vs_intranode"] is not None and row["vs_intranode"] > 0, row
-        else:
-            assert row["net_gbps"] is None and row["vs_intranode"] is None, row
+        _check_path_figures(row)
     env = doc["environment"]
     assert env["backend"] and env["torch_version"] and env["timestamp"]
     assert env["has_kernels"] in (True, False)
@@ -137,22 +146,7 @@ def test_bench_emulated_end_to_end(tmp_path):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["ranks_per_gpu"] == 2, row  # the emulator's one device, shared
         assert len(row["per_rank_time_us"]) == 2 and all(t > 0 for t in row["per_rank_time_us"]), row
-        if row["path"].endswith("+hook"):
-            assert math.isfinite(row["send_time_us"]) and 0 < row["send_time_us"] <= row["time_us"], row
-        else:
-            assert row["send_time_us"] is None, row
-        is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
-        assert (row["mode"] == "internode") == is_internode, row
-        if is_internode:
-            assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
-            assert math.isfinite(row["net_gbps"]) and row["net_gbps"] > 0, row
-            assert 0 < sum(row["extra"]["per_rank_net_bytes"]) <= sum(row["per_rank_recv_bytes"]), row
-        else:
-            assert row["net_gbps"] is None, row
-        if is_internode or row["mode"] == "one_copy":
-            assert math.isfinite(row["vs_intranode"]) and row["vs_intranode"] > 0, row
-        else:
-            assert row["vs_intranode"] is None, row
+        _check_path_figures(row)
         # The one-copy rows' last timed calls went by the one-copy path on every rank (not the rounds).
         assert row["extra"]["one_copy_path"] is (True if row["mode"] == "one_copy" else None), row
 
