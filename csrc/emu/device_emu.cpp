@@ -3,12 +3,16 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -110,6 +114,41 @@ void make_context(Context& context, void* stack, size_t bytes, void (*entry)()) 
 }
 #endif
 
+// ---- The order fibers run in ---------------------------------------------------------------------------------------
+// DEEP_EP_PY_EMULATE_SCHEDULE: which of a block's waiting fibers runs first after a switch point: "forward" (thread 0
+// first, the default), "reverse", or "random" (a new order every sweep, seeded by DEEP_EP_PY_EMULATE_SEED, else by
+// the clock; the seed is printed). A kernel that reads what another thread writes with no barrier in between works
+// in one order and not in another: running the tests in each is how the emulator finds a missing __syncthreads.
+enum class Schedule { kForward, kReverse, kRandom };
+
+struct ScheduleSetting {
+    Schedule schedule = Schedule::kForward;
+    uint64_t seed = 0;
+};
+
+const ScheduleSetting& schedule_setting() {
+    static const ScheduleSetting setting = [] {
+        ScheduleSetting s;
+        const char* raw = std::getenv("DEEP_EP_PY_EMULATE_SCHEDULE");
+        const std::string name = raw != nullptr ? raw : "";
+        if (name.empty() || name == "forward") return s;
+        if (name == "reverse") {
+            s.schedule = Schedule::kReverse;
+        } else if (name == "random") {
+            s.schedule = Schedule::kRandom;
+            const char* seed = std::getenv("DEEP_EP_PY_EMULATE_SEED");
+            s.seed = seed != nullptr && *seed != '\0' ? std::strtoull(seed, nullptr, 10)
+                                                       : static_cast<uint64_t>(global_timer_ns());
+            std::fprintf(stderr, "deep_ep_py CPU emulator: random schedule, DEEP_EP_PY_EMULATE_SEED=%llu\n",
+                         static_cast<unsigned long long>(s.seed));
+        } else {
+            die("DEEP_EP_PY_EMULATE_SCHEDULE must be forward, reverse or random");
+        }
+        return s;
+    }();
+    return setting;
+}
+
 // ---- One block ----------------------------------------------------------------------------------------------------
 struct Fiber {
     Context context;
@@ -143,6 +182,8 @@ struct Block {
     std::unique_ptr<uint64_t[]> smem;
     size_t smem_capacity = 0;
     Context scheduler;
+    std::vector<int> order;  // the fibers in the order a sweep runs them (schedule_setting)
+    std::mt19937_64 rng;
     int current = -1;
     int num_threads = 0;
     int num_live = 0;
@@ -286,10 +327,15 @@ void run_block(Block& b) {
         f.done = false;
         make_context(f.context, f.stack, kStackBytes, fiber_main);
     }
+    const Schedule schedule = schedule_setting().schedule;
+    b.order.resize(static_cast<size_t>(num_threads));
+    std::iota(b.order.begin(), b.order.end(), 0);
+    if (schedule == Schedule::kReverse) std::reverse(b.order.begin(), b.order.end());
     int idle_sweeps = 0;
     while (b.num_live > 0) {
         b.progress = false;
-        for (int t = 0; t < num_threads; ++t) {
+        if (schedule == Schedule::kRandom) std::shuffle(b.order.begin(), b.order.end(), b.rng);
+        for (const int t : b.order) {
             if (b.fibers[static_cast<size_t>(t)].done) continue;
             b.current = t;
             switch_context(b.scheduler, b.fibers[static_cast<size_t>(t)].context);
@@ -341,13 +387,15 @@ private:
     void start_worker() {
         workers_.push_back(std::make_unique<Worker>());
         Worker* w = workers_.back().get();
-        w->thread = std::thread([this, w] { work(*w); });
+        const uint64_t worker_idx = workers_.size() - 1;
+        w->thread = std::thread([this, w, worker_idx] { work(*w, worker_idx); });
         // The pool lives until the process exits; its idle threads must not keep it alive or be joined at exit.
         w->thread.detach();
     }
 
-    void work(Worker& w) {
+    void work(Worker& w, uint64_t worker_idx) {
         Block b;
+        b.rng.seed(schedule_setting().seed ^ (worker_idx * 0x9E3779B97F4A7C15ull));
         t_block = &b;
         for (;;) {
             {
