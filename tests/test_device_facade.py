@@ -51,7 +51,8 @@ def test_a_missing_emulator_is_explained(monkeypatch, emulated):
 def test_the_cuda_extension_is_cached_apart_from_the_emulator(monkeypatch):
     monkeypatch.delenv(EMULATE, raising=False)
     cuda_extension, cuda_reason = _ext.load_extension(), _ext.kernels_unavailable_reason()
-    monkeypatch.setattr(_ext, "_loaded", dict(_ext._loaded))
+    # As if the emulator had never been tried (the GPU tier may have loaded it earlier in this session).
+    monkeypatch.setattr(_ext, "_loaded", {name: v for name, v in _ext._loaded.items() if name != "deep_ep_py._C_emu"})
     monkeypatch.setitem(sys.modules, "deep_ep_py._C_emu", None)  # its import fails without loading anything
     monkeypatch.setattr(_ext, "_installed_extension_path", lambda name: None)
     monkeypatch.setenv(EMULATE, "1")

@@ -6,6 +6,7 @@ to ``_C``; ranks launched with ``device="emulated"``, in-process tests with DEEP
 duration), where what a CPU cannot do (CUDA graphs, timings, the CUDA runtime itself) skips; else every test skips.
 With DEEP_EP_PY_EXPECT_GPU=1 (scripts/gpu_check.sh sets it) anything but the GPU fails instead, so a broken build
 cannot pass as "all skipped" or as emulated. DEEP_EP_PY_GPU_TIER=emulated picks the emulator even where a GPU is.
+On the emulator each rank count's batches run a block's threads in its own order (emulated_schedule).
 
 Multi-rank tests take a ``num_ranks`` argument, parametrized from DEEP_EP_PY_GPU_TEST_RANKS (rank counts separated
 by spaces or commas; default "2"); on the GPU the ranks share it under MPS through ``launch(device="cuda")``, which
@@ -124,9 +125,30 @@ def require_gpu_hardware(require_gpu):
         pytest.skip("needs a GPU: not something the CPU emulator of the kernels can do")
 
 
-def gpu_batch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a batch launch: DEEP_EP_PY_TIMEOUT_S (the environment's, else 30) and `extra`."""
-    return {TIMEOUT_ENV: os.environ.get(TIMEOUT_ENV) or BATCH_DEVICE_TIMEOUT_S, **(extra or {})}
+SCHEDULE_ENV = "DEEP_EP_PY_EMULATE_SCHEDULE"
+
+
+def emulated_schedule(num_ranks: int) -> dict[str, str]:
+    """On the emulator, the order a block's threads run in between barriers, by rank count, where the environment
+    does not set it: forward at 2 ranks, reverse at 4, random (seeded by the rank count) beyond. Each rank count
+    then also checks the kernels against a missing __syncthreads from another side, at no extra cost."""
+    if tier_device() != "emulated" or os.environ.get(SCHEDULE_ENV):
+        return {}
+    if num_ranks <= 2:
+        return {SCHEDULE_ENV: "forward"}
+    if num_ranks <= 4:
+        return {SCHEDULE_ENV: "reverse"}
+    return {SCHEDULE_ENV: "random", "DEEP_EP_PY_EMULATE_SEED": str(num_ranks)}
+
+
+def gpu_batch_env(extra: dict[str, str] | None = None, num_ranks: int = 0) -> dict[str, str]:
+    """The environment of a batch launch: DEEP_EP_PY_TIMEOUT_S (the environment's, else 30), the emulator's thread
+    order for num_ranks, and `extra`."""
+    return {
+        TIMEOUT_ENV: os.environ.get(TIMEOUT_ENV) or BATCH_DEVICE_TIMEOUT_S,
+        **emulated_schedule(num_ranks),
+        **(extra or {}),
+    }
 
 
 # (module, key, BatchResult) of every batch this session launched, for the timing summary at the end.
@@ -167,7 +189,8 @@ def gpu_batch(request, _gpu_batch_results, launch_timeout_s):
         if key not in _gpu_batch_results:
             cases = make_cases(selected)
             kwargs.setdefault("startup_s", launch_timeout_s)
-            result = launch_batch(cases, num_ranks, device=tier_device(), env=gpu_batch_env(env), **kwargs)
+            env = gpu_batch_env(env, num_ranks)
+            result = launch_batch(cases, num_ranks, device=tier_device(), env=env, **kwargs)
             _gpu_batch_results[key] = result
             _BATCHES_RUN.append((request.module.__name__, key, result))
         return _gpu_batch_results[key]
