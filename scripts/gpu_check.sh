@@ -4,29 +4,39 @@
 # (hierarchical) path with the ranks playing several nodes (its tests, and its benchmark rows next to the intranode
 # rows on the same data), MPS down, and a summary table printed last. Every step logs to its own file in the log
 # directory and is timed; a failed step does not stop the others; the exit status is non-zero when any step failed.
+# The tests run one step per rank count, the broadest first: the first rank count of every path (intranode at
+# --ranks' first, internode at --internode-ranks' first), then the benchmark, then the other rank counts. So under
+# --budget a short lease still covers every path once before it spends time on more ranks.
 #
 #   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
-#                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS]
+#                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS] [--budget SECONDS]
+#                        [--archive FILE]
 #
-#   --log-dir DIR         logs, bench.json, bench_internode.json (env GPU_CHECK_LOG_DIR; default ./gpu_check_logs)
+#   --log-dir DIR         logs, bench.json, bench_internode.json, summary.txt (env GPU_CHECK_LOG_DIR; default
+#                         ./gpu_check_logs)
 #   --ranks "2 4 8"       rank counts for the GPU tests and the benchmark, all ranks on the GPU(s) there are
 #   --internode-ranks "4 8"
 #                         rank counts for the internode tests and benchmark rows (steps of their own), played as
 #                         2 nodes (in the tests also as 4 and 8 nodes where those divide them)
 #   --quick               the benchmark's small sizes
 #   --wheel-dir DIR       pip-install the wheels in DIR first (e.g. the carried nvshmem4py wheel), offline
-#   --skip STEPS          steps to skip, comma-separated:
+#   --skip STEPS          steps to skip, comma-separated (a test step of every rank count by its name):
 #                         info,mps,wheel,build,ext,tests,bench,tests_internode,bench_internode
 #   --tests-k EXPR        only the GPU tests pytest -k EXPR selects (both test steps), e.g. "intranode" or
-#                         "layout or runtime": a lent GPU allows 10 minutes a command, so split the tier across calls
+#                         "layout or runtime"
 #   --step-timeout S      wall-clock limit of each step (default 1200); a step past it is killed and FAILs
+#   --budget S            wall-clock limit of the whole run (env GPU_CHECK_BUDGET_S; default none): each step gets
+#                         at most what is left of it, less the time the closing steps need; a step that would get
+#                         under 20 s is not started (SKIP, "budget"). For a lent GPU's 10-minute command: 540
+#   --archive FILE        also pack the log directory into FILE (.tar.gz) at the end, an interrupted run too: one
+#                         file, where only a few files may come back from the machine (e.g. $OUT/gpu_check.tar.gz)
 #
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
 # /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default 30 here), GPU_CHECK_BUILD_DIR (default build).
 # Nothing is downloaded: the machine's own torch and NVSHMEM are used.
 
 # The step functions run through run_step, traps and `bash -c` (exported): shellcheck cannot see those calls.
-# shellcheck disable=SC2317
+# shellcheck disable=SC2317,SC2329
 
 set -u
 set -o pipefail
@@ -42,11 +52,13 @@ WHEEL_DIR=""
 SKIP_STEPS=""
 TESTS_K=""
 STEP_TIMEOUT_S=1200
+BUDGET_S=${GPU_CHECK_BUDGET_S:-0}
+ARCHIVE=""
 PYTHON=${PYTHON:-python3}
 BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
 
 usage() {
-    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_value() {
@@ -73,6 +85,10 @@ while [ "$#" -gt 0 ]; do
         --tests-k=*) TESTS_K=${1#*=}; shift ;;
         --step-timeout) need_value "$@"; STEP_TIMEOUT_S=$2; shift 2 ;;
         --step-timeout=*) STEP_TIMEOUT_S=${1#*=}; shift ;;
+        --budget) need_value "$@"; BUDGET_S=$2; shift 2 ;;
+        --budget=*) BUDGET_S=${1#*=}; shift ;;
+        --archive) need_value "$@"; ARCHIVE=$2; shift 2 ;;
+        --archive=*) ARCHIVE=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -95,10 +111,11 @@ check_rank_counts() {
 }
 RANKS=$(check_rank_counts --ranks "$RANKS") || exit 2
 INTERNODE_RANKS=$(check_rank_counts --internode-ranks "$INTERNODE_RANKS") || exit 2
-RANKS_CSV=$(echo "$RANKS" | tr ' ' ',')
-INTERNODE_RANKS_CSV=$(echo "$INTERNODE_RANKS" | tr ' ' ',')
 case "$STEP_TIMEOUT_S" in
     '' | *[!0-9]* | 0) echo "gpu_check: --step-timeout expects a positive integer, got '$STEP_TIMEOUT_S'" >&2; exit 2 ;;
+esac
+case "$BUDGET_S" in
+    '' | *[!0-9]*) echo "gpu_check: --budget expects a whole number of seconds (0: none), got '$BUDGET_S'" >&2; exit 2 ;;
 esac
 
 absolute() {
@@ -109,6 +126,7 @@ absolute() {
 }
 LOG_DIR=$(absolute "$LOG_DIR")
 [ -n "$WHEEL_DIR" ] && WHEEL_DIR=$(absolute "$WHEEL_DIR")
+[ -n "$ARCHIVE" ] && ARCHIVE=$(absolute "$ARCHIVE")
 if ! mkdir -p "$LOG_DIR"; then
     echo "gpu_check: cannot create the log directory $LOG_DIR" >&2
     exit 2
@@ -138,11 +156,22 @@ STEP_STARTED=0
 LAST_LOG=""
 LAST_RC=0
 
+# A step of one rank count is named for its kind and the count (tests_r2, tests_internode_r4); --skip names kinds.
 is_skipped() {
     case ",$SKIP_STEPS," in
-        *",$1,"*) return 0 ;;
+        *",${1%_r[0-9]*},"*) return 0 ;;
         *) return 1 ;;
     esac
+}
+
+# What a budgeted run keeps back for its closing steps (MPS down, summary, archive), and the least time worth
+# starting a step with: one GPU test launch (N processes importing torch, NVSHMEM up) takes about that.
+CLOSING_RESERVE_S=15
+MIN_STEP_S=20
+TOTAL_STARTED=$SECONDS
+
+budget_left() {
+    echo $((BUDGET_S - (SECONDS - TOTAL_STARTED) - CLOSING_RESERVE_S))
 }
 
 record() {  # name status seconds details
@@ -166,6 +195,20 @@ run_step() {
         echo "== [$name] skipped (--skip)"
         return 0
     fi
+    local cut_by_budget=0
+    if [ "$limit" -gt 0 ] && [ "$BUDGET_S" -gt 0 ]; then
+        local left
+        left=$(budget_left)
+        if [ "$left" -lt "$MIN_STEP_S" ]; then
+            record "$name" SKIP 0 "budget: $((left > 0 ? left : 0)) s of --budget $BUDGET_S left"
+            echo "== [$name] not started: $((left > 0 ? left : 0)) s of the budget left"
+            return 0
+        fi
+        if [ "$left" -lt "$limit" ]; then
+            limit=$left
+            cut_by_budget=1
+        fi
+    fi
     echo "== [$name] $(date +%H:%M:%S) log: $LAST_LOG"
     printf '$ %s\n' "$*" >"$LAST_LOG"
     CURRENT_STEP=$name
@@ -186,6 +229,7 @@ run_step() {
     local details=""
     if [ "$LAST_RC" -eq 124 ] || [ "$LAST_RC" -eq 137 ]; then
         details="timed out after ${limit} s"
+        [ "$cut_by_budget" -eq 1 ] && details="$details (what was left of --budget $BUDGET_S)"
     elif [ "$LAST_RC" -ne 0 ]; then
         details="exit code $LAST_RC"
     fi
@@ -209,15 +253,12 @@ add_details() {
     fi
 }
 
-print_summary() {
-    SUMMARY_PRINTED=1
-    local num_failed=0 i
-    echo
+format_summary() {
+    local num_failed=$1 i
     echo "==================== gpu_check summary ===================="
-    printf '%-16s %-6s %8s  %s\n' step status seconds details
+    printf '%-20s %-6s %8s  %s\n' step status seconds details
     for i in "${!STEP_NAMES[@]}"; do
-        printf '%-16s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
-        [ "${STEP_STATUS[$i]}" = FAIL ] && num_failed=$((num_failed + 1))
+        printf '%-20s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
     done
     if [ "$num_failed" -eq 0 ]; then
         echo "overall: PASS (${#STEP_NAMES[@]} steps, ranks: $RANKS, internode: $INTERNODE_RANKS); logs in $LOG_DIR"
@@ -225,7 +266,27 @@ print_summary() {
         echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed, ranks: $RANKS, internode:" \
             "$INTERNODE_RANKS); logs in $LOG_DIR"
     fi
+}
+
+# Prints the summary (also into LOG_DIR/summary.txt); returns the number of failed steps.
+print_summary() {
+    SUMMARY_PRINTED=1
+    local num_failed=0 status
+    for status in "${STEP_STATUS[@]}"; do
+        [ "$status" = FAIL ] && num_failed=$((num_failed + 1))
+    done
+    echo
+    format_summary "$num_failed" | tee "$LOG_DIR/summary.txt"
     return "$num_failed"
+}
+
+write_archive() {
+    [ -n "$ARCHIVE" ] || return 0
+    if mkdir -p "$(dirname "$ARCHIVE")" && tar -czf "$ARCHIVE" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")"; then
+        echo "gpu_check: logs packed into $ARCHIVE"
+    else
+        echo "gpu_check: could not pack the logs into $ARCHIVE" >&2
+    fi
 }
 
 # ---- steps ------------------------------------------------------------------------------------------------------
@@ -256,6 +317,7 @@ on_signal() {
     fi
     stop_mps >/dev/null 2>&1
     [ "$SUMMARY_PRINTED" -eq 1 ] || print_summary
+    write_archive
     exit 130
 }
 trap on_exit EXIT
@@ -353,9 +415,18 @@ if not _ext.gpu_available():
 EOF
 }
 
-pytest_counts() {  # log file -> "passed=N failed=N skipped=N error=N"
-    local line out="" kind count
+# log file -> "passed=N failed=N skipped=N error=N" from pytest's closing line; where pytest was killed before it,
+# counted from its -q progress characters (. F E s), marked as so far.
+pytest_counts() {
+    local line out="" kind count progress
     line=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselected)' "$1" | tail -n 1)
+    if [ -z "$line" ]; then
+        progress=$(grep -E '^[.FEsxX]+( +\[ *[0-9]+%\])?$' "$1" | sed 's/ .*//' | tr -d '\n')
+        echo "killed before its totals, so far: passed=$(echo -n "$progress" | tr -cd . | wc -c)" \
+            "failed=$(echo -n "$progress" | tr -cd F | wc -c) skipped=$(echo -n "$progress" | tr -cd s | wc -c)" \
+            "error=$(echo -n "$progress" | tr -cd E | wc -c)"
+        return 0
+    fi
     for kind in passed failed skipped error; do
         count=$(echo "$line" | grep -oE "[0-9]+ ${kind}s?" | grep -oE '^[0-9]+')
         out="$out ${kind}=${count:-0}"
@@ -382,8 +453,8 @@ EOF
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
-echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', internode ranks '$INTERNODE_RANKS', quick=$QUICK"
-TOTAL_STARTED=$SECONDS
+echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', internode ranks '$INTERNODE_RANKS', quick=$QUICK," \
+    "budget ${BUDGET_S:-0} s"
 
 # Steps that run under timeout run in a child bash: it gets the step functions and their variables exported.
 export PYTHON REPO_DIR WHEEL_DIR BUILD_DIR
@@ -404,50 +475,78 @@ run_step build "$STEP_TIMEOUT_S" bash -c step_build
 
 run_step ext "$STEP_TIMEOUT_S" bash -c step_ext
 
-# The internode tests run in a step of their own (tests_internode, below), at their own rank counts.
+# The internode tests run in steps of their own (tests_internode_rN), at their own rank counts, so that a hang or a
+# crash there (the newest kernels) costs neither the other steps nor their figures.
 INTERNODE_TESTS=(tests/gpu/test_internode_gpu.py tests/gpu/test_buffer_internode_gpu.py)
-# pytest -k for both test steps (empty: every test).
+# pytest -k for both kinds of test step (empty: every test).
 TESTS_K_ARGS=()
 if [ -n "$TESTS_K" ]; then
     TESTS_K_ARGS=(-k "$TESTS_K")
 fi
-run_step tests "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
-    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
-    ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest.xml"
-if ! is_skipped tests; then
-    add_details "$(pytest_counts "$LAST_LOG")"
-fi
 
-BENCH_ARGS=(--device cuda --ranks "$RANKS_CSV" --paths "normal,one_copy,low_latency" --json "$LOG_DIR/bench.json")
-[ "$QUICK" -eq 1 ] && BENCH_ARGS+=(--quick)
+last_step_ran() {
+    [ "${STEP_STATUS[$((${#STEP_STATUS[@]} - 1))]}" != SKIP ]
+}
+
+tests_step() {  # rank count: the GPU tier but the internode tests
+    run_step "tests_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" DEEP_EP_PY_EXPECT_GPU=1 \
+        DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
+        ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_r$1.xml"
+    last_step_ran && add_details "$(pytest_counts "$LAST_LOG")"
+}
+
+tests_internode_step() {  # rank count
+    run_step "tests_internode_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" DEEP_EP_PY_EXPECT_GPU=1 \
+        DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
+        ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_internode_r$1.xml"
+    last_step_ran && add_details "$(pytest_counts "$LAST_LOG")"
+}
+
 # The benchmark measures the kernels, including those still opt-in until the GPU tier passes (README, Status):
-# the reference fallback on GPU tensors goes through host memory and would only measure gloo.
-run_step bench "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
-    "$PYTHON" -m bench "${BENCH_ARGS[@]}"
-if ! is_skipped bench && [ "$LAST_RC" -eq 0 ]; then
-    add_details "$LOG_DIR/bench.json"
-    add_details "$(speed_vs_intranode one_copy "$LOG_DIR/bench.json" 2>&1 | tail -n 1)"
-fi
+# the reference fallback on GPU tensors goes through host memory and would only measure gloo. One step per rank
+# count, so that what a budget cuts short loses only its own rows.
+bench_step() {  # rank count
+    local json="$LOG_DIR/bench_r$1.json"
+    local args=(--device cuda --ranks "$1" --paths "normal,one_copy,low_latency" --json "$json")
+    [ "$QUICK" -eq 1 ] && args+=(--quick)
+    run_step "bench_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
+        "$PYTHON" -m bench "${args[@]}"
+    if last_step_ran && [ "$LAST_RC" -eq 0 ]; then
+        add_details "$json"
+        add_details "$(speed_vs_intranode one_copy "$json" 2>&1 | tail -n 1)"
+    fi
+}
 
-# The internode path in steps of its own, so that a hang or a crash there (the newest kernels) costs neither the
-# steps above nor their figures.
-run_step tests_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$INTERNODE_RANKS" DEEP_EP_PY_EXPECT_GPU=1 \
-    DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
-    ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_internode.xml"
-if ! is_skipped tests_internode; then
-    add_details "$(pytest_counts "$LAST_LOG")"
-fi
+# The internode rows next to the intranode rows of the same launch, data and rank count (the target: no slower).
+bench_internode_step() {  # rank count
+    local json="$LOG_DIR/bench_internode_r$1.json"
+    local args=(--device cuda --ranks "$1" --paths "normal,internode" --nodes 2 --json "$json")
+    [ "$QUICK" -eq 1 ] && args+=(--quick)
+    run_step "bench_internode_r$1" "$STEP_TIMEOUT_S" \
+        env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" "$PYTHON" -m bench "${args[@]}"
+    if last_step_ran && [ "$LAST_RC" -eq 0 ]; then
+        add_details "$json"
+        add_details "$(speed_vs_intranode internode "$json" 2>&1 | tail -n 1)"
+    fi
+}
 
-# The internode rows next to the intranode rows of the same run, data and rank counts (the target: no slower).
-INTERNODE_BENCH_ARGS=(--device cuda --ranks "$INTERNODE_RANKS_CSV" --paths "normal,internode" --nodes 2
-    --json "$LOG_DIR/bench_internode.json")
-[ "$QUICK" -eq 1 ] && INTERNODE_BENCH_ARGS+=(--quick)
-run_step bench_internode "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
-    "$PYTHON" -m bench "${INTERNODE_BENCH_ARGS[@]}"
-if ! is_skipped bench_internode && [ "$LAST_RC" -eq 0 ]; then
-    add_details "$LOG_DIR/bench_internode.json"
-    add_details "$(speed_vs_intranode internode "$LOG_DIR/bench_internode.json" 2>&1 | tail -n 1)"
-fi
+# Every path once first (the first rank count of each), then the benchmark, then the other rank counts.
+read -r -a RANK_LIST <<<"$RANKS"
+read -r -a INTERNODE_RANK_LIST <<<"$INTERNODE_RANKS"
+tests_step "${RANK_LIST[0]}"
+tests_internode_step "${INTERNODE_RANK_LIST[0]}"
+for num_ranks in "${RANK_LIST[@]}"; do
+    bench_step "$num_ranks"
+done
+for num_ranks in "${RANK_LIST[@]:1}"; do
+    tests_step "$num_ranks"
+done
+for num_ranks in "${INTERNODE_RANK_LIST[@]:1}"; do
+    tests_internode_step "$num_ranks"
+done
+for num_ranks in "${INTERNODE_RANK_LIST[@]}"; do
+    bench_internode_step "$num_ranks"
+done
 
 if [ "$MPS_STARTED" -eq 1 ]; then
     run_step mps_stop 0 stop_mps
@@ -455,4 +554,6 @@ fi
 
 echo "gpu_check: finished in $((SECONDS - TOTAL_STARTED)) s"
 print_summary
-exit $?
+num_failed=$?
+write_archive
+exit "$num_failed"

@@ -1,0 +1,144 @@
+"""scripts/gpu_check.sh's orchestration, run here with a stand-in for python: which steps run in which order with
+which rank counts, --skip by step kind, --budget (steps cut to what is left, then not started), --archive and the
+summary file. A lent GPU gives one command 10 minutes and a few files back, so these are what decide whether its
+first run reports anything at all.
+
+The stand-in records each call (its DEEP_EP_PY_GPU_TEST_RANKS and arguments), prints FAKE_PYTHON_OUTPUT (pytest's
+progress or closing line) and sleeps FAKE_PYTHON_SLEEP_S; the steps that need a GPU machine's tools (info, mps,
+build, ext) are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_DIR, "scripts", "gpu_check.sh")
+MACHINE_STEPS = "info,mps,build,ext"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="no bash")
+
+
+def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", timeout_s: float = 120):
+    calls = tmp_path / "calls.txt"
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} $*" >> "{calls}"\n'
+        'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
+        'exec sleep "$FAKE_PYTHON_SLEEP_S"\n'
+    )
+    fake_python.chmod(0o755)
+    log_dir = tmp_path / "logs"
+    env = dict(os.environ, PYTHON=str(fake_python), FAKE_PYTHON_SLEEP_S=str(sleep_s), FAKE_PYTHON_OUTPUT=output)
+    env.pop("GPU_CHECK_BUDGET_S", None)
+    proc = subprocess.run(
+        ["bash", SCRIPT, "--log-dir", str(log_dir), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    recorded = calls.read_text().splitlines() if calls.exists() else []
+    return proc, recorded, log_dir
+
+
+def summary_rows(log_dir) -> dict[str, tuple[str, str]]:
+    """step -> (status, details), from summary.txt in the order the steps ran."""
+    rows = {}
+    for line in (log_dir / "summary.txt").read_text().splitlines()[2:]:
+        if line.startswith("overall:"):
+            break
+        parts = line.split(None, 3)
+        rows[parts[0]] = (parts[1], parts[3] if len(parts) > 3 else "")
+    return rows
+
+
+def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path):
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2 4 8", "--internode-ranks", "4,8", "--archive",
+        str(tmp_path / "out" / "gpu_check.tar.gz"), output="....s\n5 passed, 1 skipped in 2.0s\n",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    ran = [step for step, (status, _) in rows.items() if status == "PASS"]
+    assert ran == [
+        "tests_r2",
+        "tests_internode_r4",
+        "bench_r2",
+        "bench_r4",
+        "bench_r8",
+        "tests_r4",
+        "tests_r8",
+        "tests_internode_r8",
+        "bench_internode_r4",
+        "bench_internode_r8",
+    ]
+    # Each test step runs pytest at its own rank count, the internode modules apart from the rest.
+    pytest_calls = [call for call in calls if " -m pytest " in f" {call} "]
+    assert [call.split()[0] for call in pytest_calls] == ["ranks=2", "ranks=4", "ranks=4", "ranks=8", "ranks=8"]
+    assert "--ignore=tests/gpu/test_internode_gpu.py" in pytest_calls[0]
+    assert "tests/gpu/test_internode_gpu.py" in pytest_calls[1] and "--ignore" not in pytest_calls[1]
+    assert rows["tests_r2"][1] == rows["tests_internode_r8"][1] == "passed=5 failed=0 skipped=1 error=0"
+    bench_calls = [call.split() for call in calls if " -m bench " in f" {call} "]
+    assert [args[args.index("--ranks") + 1] for args in bench_calls] == ["2", "4", "8", "4", "8"]
+    assert all(args[args.index("--device") + 1] == "cuda" for args in bench_calls)
+    # The archive holds every log and the summary, under the log directory's name.
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:
+        names = archive.getnames()
+    assert "logs/summary.txt" in names
+    assert sum(name.endswith(".log") for name in names) == len(list(log_dir.glob("*.log"))) == len(ran)
+    assert "gpu_check summary" in proc.stdout and "overall: PASS" in proc.stdout
+
+
+def test_skip_names_a_step_kind_at_every_rank_count(tmp_path):
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},tests,bench_internode", "--ranks", "2 4", "--internode-ranks", "4"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    assert rows["tests_r2"][0] == rows["tests_r4"][0] == rows["bench_internode_r4"][0] == "SKIP"
+    assert rows["tests_internode_r4"][0] == rows["bench_r2"][0] == rows["bench_r4"][0] == "PASS"
+    assert not any("--ignore=" in call for call in calls)
+
+
+def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
+    # 42 s less the 15 s kept for the closing steps: the first step gets 27 s of its 1200, the stand-in sleeps past
+    # that and is killed; nothing is left for the next steps.
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2 4", "--internode-ranks", "4", "--budget", "42",
+        "--archive", str(tmp_path / "gpu_check.tar.gz"), sleep_s=300, output="..F.\n..s",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    status, details = rows["tests_r2"]
+    assert status == "FAIL" and "what was left of --budget 42" in details, details
+    seconds_limit = int(details.split("timed out after ")[1].split()[0])
+    assert 20 <= seconds_limit <= 27
+    # pytest's totals never came: the progress it printed says how far it got.
+    assert "killed before its totals, so far: passed=5 failed=1 skipped=1 error=0" in details
+    steps = list(rows)
+    later = steps[steps.index("tests_r2") + 1 :]
+    assert later and all(rows[step][0] == "SKIP" and "budget" in rows[step][1] for step in later), rows
+    assert len(calls) == 1
+    assert tarfile.open(tmp_path / "gpu_check.tar.gz").getnames()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--budget", "ten", "--budget expects a whole number of seconds"),
+        ("--ranks", "2 x", "--ranks expects positive integers"),
+        ("--step-timeout", "0", "--step-timeout expects a positive integer"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(tmp_path, option, value, message):
+    proc, calls, _ = run_script(tmp_path, option, value)
+    assert proc.returncode == 2
+    assert message in proc.stderr and value in proc.stderr
+    assert calls == []
