@@ -47,6 +47,7 @@ class Row:
     warmup: int
     iters: int
     send_time_us: float | None = None  # return_recv_hook only: time until the call returned
+    num_sms: int | None = None  # normal-mode rows: SMs per rank the kernels were given (Buffer.set_num_sms)
     copy_roof_gbps: float | None = None
     ranks_per_gpu: int | None = None
     roof_fraction: float | None = None
@@ -71,6 +72,7 @@ TABLE_COLUMNS = (
     ("backend", "backend"),
     ("dtype", "dtype"),
     ("tokens", "tokens"),
+    ("SMs", "num_sms"),
     ("time us", "time_us"),
     ("send us", "send_time_us"),
     ("GB/s", "gbps"),
@@ -182,3 +184,39 @@ def write_json(path: str, rows: Sequence[Row], env: dict, settings: dict, notes:
     with open(path, "w") as f:
         json.dump(_json_safe(doc), f, indent=2)
         f.write("\n")
+
+
+def read_json(path: str) -> tuple[list[Row], dict, list[str]]:
+    """(rows, environment, notes) of a file write_json wrote."""
+    with open(path) as f:
+        doc = json.load(f)
+    return [Row(**row) for row in doc["rows"]], doc.get("environment", {}), list(doc.get("notes", []))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.report FILE...``: one table of the rows of every file (the GPU check's summary prints the
+    figures of its benchmark steps this way), each file's device and notes under it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="+", help="JSON files of python -m bench --json")
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    notes: list[str] = []
+    for path in args.files:
+        try:
+            file_rows, env, file_notes = read_json(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"bench.report: {path}: not a benchmark JSON file ({exc})", file=sys.stderr)
+            return 2
+        rows += file_rows
+        name = os.path.basename(path)
+        notes.append(f"{name}: {env.get('device_name', '?')}, commit {env.get('git_commit') or '?'}")
+        notes += [f"{name}: {note}" for note in file_notes]
+    print(format_table(rows, notes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,6 +53,7 @@ import torch
 from bench import report, timing
 from bench.settings import (
     CASES,
+    DEEPEP_V1_NUM_SMS,
     DEFAULT_ITERS,
     DEFAULT_NODES,
     DEFAULT_ROOF_BYTES,
@@ -127,6 +128,7 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             warmup=cfg.warmup,
             iters=cfg.iters,
             send_time_us=reduced["send_time_us"],
+            num_sms=first["num_sms"] if kernels_active and mode != LOW_LATENCY else None,
             copy_roof_gbps=copy_roof,
             ranks_per_gpu=ranks_per_gpu,
             hbm_bytes_per_payload_byte=hbm,
@@ -311,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu (reference backend), cuda (kernels) or emulated (kernels on their CPU emulator, timings not"
         " meaningful); default: emulated under DEEP_EP_PY_EMULATE_DEVICE=1, else cuda when available, else cpu",
     )
+    p.add_argument(
+        "--num-sms",
+        type=int,
+        default=None,
+        help="SMs per rank of the normal-mode kernels (Buffer.set_num_sms); default: DeepEP V1's in the targets"
+        f" ({', '.join(f'{n} at {r} ranks' for r, n in DEEPEP_V1_NUM_SMS.items())}), Buffer's default elsewhere",
+    )
     p.add_argument("--backend", choices=("auto", "reference", "cuda"), default=None, help="Buffer(backend=...)")
     p.add_argument("--dist-backend", default="gloo", help="torch.distributed backend of the group (gloo)")
     p.add_argument(
@@ -369,10 +378,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         roof_bytes=args.roof_bytes if args.roof_bytes is not None else DEFAULT_ROOF_BYTES[device],
         seed=args.seed,
         nodes=args.nodes,
+        num_sms=args.num_sms,
     )
     for name in ("tokens", "hidden", "topk", "experts", "ll_tokens", "iters", "roof_bytes"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(cfg, name)}")
+    if cfg.num_sms is not None and (cfg.num_sms < 2 or cfg.num_sms % 2):
+        parser.error(f"--num-sms: expected an even number >= 2 (a send and a receive SM a channel), got {cfg.num_sms}")
     if cfg.warmup < 0:
         parser.error(f"--warmup: expected >= 0, got {cfg.warmup}")
     if cfg.hidden % 128 != 0:

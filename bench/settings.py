@@ -204,6 +204,20 @@ class BenchConfig:
     roof_bytes: int
     seed: int
     nodes: int = DEFAULT_NODES  # nodes the internode rows emulate (ranks per node = ranks / nodes)
+    num_sms: int | None = None  # normal-mode kernels' SMs; None: num_sms_for's default at each rank count
+
+
+# SMs per rank DeepEP V1's default configs used for the figures in ../shared/targets.md (24 at 2 and 4 ranks, 16 at
+# 8): the normal-mode rows use as many by default, so that "no more SMs" compares like with like.
+DEEPEP_V1_NUM_SMS = {2: 24, 4: 24, 8: 16}
+
+
+def num_sms_for(num_ranks: int, requested: int | None, buffer_default: int) -> int:
+    """The SMs the normal-mode kernels get at num_ranks: the requested count, else DeepEP V1's in the targets, else
+    Buffer's default."""
+    if requested is not None:
+        return requested
+    return DEEPEP_V1_NUM_SMS.get(num_ranks, buffer_default)
 
 
 def log(message: str) -> None:

@@ -27,6 +27,7 @@ from bench.settings import (
     ONE_COPY,
     BenchConfig,
     log,
+    num_sms_for,
 )
 
 # The environment variable that makes one machine play several nodes (deep_ep_py.config.RANKS_PER_NODE_ENV).
@@ -447,6 +448,12 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         device = torch.device("cpu")
         device_name = _cpu_name()
 
+    from deep_ep_py import Buffer
+
+    # Every Buffer of this process (Buffer.num_sms is class-wide) and so every normal-mode Config below.
+    num_sms = num_sms_for(num_ranks, cfg.num_sms, Buffer.num_sms)
+    Buffer.set_num_sms(num_sms)
+
     # The roof is measured by rank 0 alone while the others wait: ranks share the GPU.
     copy_roof = timing.measure_copy_roof_gbps(device, cfg.roof_bytes) if rank == 0 else None
     dist.barrier()
@@ -458,6 +465,7 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         "no_kernels_reason": no_kernels_reason,
         "backend": None,
         "copy_roof_gbps": copy_roof,
+        "num_sms": num_sms,
         "results": {},
         "notes": [],  # lines for the table's notes (graph replay skipped or failed)
     }

@@ -268,13 +268,28 @@ format_summary() {
     fi
 }
 
-# Prints the summary (also into LOG_DIR/summary.txt); returns the number of failed steps.
+# The figures of every benchmark step that finished, in one table (also into LOG_DIR/figures.txt): what a reader of
+# the last lines of the output wants next to the steps' outcomes.
+print_figures() {
+    local files=()
+    local file
+    for file in "$LOG_DIR"/bench_*.json; do
+        [ -f "$file" ] && files+=("$file")
+    done
+    [ "${#files[@]}" -gt 0 ] || return 0
+    echo
+    echo "==================== gpu_check figures ===================="
+    (cd "$REPO_DIR" && timeout 60 "$PYTHON" -m bench.report "${files[@]}") 2>&1 | tee "$LOG_DIR/figures.txt"
+}
+
+# Prints the figures and the summary (also into LOG_DIR/summary.txt); returns the number of failed steps.
 print_summary() {
     SUMMARY_PRINTED=1
     local num_failed=0 status
     for status in "${STEP_STATUS[@]}"; do
         [ "$status" = FAIL ] && num_failed=$((num_failed + 1))
     done
+    print_figures
     echo
     format_summary "$num_failed" | tee "$LOG_DIR/summary.txt"
     return "$num_failed"

@@ -99,13 +99,25 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert math.isfinite(row["gbps"]) and row["gbps"] > 0, row
         assert len(row["per_rank_time_us"]) == 2
         assert row["copy_roof_gbps"] is None  # no GPU roof on the CPU reference
+        assert row["num_sms"] is None  # no kernels, no SMs
         _check_path_figures(row)
     env = doc["environment"]
     assert env["backend"] and env["torch_version"] and env["timestamp"]
     assert env["has_kernels"] in (True, False)
 
     header = proc.stdout.splitlines()[0]
-    for column in ("path", "ranks", "backend", "dtype", "tokens", "time us", "GB/s", "copy roof GB/s", "% of roof"):
+    for column in (
+        "path",
+        "ranks",
+        "backend",
+        "dtype",
+        "tokens",
+        "SMs",
+        "time us",
+        "GB/s",
+        "copy roof GB/s",
+        "% of roof",
+    ):
         assert column in header, header
     assert "net GB/s" in header and "vs intranode" in header, header
     for path, _ in EXPECTED_PATHS:
@@ -145,6 +157,8 @@ def test_bench_emulated_end_to_end(tmp_path):
         for key in ("time_us", "gbps", "copy_roof_gbps", "roof_fraction", "hbm_bytes_per_payload_byte"):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["ranks_per_gpu"] == 2, row  # the emulator's one device, shared
+        # Normal-mode kernels get DeepEP V1's SMs at 2 ranks in the targets (24); low latency has its own grid.
+        assert row["num_sms"] == (None if row["mode"] == "low_latency" else 24), row
         assert len(row["per_rank_time_us"]) == 2 and all(t > 0 for t in row["per_rank_time_us"]), row
         _check_path_figures(row)
         # The one-copy rows' last timed calls went by the one-copy path on every rank (not the rounds).
@@ -174,6 +188,32 @@ def test_bench_emulated_end_to_end(tmp_path):
     assert "ll_dispatch+combine graph " not in proc.stdout.split("\n# ")[1], proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-sms", "3"], "--num-sms: expected an even number >= 2"),
+        (["--num-sms", "0"], "--num-sms: expected an even number >= 2"),
+        (["--hidden", "100"], "--hidden: expected a multiple of 128"),
+    ],
+)
+def test_bench_bad_arguments_name_the_option(args, message, capsys):
+    from bench import run as bench_run
+
+    with pytest.raises(SystemExit) as exc_info:
+        bench_run.config_from_args(
+            bench_run.build_parser().parse_args(["--device", "cpu", *args]), bench_run.build_parser()
+        )
+    assert exc_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_num_sms_defaults_to_the_targets_deepep_counts():
+    from bench.settings import num_sms_for
+
+    assert [num_sms_for(r, None, 20) for r in (2, 4, 8)] == [24, 24, 16]  # ../shared/targets.md's DeepEP V1 runs
+    assert num_sms_for(3, None, 20) == 20 and num_sms_for(8, 32, 20) == 32
+
+
 def test_bench_launch_env(monkeypatch):
     """The ranks' environment: the emulator and the kernels under --device emulated (the kernels unless the
     environment says otherwise), the emulator off for the other devices where this process has it on."""
@@ -198,7 +238,7 @@ def test_bench_launch_env(monkeypatch):
 
 
 def _fake_rank(results: dict) -> dict:
-    return {"copy_roof_gbps": 3000.0, "backend": "cuda", "results": results, "notes": []}
+    return {"copy_roof_gbps": 3000.0, "backend": "cuda", "num_sms": 16, "results": results, "notes": []}
 
 
 def _fake_result(
@@ -245,6 +285,8 @@ def test_bench_rows_kernels_and_design_hbm():
     assert list(by_path) == ["dispatch", "ll_dispatch", "ll_combine", GRAPH_PATH]
     assert by_path["dispatch"].hbm_bytes_per_payload_byte is None
     assert by_path["dispatch"].extra["produced_by"] == "reference fallback"
+    # SMs only where the normal-mode kernels ran: not on the reference, not for low latency's own grid.
+    assert [row.num_sms for row in rows] == [None, None, None, None]
     fp8 = 1 + 4 / 128
     assert math.isclose(by_path["ll_dispatch"].hbm_bytes_per_payload_byte, 4 + (1 + 2 / fp8) / 8)
     assert math.isclose(by_path["ll_combine"].hbm_bytes_per_payload_byte, 3 + 1 / 8)
@@ -301,6 +343,8 @@ def test_bench_internode_rows():
     fp8 = by_key[("internode_dispatch", "fp8")]
     assert fp8.vs_intranode is None  # no intranode fp8 row in this run
     assert fp8.hbm_bytes_per_payload_byte is None and fp8.extra["produced_by"] == "reference fallback"
+    # The ranks' SM count on the kernel rows (the fake ranks ran with 16), none on the fallback's.
+    assert dispatch.num_sms == combine.num_sms == 16 and fp8.num_sms is None
     for path in ("dispatch", "combine"):
         assert by_key[(path, "bf16")].net_gbps is None and by_key[(path, "bf16")].vs_intranode is None
     # A one-copy row is compared with the two-copy row of its call, and moves each payload byte once (2 B of HBM).

@@ -13,13 +13,20 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import pytest
 
+from bench import report
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_DIR, "scripts", "gpu_check.sh")
 MACHINE_STEPS = "info,mps,build,ext"
+FIGURES_ROW = report.Row(
+    path="dispatch", mode="normal", ranks=8, backend="cuda", dtype="bf16", tokens=4096, hidden=7168, topk=8,
+    experts=256, time_us=1234.5, gbps=123.0, warmup=1, iters=2, num_sms=16,
+)  # fmt: skip
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="no bash")
 
@@ -27,10 +34,15 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", timeout_s: float = 120):
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
+    figures = tmp_path / "figures.json"
+    report.write_json(str(figures), [FIGURES_ROW], {"device_name": "stand-in GPU"}, {})
+    # The summary's figures table is the real `python -m bench.report`; a benchmark step "writes" a fixed file.
     fake_python.write_text(
         "#!/usr/bin/env bash\n"
+        f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
         f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
+        f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
         'exec sleep "$FAKE_PYTHON_SLEEP_S"\n'
     )
     fake_python.chmod(0o755)
@@ -93,7 +105,13 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
         names = archive.getnames()
     assert "logs/summary.txt" in names
     assert sum(name.endswith(".log") for name in names) == len(list(log_dir.glob("*.log"))) == len(ran)
-    assert "gpu_check summary" in proc.stdout and "overall: PASS" in proc.stdout
+    # The figures of every benchmark step in one table, then the summary, last.
+    out = proc.stdout
+    assert out.index("gpu_check figures") < out.index("gpu_check summary") < out.index("overall: PASS"), out
+    figure_lines = [line for line in out.splitlines() if line.startswith("dispatch ")]
+    assert len(figure_lines) == 5 and all("1234.5" in line for line in figure_lines), out  # 3 + 2 bench steps
+    assert "bench_r8.json: stand-in GPU" in out
+    assert (log_dir / "figures.txt").read_text().count("1234.5") == 5
 
 
 def test_skip_names_a_step_kind_at_every_rank_count(tmp_path):

@@ -57,12 +57,15 @@ void register_waits(py::module_& m) {
           "Device wait timeout in seconds: DEEP_EP_PY_TIMEOUT_S, else 100.");
     m.def(
         "launch_timeout_self_test",
-        [](uintptr_t record_device_ptr, double timeout_s, int rank, int channel, uintptr_t stream) {
+        [](uintptr_t record_device_ptr, double timeout_s, int rank, int channel, uintptr_t stream,
+           bool capacity_record_first) {
             launch_timeout_self_test(record_device_ptr, timeout_s, rank, channel,
-                                     reinterpret_cast<cudaStream_t>(stream));
+                                     reinterpret_cast<cudaStream_t>(stream), capacity_record_first);
         },
         py::arg("record_device_ptr"), py::arg("timeout_s"), py::arg("rank"), py::arg("channel"), py::arg("stream"),
-        "Launch a kernel whose device wait never completes: it must time out into the error record.");
+        py::arg("capacity_record_first") = false,
+        "Launch a kernel whose device wait never completes: it must time out into the error record. With "
+        "capacity_record_first it records a num_worst_tokens capacity error first, which must not cut the wait short.");
 }
 
 void register_ipc(py::module_& m) {

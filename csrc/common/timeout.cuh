@@ -49,7 +49,9 @@ __device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* 
 }
 
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
-// another waiter has already failed (then this one stops too, so the whole kernel drains instead of hanging).
+// another waiter of this rank has already timed out (then this one stops too, so the whole kernel drains instead of
+// hanging). A capacity record does not stop a wait: the kernels go on within the capacity, and a rank leaving a
+// barrier before its peers would write into staging they are still reading.
 // The caller must leave the kernel (or skip the work that needed the wait) on false.
 template <typename KeepWaiting>
 __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const TimeoutContext& ctx, WaitSite site) {
@@ -65,7 +67,7 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
             record_device_timeout(ctx, site, waited_ns);
             return false;
         }
-        if (ptx::ld_volatile_global(&ctx.record->code) != static_cast<int>(ErrorCode::kNone)) return false;
+        if (ptx::ld_volatile_global(&ctx.record->code) == static_cast<int>(ErrorCode::kTimeout)) return false;
     }
     return true;
 }

@@ -79,23 +79,26 @@ void ErrorRecord::reset() {
 
 namespace {
 
-__global__ void timeout_self_test_kernel(TimeoutContext ctx) {
+__global__ void timeout_self_test_kernel(TimeoutContext ctx, bool capacity_record_first) {
     __shared__ volatile int never_set;
     if (threadIdx.x == 0) never_set = 0;
     __syncthreads();
     if (threadIdx.x != 0) return;
+    if (capacity_record_first)
+        record_device_capacity_error(ctx.record, ctx.rank, WaitSite::kWorstTokensIntranode, 2, 1);
     timeout_while([&] { return never_set == 0; }, ctx, WaitSite::kSelfTest);
 }
 
 }  // namespace
 
 void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, bool capacity_record_first) {
     EP_HOST_ASSERT(record_device_ptr != 0);
     EP_HOST_ASSERT(timeout_s > 0.0);
     const TimeoutContext ctx{reinterpret_cast<DeviceErrorRecord*>(record_device_ptr),
                              static_cast<uint64_t>(timeout_s * 1e9), rank, channel};
-    launch_kernel(LaunchConfig{dim3(1), dim3(32), 0, stream, false}, timeout_self_test_kernel, ctx);
+    launch_kernel(LaunchConfig{dim3(1), dim3(32), 0, stream, false}, timeout_self_test_kernel, ctx,
+                  capacity_record_first);
 }
 
 }  // namespace ep

@@ -32,7 +32,9 @@ private:
 };
 
 // Launches a one-block kernel that waits, through timeout_while, on a flag nobody sets: checks on a GPU that a
-// device timeout is recorded and becomes a Python exception instead of a hang.
-void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel, cudaStream_t stream);
+// device timeout is recorded and becomes a Python exception instead of a hang. With capacity_record_first the
+// kernel first records a capacity error (as an overflowing notify does), which must not cut the wait short.
+void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel, cudaStream_t stream,
+                              bool capacity_record_first = false);
 
 }  // namespace ep

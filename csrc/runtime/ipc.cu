@@ -11,7 +11,11 @@ uintptr_t ipc_malloc(size_t num_bytes) {
     EP_HOST_ASSERT(num_bytes > 0);
     void* ptr = nullptr;
     CUDA_CHECK(cudaMalloc(&ptr, num_bytes));
-    const cudaError_t status = cudaMemset(ptr, 0, num_bytes);
+    // cudaMemset is asynchronous to the host, on the legacy stream that torch's communication streams do not wait
+    // for: done before the pointer is returned, so that neither a peer (once the handle is exchanged) nor this
+    // rank's first kernel can write a flag the zeroing then wipes.
+    cudaError_t status = cudaMemset(ptr, 0, num_bytes);
+    if (status == cudaSuccess) status = cudaDeviceSynchronize();
     if (status != cudaSuccess) {
         cudaFree(ptr);
         CUDA_CHECK(status);

@@ -54,6 +54,9 @@ GRAPH_CASE = Case("graph", (37, 20, 5, 44), drop_prob=0.1, worst=True, rows_per_
 BACK_TO_BACK_CASE = Case("back_to_back", (29, 7, 0, 18), drop_prob=0.2, num_biases=1, rows_per_round=4)
 TIMEOUT_CASE = Case("timeout", (16,))
 WORST_TOO_SMALL_CASE = Case("worst_too_small", (24, 31, 17, 20), num_topk=4)
+# Every token also to rank 0, num_worst_tokens sized for the other ranks: only rank 0 overflows. Several rounds, so
+# that a rank leaving a round barrier early would write into staging a peer is still reading.
+WORST_TOO_SMALL_ON_RANK_0_CASE = Case("worst_too_small_on_rank_0", (64, 48, 56, 40), hidden=2048, num_topk=2, rows_per_round=4)
 
 
 class KernelsPath(abc.ABC):
@@ -437,6 +440,87 @@ def worst_too_small_case(ctx, path: KernelsPath) -> str:
     return message
 
 
+def worst_too_small_on_rank_0_case(ctx, path: KernelsPath) -> str:
+    """Every token also goes to rank 0, and num_worst_tokens is sized for the other ranks only: rank 0's notify leaves
+    a capacity record (its kernels go on within the capacity, its rows are not checked), while every other rank, rank
+    1 entering late, must get exactly the reference's padded rows: a rank with a capacity record still waits for its
+    peers at every barrier. Then, rank 0's record cleared, a dispatch and combine sized right must match the reference
+    on every rank: the barriers' epochs stayed in step. Returns rank 0's message ("" elsewhere)."""
+    import torch.distributed as dist
+    from brute_force import check
+
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    case = WORST_TOO_SMALL_ON_RANK_0_CASE
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    reference, kernels = _reference_and_kernels(ctx, path, case)
+    inp, num_experts = path.inputs(case, num_ranks, rank, 0)
+    topk_idx = inp.topk_idx.clone()
+    experts_per_rank = num_experts // num_ranks
+    # A token none of whose experts is on rank 0 takes one there in slot 0 (no duplicate: none of its others is).
+    no_rank_0 = ~((topk_idx >= 0) & (topk_idx < experts_per_rank)).any(dim=1)
+    gen = torch.Generator().manual_seed(rank + 77)
+    topk_idx[no_rank_0, 0] = torch.randint(0, experts_per_rank, (int(no_rank_0.sum()),), generator=gen)
+    x = on_kernel_device(inp.x)
+    topk_idx, topk_weights = on_kernel_device(topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)[:4]
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = layout
+    # Rows each rank receives, over the group: column r of every rank's is_token_in_rank.
+    sent = is_token_in_rank.to(torch.int64).sum(dim=0).cpu()
+    dist.all_reduce(sent, group=ctx.group)
+    num_worst = max(int(sent[1:].max()), 1)
+    check(int(sent[0]) > num_worst, f"routing: rank 0 receives {int(sent[0])} rows, not more than {num_worst}")
+
+    message = ""
+    try:
+        ref_out = _reference_dispatch(reference, x, layout, topk_idx, topk_weights, 1, num_worst)
+    except ValueError:
+        check(rank == 0, f"rank {rank}: the reference found num_worst_tokens {num_worst} too small")
+        ref_out = None
+    _poison_staging(ctx, kernels)
+    if rank == 1:
+        delay_this_rank()
+    mine_out = kernels.dispatch(
+        x, None, None, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights, 1,
+        num_worst, 8,
+    )  # fmt: skip
+    ep_device.synchronize()
+    try:
+        kernels._check_device_errors("the num_worst_tokens-on-rank-0 test")
+    except DeepEPTimeoutError:
+        raise
+    except DeepEPError as exc:
+        message = str(exc)
+    where = f"{case.name} {path.label(ctx)}"
+    if rank == 0:
+        want = f"num_worst_tokens: the rows this rank receives ({int(sent[0])}) exceed the {num_worst} given, on rank 0"
+        check(want in message, f"{where}: expected {want!r}, got {message!r}")
+        kernels.error_record.reset()
+    else:
+        check(message == "", f"{where}: unexpected device error {message!r}")
+        _compare_dispatch(where, ref_out, mine_out, num_worst)
+    ctx.barrier()
+
+    # The next call, sized right, on every rank.
+    where = f"{where}, the call after"
+    ref_out = _reference_dispatch(reference, x, layout, topk_idx, topk_weights, 1, 0)
+    _poison_staging(ctx, kernels)
+    mine_out = kernels.dispatch(
+        x, None, None, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights, 1, 0, 8
+    )
+    ep_device.synchronize()
+    _compare_dispatch(where, ref_out, mine_out, 0)
+    ref_combined = reference.combine(mine_out[0], ref_out[4], topk_weights=mine_out[3])
+    magnitude = path.combine_magnitude(reference, ref_out[4], mine_out[0], ())
+    _poison_staging(ctx, kernels)
+    mine_combined = kernels.combine(mine_out[0], mine_out[5], mine_out[3], (), 8)
+    ep_device.synchronize()
+    _compare_combine(path, where, ref_combined, mine_combined, magnitude)
+    kernels._check_device_errors(where)
+    ctx.barrier()
+    return message
+
+
 # ------------------------------------------------------------------------------------------------ batch plumbing
 
 
@@ -464,4 +548,7 @@ def protocol_batch_cases(selected, path: KernelsPath, num_ranks: int) -> list[Ba
         cases.append(BatchCase("cuda_graph", graph_case, (path,), run_s=path.run_s(2 * NUM_GRAPH_REPLAYS)))
     if selected(f"test_{path.name}_worst_tokens_too_small", "num_ranks", num_ranks=num_ranks):
         cases.append(BatchCase("worst_too_small", worst_too_small_case, (path,), run_s=path.run_s(1)))
+    if selected(f"test_{path.name}_worst_tokens_too_small_on_one_rank", "num_ranks", num_ranks=num_ranks):
+        on_rank_0 = BatchCase("worst_too_small_on_rank_0", worst_too_small_on_rank_0_case, (path,), run_s=path.run_s(3))
+        cases.append(on_rank_0)
     return cases

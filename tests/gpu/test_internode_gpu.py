@@ -327,6 +327,11 @@ def test_internode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
 
 
 @pytest.mark.gpu
+def test_internode_worst_tokens_too_small_on_one_rank(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, 2)["worst_too_small_on_rank_0"].assert_passed()
+
+
+@pytest.mark.gpu
 def test_internode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks, 2)["back_to_back"].assert_passed()
 

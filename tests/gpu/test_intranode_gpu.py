@@ -319,6 +319,13 @@ def test_intranode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
 
 
 @pytest.mark.gpu
+def test_intranode_worst_tokens_too_small_on_one_rank(require_gpu, gpu_batch, num_ranks):
+    if num_ranks < 2:
+        pytest.skip("needs a rank 1")
+    _batch(gpu_batch, num_ranks)["worst_too_small_on_rank_0"].assert_passed()
+
+
+@pytest.mark.gpu
 def test_intranode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["back_to_back"].assert_passed()
 
@@ -341,6 +348,13 @@ def test_intranode_one_copy_worst_tokens_in_cuda_graph(require_gpu, gpu_batch, n
 @pytest.mark.gpu
 def test_intranode_one_copy_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks, ONE_COPY)["worst_too_small"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_worst_tokens_too_small_on_one_rank(require_gpu, gpu_batch, num_ranks):
+    if num_ranks < 2:
+        pytest.skip("needs a rank 1")
+    _batch(gpu_batch, num_ranks, ONE_COPY)["worst_too_small_on_rank_0"].assert_passed()
 
 
 @pytest.mark.gpu

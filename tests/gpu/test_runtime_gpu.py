@@ -173,6 +173,33 @@ def test_device_timeout_becomes_an_exception(require_gpu, num_ranks, launch_time
     assert all(WAIT_TIMEOUT_S * 0.5 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
 
 
+def _wait_after_capacity_record_worker(rank: int, num_ranks: int) -> float:
+    from deep_ep_py import _ext
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    ext = _ext.load_extension()
+    record = ext.ErrorRecord()
+    start = time.monotonic()
+    ext.launch_timeout_self_test(
+        record.device_ptr, WAIT_TIMEOUT_S, rank, 0, ep_device.current_stream().cuda_stream, capacity_record_first=True
+    )
+    ep_device.synchronize()
+    elapsed = time.monotonic() - start
+    # The first failure is what the host reports: the capacity record, not the timeout that followed it.
+    exc = _expect_raises(DeepEPError, record.check, "the GPU test", match="num_worst_tokens")
+    assert not isinstance(exc, DeepEPTimeoutError), str(exc)
+    assert f"(2) exceed the 1 given, on rank {rank}" in str(exc), str(exc)
+    return elapsed
+
+
+def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks, launch_timeout_s):
+    """A rank whose notify found num_worst_tokens too small goes on within the capacity: its later waits for its
+    peers must still wait (until the timeout here, since nothing comes), not give up at the record's first poll, or
+    it would leave a barrier before its peers and write into staging they are still reading."""
+    results = launch(_wait_after_capacity_record_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
+    assert all(WAIT_TIMEOUT_S * 0.9 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
+
+
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     from deep_ep_py import _ext
     from deep_ep_py.errors import DeepEPError
