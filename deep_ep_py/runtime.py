@@ -303,6 +303,8 @@ class NvshmemContext:
 
     Group rank 0 makes the unique id, broadcast over the group; every rank then joins (nvshmem_init). finalize()
     frees what malloc() returned and finalizes; it is idempotent and also runs at interpreter exit (best effort).
+    It also takes back the variables this context set (those still holding its values), so that a later context
+    sizes its own heap instead of taking this one's NVSHMEM_SYMMETRIC_SIZE for the user's.
     """
 
     def __init__(self, group: Any = None, num_symmetric_bytes: int = 0, share_gpu: bool | None = None) -> None:
@@ -331,25 +333,11 @@ class NvshmemContext:
             single_host=num_local_ranks == num_ranks,
         )
         os.environ.update(self.env_set)
-
-        unique_id_holder: list[Any] = [None]
-        if rank == 0:
-            try:
-                unique_id_holder[0] = extension.nvshmem_get_unique_id()
-            except Exception as exc:
-                unique_id_holder[0] = f"rank 0: nvshmem_get_unique_id failed: {exc}"
-        source = 0 if group is None else dist.get_global_rank(group, 0)
-        dist.broadcast_object_list(unique_id_holder, src=source, group=group)
-        if isinstance(unique_id_holder[0], str):
-            raise DeepEPError(f"{what}: {unique_id_holder[0]}")
         try:
-            extension.nvshmem_init(unique_id_holder[0], rank, num_ranks)
-        except Exception as exc:
-            raise DeepEPError(
-                f"{what}: nvshmem_init as PE {rank} of {num_ranks} failed: {exc} (NVSHMEM variables set here: "
-                f"{self.env_set})"
-            ) from exc
-
+            self._init(extension, group, rank, num_ranks, what)
+        except BaseException:
+            self._restore_env()
+            raise
         self._extension = extension
         self.rank = rank
         self.num_ranks = num_ranks
@@ -369,6 +357,33 @@ class NvshmemContext:
 
         self._atexit_hook = finalize_at_exit
         atexit.register(finalize_at_exit)
+
+    def _init(self, extension: Any, group: Any, rank: int, num_ranks: int, what: str) -> None:
+        """The unique id from group rank 0 to every rank, then nvshmem_init as PE rank of num_ranks."""
+        unique_id_holder: list[Any] = [None]
+        if rank == 0:
+            try:
+                unique_id_holder[0] = extension.nvshmem_get_unique_id()
+            except Exception as exc:
+                unique_id_holder[0] = f"rank 0: nvshmem_get_unique_id failed: {exc}"
+        source = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(unique_id_holder, src=source, group=group)
+        if isinstance(unique_id_holder[0], str):
+            raise DeepEPError(f"{what}: {unique_id_holder[0]}")
+        try:
+            extension.nvshmem_init(unique_id_holder[0], rank, num_ranks)
+        except Exception as exc:
+            raise DeepEPError(
+                f"{what}: nvshmem_init as PE {rank} of {num_ranks} failed: {exc} (NVSHMEM variables set here: "
+                f"{self.env_set})"
+            ) from exc
+
+    def _restore_env(self) -> None:
+        """Unset the variables this context set, where they still hold its values (a value changed since is
+        someone else's)."""
+        for key, value in self.env_set.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
 
     def _check_open(self, what: str) -> None:
         if self._finalized:
@@ -411,7 +426,10 @@ class NvshmemContext:
             for ptr in reversed(allocations):
                 self._extension.nvshmem_free(ptr)
         finally:
-            self._extension.nvshmem_finalize()
+            try:
+                self._extension.nvshmem_finalize()
+            finally:
+                self._restore_env()
 
     def __enter__(self) -> NvshmemContext:
         return self

@@ -203,7 +203,12 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     from deep_ep_py import _ext
     from deep_ep_py.errors import DeepEPError
-    from deep_ep_py.runtime import NvshmemContext, device_bytes_view
+    from deep_ep_py.runtime import (
+        NVSHMEM_DEFAULT_SYMMETRIC_BYTES,
+        NVSHMEM_SYMMETRIC_MARGIN_BYTES,
+        NvshmemContext,
+        device_bytes_view,
+    )
 
     ext = _ext.load_extension()
     num_ints = 1 << 18  # 1 MiB
@@ -237,6 +242,21 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     context.finalize()  # idempotent
     assert not ext.nvshmem_is_initialized()
     _expect_raises(DeepEPError, context.malloc, 64, match="finalized")
+    # What the context set is taken back, so that the next one sizes its own heap (a bigger one here) instead of
+    # keeping this one's as if the user had set it; what the user set stays.
+    left = {key: os.environ[key] for key in context.env_set if key in os.environ}
+    assert not left, f"rank {rank}: finalize left the variables it set: {left}"
+    os.environ["NVSHMEM_DISABLE_NCCL"] = "1"  # the user's now
+    bigger = NvshmemContext(None, num_symmetric_bytes=NVSHMEM_DEFAULT_SYMMETRIC_BYTES)
+    assert "NVSHMEM_DISABLE_NCCL" not in bigger.env_set, bigger.env_set
+    if "NVSHMEM_SYMMETRIC_SIZE" not in context.env_set:  # the environment gave one: it wins both times
+        assert "NVSHMEM_SYMMETRIC_SIZE" not in bigger.env_set, bigger.env_set
+    else:
+        wanted = NVSHMEM_DEFAULT_SYMMETRIC_BYTES + NVSHMEM_SYMMETRIC_MARGIN_BYTES
+        assert int(bigger.env_set["NVSHMEM_SYMMETRIC_SIZE"]) == wanted, (bigger.env_set, context.env_set)
+    bigger.finalize()
+    assert os.environ["NVSHMEM_DISABLE_NCCL"] == "1"
+    assert not [key for key in bigger.env_set if key in os.environ], bigger.env_set
     _check_cuda_usable()
     return {"share_gpu": context.share_gpu, "env_set": context.env_set}
 
