@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,11 +70,31 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
     return not (is_kernel_tensor(tensor) and is_current_stream_capturing())
 
 
+# The last topk_idx whose ids passed: (a weak reference to it, its version counter, num_experts). A dispatch right
+# after get_dispatch_layout on the same, unmodified tensor (the usual sequence) then costs no second device sync.
+# Inference tensors keep no version counter (an in-place write would go unseen): they are checked every time.
+_last_passed: tuple[weakref.ref, int, int] | None = None
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    if tensor.is_inference():
+        return None
+    return tensor._version
+
+
 def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Every id in [-1, num_experts); -1 means no expert."""
+    """Every id in [-1, num_experts); -1 means no expert. One device sync, none for the tensor that passed last
+    with the same num_experts and no in-place write since."""
+    global _last_passed
     if topk_idx.numel() == 0 or not value_checks_enabled(topk_idx):
         return
-    low, high = int(topk_idx.min()), int(topk_idx.max())
+    version = _version_of(topk_idx)
+    last = _last_passed
+    if version is not None and last is not None and last[0]() is topk_idx and last[1:] == (version, num_experts):
+        return
+    low, high = torch.stack(torch.aminmax(topk_idx)).tolist()
     if low < -1 or high >= num_experts:
         bad = low if low < -1 else high
         raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (-1 = none), got {bad}")
+    if version is not None:
+        _last_passed = (weakref.ref(topk_idx), version, num_experts)

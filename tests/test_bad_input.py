@@ -275,3 +275,36 @@ def test_one_rank_wrong_fails_every_rank(case):
         assert any(name in message for name in names), f"rank {rank}'s error does not name {names}: {message}"
     if case != "ranks_per_node_differs":
         assert "rank 1" in messages[0], f"rank 0's error does not say which rank: {messages[0]}"
+
+
+def test_expert_id_check_syncs_once_per_tensor_version(monkeypatch):
+    """check_expert_ids reads the ids' range once (one device sync on a GPU) for a tensor that passed before with the
+    same num_experts and no in-place write since, as dispatch does after get_dispatch_layout on the same topk_idx;
+    a write, another tensor, another num_experts, or an inference tensor (no version counter) is read again."""
+    from deep_ep_py import _validate
+
+    reads = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(_validate.torch, "aminmax", lambda t: reads.append(t.shape) or real_aminmax(t))
+    monkeypatch.setattr(_validate, "_last_passed", None)
+    topk_idx = torch.randint(-1, E, (T, K))
+    _validate.check_expert_ids("topk_idx", topk_idx, E)
+    _validate.check_expert_ids("topk_idx", topk_idx, E)
+    assert len(reads) == 1
+    _validate.check_expert_ids("topk_idx", topk_idx, E + 4)
+    assert len(reads) == 2
+    _validate.check_expert_ids("topk_idx", topk_idx, E)  # the last pass was with E + 4
+    assert len(reads) == 3
+    topk_idx[1, 0] = E  # in place: the version moves on, and the bad id is found
+    with pytest.raises(ValueError, match=rf"topk_idx: expected expert ids in \[-1, {E}\) .*got {E}"):
+        _validate.check_expert_ids("topk_idx", topk_idx, E)
+    topk_idx[1, 0] = 0
+    _validate.check_expert_ids("topk_idx", topk_idx.clone(), E)  # another tensor, same values
+    assert len(reads) == 5
+    with torch.inference_mode():
+        frozen = torch.randint(-1, E, (T, K))
+        _validate.check_expert_ids("topk_idx", frozen, E)
+        frozen[0, 0] = -2
+        with pytest.raises(ValueError, match="got -2"):
+            _validate.check_expert_ids("topk_idx", frozen, E)
+    assert len(reads) == 7
