@@ -78,3 +78,49 @@ def test_a_receive_arena_on_several_nodes_is_warned_about() -> None:
         pytest.skip(_ext.kernels_unavailable_reason())
     for messages in launch(_arena_on_two_nodes, 2, timeout_s=120.0):
         assert any("num_recv_arena_bytes" in m and "2 nodes" in m for m in messages), messages
+
+
+def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: int) -> list[str]:
+    """With the kernels on but the Buffer's bytes for them 0, normal dispatches on the kernels' device (the CPU
+    emulator's) run on the reference, equal to it, with one warning per Buffer naming the missing bytes."""
+    import os
+    import warnings
+
+    from deep_ep_py.backends import BufferSizes
+    from deep_ep_py.backends.cuda import CudaBackend
+    from deep_ep_py.backends.reference import ReferenceBackend
+    from deep_ep_py.config import Config
+    from deep_ep_py.topology import Topology
+
+    os.environ["DEEP_EP_PY_UNVERIFIED_KERNELS"] = "1"
+    topology = Topology(num_ranks, ranks_per_node)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
+    topk_idx = torch.randn(NUM_TOKENS, NUM_EXPERTS, generator=gen).topk(NUM_TOPK).indices
+    weights = torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen)
+    config = Config(20, 6, 256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, 0, False, False))
+        assert cuda.intranode is None and cuda.internode is None
+        reference = ReferenceBackend(dist.group.WORLD, topology)
+        per_rank, _, per_expert, in_rank = reference.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+        args = (in_rank, per_rank, per_expert, topk_idx, weights, 1, 0)
+        for _ in range(2):
+            mine = cuda.dispatch(x, None, None, *args, config=config)
+            want = reference.dispatch(x, None, None, *args, config=config)
+            assert torch.equal(mine[0], want[0]), f"rank {rank}: the fallback's recv_x differs from the reference"
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_dispatch_without_the_kernels_bytes_warns_once() -> None:
+    import pytest
+
+    from deep_ep_py import _ext
+
+    if not _ext.emulator_available():
+        pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
+    for ranks_per_node, missing in ((2, "num_nvl_bytes is 0 on a group of one node"), (1, "num_rdma_bytes is 0")):
+        for messages in launch(_dispatch_without_kernel_bytes, 2, ranks_per_node, timeout_s=120.0, device="emulated"):
+            assert len(messages) == 1, messages
+            assert "run on the reference backend, not the kernels" in messages[0] and missing in messages[0], messages

@@ -46,6 +46,7 @@ class CudaBackend(ReferenceBackend):
         self.internode = None
         self.low_latency = None
         self.nvshmem = None
+        self._warned_no_normal_kernels = False
         if not unverified_kernels_enabled():
             return
         # Collective construction: every rank of the group takes the same branches (same sizes, same topology).
@@ -126,10 +127,37 @@ class CudaBackend(ReferenceBackend):
             return None
         return kernels if handle is None or kernels.owns(handle) else None
 
+    def _warn_no_normal_kernels(self) -> None:
+        """Once per Buffer: a normal-mode call on the kernels' device with the kernels on that no kernel module of
+        this Buffer can take, because the Buffer was built without the bytes they need (num_nvl_bytes within a node,
+        num_rdma_bytes across nodes). DeepEP fails such a call; this backend runs the reference, at its speed."""
+        if self._warned_no_normal_kernels or not unverified_kernels_enabled():
+            return
+        self._warned_no_normal_kernels = True
+        topology = self.topology
+        if topology.num_nodes == 1:
+            reason = f"num_nvl_bytes is {self.sizes.num_nvl_bytes} on a group of one node ({topology.num_ranks} ranks)"
+        elif self.sizes.num_rdma_bytes == 0:
+            reason = (
+                f"num_rdma_bytes is 0 on a group of {topology.num_nodes} nodes x {topology.num_ranks_per_node} ranks "
+                "(Config.get_rdma_buffer_size_hint counts nodes by DEEP_EP_PY_RANKS_PER_NODE, or 8 ranks a node: "
+                "with Buffer(num_ranks_per_node=...) set the variable too, or pass the bytes yourself)"
+            )
+        else:
+            reason = (
+                f"the internode kernels do not take a low-latency group of {topology.num_ranks} ranks, "
+                f"{topology.num_ranks_per_node} a node"
+            )
+        warnings.warn(
+            f"dispatch/combine run on the reference backend, not the kernels: {reason}", RuntimeWarning, stacklevel=4
+        )
+
     def dispatch(self, x, x_scales, handle, *args, config: Config | None = None):
         """Arguments as ReferenceBackend.dispatch."""
         kernels = self._normal_kernels(x, handle)
         if kernels is None:
+            if handle is None and is_kernel_tensor(x):
+                self._warn_no_normal_kernels()
             return super().dispatch(x, x_scales, handle, *args, config=config)
         return kernels.dispatch(x, x_scales, handle, *args, num_sms=config.num_sms)
 
