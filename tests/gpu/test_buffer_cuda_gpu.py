@@ -42,7 +42,20 @@ def _normal(buffer, x, topk_idx, weights, num_experts):
     )
     combined, combined_w, _ = buffer.combine(recv_x * 2, handle, topk_weights=recv_w)
     ep_device.synchronize()
+    _check_kernels_took(buffer, "intranode", handle)
     return [per_rank, per_expert, in_rank, recv_x, recv_idx, recv_w, handle[0]], per_expert_list, combined, combined_w
+
+
+def _check_kernels_took(buffer, module: str, handle) -> None:
+    """With the kernels on, the call went by them (their module owns its handle), not the reference fallback: a
+    wiring slip in backends/cuda.py would otherwise pass as a match with the reference."""
+    import os
+
+    if buffer.backend != "cuda" or os.environ.get("DEEP_EP_PY_UNVERIFIED_KERNELS") != "1":
+        return
+    kernels = getattr(buffer._backend, module)
+    assert kernels is not None, f"Buffer(backend='cuda') built no {module} kernels with the kernels on"
+    assert kernels.owns(handle), f"the {module} kernels did not make this handle: the call took the reference"
 
 
 def _low_latency(buffer, x, topk_idx, weights, num_experts):
@@ -55,6 +68,7 @@ def _low_latency(buffer, x, topk_idx, weights, num_experts):
     rows = [v.float().sort(dim=0).values for v in valid]
     out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
     ep_device.synchronize()
+    _check_kernels_took(buffer, "low_latency", handle)
     return rows, recv_count, out
 
 
