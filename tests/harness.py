@@ -59,6 +59,35 @@ def import_deep_ep():
     return deep_ep
 
 
+def check_kernels_took(buffer: Any, module: str, handle: Any, where: str) -> None:
+    """Under the CPU emulator of the kernels with the kernels on (a framework test's "emulated" run), the call that
+    made `handle` went by the kernels (Buffer's backend module `module`, "intranode" or "low_latency", made it), not
+    the reference fallback; elsewhere nothing to check."""
+    import os
+
+    from deep_ep_py import device as ep_device
+
+    if not ep_device.emulated() or os.environ.get("DEEP_EP_PY_UNVERIFIED_KERNELS") != "1":
+        return
+    kernels = getattr(buffer._backend, module, None)
+    assert kernels is not None, f"{where}: Buffer(backend={buffer.backend!r}) built no {module} kernels"
+    assert kernels.owns(handle), f"{where}: the {module} kernels did not make this handle: the call took the reference"
+
+
+def framework_launch_kwargs(device: str) -> dict:
+    """launch() keywords of a framework test's run on `device`: "cpu" (the reference backend), or "emulated" (the
+    kernels on their CPU emulator, the same calls; skipped where the emulator is not built)."""
+    import pytest
+
+    from deep_ep_py import _ext
+
+    if device == "cpu":
+        return {}
+    if not _ext.emulator_available():
+        pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
+    return {"device": "emulated", "env": {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1"}}
+
+
 def dispatch_past_worst_tokens(
     kernels: Any, reference: deep_ep_py.Buffer, inp: Any, num_experts: int, rank: int
 ) -> str:

@@ -15,7 +15,7 @@ from brute_force import (
     layout,
     make_rank_inputs,
 )
-from harness import import_deep_ep
+from harness import check_kernels_took, framework_launch_kwargs, import_deep_ep
 
 from deep_ep_py.testing import launch
 
@@ -170,6 +170,7 @@ def _run_megatron(rank: int, num_ranks: int, async_finish: bool):
     recv_x, recv_idx, recv_probs, tokens_per_expert, handle = _FusedDispatch.apply(
         x, mine.topk_idx, probs, num_experts, group, async_finish, async_finish
     )
+    check_kernels_took(_megatron_buffer, "intranode", handle, "megatron dispatch")
     check_equal(
         "megatron recv_x", recv_x.detach(), gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16)
     )
@@ -198,7 +199,8 @@ def _run_megatron(rank: int, num_ranks: int, async_finish: bool):
     return len(expected.rows)
 
 
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
 @pytest.mark.parametrize("async_finish", [False, True])
-def test_megatron_core(async_finish, launch_timeout_s):
-    results = launch(_run_megatron, 2, async_finish, timeout_s=launch_timeout_s)
+def test_megatron_core(async_finish, device, launch_timeout_s):
+    results = launch(_run_megatron, 2, async_finish, timeout_s=launch_timeout_s, **framework_launch_kwargs(device))
     assert sum(results) > 0

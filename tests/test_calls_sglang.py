@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 from brute_force import (
@@ -19,7 +20,7 @@ from brute_force import (
     layout,
     make_rank_inputs,
 )
-from harness import import_deep_ep
+from harness import check_kernels_took, framework_launch_kwargs, import_deep_ep
 
 from deep_ep_py.testing import launch
 
@@ -103,6 +104,7 @@ def _run_sglang(rank: int, num_ranks: int):
         config=normal_dispatch_config,
     )
     event.current_stream_wait() if async_finish else ()
+    check_kernels_took(buffer, "intranode", handle, "sglang dispatch")
     check_equal("sglang recv_x", recv_x, gather_rows(expected.rows, [i.x for i in inputs], hidden, torch.bfloat16))
     check_equal(
         "sglang num_recv_tokens_per_expert_list (alignment 128)",
@@ -138,6 +140,7 @@ def _run_sglang(rank: int, num_ranks: int):
         use_ue8m0=False,
     )
     event.current_stream_wait() if not return_recv_hook else hook()
+    check_kernels_took(buffer, "low_latency", handle, "sglang ll dispatch")
     want_m = [sum(int((inp.topk_idx == rank * 2 + le).any(1).sum()) for inp in inputs) for le in range(2)]
     check_equal("sglang masked_m", masked_m.tolist(), want_m)
     values, scales = hidden_states
@@ -157,6 +160,7 @@ def _run_sglang(rank: int, num_ranks: int):
     return len(expected.rows)
 
 
-def test_sglang(launch_timeout_s):
-    results = launch(_run_sglang, 2, timeout_s=launch_timeout_s)
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+def test_sglang(device, launch_timeout_s):
+    results = launch(_run_sglang, 2, timeout_s=launch_timeout_s, **framework_launch_kwargs(device))
     assert sum(results) > 0

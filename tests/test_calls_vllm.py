@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 import torch.distributed as dist
 from brute_force import (
@@ -19,7 +20,7 @@ from brute_force import (
     layout,
     make_rank_inputs,
 )
-from harness import import_deep_ep
+from harness import check_kernels_took, framework_launch_kwargs, import_deep_ep
 
 from deep_ep_py.testing import launch
 
@@ -81,6 +82,7 @@ def _run_vllm(rank: int, num_ranks: int):
         )
         check(event.event is not None, "vllm: dispatch(async_finish=True) returned event.event None")
         event.current_stream_wait()
+        check_kernels_took(buffer, "intranode", handle, f"vllm dispatch fp8={use_fp8}")
         if use_fp8:
             check(isinstance(token_data, tuple), "vllm: fp8 dispatch must return (values, scales)")
             expert_x, expert_x_scale = token_data
@@ -154,6 +156,7 @@ def _run_vllm(rank: int, num_ranks: int):
             return_recv_hook=True,
         )
         hook()
+        check_kernels_took(ll_buffer, "low_latency", handle, f"vllm ll dispatch fp8={use_fp8}")
         want_counts = [sum(int((inp.topk_idx == rank * 2 + le).any(1).sum()) for inp in ll_inputs) for le in range(2)]
         check_equal("vllm ll expert_num_tokens", expert_num_tokens.tolist(), want_counts)
         if use_fp8:
@@ -195,6 +198,7 @@ def _run_vllm(rank: int, num_ranks: int):
     return len(expected.rows)
 
 
-def test_vllm(launch_timeout_s):
-    results = launch(_run_vllm, 2, timeout_s=launch_timeout_s)
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+def test_vllm(device, launch_timeout_s):
+    results = launch(_run_vllm, 2, timeout_s=launch_timeout_s, **framework_launch_kwargs(device))
     assert sum(results) > 0
