@@ -10,7 +10,7 @@
 #
 #   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
 #                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS] [--budget SECONDS]
-#                        [--archive FILE]
+#                        [--archive FILE] [--device cuda|emulated]
 #
 #   --log-dir DIR         logs, bench.json, bench_internode.json, summary.txt (env GPU_CHECK_LOG_DIR; default
 #                         ./gpu_check_logs)
@@ -30,6 +30,9 @@
 #                         under 20 s is not started (SKIP, "budget"). For a lent GPU's 10-minute command: 540
 #   --archive FILE        also pack the log directory into FILE (.tar.gz) at the end, an interrupted run too: one
 #                         file, where only a few files may come back from the machine (e.g. $OUT/gpu_check.tar.gz)
+#   --device emulated     a dry run of every step without a GPU: the CPU emulator of the kernels builds in place,
+#                         the GPU tier runs on it, the benchmark at tiny sizes (figures meaningless), no MPS; so
+#                         that the script itself is known to work before a GPU's short lease is spent on it
 #
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
 # /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default 30 here), GPU_CHECK_BUILD_DIR (default build).
@@ -54,11 +57,12 @@ TESTS_K=""
 STEP_TIMEOUT_S=1200
 BUDGET_S=${GPU_CHECK_BUDGET_S:-0}
 ARCHIVE=""
+DEVICE=cuda
 PYTHON=${PYTHON:-python3}
 BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
 
 usage() {
-    sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_value() {
@@ -89,6 +93,8 @@ while [ "$#" -gt 0 ]; do
         --budget=*) BUDGET_S=${1#*=}; shift ;;
         --archive) need_value "$@"; ARCHIVE=$2; shift 2 ;;
         --archive=*) ARCHIVE=${1#*=}; shift ;;
+        --device) need_value "$@"; DEVICE=$2; shift 2 ;;
+        --device=*) DEVICE=${1#*=}; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -113,6 +119,10 @@ RANKS=$(check_rank_counts --ranks "$RANKS") || exit 2
 INTERNODE_RANKS=$(check_rank_counts --internode-ranks "$INTERNODE_RANKS") || exit 2
 case "$STEP_TIMEOUT_S" in
     '' | *[!0-9]* | 0) echo "gpu_check: --step-timeout expects a positive integer, got '$STEP_TIMEOUT_S'" >&2; exit 2 ;;
+esac
+case "$DEVICE" in
+    cuda | emulated) ;;
+    *) echo "gpu_check: --device expects cuda or emulated, got '$DEVICE'" >&2; exit 2 ;;
 esac
 case "$BUDGET_S" in
     '' | *[!0-9]*) echo "gpu_check: --budget expects a whole number of seconds (0: none), got '$BUDGET_S'" >&2; exit 2 ;;
@@ -343,9 +353,13 @@ step_info() {
     echo "date: $(date -Is)  host: $(hostname)  repo: $REPO_DIR"
     (git -C "$REPO_DIR" log -1 --oneline && git -C "$REPO_DIR" status --short) 2>/dev/null || echo "(not a git checkout)"
     echo
-    timeout 60 nvidia-smi || rc=1
-    echo
-    timeout 60 nvidia-smi topo -m 2>/dev/null
+    if [ "$DEVICE" = cuda ]; then
+        timeout 60 nvidia-smi || rc=1
+        echo
+        timeout 60 nvidia-smi topo -m 2>/dev/null
+    else
+        echo "--device emulated: the kernels run on their CPU emulator ($(nproc) cores)"
+    fi
     nvcc --version || echo "nvcc: not on PATH"
     cmake --version | head -n 1 || rc=1
     ninja --version 2>/dev/null | sed 's/^/ninja /'
@@ -406,14 +420,29 @@ step_build() {
     fi
     local python_path
     python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }
-    # Release, as a pip install builds it (pyproject.toml): the benchmark times this build. No CPU emulator: the
-    # tests here run on the GPU (DEEP_EP_PY_EXPECT_GPU=1), and device time is short.
+    # Release, as a pip install builds it (pyproject.toml): the benchmark times this build. On a GPU no CPU
+    # emulator (the tests run on the GPU, DEEP_EP_PY_EXPECT_GPU=1, and device time is short); emulated, only it.
+    local emulator=OFF targets=()
+    if [ "$DEVICE" = emulated ]; then
+        emulator=ON
+        targets=(--target _C_emu)
+    fi
     cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DDEEP_EP_PY_INPLACE=ON -DDEEP_EP_PY_CUDA_ARCHS=90 \
-        -DDEEP_EP_PY_BUILD_EMULATOR=OFF -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python_path" &&
-        cmake --build "$BUILD_DIR" -j"$(nproc)"
+        -DDEEP_EP_PY_BUILD_EMULATOR="$emulator" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python_path" &&
+        cmake --build "$BUILD_DIR" -j"$(nproc)" ${targets[@]+"${targets[@]}"}
 }
 
 step_ext() {
+    if [ "$DEVICE" = emulated ]; then
+        "$PYTHON" - <<'EOF'
+from deep_ep_py import _ext
+
+if not _ext.emulator_available():
+    raise SystemExit(f"deep_ep_py._C_emu not loadable: {_ext.emulator_unavailable_reason()}")
+print("emulator: the CPU emulator of the kernels is built")
+EOF
+        return
+    fi
     "$PYTHON" - <<'EOF'
 from deep_ep_py import _ext
 
@@ -472,12 +501,17 @@ echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', internode ranks 
     "budget ${BUDGET_S:-0} s"
 
 # Steps that run under timeout run in a child bash: it gets the step functions and their variables exported.
-export PYTHON REPO_DIR WHEEL_DIR BUILD_DIR
+export PYTHON REPO_DIR WHEEL_DIR BUILD_DIR DEVICE
 export -f step_info step_wheel step_build step_ext
 
 run_step info "$STEP_TIMEOUT_S" bash -c step_info
 
-run_step mps 0 step_mps
+if [ "$DEVICE" = emulated ]; then
+    STEP_COUNT=$((STEP_COUNT + 1))
+    record mps SKIP 0 "--device emulated"
+else
+    run_step mps 0 step_mps
+fi
 
 if [ -z "$WHEEL_DIR" ] && ! is_skipped wheel; then
     STEP_COUNT=$((STEP_COUNT + 1))
@@ -503,26 +537,54 @@ last_step_ran() {
     [ "${STEP_STATUS[$((${#STEP_STATUS[@]} - 1))]}" != SKIP ]
 }
 
+# After a test step: pytest's counts into its details; its exit code 5 (no test collected, e.g. a --tests-k that
+# selects none of the step's modules) makes the step a SKIP rather than a failure.
+test_step_outcome() {
+    last_step_ran || return 0
+    local last=$((${#STEP_STATUS[@]} - 1))
+    if [ "$LAST_RC" -eq 5 ]; then
+        STEP_STATUS[last]=SKIP
+        STEP_DETAILS[last]="no test selected"
+        [ -n "$TESTS_K" ] && STEP_DETAILS[last]="no test selected by --tests-k \"$TESTS_K\""
+        return 0
+    fi
+    add_details "$(pytest_counts "$LAST_LOG")"
+}
+
+# On a GPU anything but the GPU fails the tier (DEEP_EP_PY_EXPECT_GPU); emulated, the tier runs on the emulator.
+if [ "$DEVICE" = emulated ]; then
+    TIER_ENV=(DEEP_EP_PY_GPU_TIER=emulated)
+else
+    TIER_ENV=(DEEP_EP_PY_EXPECT_GPU=1 DEEP_EP_PY_EXPECT_KERNELS=1)
+fi
+
 tests_step() {  # rank count: the GPU tier but the internode tests
-    run_step "tests_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" DEEP_EP_PY_EXPECT_GPU=1 \
-        DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
+    run_step "tests_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" "${TIER_ENV[@]}" \
+        "$PYTHON" -m pytest -q -rfEs -m gpu tests "${INTERNODE_TESTS[@]/#/--ignore=}" \
         ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_r$1.xml"
-    last_step_ran && add_details "$(pytest_counts "$LAST_LOG")"
+    test_step_outcome
 }
 
 tests_internode_step() {  # rank count
-    run_step "tests_internode_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" DEEP_EP_PY_EXPECT_GPU=1 \
-        DEEP_EP_PY_EXPECT_KERNELS=1 "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
+    run_step "tests_internode_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" "${TIER_ENV[@]}" \
+        "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
         ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_internode_r$1.xml"
-    last_step_ran && add_details "$(pytest_counts "$LAST_LOG")"
+    test_step_outcome
 }
 
 # The benchmark measures the kernels, including those still opt-in until the GPU tier passes (README, Status):
 # the reference fallback on GPU tensors goes through host memory and would only measure gloo. One step per rank
-# count, so that what a budget cuts short loses only its own rows.
+# count, so that what a budget cuts short loses only its own rows. Emulated, tiny sizes: the figures mean nothing
+# there, the run shows that every benchmark path works.
+BENCH_DEVICE_ARGS=(--device cuda)
+if [ "$DEVICE" = emulated ]; then
+    BENCH_DEVICE_ARGS=(--device emulated --tokens 64 --hidden 256 --ll-tokens 16 --experts 64 --topk 4 --warmup 1
+        --iters 2 --roof-bytes 1048576)
+fi
+
 bench_step() {  # rank count
     local json="$LOG_DIR/bench_r$1.json"
-    local args=(--device cuda --ranks "$1" --paths "normal,one_copy,low_latency" --json "$json")
+    local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,one_copy,low_latency" --json "$json")
     [ "$QUICK" -eq 1 ] && args+=(--quick)
     run_step "bench_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
         "$PYTHON" -m bench "${args[@]}"
@@ -535,7 +597,7 @@ bench_step() {  # rank count
 # The internode rows next to the intranode rows of the same launch, data and rank count (the target: no slower).
 bench_internode_step() {  # rank count
     local json="$LOG_DIR/bench_internode_r$1.json"
-    local args=(--device cuda --ranks "$1" --paths "normal,internode" --nodes 2 --json "$json")
+    local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,internode" --nodes 2 --json "$json")
     [ "$QUICK" -eq 1 ] && args+=(--quick)
     run_step "bench_internode_r$1" "$STEP_TIMEOUT_S" \
         env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" "$PYTHON" -m bench "${args[@]}"

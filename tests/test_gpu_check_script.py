@@ -31,7 +31,7 @@ FIGURES_ROW = report.Row(
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="no bash")
 
 
-def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", timeout_s: float = 120):
+def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", pytest_rc: int = 0, timeout_s: float = 120):
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
     figures = tmp_path / "figures.json"
@@ -42,12 +42,20 @@ def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", timeo
         f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
         f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
+        '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
-        'exec sleep "$FAKE_PYTHON_SLEEP_S"\n'
+        'sleep "$FAKE_PYTHON_SLEEP_S"\n'
+        'exit "${pytest_rc:-0}"\n'
     )
     fake_python.chmod(0o755)
     log_dir = tmp_path / "logs"
-    env = dict(os.environ, PYTHON=str(fake_python), FAKE_PYTHON_SLEEP_S=str(sleep_s), FAKE_PYTHON_OUTPUT=output)
+    env = dict(
+        os.environ,
+        PYTHON=str(fake_python),
+        FAKE_PYTHON_SLEEP_S=str(sleep_s),
+        FAKE_PYTHON_OUTPUT=output,
+        FAKE_PYTEST_RC=str(pytest_rc),
+    )
     env.pop("GPU_CHECK_BUDGET_S", None)
     proc = subprocess.run(
         ["bash", SCRIPT, "--log-dir", str(log_dir), *args],
@@ -125,6 +133,18 @@ def test_skip_names_a_step_kind_at_every_rank_count(tmp_path):
     assert not any("--ignore=" in call for call in calls)
 
 
+def test_a_test_step_that_selects_no_test_is_skipped_not_failed(tmp_path):
+    """pytest's exit code 5 (nothing collected: --tests-k picked none of the step's modules) is no failure."""
+    proc, _, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},bench,bench_internode", "--ranks", "2", "--internode-ranks", "2",
+        "--tests-k", "layout", pytest_rc=5,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    for step in ("tests_r2", "tests_internode_r2"):
+        assert rows[step] == ("SKIP", 'no test selected by --tests-k "layout"'), rows
+
+
 def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     # 42 s less the 15 s kept for the closing steps: the first step gets 27 s of its 1200, the stand-in sleeps past
     # that and is killed; nothing is left for the next steps.
@@ -153,6 +173,7 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
         ("--budget", "ten", "--budget expects a whole number of seconds"),
         ("--ranks", "2 x", "--ranks expects positive integers"),
         ("--step-timeout", "0", "--step-timeout expects a positive integer"),
+        ("--device", "gpu", "--device expects cuda or emulated"),
     ],
 )
 def test_bad_options_name_the_option_and_value(tmp_path, option, value, message):
@@ -160,3 +181,32 @@ def test_bad_options_name_the_option_and_value(tmp_path, option, value, message)
     assert proc.returncode == 2
     assert message in proc.stderr and value in proc.stderr
     assert calls == []
+
+
+def test_dry_run_on_the_emulator(tmp_path):
+    """The script's own commands, for real, on the CPU emulator of the kernels (--device emulated): the extension
+    check, a test step (two quick GPU-tier tests) and both benchmark kinds at tiny sizes, whose figures the summary
+    prints. What the stand-in cannot show: that pytest and the benchmark accept what the script passes them."""
+    from deep_ep_py import _ext
+
+    if not _ext.emulator_available():
+        pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
+    log_dir = tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEP_EP_PY_", "GPU_CHECK_"))}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(
+        ["bash", SCRIPT, "--device", "emulated", "--log-dir", str(log_dir), "--skip", "build", "--ranks", "2",
+         "--internode-ranks", "2", "--tests-k", "host_counters or device_timeout_becomes"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    assert rows["mps"][0] == "SKIP" and rows["ext"][0] == "PASS", rows
+    status, counts = rows["tests_r2"]
+    assert status == "PASS" and counts.startswith("passed=2 failed=0 ") and counts.endswith(" error=0"), rows
+    assert rows["tests_internode_r2"][0] == "SKIP", rows  # -k selects no internode test
+    for step in ("bench_r2", "bench_internode_r2"):
+        assert rows[step][0] == "PASS" and f"{step}.json" in rows[step][1], rows
+    figures = (log_dir / "figures.txt").read_text()
+    for path in ("one_copy_dispatch", "ll_combine+hook", "internode_combine"):
+        assert f"\n{path} " in figures, figures
