@@ -8,7 +8,10 @@ Buffer has validated the arguments. Kernels run on the current stream (``deep_ep
 nothing here synchronises the host or allocates outside torch, so every call can be captured in a CUDA graph.
 
 Each call uses the half of the buffer after the previous call's (dispatch and combine alike, as DeepEP V1): keep at
-most two calls' results pending (a hook not yet called counts), or a peer's third call overwrites the first.
+most two calls' results pending (a hook not yet called counts), or a peer's third call overwrites the first. The
+half is chosen on the host, so a CUDA graph replays the halves it was captured with: capture an even number of
+low-latency calls (a dispatch and a combine per layer, as frameworks do) and make an even number of eager calls
+between replays, or two consecutive calls share a half and a fast peer writes into one its peers still read.
 A timed-out wait (a dead or masked-on-one-side peer) leaves the kernels draining and the record filled in; the next
 call, hook, or :meth:`LowLatencyKernels.check_device_errors` raises DeepEPTimeoutError naming the waiting rank and,
 as the channel, the peer rank it waited for.

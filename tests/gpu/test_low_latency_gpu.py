@@ -301,6 +301,49 @@ def _hook_outlives_results_case(ctx) -> None:
     kernels.check_device_errors("test end")
 
 
+def _two_in_flight_case(ctx, fmt: str) -> None:
+    """Two batches' calls outstanding at once, as SGLang's two-batch overlap and DeepEP's double buffer allow: both
+    dispatches send before either receives, then both combines likewise; each call has a half of the buffer to
+    itself, so every result must be exact. The hooks run in call order, then (second round) in reverse."""
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
+    for round_idx, order in enumerate(((0, 1), (1, 0))):
+        batches = [make_inputs(700 + 2 * round_idx + b, num_ranks, num_experts, empty_rank=b) for b in range(2)]
+        on_device = [[on_kernel_device(t) for t in inputs[rank]] for inputs in batches]
+        sent = [
+            kernels.low_latency_dispatch(
+                x, topk, MAX_TOKENS, num_experts, None, None, use_fp8, round_scale, use_ue8m0, True
+            )
+            for x, topk, _ in on_device
+        ]
+        for b in order:
+            sent[b][4]()
+        ep_device.synchronize()
+        for b, inputs in enumerate(batches):
+            check_dispatch(sent[b], inputs, rank, EXPERTS_PER_RANK, fmt, what=f"in flight, batch {b}, order {order}")
+        combining = []
+        for b, inputs in enumerate(batches):
+            expert_x = on_kernel_device(expert_outputs_for(sent[b][3], inputs, EXPERTS_PER_RANK, num_ranks))
+            _, topk, weights = on_device[b]
+            combining.append(kernels.low_latency_combine(expert_x, topk, weights, sent[b][3], False, True, None, None))
+        for b in order:
+            combining[b][1]()
+        ep_device.synchronize()
+        for b, inputs in enumerate(batches):
+            x, topk, weights = inputs[rank]
+            want = expected_combine(x, topk, weights, set(), EXPERTS_PER_RANK)
+            torch.testing.assert_close(
+                combining[b][0].cpu().float(),
+                want.float(),
+                rtol=COMBINE_TOL,
+                atol=COMBINE_TOL,
+                msg=lambda m, b=b, order=order: f"rank {rank} in flight, combine of batch {b}, order {order}: {m}",
+            )
+    kernels.check_device_errors("two calls in flight")
+
+
 def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -> None:
     """Identity experts (combine x = dispatch recv_x): combined[t] = x[t] * sum of its summed weights."""
     valid = topk_gpu >= 0
@@ -458,6 +501,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase("rank_mask", _mask_case))
         if selected("test_hook_outlives_results", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("hook_outlives_results", _hook_outlives_results_case))
+        for fmt in selected("test_two_calls_in_flight", "fmt", num_ranks=num_ranks):
+            cases.append(BatchCase(f"two_in_flight_{fmt}", _two_in_flight_case, (fmt,)))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -502,6 +547,11 @@ def test_rank_mask(require_gpu, gpu_batch, num_ranks):
 
 def test_hook_outlives_results(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["hook_outlives_results"].assert_passed()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_two_calls_in_flight(require_gpu, gpu_batch, num_ranks, fmt):
+    _batch(gpu_batch, num_ranks)[f"two_in_flight_{fmt}"].assert_passed()
 
 
 def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
