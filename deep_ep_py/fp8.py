@@ -31,9 +31,12 @@ def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [..., G / 4] of exponent bytes -> float32 power-of-two scales [..., G]."""
-    exponent_bytes = packed.contiguous().view(torch.uint8).to(torch.int32)
-    return (exponent_bytes << 23).view(torch.float32)
+    """int32 [..., G / 4] of exponent bytes (the lowest byte the first group) -> float32 power-of-two scales [..., G].
+    Any strides: the bytes are taken out by shifts, not by viewing memory (a column-major [N, 1] tensor counts as
+    contiguous to torch, yet cannot be viewed as bytes)."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=packed.device)
+    exponent_bytes = (packed.unsqueeze(-1) >> shifts) & 0xFF
+    return (exponent_bytes.flatten(-2) << 23).view(torch.float32)
 
 
 def per_token_cast_to_fp8(

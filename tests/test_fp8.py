@@ -125,3 +125,16 @@ def test_bad_arguments():
         fp8.per_token_cast_to_fp8(torch.zeros(2, 200))
     with pytest.raises(ValueError, match="round_scale"):
         fp8.per_token_cast_to_fp8(torch.zeros(2, 512), round_scale=False, use_ue8m0=True)
+
+
+@pytest.mark.parametrize("num_cols", [1, 3])
+def test_unpack_ue8m0_any_strides(num_cols):
+    """Column-major packed scales, as the low-latency dispatch returns them: with one column (hidden 512) torch
+    calls the [N, 1] tensor contiguous though its last stride is N, which a byte view of memory cannot take."""
+    x = torch.randn(7, 512 * num_cols) * 5
+    _, packed = fp8.per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
+    column_major = torch.empty(num_cols, 7, dtype=torch.int32).T
+    column_major.copy_(packed)
+    assert column_major.stride() == (1, 7)
+    assert torch.equal(fp8.unpack_ue8m0(column_major), fp8.unpack_ue8m0(packed))
+    assert torch.equal(fp8.unpack_ue8m0(packed), ue8m0_unpack(packed))

@@ -344,6 +344,85 @@ def _two_in_flight_case(ctx, fmt: str) -> None:
     kernels.check_device_errors("two calls in flight")
 
 
+# name -> (hidden, top-k, experts per rank, tokens per rank, format): the decode shape's hidden with top-k 16, and
+# the smallest hidden each format allows; few tokens, so that the emulator gets through them.
+SHAPES = {
+    "h7168_top16_fp8": (7168, 16, 8, 6, "fp8"),
+    "h7168_top16_bf16": (7168, 16, 8, 3, "bf16"),
+    "h128_top1_fp8": (128, 1, 1, 5, "fp8"),
+    "h512_top12_ue8m0": (512, 12, 6, 4, "fp8_ue8m0"),
+}
+
+
+def _shape_case(ctx, shape: str) -> None:
+    """Sizes besides the module's: dispatch, then the received rows themselves (dequantised for fp8) combined back:
+    combined[t] = x[t] as each format keeps it, times the sum of its kept weights."""
+    from deep_ep_py import fp8
+    from deep_ep_py.backends.low_latency import LowLatencyKernels
+    from deep_ep_py.config import low_latency_rdma_size_hint
+    from deep_ep_py.topology import detect_topology
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    hidden, num_topk, experts_per_rank, max_tokens, fmt = SHAPES[shape]
+    num_experts = experts_per_rank * num_ranks
+    use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
+    num_bytes = low_latency_rdma_size_hint(max_tokens, hidden, num_ranks, num_experts)
+    topology = detect_topology(ctx.group, None)
+    from deep_ep_py import _ext as ext_module
+    from deep_ep_py.runtime import NvshmemContext
+
+    context = NvshmemContext(ctx.resource_group, num_symmetric_bytes=num_bytes)
+    ctx.on_cleanup(context.finalize)
+    kernels = LowLatencyKernels(ctx.group, topology, num_bytes, ext_module.load_extension(), context)
+    ctx.on_cleanup(kernels.destroy)
+    device = ep_device.kernel_device()
+    gen = torch.Generator().manual_seed(900 + rank)
+    for step in range(2):
+        num_tokens = max_tokens if step == 0 else (rank * 3) % (max_tokens + 1)  # rank 0 then sends nothing
+        x = (torch.randn(num_tokens, hidden, generator=gen) * 2).to(torch.bfloat16)
+        topk = torch.rand(num_tokens, num_experts, generator=gen).argsort(dim=1)[:, :num_topk]
+        topk = torch.where(torch.rand(num_tokens, num_topk, generator=gen) < 0.1, -1, topk)
+        weights = torch.rand(num_tokens, num_topk, generator=gen)
+        recv_x, recv_scales, recv_count, handle, _ = kernels.low_latency_dispatch(
+            x.to(device), topk.to(device), max_tokens, num_experts, None, None, use_fp8, round_scale, use_ue8m0, False
+        )
+        ep_device.synchronize()
+        want_counts = [int((topk == rank * experts_per_rank + e).sum()) for e in range(experts_per_rank)]
+        assert recv_count.tolist() == [c for c in _all_ranks_counts(ctx, topk, rank, experts_per_rank)], (
+            f"rank {rank} {shape} {fmt}: recv_count {recv_count.tolist()} (own tokens alone: {want_counts})"
+        )
+        if use_fp8:
+            expert_x = torch.stack(
+                [fp8.per_token_cast_back(recv_x[e], recv_scales[e]) for e in range(experts_per_rank)]
+            ).to(torch.bfloat16)
+            x_kept = fp8.per_token_cast_back(*fp8.per_token_cast_to_fp8(x.float(), round_scale, use_ue8m0))
+        else:
+            expert_x, x_kept = recv_x, x.float()
+        combined, _ = kernels.low_latency_combine(
+            expert_x.contiguous(), topk.to(device), weights.to(device), handle, False, False, None, None
+        )
+        ep_device.synchronize()
+        want = (x_kept.to(torch.bfloat16).float() * (weights * (topk >= 0)).sum(1, keepdim=True)).to(torch.bfloat16)
+        torch.testing.assert_close(
+            combined.cpu().float(),
+            want.float(),
+            rtol=COMBINE_TOL,
+            atol=COMBINE_TOL,
+            msg=lambda m, step=step: f"rank {rank} {shape} {fmt} step {step}: {m}",
+        )
+    kernels.check_device_errors(f"{shape} {fmt}")
+
+
+def _all_ranks_counts(ctx, topk: torch.Tensor, rank: int, experts_per_rank: int) -> list[int]:
+    """Rows each local expert of `rank` receives: its ids in every rank's topk (collective, over the case's group)."""
+    import torch.distributed as dist
+
+    num_experts = experts_per_rank * ctx.num_ranks
+    per_expert = torch.bincount(topk[topk >= 0].flatten(), minlength=num_experts)
+    dist.all_reduce(per_expert, group=ctx.group)
+    return per_expert[rank * experts_per_rank : (rank + 1) * experts_per_rank].tolist()
+
+
 def _round_trip_check(x_gpu, topk_gpu, weights_gpu, combined, masked_ranks=()) -> None:
     """Identity experts (combine x = dispatch recv_x): combined[t] = x[t] * sum of its summed weights."""
     valid = topk_gpu >= 0
@@ -501,6 +580,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase("rank_mask", _mask_case))
         if selected("test_hook_outlives_results", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("hook_outlives_results", _hook_outlives_results_case))
+        for shape in selected("test_shapes", "shape", num_ranks=num_ranks):
+            cases.append(BatchCase(f"shape_{shape}", _shape_case, (shape,)))
         for fmt in selected("test_two_calls_in_flight", "fmt", num_ranks=num_ranks):
             cases.append(BatchCase(f"two_in_flight_{fmt}", _two_in_flight_case, (fmt,)))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
@@ -547,6 +628,11 @@ def test_rank_mask(require_gpu, gpu_batch, num_ranks):
 
 def test_hook_outlives_results(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["hook_outlives_results"].assert_passed()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_shapes(require_gpu, gpu_batch, num_ranks, shape):
+    _batch(gpu_batch, num_ranks)[f"shape_{shape}"].assert_passed()
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
