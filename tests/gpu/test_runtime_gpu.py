@@ -105,7 +105,9 @@ def test_peer_mapped_buffer(require_gpu, num_ranks, layout, launch_timeout_s):
         _peer_mapped_worker, num_ranks, num_ranks_per_node, device=tier_device(), timeout_s=launch_timeout_s
     )
     for rank, node_ranks in enumerate(results):
-        assert rank in node_ranks and len(node_ranks) == min(num_ranks_per_node, num_ranks)
+        # Nodes of num_ranks_per_node consecutive ranks; with an odd rank count the last "pair" is one rank.
+        node_start = rank // num_ranks_per_node * num_ranks_per_node
+        assert node_ranks == list(range(node_start, min(node_start + num_ranks_per_node, num_ranks))), node_ranks
 
 
 def _host_counters_worker(rank: int, num_ranks: int) -> float:
