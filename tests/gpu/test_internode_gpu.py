@@ -309,7 +309,7 @@ def test_internode_emulated_network_matches_reference(require_gpu, gpu_batch, nu
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_nodes", [4, 8], ids=lambda n: f"{n}nodes")
+@pytest.mark.parametrize("num_nodes", [3, 4, 8], ids=lambda n: f"{n}nodes")
 @pytest.mark.parametrize("case", MORE_NODES_CASES, ids=lambda c: c.name)
 def test_internode_more_nodes_match_reference(require_gpu, gpu_batch, num_ranks, num_nodes, case):
     _batch(gpu_batch, num_ranks, num_nodes)[case.name].assert_passed()
