@@ -40,7 +40,7 @@ def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", pytes
     fake_python.write_text(
         "#!/usr/bin/env bash\n"
         f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
-        f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} $*" >> "{calls}"\n'
+        f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
@@ -102,6 +102,7 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
     # Each test step runs pytest at its own rank count, the internode modules apart from the rest.
     pytest_calls = [call for call in calls if " -m pytest " in f" {call} "]
     assert [call.split()[0] for call in pytest_calls] == ["ranks=2", "ranks=4", "ranks=4", "ranks=8", "ranks=8"]
+    assert all(call.split()[1] == "mps=" for call in calls), calls  # MPS skipped, not failed: nothing forced
     assert "--ignore=tests/gpu/test_internode_gpu.py" in pytest_calls[0]
     assert "tests/gpu/test_internode_gpu.py" in pytest_calls[1] and "--ignore" not in pytest_calls[1]
     assert rows["tests_r2"][1] == rows["tests_internode_r8"][1] == "passed=5 failed=0 skipped=1 error=0"
@@ -143,6 +144,19 @@ def test_a_test_step_that_selects_no_test_is_skipped_not_failed(tmp_path):
     rows = summary_rows(log_dir)
     for step in ("tests_r2", "tests_internode_r2"):
         assert rows[step] == ("SKIP", 'no test selected by --tests-k "layout"'), rows
+
+
+@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is not None, reason="MPS can start here")
+def test_without_mps_the_ranks_run_time_sliced(tmp_path):
+    """Where the MPS daemon cannot start, the check goes on with the ranks time-sliced (DEEP_EP_PY_MPS=0 in every
+    later step) and says so, instead of failing every multi-rank test on the missing daemon."""
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", "info,build,ext,bench_internode", "--ranks", "2", "--internode-ranks", "2"
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the mps step itself failed
+    status, details = summary_rows(log_dir)["mps"]
+    assert status == "FAIL" and "time-sliced (DEEP_EP_PY_MPS=0)" in details, details
+    assert calls and all(call.split()[1] == "mps=0" for call in calls), calls
 
 
 def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):

@@ -252,3 +252,25 @@ def test_closed_objects_are_inert():
     context.finalize()
     with pytest.raises(DeepEPError, match="finalized"):
         context.malloc(64)
+
+
+@pytest.mark.parametrize(("mps", "env", "wanted"), [(None, None, True), (None, "0", False), (None, "1", True),
+                                                    (True, "0", True), (False, None, False)])  # fmt: skip
+def test_launch_under_mps_unless_told_otherwise(monkeypatch, mps, env, wanted):
+    """launch(device="cuda") with more ranks than GPUs brings MPS up, unless mps=False or (mps left at None)
+    DEEP_EP_PY_MPS=0 says the ranks run time-sliced, as where the daemon cannot start."""
+    import torch
+
+    from deep_ep_py.testing import launcher
+
+    if env is None:
+        monkeypatch.delenv(launcher.MPS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launcher.MPS_ENV, env)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(mps_control, "ensure_mps", lambda allowed: calls.append(allowed) or "fake")
+    assert launcher.mps_wanted(mps) is wanted
+    launcher._check_cuda(4, launcher.mps_wanted(mps))
+    assert calls == ([True] if wanted else [])

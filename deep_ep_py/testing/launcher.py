@@ -255,6 +255,18 @@ def _launch_once(
             conn.close()
 
 
+# "0": ranks sharing a GPU run time-sliced instead of under MPS (launch's mps=None), for a machine where the MPS
+# daemon cannot start: correct, but every spin-wait between ranks takes a time slice (ms instead of us).
+MPS_ENV = "DEEP_EP_PY_MPS"
+
+
+def mps_wanted(mps: bool | None) -> bool:
+    """launch's mps argument: as given, or (None) unless DEEP_EP_PY_MPS=0."""
+    if mps is not None:
+        return mps
+    return os.environ.get(MPS_ENV, "1") != "0"
+
+
 def _check_cuda(num_ranks: int, mps: bool) -> None:
     """Fail before spawning when device='cuda' cannot work; bring MPS up when ranks share a GPU. Creates no CUDA
     context here: device_count() does not, and an MPS daemon must start before the first context on the GPU."""
@@ -281,7 +293,7 @@ def launch(
     backend: str = "gloo",
     env: dict[str, str] | None = None,
     device: str = "cpu",
-    mps: bool = True,
+    mps: bool | None = None,
 ) -> list:
     """Run ``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned processes; return their results in rank order.
 
@@ -290,6 +302,7 @@ def launch(
         "emulated" (the CPU emulator of the kernels).
     mps: with device="cuda" and more ranks than GPUs, make sure the MPS daemon runs (start it when root; raise
         deep_ep_py.testing.mps.MPSUnavailableError when it cannot). False skips that: ranks time-slice the GPU.
+        None (the default): True unless DEEP_EP_PY_MPS=0.
     Raises RankFailedError (a RuntimeError) naming the first failing rank with its traceback, or TimeoutError
     naming the ranks that had not finished after timeout_s seconds.
     """
@@ -302,7 +315,7 @@ def launch(
     if device not in DEVICES:
         raise ValueError(f"launch: device must be one of {DEVICES}, got {device!r}")
     if device == "cuda":
-        _check_cuda(num_ranks, mps)
+        _check_cuda(num_ranks, mps_wanted(mps))
     env = {str(key): str(value) for key, value in (env or {}).items()}
     if device == "emulated":
         env[EMULATE_DEVICE_ENV] = "1"
