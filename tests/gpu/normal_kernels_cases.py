@@ -426,6 +426,40 @@ def timeout_case(ctx, path: KernelsPath) -> str:
     return message
 
 
+def combine_timeout_case(ctx, path: KernelsPath) -> str:
+    """Every rank dispatches; the last never combines: the others' combine raises DeepEPTimeoutError naming the
+    waiting rank (and, in the intranode kernels, the absent one as the channel) instead of hanging. Returns the
+    message ("" on the absent rank)."""
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    case = TIMEOUT_CASE
+    reference, kernels = _reference_and_kernels(ctx, path, case)
+    absent = num_ranks - 1
+    inp, num_experts = path.inputs(case, num_ranks, rank, 0)
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)
+    out = kernels.dispatch(
+        on_kernel_device(inp.x), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8
+    )
+    ep_device.synchronize()
+    ctx.barrier()
+    message = ""
+    if rank != absent:
+        try:
+            kernels.combine(out[0], out[5], out[3], (), 8)
+            ep_device.synchronize()  # the combine's waits give up after DEEP_EP_PY_TIMEOUT_S
+            kernels._check_device_errors("the combine timeout test")
+        except DeepEPTimeoutError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: combine returned although rank {absent} never called it")
+        assert f"on rank {rank}," in message, message
+    ep_device.synchronize()
+    ctx.barrier()
+    return message
+
+
 def worst_too_small_case(ctx, path: KernelsPath) -> str:
     """num_worst_tokens = 1 while ranks receive more rows: each such rank's notify leaves a capacity record, raised
     as DeepEPError naming both counts (not as a timeout), instead of returning results with rows dropped."""

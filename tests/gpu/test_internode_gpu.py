@@ -43,6 +43,7 @@ from normal_kernels_cases import (
     WORST_TOO_SMALL_CASE,
     Case,
     KernelsPath,
+    combine_timeout_case,
     protocol_batch_cases,
     table_batch_cases,
     timeout_case,
@@ -344,6 +345,22 @@ def test_internode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
     path = InternodePath(num_nodes)
     results = launch(run_case, num_ranks, timeout_case, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
     assert results[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in results[:-1]), results
+
+
+@pytest.mark.gpu
+def test_internode_absent_peer_in_combine_times_out(require_gpu, num_ranks, launch_timeout_s):
+    num_nodes = 2
+    env = {RANKS_PER_NODE_ENV: str(_ranks_per_node(num_ranks, num_nodes)), "DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S}
+    results = launch(
+        run_case,
+        num_ranks,
+        combine_timeout_case,
+        InternodePath(num_nodes),
+        device=tier_device(),
+        timeout_s=launch_timeout_s,
+        env=env,
+    )
+    assert results[-1] == "" and all("internode" in m for m in results[:-1]), results
 
 
 @pytest.mark.parametrize("num_ranks, num_nodes", [(2, 2), (4, 2), (8, 2), (8, 4), (8, 8), (16, 2)])

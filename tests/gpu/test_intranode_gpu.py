@@ -395,6 +395,24 @@ def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
     assert results[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in results[:-1]), results
 
 
+@pytest.mark.gpu
+def test_intranode_absent_peer_in_combine_times_out(require_gpu, num_ranks, launch_timeout_s):
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    results = launch(
+        run_case,
+        num_ranks,
+        cases.combine_timeout_case,
+        INTRANODE,
+        device=tier_device(),
+        timeout_s=launch_timeout_s,
+        env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
+    )
+    assert results[-1] == "", results
+    for message in results[:-1]:
+        assert f"channel {num_ranks - 1}," in message and "round barrier" in message, message
+
+
 @pytest.mark.parametrize("hidden, num_topk", [(8, 1), (256, 4), (7168, 8), (4096, 32)])
 def test_intranode_layout_sizes(hidden, num_topk):
     """Host-side size functions of the layout (no GPU needed, only the extension): a combine row of the same top-k fits
