@@ -548,6 +548,35 @@ def _timeout_case(ctx) -> str:
     return message
 
 
+def _combine_timeout_case(ctx) -> str:
+    """Every rank dispatches; the last never combines: the others' combine receive gives up after
+    DEEP_EP_PY_TIMEOUT_S, naming the waiting rank and, as the channel, the expert rank whose rows never came."""
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    missing = num_ranks - 1
+    inputs = make_inputs(510, num_ranks, num_experts, empty_rank=None)
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    ctx.barrier()
+    message = ""
+    if rank != missing:
+        _, topk, weights = (on_kernel_device(t) for t in inputs[rank])
+        assert bool((topk // EXPERTS_PER_RANK == missing).any()), f"rank {rank}: no token for rank {missing}"
+        kernels.low_latency_combine(result[0], topk, weights, result[3], False, False, None, None)
+        ep_device.synchronize()
+        try:
+            kernels.check_device_errors("test")
+        except DeepEPTimeoutError as exc:
+            message = str(exc)
+        assert f"on rank {rank}, channel {missing}," in message, message
+        assert "low-latency combine receiver" in message, message
+    ctx.barrier()
+    kernels.clean_low_latency_buffer()
+    return message
+
+
 # ------------------------------------------------------------------------------------------------- tests
 
 MODES = ["plain", "hook", "zero_copy"]
@@ -650,6 +679,23 @@ def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
         run_case,
         num_ranks,
         _timeout_case,
+        device=tier_device(),
+        env={"DEEP_EP_PY_TIMEOUT_S": "2"},
+        timeout_s=launch_timeout_s,
+    )
+    assert messages[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in messages[:-1]), messages
+
+
+def test_combine_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
+    """As test_timeout_names_missing_peer, the missing rank's combine this time."""
+    from deep_ep_py.testing import launch
+
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    messages = launch(
+        run_case,
+        num_ranks,
+        _combine_timeout_case,
         device=tier_device(),
         env={"DEEP_EP_PY_TIMEOUT_S": "2"},
         timeout_s=launch_timeout_s,
