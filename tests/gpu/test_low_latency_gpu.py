@@ -15,6 +15,7 @@ missing-peer test needs DEEP_EP_PY_TIMEOUT_S=2 and a launch of its own.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from kernel_device import emulated_tier, on_kernel_device, tier_device
@@ -201,11 +202,11 @@ def _setup(ctx, num_experts: int):
     return kernels, ReferenceBackend(ctx.group, topology)
 
 
-def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None):
+def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None, wait_stats=None):
     x, topk = (on_kernel_device(t) for t in inputs[rank][:2])
     use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
     result = backend.low_latency_dispatch(
-        x, topk, MAX_TOKENS, num_experts, stats, None, use_fp8, round_scale, use_ue8m0, hook
+        x, topk, MAX_TOKENS, num_experts, stats, wait_stats, use_fp8, round_scale, use_ue8m0, hook
     )
     if hook:
         result[4]()
@@ -221,15 +222,22 @@ def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, reference = _setup(ctx, num_experts)
     stats = torch.zeros(EXPERTS_PER_RANK, dtype=torch.int32, device=ep_device.kernel_device())
-    expected_total = 0
+    wait_stats = torch.zeros(num_ranks, dtype=torch.int64, device=ep_device.kernel_device())
+    expected_stats = [0] * EXPERTS_PER_RANK
+    started_ns = time.monotonic_ns()
     for seed in range(3):
         inputs = make_inputs(100 + seed, num_ranks, num_experts, empty_rank=seed % num_ranks)
-        ours = _dispatch(kernels, inputs, rank, num_experts, fmt, hook=hook, stats=stats)
+        waited_before = wait_stats.cpu()
+        ours = _dispatch(kernels, inputs, rank, num_experts, fmt, hook=hook, stats=stats, wait_stats=wait_stats)
         theirs = _dispatch(reference, inputs, rank, num_experts, fmt)
         check_dispatch(ours, inputs, rank, EXPERTS_PER_RANK, fmt, what=f"kernels seed {seed}")
-        expected_total += sum(
-            len(rows) for per_src in expected_rows(inputs, rank, EXPERTS_PER_RANK, set()) for rows in per_src
-        )
+        for expert, per_src in enumerate(expected_rows(inputs, rank, EXPERTS_PER_RANK, set())):
+            expected_stats[expert] += sum(len(rows) for rows in per_src)
+        # Nanoseconds waited for each source's count, added up over the calls and (as in DeepEP) over the local
+        # experts, each of which waits for it: never less than before, never more than the time passed per expert.
+        waited = wait_stats.cpu()
+        bound = (time.monotonic_ns() - started_ns) * EXPERTS_PER_RANK
+        assert bool(((waited >= waited_before) & (waited <= bound)).all()), (waited.tolist(), bound)
         check_dispatch(theirs, inputs, rank, EXPERTS_PER_RANK, fmt, what=f"reference seed {seed}")
         assert torch.equal(ours[2].cpu(), theirs[2].cpu()) and torch.equal(
             ours[3].layout_range.cpu(), theirs[3].layout_range.cpu()
@@ -260,7 +268,8 @@ def _against_reference_case(ctx, fmt: str, hook: bool, zero_copy: bool) -> None:
                 atol=COMBINE_TOL,
                 msg=lambda m, name=name, seed=seed: f"{name} rank {rank} seed {seed}: {m}",
             )
-    assert int(stats.sum()) == expected_total, (int(stats.sum()), expected_total)
+    # cumulative_local_expert_recv_stats: each local expert's received rows, added up over the calls.
+    assert stats.tolist() == expected_stats, (stats.tolist(), expected_stats)
     kernels.check_device_errors("test end")
 
 
