@@ -32,6 +32,12 @@ __device__ __forceinline__ void for_each_item_by_rank(const int* first_item, int
     }
 }
 
+// The last statement of a copy kernel that wrote peer memory with plain (weak) stores: the next kernel's barrier
+// publishes them from other threads (its flag's release covers what those threads did), and a kernel boundary is a
+// documented ordering for this GPU's later work, not a system-scope release for another GPU's reader. One fence a
+// thread, once per kernel: cheap next to the rows it moved.
+__device__ __forceinline__ void release_peer_writes() { __threadfence_system(); }
+
 // Rows a source rank sends to a destination in one round: the part of [round_start, round_start + B) below count.
 __device__ __forceinline__ int rows_in_round(int count, int round_start, int rows_per_round) {
     const int left = count - round_start;

@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_push_kernel(CombineRound
         for (int k = lane; k < row.num_topk; k += 32)
             __stcg(slot_weights + k, __ldg(a.topk_weights + static_cast<int64_t>(q) * row.num_topk + k));
     }
+    release_peer_writes();
 }
 
 __global__ void __launch_bounds__(kControlThreads) combine_node_barrier_kernel(CombineRoundParams p) {

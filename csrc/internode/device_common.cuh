@@ -116,7 +116,8 @@ __device__ __forceinline__ int find_range(const int* first, int num_ranges, int 
 // flags[my_slot] on each member (an atomic add through nvshmem_ptr, or nvshmemx_signal_op), so a flag counts the
 // barriers its rank has entered, and waits for flags[i] of its own buffer to reach its epoch. Adds commute, so two
 // signals of one rank landing out of order over a network cannot move a flag back, and no flag is ever reset. The
-// caller's earlier writes (previous kernels: complete at the kernel boundary; puts: quieted there) come first.
+// caller's earlier writes (previous copy kernels: released by their release_peer_writes; puts: quieted there) come
+// first.
 template <typename PeOfMember>
 __device__ __forceinline__ bool epoch_barrier(const View& v, size_t flags_offset, int epoch_idx, int my_slot,
                                               int num_members, PeOfMember&& pe_of_member, TimeoutContext ctx,

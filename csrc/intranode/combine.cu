@@ -75,6 +75,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
         for (int k = lane; k < row.num_topk; k += 32)
             __stcg(slot_weights + k, __ldg(p.topk_weights + static_cast<int64_t>(in_row) * row.num_topk + k));
     });
+    release_peer_writes();
 }
 
 // Reducer (the dispatch's source): one warp per token. Rank d's row of token t sits in slot (d, send_pos[t][d] - round

@@ -66,8 +66,8 @@ void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite s
 // n-th barrier has epoch n everywhere); thread p release-stores the epoch into barrier_flags[me] of rank p's
 // control area, then acquire-polls barrier_flags[p] of its own area until rank p's epoch there is >= ours. A flag
 // only grows, so no reset is needed and a fast peer already signalling the next epoch passes the check too.
-// Ordering: every thread fences (sys) its own earlier writes, and the previous kernels' writes are complete at the
-// kernel boundary, before any flag is released; the acquires, then __syncthreads, order the caller's later reads.
+// Ordering: every thread fences (sys) its own earlier writes, and the copy kernels before it ended with
+// release_peer_writes (common/rounds.cuh), before any flag is released; the acquires, then __syncthreads, order the caller's later reads.
 // Returns false when a wait timed out (the record names this rank, the missing peer as the channel, and `site`);
 // the epochs are then out of step for good and the buffer must be recreated.
 __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, TimeoutContext ctx, WaitSite site) {

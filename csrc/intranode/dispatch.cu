@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
         pack_dispatch_row(slot, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group, p.topk_idx,
                           p.topk_weights, token, lane);
     });
+    release_peer_writes();
 }
 
 // Receiver: one warp per (source, slot) of this round. Row `slot_idx` of source s's block is received row
@@ -166,6 +167,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(Dispatc
                            p.topk_idx, p.topk_weights, token, static_cast<int64_t>(dst) * p.num_local_experts,
                            p.num_local_experts, lane);
     });
+    release_peer_writes();
 }
 
 }  // namespace
