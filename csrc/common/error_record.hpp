@@ -87,6 +87,10 @@ struct DeviceErrorRecord {
     uint64_t waited_ns;
     int64_t needed;  // kCapacity: the count found on the device
     int64_t limit;   // kCapacity: the capacity the host gave
+    // 1 once any wait of this rank timed out, whoever owns `code`: the other waits drain on it even when a capacity
+    // record (which does not stop them) came first.
+    int timed_out;
+    int reserved;
 };
 
 // Where device waits record a timeout, and how long they wait (each launcher's argument).

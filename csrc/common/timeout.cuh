@@ -19,6 +19,7 @@ struct TimeoutContext {
 };
 
 __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
+    ptx::st_relaxed_sys(&ctx.record->timed_out, 1);  // before the claim, which a capacity record may hold already
     int* code = &ctx.record->code;
     if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
         static_cast<int>(ErrorCode::kNone))
@@ -49,9 +50,9 @@ __device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* 
 }
 
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
-// another waiter of this rank has already timed out (then this one stops too, so the whole kernel drains instead of
-// hanging). A capacity record does not stop a wait: the kernels go on within the capacity, and a rank leaving a
-// barrier before its peers would write into staging they are still reading.
+// another waiter of this rank has already timed out (record->timed_out: then this one stops too, so the whole kernel
+// drains instead of hanging). A capacity record does not stop a wait: the kernels go on within the capacity, and a
+// rank leaving a barrier before its peers would write into staging they are still reading.
 // The caller must leave the kernel (or skip the work that needed the wait) on false.
 template <typename KeepWaiting>
 __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const TimeoutContext& ctx, WaitSite site) {
@@ -67,7 +68,7 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
             record_device_timeout(ctx, site, waited_ns);
             return false;
         }
-        if (ptx::ld_volatile_global(&ctx.record->code) == static_cast<int>(ErrorCode::kTimeout)) return false;
+        if (ptx::ld_volatile_global(&ctx.record->timed_out) != 0) return false;
     }
     return true;
 }

@@ -38,7 +38,8 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
     if (*code == static_cast<int>(ErrorCode::kCapacity)) {
         throw EPException(detail::concat(wait_site_name(r->site), " (", r->needed, ") exceed the ", r->limit,
                                          " given, on rank ", r->rank, ": pass a larger num_worst_tokens (rows past it "
-                                         "were dropped; recreate the Buffer); noticed by ", what));
+                                         "were dropped; recreate the Buffer); noticed by ", what,
+                                         r->timed_out != 0 ? "; a device wait timed out after it too" : ""));
     }
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
                                             ", waiting for ", wait_site_name(r->site), " (site ", r->site,
@@ -79,14 +80,18 @@ void ErrorRecord::reset() {
 
 namespace {
 
+// Two waiters on a flag nobody sets: lane 0 of warp 0 with the given timeout, lane 0 of warp 1 with 100 times it,
+// which must drain when the first times out (as a kernel's other waits do) rather than wait out its own.
 __global__ void timeout_self_test_kernel(TimeoutContext ctx, bool capacity_record_first) {
     __shared__ volatile int never_set;
     if (threadIdx.x == 0) never_set = 0;
     __syncthreads();
-    if (threadIdx.x != 0) return;
-    if (capacity_record_first)
+    if (threadIdx.x % 32 != 0) return;
+    if (threadIdx.x == 0 && capacity_record_first)
         record_device_capacity_error(ctx.record, ctx.rank, WaitSite::kWorstTokensIntranode, 2, 1);
-    timeout_while([&] { return never_set == 0; }, ctx, WaitSite::kSelfTest);
+    TimeoutContext waiter = ctx;
+    if (threadIdx.x != 0) waiter.timeout_ns *= 100;
+    timeout_while([&] { return never_set == 0; }, waiter, WaitSite::kSelfTest);
 }
 
 }  // namespace
@@ -97,7 +102,7 @@ void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int
     EP_HOST_ASSERT(timeout_s > 0.0);
     const TimeoutContext ctx{reinterpret_cast<DeviceErrorRecord*>(record_device_ptr),
                              static_cast<uint64_t>(timeout_s * 1e9), rank, channel};
-    launch_kernel(LaunchConfig{dim3(1), dim3(32), 0, stream, false}, timeout_self_test_kernel, ctx,
+    launch_kernel(LaunchConfig{dim3(1), dim3(64), 0, stream, false}, timeout_self_test_kernel, ctx,
                   capacity_record_first);
 }
 

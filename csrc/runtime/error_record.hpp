@@ -32,8 +32,9 @@ private:
 };
 
 // Launches a one-block kernel that waits, through timeout_while, on a flag nobody sets: checks on a GPU that a
-// device timeout is recorded and becomes a Python exception instead of a hang. With capacity_record_first the
-// kernel first records a capacity error (as an overflowing notify does), which must not cut the wait short.
+// device timeout is recorded and becomes a Python exception instead of a hang, and that the kernel's other wait
+// (given 100 times the timeout) drains with it. With capacity_record_first the kernel first records a capacity
+// error (as an overflowing notify does), which must neither cut the waits short nor keep the second from draining.
 void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel, cudaStream_t stream,
                               bool capacity_record_first = false);
 

@@ -171,8 +171,9 @@ def _device_timeout_worker(rank: int, num_ranks: int) -> float:
 
 
 def test_device_timeout_becomes_an_exception(require_gpu, num_ranks, launch_timeout_s):
+    # Under 10 timeouts: the kernel's second wait, given 100, drained with the first.
     results = launch(_device_timeout_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
-    assert all(WAIT_TIMEOUT_S * 0.5 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
+    assert all(WAIT_TIMEOUT_S * 0.5 <= elapsed < WAIT_TIMEOUT_S * 10 for elapsed in results), results
 
 
 def _wait_after_capacity_record_worker(rank: int, num_ranks: int) -> float:
@@ -191,15 +192,18 @@ def _wait_after_capacity_record_worker(rank: int, num_ranks: int) -> float:
     exc = _expect_raises(DeepEPError, record.check, "the GPU test", match="num_worst_tokens")
     assert not isinstance(exc, DeepEPTimeoutError), str(exc)
     assert f"(2) exceed the 1 given, on rank {rank}" in str(exc), str(exc)
+    assert "a device wait timed out after it too" in str(exc), str(exc)
     return elapsed
 
 
 def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks, launch_timeout_s):
     """A rank whose notify found num_worst_tokens too small goes on within the capacity: its later waits for its
     peers must still wait (until the timeout here, since nothing comes), not give up at the record's first poll, or
-    it would leave a barrier before its peers and write into staging they are still reading."""
+    it would leave a barrier before its peers and write into staging they are still reading. And once one wait
+    times out, the kernel's other (100 times longer) wait drains with it although the capacity record holds the
+    record's code."""
     results = launch(_wait_after_capacity_record_worker, num_ranks, device=tier_device(), timeout_s=launch_timeout_s)
-    assert all(WAIT_TIMEOUT_S * 0.9 <= elapsed < SURFACE_BOUND_S for elapsed in results), results
+    assert all(WAIT_TIMEOUT_S * 0.9 <= elapsed < WAIT_TIMEOUT_S * 10 for elapsed in results), results
 
 
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
