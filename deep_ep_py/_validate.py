@@ -70,9 +70,10 @@ def value_checks_enabled(tensor: torch.Tensor) -> bool:
     return not (is_kernel_tensor(tensor) and is_current_stream_capturing())
 
 
-# The last topk_idx whose ids passed: (a weak reference to it, its version counter, num_experts). A dispatch right
-# after get_dispatch_layout on the same, unmodified tensor (the usual sequence) then costs no second device sync.
-# Inference tensors keep no version counter (an in-place write would go unseen): they are checked every time.
+# The last topk_idx whose ids passed: (a weak reference to it, its version counter, num_experts). The next check of
+# the same tensor, unmodified by torch, skips its device sync once (dispatch right after get_dispatch_layout, the
+# usual sequence), then the entry is gone: a buffer that a kernel outside torch refills in place (no version bump)
+# is read again at its next get_dispatch_layout. Inference tensors keep no version counter: checked every time.
 _last_passed: tuple[weakref.ref, int, int] | None = None
 
 
@@ -83,14 +84,15 @@ def _version_of(tensor: torch.Tensor) -> int | None:
 
 
 def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Every id in [-1, num_experts); -1 means no expert. One device sync, none for the tensor that passed last
-    with the same num_experts and no in-place write since."""
+    """Every id in [-1, num_experts); -1 means no expert. One device sync; none, once, for the tensor that passed
+    last with the same num_experts and no in-place write by torch since."""
     global _last_passed
     if topk_idx.numel() == 0 or not value_checks_enabled(topk_idx):
         return
     version = _version_of(topk_idx)
     last = _last_passed
     if version is not None and last is not None and last[0]() is topk_idx and last[1:] == (version, num_experts):
+        _last_passed = None
         return
     low, high = torch.stack(torch.aminmax(topk_idx)).tolist()
     if low < -1 or high >= num_experts:

@@ -63,11 +63,10 @@ def check_kernels_took(buffer: Any, module: str, handle: Any, where: str) -> Non
     """Under the CPU emulator of the kernels with the kernels on (a framework test's "emulated" run), the call that
     made `handle` went by the kernels (Buffer's backend module `module`, "intranode" or "low_latency", made it), not
     the reference fallback; elsewhere nothing to check."""
-    import os
-
     from deep_ep_py import device as ep_device
+    from deep_ep_py.backends.cuda import unverified_kernels_enabled
 
-    if not ep_device.emulated() or os.environ.get("DEEP_EP_PY_UNVERIFIED_KERNELS") != "1":
+    if not ep_device.emulated() or not unverified_kernels_enabled():
         return
     kernels = getattr(buffer._backend, module, None)
     assert kernels is not None, f"{where}: Buffer(backend={buffer.backend!r}) built no {module} kernels"

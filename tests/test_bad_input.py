@@ -278,9 +278,10 @@ def test_one_rank_wrong_fails_every_rank(case):
 
 
 def test_expert_id_check_syncs_once_per_tensor_version(monkeypatch):
-    """check_expert_ids reads the ids' range once (one device sync on a GPU) for a tensor that passed before with the
-    same num_experts and no in-place write since, as dispatch does after get_dispatch_layout on the same topk_idx;
-    a write, another tensor, another num_experts, or an inference tensor (no version counter) is read again."""
+    """check_expert_ids skips reading the ids' range (a device sync on a GPU) once for the tensor that passed last
+    with the same num_experts and no in-place write since, as dispatch does after get_dispatch_layout on the same
+    topk_idx; a second skip, a write, another tensor, another num_experts, or an inference tensor (no version
+    counter) is read again."""
     from deep_ep_py import _validate
 
     reads = []
@@ -289,22 +290,23 @@ def test_expert_id_check_syncs_once_per_tensor_version(monkeypatch):
     monkeypatch.setattr(_validate, "_last_passed", None)
     topk_idx = torch.randint(-1, E, (T, K))
     _validate.check_expert_ids("topk_idx", topk_idx, E)
-    _validate.check_expert_ids("topk_idx", topk_idx, E)
+    _validate.check_expert_ids("topk_idx", topk_idx, E)  # get_dispatch_layout, then dispatch
     assert len(reads) == 1
-    _validate.check_expert_ids("topk_idx", topk_idx, E + 4)
+    _validate.check_expert_ids("topk_idx", topk_idx, E)  # skipped once only: the next layer's layout reads again
     assert len(reads) == 2
+    _validate.check_expert_ids("topk_idx", topk_idx, E + 4)
     _validate.check_expert_ids("topk_idx", topk_idx, E)  # the last pass was with E + 4
-    assert len(reads) == 3
+    assert len(reads) == 4
     topk_idx[1, 0] = E  # in place: the version moves on, and the bad id is found
     with pytest.raises(ValueError, match=rf"topk_idx: expected expert ids in \[-1, {E}\) .*got {E}"):
         _validate.check_expert_ids("topk_idx", topk_idx, E)
     topk_idx[1, 0] = 0
     _validate.check_expert_ids("topk_idx", topk_idx.clone(), E)  # another tensor, same values
-    assert len(reads) == 5
+    assert len(reads) == 6
     with torch.inference_mode():
         frozen = torch.randint(-1, E, (T, K))
         _validate.check_expert_ids("topk_idx", frozen, E)
         frozen[0, 0] = -2
         with pytest.raises(ValueError, match="got -2"):
             _validate.check_expert_ids("topk_idx", frozen, E)
-    assert len(reads) == 7
+    assert len(reads) == 8

@@ -149,7 +149,10 @@ class CudaBackend(ReferenceBackend):
                 f"{topology.num_ranks_per_node} a node"
             )
         warnings.warn(
-            f"dispatch/combine run on the reference backend, not the kernels: {reason}", RuntimeWarning, stacklevel=4
+            # The caller of Buffer.dispatch: Buffer.dispatch, Buffer._run, its lambda, this backend's dispatch, here.
+            f"dispatch/combine run on the reference backend, not the kernels: {reason}",
+            RuntimeWarning,
+            stacklevel=6,
         )
 
     def dispatch(self, x, x_scales, handle, *args, config: Config | None = None):

@@ -586,7 +586,7 @@ def launch_batch(
     device: str = "cpu",
     env: Mapping[str, str] | None = None,
     backend: str = "gloo",
-    mps: bool = True,
+    mps: bool | None = None,
     setup: Callable[..., Any] | None = None,
     setup_args: tuple = (),
     teardown: Callable[[Any], None] | None = None,

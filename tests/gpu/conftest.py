@@ -97,7 +97,9 @@ def _mps_before_any_cuda_context():
     """Bring MPS up (when ranks will share a GPU and this process may start it) before any test of this session
     creates a CUDA context in this process: the daemon must be there before the GPU's first context. Failing here
     is left to the multi-rank launches, which raise with the reason."""
-    if tier_device() != "cuda":
+    from deep_ep_py.testing.launcher import mps_wanted
+
+    if tier_device() != "cuda" or not mps_wanted(None):
         return
     extension = _ext.load_extension()
     if max(gpu_test_ranks()) > extension.device_count():

@@ -49,9 +49,9 @@ def _normal(buffer, x, topk_idx, weights, num_experts):
 def _check_kernels_took(buffer, module: str, handle) -> None:
     """With the kernels on, the call went by them (their module owns its handle), not the reference fallback: a
     wiring slip in backends/cuda.py would otherwise pass as a match with the reference."""
-    import os
+    from deep_ep_py.backends.cuda import unverified_kernels_enabled
 
-    if buffer.backend != "cuda" or os.environ.get("DEEP_EP_PY_UNVERIFIED_KERNELS") != "1":
+    if buffer.backend != "cuda" or not unverified_kernels_enabled():
         return
     kernels = getattr(buffer._backend, module)
     assert kernels is not None, f"Buffer(backend='cuda') built no {module} kernels with the kernels on"

@@ -313,7 +313,9 @@ def _hook_outlives_results_case(ctx) -> None:
 def _two_in_flight_case(ctx, fmt: str) -> None:
     """Two batches' calls outstanding at once, as SGLang's two-batch overlap and DeepEP's double buffer allow: both
     dispatches send before either receives, then both combines likewise; each call has a half of the buffer to
-    itself, so every result must be exact. The hooks run in call order, then (second round) in reverse."""
+    itself, so every result must be exact. The hooks run in call order, then (second round) in reverse. Between the
+    phases every rank waits for the others: a combine reuses its dispatch's half, and the contract is at most two
+    calls pending on any rank, a slow peer's unreceived dispatches included."""
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, _ = _setup(ctx, num_experts)
@@ -330,6 +332,7 @@ def _two_in_flight_case(ctx, fmt: str) -> None:
         for b in order:
             sent[b][4]()
         ep_device.synchronize()
+        ctx.barrier()
         for b, inputs in enumerate(batches):
             check_dispatch(sent[b], inputs, rank, EXPERTS_PER_RANK, fmt, what=f"in flight, batch {b}, order {order}")
         combining = []
@@ -340,6 +343,7 @@ def _two_in_flight_case(ctx, fmt: str) -> None:
         for b in order:
             combining[b][1]()
         ep_device.synchronize()
+        ctx.barrier()
         for b, inputs in enumerate(batches):
             x, topk, weights = inputs[rank]
             want = expected_combine(x, topk, weights, set(), EXPERTS_PER_RANK)
@@ -378,10 +382,14 @@ def _shape_case(ctx, shape: str) -> None:
     num_bytes = low_latency_rdma_size_hint(max_tokens, hidden, num_ranks, num_experts)
     topology = detect_topology(ctx.group, None)
     from deep_ep_py import _ext as ext_module
-    from deep_ep_py.runtime import NvshmemContext
+    from deep_ep_py.runtime import NVSHMEM_DEFAULT_SYMMETRIC_BYTES, NvshmemContext
 
-    context = NvshmemContext(ctx.resource_group, num_symmetric_bytes=num_bytes)
-    ctx.on_cleanup(context.finalize)
+    # The batch's context when there is one (its heap is at least NVSHMEM's default, far more than these shapes).
+    context = ctx.shared
+    assert num_bytes < NVSHMEM_DEFAULT_SYMMETRIC_BYTES // 2, num_bytes
+    if context is None:
+        context = NvshmemContext(ctx.resource_group, num_symmetric_bytes=num_bytes)
+        ctx.on_cleanup(context.finalize)
     kernels = LowLatencyKernels(ctx.group, topology, num_bytes, ext_module.load_extension(), context)
     ctx.on_cleanup(kernels.destroy)
     device = ep_device.kernel_device()

@@ -260,6 +260,10 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     else:
         wanted = NVSHMEM_DEFAULT_SYMMETRIC_BYTES + NVSHMEM_SYMMETRIC_MARGIN_BYTES
         assert int(bigger.env_set["NVSHMEM_SYMMETRIC_SIZE"]) == wanted, (bigger.env_set, context.env_set)
+        # The re-initialised heap is that big indeed: more than the first context's whole heap fits.
+        big_ptr = bigger.malloc(NVSHMEM_DEFAULT_SYMMETRIC_BYTES + (64 << 20))
+        bigger.barrier()
+        bigger.free(big_ptr)
     bigger.finalize()
     assert os.environ["NVSHMEM_DISABLE_NCCL"] == "1"
     assert not [key for key in bigger.env_set if key in os.environ], bigger.env_set
