@@ -5,8 +5,9 @@
 # rows on the same data), MPS down, and a summary table printed last. Every step logs to its own file in the log
 # directory and is timed; a failed step does not stop the others; the exit status is non-zero when any step failed.
 # The tests run one step per rank count, the broadest first: the first rank count of every path (intranode at
-# --ranks' first, internode at --internode-ranks' first), then the benchmark, then the other rank counts. So under
-# --budget a short lease still covers every path once before it spends time on more ranks.
+# --ranks' first, internode at --internode-ranks' first), then the benchmark, then the other rank counts, then the
+# internode benchmark. So under --budget a short lease still covers every path once before it spends time on more
+# ranks.
 #
 #   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
 #                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS] [--budget SECONDS]
@@ -137,10 +138,20 @@ absolute() {
 LOG_DIR=$(absolute "$LOG_DIR")
 [ -n "$WHEEL_DIR" ] && WHEEL_DIR=$(absolute "$WHEEL_DIR")
 [ -n "$ARCHIVE" ] && ARCHIVE=$(absolute "$ARCHIVE")
+STEP_KINDS="info mps wheel build ext tests bench tests_internode bench_internode"
+for kind in $(echo "$SKIP_STEPS" | tr ',' ' '); do
+    case " $STEP_KINDS " in
+        *" $kind "*) ;;
+        *) echo "gpu_check: --skip expects step kinds among '$STEP_KINDS' (comma-separated), got '$kind'" >&2; exit 2 ;;
+    esac
+done
 if ! mkdir -p "$LOG_DIR"; then
     echo "gpu_check: cannot create the log directory $LOG_DIR" >&2
     exit 2
 fi
+# What an earlier run left there would pass for this one's (figures of a step that failed now, logs in the archive).
+rm -f "$LOG_DIR"/[0-9][0-9]_*.log "$LOG_DIR"/bench_*.json "$LOG_DIR"/pytest_*.xml "$LOG_DIR"/summary.txt \
+    "$LOG_DIR"/figures.txt
 cd "$REPO_DIR" || exit 2
 
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
@@ -264,16 +275,21 @@ add_details() {
 }
 
 format_summary() {
-    local num_failed=$1 i
+    local num_failed=$1 i num_not_started=0 not_started=""
     echo "==================== gpu_check summary ===================="
     printf '%-20s %-6s %8s  %s\n' step status seconds details
     for i in "${!STEP_NAMES[@]}"; do
         printf '%-20s %-6s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECONDS[$i]}" "${STEP_DETAILS[$i]}"
+        case "${STEP_DETAILS[$i]}" in
+            budget:*) num_not_started=$((num_not_started + 1)) ;;
+        esac
     done
+    [ "$num_not_started" -gt 0 ] && not_started=", $num_not_started not started for the budget"
     if [ "$num_failed" -eq 0 ]; then
-        echo "overall: PASS (${#STEP_NAMES[@]} steps, ranks: $RANKS, internode: $INTERNODE_RANKS); logs in $LOG_DIR"
+        echo "overall: PASS (${#STEP_NAMES[@]} steps$not_started, ranks: $RANKS, internode: $INTERNODE_RANKS);" \
+            "logs in $LOG_DIR"
     else
-        echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed, ranks: $RANKS, internode:" \
+        echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed$not_started, ranks: $RANKS, internode:" \
             "$INTERNODE_RANKS); logs in $LOG_DIR"
     fi
 }
@@ -513,7 +529,9 @@ else
     run_step mps 0 step_mps
     if [ "$LAST_RC" -ne 0 ]; then
         # Without MPS the ranks still run, time-sliced: every wait between them takes a time slice (ms, not us),
-        # so the tests say what is correct and the figures are not the kernels'.
+        # so the tests say what is correct and the figures are not the kernels'. A daemon that started but never
+        # answered goes down first: CUDA clients would try to reach it.
+        stop_mps >/dev/null 2>&1
         export DEEP_EP_PY_MPS=0
         add_details "the ranks run time-sliced (DEEP_EP_PY_MPS=0): correct but slow; figures not representative"
     fi
@@ -543,15 +561,15 @@ last_step_ran() {
     [ "${STEP_STATUS[$((${#STEP_STATUS[@]} - 1))]}" != SKIP ]
 }
 
-# After a test step: pytest's counts into its details; its exit code 5 (no test collected, e.g. a --tests-k that
-# selects none of the step's modules) makes the step a SKIP rather than a failure.
+# After a test step: pytest's counts into its details; with --tests-k, its exit code 5 (no test collected: the
+# expression selects none of the step's modules) makes the step a SKIP. Without it, collecting nothing stays a
+# failure: the tier lost its tests.
 test_step_outcome() {
     last_step_ran || return 0
     local last=$((${#STEP_STATUS[@]} - 1))
-    if [ "$LAST_RC" -eq 5 ]; then
+    if [ "$LAST_RC" -eq 5 ] && [ -n "$TESTS_K" ]; then
         STEP_STATUS[last]=SKIP
-        STEP_DETAILS[last]="no test selected"
-        [ -n "$TESTS_K" ] && STEP_DETAILS[last]="no test selected by --tests-k \"$TESTS_K\""
+        STEP_DETAILS[last]="no test selected by --tests-k \"$TESTS_K\""
         return 0
     fi
     add_details "$(pytest_counts "$LAST_LOG")"
@@ -613,7 +631,8 @@ bench_internode_step() {  # rank count
     fi
 }
 
-# Every path once first (the first rank count of each), then the benchmark, then the other rank counts.
+# Every path once first (the first rank count of each), then the benchmark, then the other rank counts, then the
+# internode benchmark (its rows compare with intranode rows the benchmark above already gave).
 read -r -a RANK_LIST <<<"$RANKS"
 read -r -a INTERNODE_RANK_LIST <<<"$INTERNODE_RANKS"
 tests_step "${RANK_LIST[0]}"

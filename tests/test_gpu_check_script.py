@@ -80,6 +80,10 @@ def summary_rows(log_dir) -> dict[str, tuple[str, str]]:
 
 
 def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path):
+    # An earlier run's files in the log directory must not pass for this run's.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "bench_r9.json").write_text("{}")
+    (tmp_path / "logs" / "42_tests_r9.log").write_text("old")
     proc, calls, log_dir = run_script(
         tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2 4 8", "--internode-ranks", "4,8", "--archive",
         str(tmp_path / "out" / "gpu_check.tar.gz"), output="....s\n5 passed, 1 skipped in 2.0s\n",
@@ -120,6 +124,7 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
     figure_lines = [line for line in out.splitlines() if line.startswith("dispatch ")]
     assert len(figure_lines) == 5 and all("1234.5" in line for line in figure_lines), out  # 3 + 2 bench steps
     assert "bench_r8.json: stand-in GPU" in out
+    assert not (log_dir / "bench_r9.json").exists() and not (log_dir / "42_tests_r9.log").exists()
     assert (log_dir / "figures.txt").read_text().count("1234.5") == 5
 
 
@@ -135,7 +140,8 @@ def test_skip_names_a_step_kind_at_every_rank_count(tmp_path):
 
 
 def test_a_test_step_that_selects_no_test_is_skipped_not_failed(tmp_path):
-    """pytest's exit code 5 (nothing collected: --tests-k picked none of the step's modules) is no failure."""
+    """pytest's exit code 5 (nothing collected: --tests-k picked none of the step's modules) is no failure; without
+    --tests-k it is one (the tier lost its tests)."""
     proc, _, log_dir = run_script(
         tmp_path, "--skip", f"{MACHINE_STEPS},bench,bench_internode", "--ranks", "2", "--internode-ranks", "2",
         "--tests-k", "layout", pytest_rc=5,
@@ -144,6 +150,12 @@ def test_a_test_step_that_selects_no_test_is_skipped_not_failed(tmp_path):
     rows = summary_rows(log_dir)
     for step in ("tests_r2", "tests_internode_r2"):
         assert rows[step] == ("SKIP", 'no test selected by --tests-k "layout"'), rows
+    proc, _, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},bench,bench_internode", "--ranks", "2", "--internode-ranks", "2",
+        pytest_rc=5,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert summary_rows(log_dir)["tests_r2"][0] == "FAIL"
 
 
 @pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is not None, reason="MPS can start here")
@@ -177,6 +189,7 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     steps = list(rows)
     later = steps[steps.index("tests_r2") + 1 :]
     assert later and all(rows[step][0] == "SKIP" and "budget" in rows[step][1] for step in later), rows
+    assert f"{len(later)} not started for the budget" in proc.stdout.splitlines()[-2], proc.stdout
     assert len(calls) == 1
     assert tarfile.open(tmp_path / "gpu_check.tar.gz").getnames()
 
@@ -188,6 +201,7 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
         ("--ranks", "2 x", "--ranks expects positive integers"),
         ("--step-timeout", "0", "--step-timeout expects a positive integer"),
         ("--device", "gpu", "--device expects cuda or emulated"),
+        ("--skip", "tests_r2", "--skip expects step kinds among"),
     ],
 )
 def test_bad_options_name_the_option_and_value(tmp_path, option, value, message):

@@ -13,9 +13,10 @@ uintptr_t ipc_malloc(size_t num_bytes) {
     CUDA_CHECK(cudaMalloc(&ptr, num_bytes));
     // cudaMemset is asynchronous to the host, on the legacy stream that torch's communication streams do not wait
     // for: done before the pointer is returned, so that neither a peer (once the handle is exchanged) nor this
-    // rank's first kernel can write a flag the zeroing then wipes.
+    // rank's first kernel can write a flag the zeroing then wipes. The legacy stream only, not the device: another
+    // thread's stream capture must not see a device-wide sync.
     cudaError_t status = cudaMemset(ptr, 0, num_bytes);
-    if (status == cudaSuccess) status = cudaDeviceSynchronize();
+    if (status == cudaSuccess) status = cudaStreamSynchronize(nullptr);
     if (status != cudaSuccess) {
         cudaFree(ptr);
         CUDA_CHECK(status);
