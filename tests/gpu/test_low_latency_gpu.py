@@ -574,13 +574,19 @@ def _combine_timeout_case(ctx) -> str:
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, _ = _setup(ctx, num_experts)
     missing = num_ranks - 1
-    inputs = make_inputs(510, num_ranks, num_experts, empty_rank=None)
+    # The first seed from 510 whose routing sends every other rank's tokens to the missing rank somewhere (every rank
+    # draws all ranks' inputs, so all pick the same seed): each of them then waits for rows that never come.
+    seed = 510
+    while True:
+        inputs = make_inputs(seed, num_ranks, num_experts, empty_rank=None)
+        if all(bool((topk // EXPERTS_PER_RANK == missing).any()) for _, topk, _ in inputs[:missing]):
+            break
+        seed += 1
     result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
     ctx.barrier()
     message = ""
     if rank != missing:
         _, topk, weights = (on_kernel_device(t) for t in inputs[rank])
-        assert bool((topk // EXPERTS_PER_RANK == missing).any()), f"rank {rank}: no token for rank {missing}"
         kernels.low_latency_combine(result[0], topk, weights, result[3], False, False, None, None)
         ep_device.synchronize()
         try:
