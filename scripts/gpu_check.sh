@@ -299,7 +299,8 @@ format_summary() {
 print_figures() {
     local files=()
     local file
-    for file in "$LOG_DIR"/bench_*.json; do
+    # In the order they ran: the benchmark's rank counts, then the internode benchmark's.
+    for file in "$LOG_DIR"/bench_r*.json "$LOG_DIR"/bench_internode_r*.json; do
         [ -f "$file" ] && files+=("$file")
     done
     [ "${#files[@]}" -gt 0 ] || return 0
