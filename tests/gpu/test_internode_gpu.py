@@ -338,29 +338,17 @@ def test_internode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
 
 
 @pytest.mark.gpu
-def test_internode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s):
-    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, a rank that never calls, and an NvshmemContext of its own."""
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_internode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s, call):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, a rank that never makes `call`, and an NvshmemContext of its own.
+    A dispatch's wait names the absent rank; a combine's waits name a rank or, for arrivals, a node."""
     num_nodes = 2
     env = {RANKS_PER_NODE_ENV: str(_ranks_per_node(num_ranks, num_nodes)), "DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S}
+    case_fn = timeout_case if call == "dispatch" else combine_timeout_case
     path = InternodePath(num_nodes)
-    results = launch(run_case, num_ranks, timeout_case, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
-    assert results[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in results[:-1]), results
-
-
-@pytest.mark.gpu
-def test_internode_absent_peer_in_combine_times_out(require_gpu, num_ranks, launch_timeout_s):
-    num_nodes = 2
-    env = {RANKS_PER_NODE_ENV: str(_ranks_per_node(num_ranks, num_nodes)), "DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S}
-    results = launch(
-        run_case,
-        num_ranks,
-        combine_timeout_case,
-        InternodePath(num_nodes),
-        device=tier_device(),
-        timeout_s=launch_timeout_s,
-        env=env,
-    )
-    assert results[-1] == "" and all("internode" in m for m in results[:-1]), results
+    results = launch(run_case, num_ranks, case_fn, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
+    named = f"channel {num_ranks - 1}," if call == "dispatch" else "internode"
+    assert results[-1] == "" and all(named in m for m in results[:-1]), results
 
 
 @pytest.mark.parametrize("num_ranks, num_nodes", [(2, 2), (4, 2), (8, 2), (8, 4), (8, 8), (16, 2)])

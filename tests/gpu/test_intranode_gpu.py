@@ -378,31 +378,21 @@ def test_intranode_one_copy_starved_back_to_back_calls(require_gpu, gpu_batch, n
     _batch(gpu_batch, num_ranks, ONE_COPY_STARVED)["back_to_back"].assert_passed()
 
 
-@pytest.mark.gpu
-def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s):
-    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that never calls."""
-    if num_ranks < 2:
-        pytest.skip("needs a peer")
-    results = launch(
-        run_case,
-        num_ranks,
-        timeout_case,
-        INTRANODE,
-        device=tier_device(),
-        timeout_s=launch_timeout_s,
-        env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
-    )
-    assert results[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in results[:-1]), results
+# The call the absent rank never makes -> (the case, what the others' timeout names besides the absent rank).
+ABSENT_IN = {"dispatch": (timeout_case, "notify barrier"), "combine": (cases.combine_timeout_case, "round barrier")}
 
 
 @pytest.mark.gpu
-def test_intranode_absent_peer_in_combine_times_out(require_gpu, num_ranks, launch_timeout_s):
+@pytest.mark.parametrize("call", list(ABSENT_IN))
+def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s, call):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that never makes `call`."""
     if num_ranks < 2:
         pytest.skip("needs a peer")
+    case_fn, wait = ABSENT_IN[call]
     results = launch(
         run_case,
         num_ranks,
-        cases.combine_timeout_case,
+        case_fn,
         INTRANODE,
         device=tier_device(),
         timeout_s=launch_timeout_s,
@@ -410,7 +400,7 @@ def test_intranode_absent_peer_in_combine_times_out(require_gpu, num_ranks, laun
     )
     assert results[-1] == "", results
     for message in results[:-1]:
-        assert f"channel {num_ranks - 1}," in message and "round barrier" in message, message
+        assert f"channel {num_ranks - 1}," in message and wait in message, message
 
 
 @pytest.mark.parametrize("hidden, num_topk", [(8, 1), (256, 4), (7168, 8), (4096, 32)])

@@ -539,7 +539,6 @@ def _mask_case(ctx) -> None:
 
 
 def _timeout_case(ctx) -> str:
-    from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
@@ -553,23 +552,29 @@ def _timeout_case(ctx) -> str:
             on_kernel_device(x), on_kernel_device(topk), MAX_TOKENS, num_experts, None, None, True, False, False, False
         )
         ep_device.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
-        try:
-            kernels.check_device_errors("test")
-        except DeepEPTimeoutError as exc:
-            message = str(exc)
-        # csrc/runtime/error_record.cu: "device wait timed out on rank R, channel C, waiting for <site> ...".
-        assert f"on rank {rank}, channel {missing}," in message, message
-        assert "low-latency dispatch receiver" in message, message
+        message = _recorded_timeout(kernels, rank, missing, "low-latency dispatch receiver")
     ctx.barrier()
     kernels.clean_low_latency_buffer()
+    return message
+
+
+def _recorded_timeout(kernels, rank: int, missing: int, wait: str) -> str:
+    """The DeepEPTimeoutError the kernels recorded, which must name this rank, the missing one as the channel, and
+    the wait (csrc/runtime/error_record.cu: "device wait timed out on rank R, channel C, waiting for <site> ...")."""
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    message = ""
+    try:
+        kernels.check_device_errors("test")
+    except DeepEPTimeoutError as exc:
+        message = str(exc)
+    assert f"on rank {rank}, channel {missing}," in message and wait in message, message
     return message
 
 
 def _combine_timeout_case(ctx) -> str:
     """Every rank dispatches; the last never combines: the others' combine receive gives up after
     DEEP_EP_PY_TIMEOUT_S, naming the waiting rank and, as the channel, the expert rank whose rows never came."""
-    from deep_ep_py.errors import DeepEPTimeoutError
-
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
     kernels, _ = _setup(ctx, num_experts)
@@ -589,12 +594,7 @@ def _combine_timeout_case(ctx) -> str:
         _, topk, weights = (on_kernel_device(t) for t in inputs[rank])
         kernels.low_latency_combine(result[0], topk, weights, result[3], False, False, None, None)
         ep_device.synchronize()
-        try:
-            kernels.check_device_errors("test")
-        except DeepEPTimeoutError as exc:
-            message = str(exc)
-        assert f"on rank {rank}, channel {missing}," in message, message
-        assert "low-latency combine receiver" in message, message
+        message = _recorded_timeout(kernels, rank, missing, "low-latency combine receiver")
     ctx.barrier()
     kernels.clean_low_latency_buffer()
     return message
@@ -692,8 +692,10 @@ def test_two_calls_in_flight(require_gpu, gpu_batch, num_ranks, fmt):
     _batch(gpu_batch, num_ranks)[f"two_in_flight_{fmt}"].assert_passed()
 
 
-def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
-    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=2, a rank that never calls, and an NvshmemContext of its own."""
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s, call):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=2, a rank that never makes `call`, and an NvshmemContext of its
+    own."""
     from deep_ep_py.testing import launch
 
     if num_ranks < 2:
@@ -701,24 +703,7 @@ def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
     messages = launch(
         run_case,
         num_ranks,
-        _timeout_case,
-        device=tier_device(),
-        env={"DEEP_EP_PY_TIMEOUT_S": "2"},
-        timeout_s=launch_timeout_s,
-    )
-    assert messages[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in messages[:-1]), messages
-
-
-def test_combine_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s):
-    """As test_timeout_names_missing_peer, the missing rank's combine this time."""
-    from deep_ep_py.testing import launch
-
-    if num_ranks < 2:
-        pytest.skip("needs a peer")
-    messages = launch(
-        run_case,
-        num_ranks,
-        _combine_timeout_case,
+        _timeout_case if call == "dispatch" else _combine_timeout_case,
         device=tier_device(),
         env={"DEEP_EP_PY_TIMEOUT_S": "2"},
         timeout_s=launch_timeout_s,
