@@ -478,6 +478,11 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         emulated_nodes = _ranks_per_node_env(num_ranks // cfg.nodes) if mode == INTERNODE else contextlib.nullcontext()
         with emulated_nodes:
             _run_mode(mode, cfg, rank, num_ranks, device, out)
+    # Every mode's Buffer joined the NVSHMEM the first one started; it ends here, in step on every rank, rather
+    # than at the process's exit.
+    from deep_ep_py.runtime import finalize_nvshmem
+
+    finalize_nvshmem()
     return out
 
 

@@ -345,7 +345,9 @@ class Buffer:
             is_token_in_rank bool [T, R], num_tokens_per_expert int32 [E]: from get_dispatch_layout.
             topk_idx int64 [T, K] and topk_weights float32 [T, K]: both or neither.
             expert_alignment: each per-expert count is rounded up to a multiple of it.
-            num_worst_tokens: > 0 pads the received tensors to exactly that many rows with no host sync.
+            num_worst_tokens: > 0 pads the received tensors to exactly that many rows with no host sync. Every
+                rank passes the same value, and no rank receives more rows: otherwise every rank raises DeepEPError
+                at its next call, naming the rank at fault (the device finds it after this call has returned).
         Returns:
             recv_x (same form as x) [N, H], recv_topk_idx int64 [N, K] (local expert ids, -1 elsewhere),
             recv_topk_weights float32 [N, K] (0 where not local), num_recv_tokens_per_expert_list (L ints,

@@ -4,7 +4,8 @@
   intranode kernels read and write peers' buffers through ``peer_ptrs``.
 - :class:`NvshmemContext`: NVSHMEM bootstrapped over a torch.distributed group, with the environment defaults
   this project needs (:data:`NVSHMEM_ENV_DEFAULTS`, computed by the pure :func:`nvshmem_env_updates`), symmetric
-  allocations and teardown.
+  allocations and teardown. NVSHMEM itself starts once per process and stays up for later contexts over the same
+  ranks; :func:`finalize_nvshmem` ends it.
 
 Both need the compiled extension and a CUDA device, and raise :class:`~deep_ep_py.errors.DeepEPError` naming what
 is missing otherwise. The caller selects the CUDA device (``torch.cuda.set_device``) before constructing either:
@@ -13,12 +14,10 @@ allocations land on the current device. Waiting on host-mapped counters is ``_C.
 
 from __future__ import annotations
 
-import atexit
 import collections.abc
 import ctypes
 import os
 import socket
-import weakref
 from types import ModuleType
 from typing import Any
 
@@ -36,6 +35,7 @@ __all__ = [
     "NvshmemContext",
     "PeerMappedBuffer",
     "device_bytes_view",
+    "finalize_nvshmem",
     "nvshmem_env_updates",
     "ranks_share_gpu",
 ]
@@ -293,21 +293,106 @@ def nvshmem_env_updates(
     return {key: value for key, value in defaults.items() if key not in environ}
 
 
+class _NvshmemWorld:
+    """This process's one NVSHMEM instance.
+
+    NVSHMEM is a process-wide singleton: a second init while it runs joins the first, its rank and size ignored,
+    and an init after a finalize is undefined (NVSHMEM reuses the first init's bootstrap). So it starts once, over
+    the ranks of the first NvshmemContext, and serves every later context over the same ranks until
+    finalize_nvshmem() or the end of the process.
+    """
+
+    def __init__(self, global_ranks: tuple[int, ...], env_set: dict[str, str], share_gpu: bool) -> None:
+        self.global_ranks = global_ranks
+        self.env_set = env_set
+        self.share_gpu = share_gpu
+        self.heap_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "unset, NVSHMEM's default of 1 GiB")
+        self.num_open_contexts = 0
+
+
+# The running NVSHMEM instance, or None; and whether finalize_nvshmem() ended one (it cannot start again).
+_world: _NvshmemWorld | None = None
+_world_ended = False
+
+
+def _global_ranks(group: Any) -> tuple[int, ...]:
+    """The global ranks of group (None: the default group), in group-rank order."""
+    return tuple(dist.get_process_group_ranks(dist.group.WORLD if group is None else group))
+
+
+def _world_state() -> tuple[Any, ...]:
+    """What this process's NVSHMEM is, as exchanged with the peers: ("none",), ("ended",) or ("up", ranks)."""
+    if _world is not None:
+        return ("up", _world.global_ranks)
+    return ("ended",) if _world_ended else ("none",)
+
+
+def _world_conflict(what: str, global_ranks: tuple[int, ...], states: list[tuple[Any, ...]]) -> str:
+    """The error for a context that the ranks' NVSHMEM states (group-rank order) do not let start or join."""
+    by_state: dict[tuple[Any, ...], list[int]] = {}
+    for rank, state in enumerate(states):
+        by_state.setdefault(state, []).append(rank)
+    parts = []
+    for state, ranks in by_state.items():
+        if state[0] == "up":
+            parts.append(f"group ranks {ranks} run it over global ranks {list(state[1])}")
+        elif state[0] == "ended":
+            parts.append(f"group ranks {ranks} ended it (finalize_nvshmem)")
+        else:
+            parts.append(f"group ranks {ranks} have not started it")
+    return (
+        f"{what} over global ranks {list(global_ranks)}: NVSHMEM starts once per process, over one set of ranks, "
+        f"and cannot start again after finalize_nvshmem(); here " + "; ".join(parts) + ". Build every "
+        "low-latency or multi-node Buffer of a process over the same ranks (NVSHMEM would join a second group's "
+        "init to the first one's ranks, and leaves an init after a finalize undefined)."
+    )
+
+
+def finalize_nvshmem() -> bool:
+    """Collective over the ranks NVSHMEM runs on: end this process's NVSHMEM (nvshmem_finalize) and take back the
+    variables set for it. Every NvshmemContext must be finalized first (every Buffer that uses NVSHMEM destroyed).
+    NVSHMEM cannot start again in this process afterwards. Returns whether NVSHMEM was running.
+
+    Optional: NvshmemContext.finalize() leaves NVSHMEM up for later contexts, and the end of the process releases
+    it. Nothing collective runs at exit, where it would hang behind a peer that died."""
+    global _world, _world_ended
+    world = _world
+    if world is None:
+        return False
+    if world.num_open_contexts:
+        raise DeepEPError(
+            f"finalize_nvshmem(): {world.num_open_contexts} NvshmemContext(s) are still open in this process "
+            "(destroy their Buffers first)"
+        )
+    _world, _world_ended = None, True
+    extension = _ext.load_extension()
+    try:
+        extension.nvshmem_finalize()
+    finally:
+        for key, value in world.env_set.items():
+            # A value changed since is someone else's.
+            if os.environ.get(key) == value:
+                del os.environ[key]
+    return True
+
+
 class NvshmemContext:
-    """NVSHMEM initialised over ``group``: PE = group rank, n_pes = group size.
+    """NVSHMEM over ``group``: PE = group rank, n_pes = group size, and the symmetric allocations of one user.
 
     Collective: every rank of the group constructs it. Call ``torch.cuda.set_device`` first: NVSHMEM binds each PE
-    to the current CUDA device. Before init, sets the variables of :func:`nvshmem_env_updates` in os.environ (a
-    value already set is kept). ``num_symmetric_bytes``: what this context will malloc in all (sizes the heap).
-    ``share_gpu``: whether several ranks share a GPU; None detects it (ranks on this host > its GPUs).
+    to the current CUDA device. The first context of a process starts NVSHMEM: group rank 0 makes the unique id,
+    broadcast over the group, and every rank joins (nvshmem_init), after setting the variables of
+    :func:`nvshmem_env_updates` in os.environ (a value already set is kept). ``num_symmetric_bytes``: what this
+    context will malloc in all (sizes the heap). ``share_gpu``: whether several ranks share a GPU; None detects it
+    (ranks on this host > its GPUs).
 
-    Group rank 0 makes the unique id, broadcast over the group; every rank then joins (nvshmem_init). finalize()
-    frees what malloc() returned and finalizes; it is idempotent and also runs at interpreter exit (best effort).
-    It also takes back the variables this context set (those still holding its values), so that a later context
-    sizes its own heap instead of taking this one's NVSHMEM_SYMMETRIC_SIZE for the user's.
+    NVSHMEM runs once per process (see _NvshmemWorld): a later context over the same global ranks joins the running
+    instance and its heap, sized when it started; one over other ranks raises DeepEPError on every rank.
+    finalize() frees what malloc() returned and leaves NVSHMEM up for the next context; finalize_nvshmem() ends it.
     """
 
     def __init__(self, group: Any = None, num_symmetric_bytes: int = 0, share_gpu: bool | None = None) -> None:
+        global _world
         self._finalized = True  # until initialised
         what = "NvshmemContext"
         if num_symmetric_bytes < 0:
@@ -320,45 +405,50 @@ class NvshmemContext:
         except Exception as exc:
             raise DeepEPError(f"{what}: {exc}") from exc
         rank, num_ranks = _group_rank_and_size(group)
+        global_ranks = _global_ranks(group)
 
-        hosts: list[Any] = [None] * num_ranks
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        num_local_ranks = hosts.count(socket.gethostname())
-        if share_gpu is None:
-            share_gpu = ranks_share_gpu(num_local_ranks, ep_device.device_count())
-        self.env_set = nvshmem_env_updates(
-            os.environ,
-            num_symmetric_bytes=num_symmetric_bytes,
-            share_gpu=share_gpu,
-            single_host=num_local_ranks == num_ranks,
-        )
-        os.environ.update(self.env_set)
-        try:
-            self._init(extension, group, rank, num_ranks, what)
-        except BaseException:
-            self._restore_env()
-            raise
+        # Every rank's host and NVSHMEM state, so that all of them start, join or raise together.
+        exchanged: list[Any] = [None] * num_ranks
+        dist.all_gather_object(exchanged, (socket.gethostname(), _world_state()), group=group)
+        hosts = [host for host, _ in exchanged]
+        states = [state for _, state in exchanged]
+        if all(state == ("up", global_ranks) for state in states):
+            world = _world
+        elif all(state == ("none",) for state in states):
+            num_local_ranks = hosts.count(socket.gethostname())
+            if share_gpu is None:
+                share_gpu = ranks_share_gpu(num_local_ranks, ep_device.device_count())
+            env_set = nvshmem_env_updates(
+                os.environ,
+                num_symmetric_bytes=num_symmetric_bytes,
+                share_gpu=share_gpu,
+                single_host=num_local_ranks == num_ranks,
+            )
+            os.environ.update(env_set)
+            try:
+                self._init(extension, group, rank, num_ranks, what, env_set)
+            except BaseException:
+                for key, value in env_set.items():
+                    if os.environ.get(key) == value:
+                        del os.environ[key]
+                raise
+            world = _world = _NvshmemWorld(global_ranks, env_set, share_gpu)
+        else:
+            raise DeepEPError(_world_conflict(what, global_ranks, states))
+        assert world is not None
+        world.num_open_contexts += 1
+        self._world = world
         self._extension = extension
         self.rank = rank
         self.num_ranks = num_ranks
-        self.share_gpu = share_gpu
+        # What the process's NVSHMEM was started with (by this context or an earlier one).
+        self.share_gpu = world.share_gpu
+        self.env_set = world.env_set
         self._allocations: list[int] = []
         self._finalized = False
-        # A weak reference: registering at exit must not keep the context alive.
-        self_ref = weakref.ref(self)
 
-        def finalize_at_exit() -> None:
-            context = self_ref()
-            if context is not None:
-                try:
-                    context.finalize()
-                except Exception:
-                    pass
-
-        self._atexit_hook = finalize_at_exit
-        atexit.register(finalize_at_exit)
-
-    def _init(self, extension: Any, group: Any, rank: int, num_ranks: int, what: str) -> None:
+    @staticmethod
+    def _init(extension: Any, group: Any, rank: int, num_ranks: int, what: str, env_set: dict[str, str]) -> None:
         """The unique id from group rank 0 to every rank, then nvshmem_init as PE rank of num_ranks."""
         unique_id_holder: list[Any] = [None]
         if rank == 0:
@@ -375,15 +465,8 @@ class NvshmemContext:
         except Exception as exc:
             raise DeepEPError(
                 f"{what}: nvshmem_init as PE {rank} of {num_ranks} failed: {exc} (NVSHMEM variables set here: "
-                f"{self.env_set})"
+                f"{env_set})"
             ) from exc
-
-    def _restore_env(self) -> None:
-        """Unset the variables this context set, where they still hold its values (a value changed since is
-        someone else's)."""
-        for key, value in self.env_set.items():
-            if os.environ.get(key) == value:
-                del os.environ[key]
 
     def _check_open(self, what: str) -> None:
         if self._finalized:
@@ -393,7 +476,14 @@ class NvshmemContext:
         """Collective symmetric allocation of num_bytes, zero-filled on every PE before it returns. Returns the
         local device pointer; the same offset in every PE's heap."""
         self._check_open("malloc")
-        ptr = self._extension.nvshmem_malloc(num_bytes, alignment)
+        try:
+            ptr = self._extension.nvshmem_malloc(num_bytes, alignment)
+        except Exception as exc:
+            raise DeepEPError(
+                f"NvshmemContext.malloc({num_bytes}): {exc}. The heap is sized once, when NVSHMEM starts in the "
+                f"process (NVSHMEM_SYMMETRIC_SIZE={self._world.heap_size}): for Buffers of several sizes in one "
+                "process, set NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
+            ) from exc
         self._allocations.append(ptr)
         return ptr
 
@@ -416,20 +506,15 @@ class NvshmemContext:
         self._extension.nvshmem_barrier_all()
 
     def finalize(self) -> None:
-        """Collective: free every allocation, then nvshmem_finalize. Idempotent."""
+        """Collective: free every allocation of this context. NVSHMEM stays up for the next context of the process
+        (finalize_nvshmem() ends it). Idempotent."""
         if self._finalized:
             return
         self._finalized = True
-        atexit.unregister(self._atexit_hook)
+        self._world.num_open_contexts -= 1
         allocations, self._allocations = self._allocations, []
-        try:
-            for ptr in reversed(allocations):
-                self._extension.nvshmem_free(ptr)
-        finally:
-            try:
-                self._extension.nvshmem_finalize()
-            finally:
-                self._restore_env()
+        for ptr in reversed(allocations):
+            self._extension.nvshmem_free(ptr)
 
     def __enter__(self) -> NvshmemContext:
         return self

@@ -88,27 +88,21 @@ def framework_launch_kwargs(device: str) -> dict:
 
 
 def dispatch_past_worst_tokens(
-    kernels: Any, reference: deep_ep_py.Buffer, inp: Any, num_experts: int, rank: int
+    kernels: Any, reference: deep_ep_py.Buffer, inp: Any, num_experts: int, group: Any = None
 ) -> str:
-    """Kernel dispatch of `inp` (make_rank_inputs, on CPU) with num_worst_tokens = 1 on every rank: a rank that
-    receives more rows must find a capacity record naming both counts (DeepEPError, not a timeout) once the device
-    (a GPU, or the CPU emulator) is done; a rank that receives at most one row must find none. Returns the message
-    ("" for none)."""
+    """Kernel dispatch of `inp` (make_rank_inputs, on CPU) with num_worst_tokens = 1 on every rank of group. Where
+    any rank receives more rows, every rank must find the same capacity record, naming the lowest such rank and its
+    rows (DeepEPError, not a timeout), once the device (a GPU, or the CPU emulator) is done: so all of them raise at
+    their next call, not that rank alone while its peers wait for it. Where none does, no rank may find one. Returns
+    the message ("" for none)."""
     from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
 
     kernel_device = ep_device.kernel_device()
     x, topk_idx, topk_weights = (t.to(kernel_device) for t in (inp.x, inp.topk_idx, inp.topk_weights))
-    per_rank, per_node, per_expert, in_rank, _ = reference.get_dispatch_layout(topk_idx, num_experts)
-    recv_x = reference.dispatch(
-        x,
-        num_tokens_per_rank=per_rank,
-        num_tokens_per_rdma_rank=per_node,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx,
-        topk_weights=topk_weights,
-    )[0]
-    num_recv_rows = int(recv_x.shape[0])
+    per_rank, _, per_expert, in_rank, _ = reference.get_dispatch_layout(topk_idx, num_experts)
+    # Rows every rank receives: over the group, the columns of every rank's is_token_in_rank.
+    received = in_rank.to(torch.int64).sum(dim=0).cpu()
+    dist.all_reduce(received, group=group)
     kernels.dispatch(x, None, None, in_rank, per_rank, per_expert, topk_idx, topk_weights, 1, 1, 8)
     ep_device.synchronize()
     message = ""
@@ -118,10 +112,12 @@ def dispatch_past_worst_tokens(
         raise
     except DeepEPError as exc:
         message = str(exc)
-    if num_recv_rows <= 1:
-        assert message == "", f"rank {rank} receives {num_recv_rows} rows <= num_worst_tokens 1, yet: {message}"
+    rank = dist.get_rank(group)
+    past = [r for r, rows in enumerate(received.tolist()) if rows > 1]
+    if not past:
+        assert message == "", f"rank {rank}: every rank receives at most 1 row (num_worst_tokens), yet: {message}"
         return message
-    # csrc/runtime/error_record.cu: "num_worst_tokens: the rows this rank receives (N) exceed the W given, on rank R".
-    want = f"num_worst_tokens: the rows this rank receives ({num_recv_rows}) exceed the 1 given, on rank {rank}"
+    # csrc/runtime/error_record.cu: "num_worst_tokens: rank R receives N rows, more than the W given".
+    want = f"num_worst_tokens: rank {past[0]} receives {int(received[past[0]])} rows, more than the 1 given"
     assert want in message, f"rank {rank}: expected {want!r}, got {message!r}"
     return message

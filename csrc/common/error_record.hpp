@@ -42,6 +42,8 @@ enum class WaitSite : int {
     // Capacity records (ErrorCode::kCapacity): what overflowed.
     kWorstTokensIntranode = 32,
     kWorstTokensInternode = 33,
+    // The ranks passed different num_worst_tokens (rank = one that differs, needed = its value, limit = ours).
+    kWorstTokensMismatch = 34,
 };
 
 inline const char* wait_site_name(int site) {
@@ -72,7 +74,9 @@ inline const char* wait_site_name(int site) {
             return "internode round barrier: the rank given as the channel did not arrive";
         case WaitSite::kWorstTokensIntranode:
         case WaitSite::kWorstTokensInternode:
-            return "num_worst_tokens: the rows this rank receives";
+            return "num_worst_tokens: the rows rank <rank> receives";
+        case WaitSite::kWorstTokensMismatch:
+            return "num_worst_tokens: the value rank <rank> passed";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

@@ -53,6 +53,7 @@ static_assert(sizeof(UniqueIdPayload) <= sizeof(nvshmemx_uniqueid_t::internal));
 
 struct State {
     int num_inits = 0;
+    bool finalized = false;  // a last finalize ran: NVSHMEM cannot start again in this process
     int my_pe = -1;
     int n_pes = 0;
     size_t heap_bytes = 0;
@@ -252,7 +253,9 @@ void barrier_all(const char* what) {
 void unmap_heaps() {
     for (uint8_t* heap : state.heaps)
         if (heap != nullptr) munmap(heap, state.heap_bytes);
+    const bool finalized = state.finalized;
     state = State{};
+    state.finalized = finalized;
 }
 
 void join(const nvshmemx_init_attr_t& attr) {
@@ -438,6 +441,9 @@ int nvshmemi_init_thread(int requested_thread_support, int* provided_thread_supp
             fail(concat("init as PE ", attr.uniqueid_rank, " of ", attr.uniqueid_n_pes, ", but this process is PE ",
                         state.my_pe, " of ", state.n_pes, " already"));
     } else {
+        // NVSHMEM's finalize keeps its bootstrap, which a later init reuses whatever rank, size and unique id it is
+        // given: undefined, so refused here.
+        if (state.finalized) fail("init after the last nvshmem_finalize of this process: NVSHMEM cannot restart");
         try {
             join(attr);
         } catch (...) {
@@ -456,6 +462,7 @@ int nvshmemi_init_thread(int requested_thread_support, int* provided_thread_supp
 void nvshmem_finalize() {
     require_initialized("nvshmem_finalize");
     if (--state.num_inits > 0) return;
+    state.finalized = true;
     // Collective, like NVSHMEM's; the heaps go away here even when a peer never arrives.
     std::exception_ptr failure;
     try {

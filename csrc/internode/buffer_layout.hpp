@@ -44,9 +44,12 @@ EP_HOST_DEVICE constexpr size_t align_up(size_t value, size_t alignment) {
 }
 
 // Ints of one rank's count row as each peer receives it: [0, R) tokens for each rank, [R, R + N) tokens for each
-// node, [R + N, R + N + kMaxLocalExperts) tokens for each of the receiving peer's local experts.
+// node, [R + N] the sender's num_worst_tokens (csrc/common/worst_tokens.cuh), [R + N + 1, R + N + 1 +
+// kMaxLocalExperts) tokens for each of the receiving peer's local experts.
+EP_HOST_DEVICE constexpr int count_row_worst_tokens(int num_ranks, int num_nodes) { return num_ranks + num_nodes; }
+EP_HOST_DEVICE constexpr int count_row_experts(int num_ranks, int num_nodes) { return num_ranks + num_nodes + 1; }
 EP_HOST_DEVICE constexpr int count_row_ints(int num_ranks, int num_nodes) {
-    return num_ranks + num_nodes + kMaxLocalExperts;
+    return count_row_experts(num_ranks, num_nodes) + kMaxLocalExperts;
 }
 
 // Byte offsets of the control area for R ranks and N nodes. Who writes and who reads:

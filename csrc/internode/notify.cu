@@ -9,6 +9,7 @@
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "../common/send_positions.cuh"
+#include "../common/worst_tokens.cuh"
 #include "device_common.cuh"
 #include "internode.hpp"
 
@@ -45,7 +46,9 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     const NotifyArgs& a = p.args;
     const int num_ranks = v.num_ranks, num_nodes = v.num_nodes;
     const int num_local = a.num_local_experts;
-    const int row_ints = num_ranks + num_nodes + num_local;  // of count_row_ints, the part this call fills
+    const int worst_tokens_at = count_row_worst_tokens(num_ranks, num_nodes);
+    const int experts_at = count_row_experts(num_ranks, num_nodes);
+    const int row_ints = experts_at + num_local;  // of count_row_ints, the part this call fills
     const int tid = static_cast<int>(threadIdx.x);
     __shared__ uint64_t s_epoch;
     __shared__ int s_ok, s_max_count;
@@ -69,8 +72,9 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
         for (int i = tid; i < row_ints; i += kControlThreads) {
             int value;
             if (i < num_ranks) value = a.send_counts[i];
-            else if (i < num_ranks + num_nodes) value = a.node_send_counts[i - num_ranks];
-            else value = a.num_tokens_per_expert[dst * num_local + (i - num_ranks - num_nodes)];
+            else if (i < worst_tokens_at) value = a.node_send_counts[i - num_ranks];
+            else if (i == worst_tokens_at) value = a.num_worst_tokens;
+            else value = a.num_tokens_per_expert[dst * num_local + (i - experts_at)];
             row[i] = value;
         }
         __threadfence_system();
@@ -119,20 +123,18 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     // At least one round: its barrier keeps a fast peer's next notify from overwriting the rows read above.
     const int needed_rounds = max(1, (s_max_count + a.rows_per_round - 1) / a.rows_per_round);
     const int num_rounds = min(needed_rounds, a.max_rounds);
-    if (tid == 0 && a.num_worst_tokens > 0) {
-        // max_rounds holds every row while each rank receives at most num_worst_tokens: the rank past it reports.
-        int num_recv_tokens = 0;
-        for (int src = 0; src < num_ranks; ++src) num_recv_tokens += count(src, v.rank);
-        if (num_recv_tokens > a.num_worst_tokens)
-            record_device_capacity_error(p.timeout.record, v.rank, WaitSite::kWorstTokensInternode, num_recv_tokens,
-                                         a.num_worst_tokens);
-    }
+    // max_rounds holds every row while each rank receives at most num_worst_tokens; past it, rounds are cut on
+    // every rank, so every rank records it (the matrix's last row: every rank's received rows).
+    check_worst_tokens(
+        p.timeout.record, num_ranks, kControlThreads, a.num_worst_tokens,
+        [&](int r) { return count(r, worst_tokens_at); }, a.rank_prefix_matrix + (num_ranks - 1) * num_ranks,
+        WaitSite::kWorstTokensInternode);
     if (tid == 0) *a.num_rounds_device = num_rounds;
     if (a.host_counters == nullptr) return;
 
     for (int local_expert = tid; local_expert < num_local; local_expert += kControlThreads) {
         int sum = 0;
-        for (int src = 0; src < num_ranks; ++src) sum += count(src, num_ranks + num_nodes + local_expert);
+        for (int src = 0; src < num_ranks; ++src) sum += count(src, experts_at + local_expert);
         a.host_counters[kCounterExpertBase + local_expert] =
             (sum + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
     }

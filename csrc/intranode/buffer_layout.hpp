@@ -55,6 +55,7 @@ static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
 // - send_counts[s][d]: written by rank s in the notify kernel before its barrier arrival, read by the owner after
 //   the barrier. Every rank gets the whole matrix (rank_prefix_matrix needs every column).
 // - expert_counts[s][l]: written by rank s likewise: s's tokens routed to the owner's local expert l.
+// - worst_tokens[s]: written by rank s likewise: the num_worst_tokens of its call (csrc/common/worst_tokens.cuh).
 // A peer writes counts for the next call only after passing a barrier of this call that the owner reaches after
 // its notify kernel has read them (every dispatch has at least one round, i.e. two more barriers).
 // - recv_block: written by the owner before the publish barrier of a one-copy dispatch, read by every sender after
@@ -69,7 +70,8 @@ struct ControlArea {
     int reserved1[31];                               // pads the epoch to its own 128 B line
     RecvBlock recv_block;                            // 64 B
     int one_copy;                                    // 4 B
-    int reserved2[15];                               // pads the block and the note to one 128 B line
+    int worst_tokens[kMaxRanks];                     // 4 * kMaxRanks = 32 B
+    int reserved2[15 - kMaxRanks];                   // pads the block, the note and the limits to one 128 B line
     int send_counts[kMaxRanks][kMaxRanks];           // 4 * kMaxRanks^2 = 256 B
     int expert_counts[kMaxRanks][kMaxLocalExperts];  // 4 * kMaxRanks * kMaxLocalExperts = 32 KiB
 };

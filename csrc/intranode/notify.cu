@@ -5,6 +5,7 @@
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "../common/send_positions.cuh"
+#include "../common/worst_tokens.cuh"
 #include "device_common.cuh"
 #include "intranode.hpp"
 
@@ -52,6 +53,8 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         const int dst = i / num_local, local_expert = i % num_local;
         control_area(p.peers.base[dst])->expert_counts[rank][local_expert] = p.num_tokens_per_expert[i];
     }
+    for (int dst = tid; dst < num_ranks; dst += kNotifyThreads)
+        control_area(p.peers.base[dst])->worst_tokens[rank] = p.num_worst_tokens;
     if (!cross_rank_barrier(p.peers, p.timeout, WaitSite::kIntranodeNotifyBarrier)) return;
 
     // Volatile loads: the values were written by other GPUs/processes, after this kernel started.
@@ -62,13 +65,11 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         for (int s = 0; s <= src; ++s) sum += ptx::ld_volatile_global(&own->send_counts[s][dst]);
         p.rank_prefix_matrix[i] = sum;
     }
-    if (tid == 0 && p.num_worst_tokens > 0) {
-        int num_recv_tokens = 0;
-        for (int s = 0; s < num_ranks; ++s) num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
-        if (num_recv_tokens > p.num_worst_tokens)
-            record_device_capacity_error(p.timeout.record, rank, WaitSite::kWorstTokensIntranode, num_recv_tokens,
-                                         p.num_worst_tokens);
-    }
+    __syncthreads();  // the matrix's last row, every rank's received rows, is read below
+    check_worst_tokens(
+        p.timeout.record, num_ranks, kNotifyThreads, p.num_worst_tokens,
+        [&](int r) { return ptx::ld_volatile_global(&own->worst_tokens[r]); },
+        p.rank_prefix_matrix + (num_ranks - 1) * num_ranks, WaitSite::kWorstTokensIntranode);
     if (p.host_counters == nullptr) return;
 
     for (int local_expert = tid; local_expert < num_local; local_expert += kNotifyThreads) {

@@ -36,9 +36,17 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
     std::atomic_thread_fence(std::memory_order_acquire);
     const volatile DeviceErrorRecord* r = record;
     if (*code == static_cast<int>(ErrorCode::kCapacity)) {
-        throw EPException(detail::concat(wait_site_name(r->site), " (", r->needed, ") exceed the ", r->limit,
-                                         " given, on rank ", r->rank, ": pass a larger num_worst_tokens (rows past it "
-                                         "were dropped; recreate the Buffer); noticed by ", what,
+        // Every rank records the same error (csrc/common/worst_tokens.cuh), so each one names the rank at fault.
+        if (r->site == static_cast<int>(WaitSite::kWorstTokensMismatch)) {
+            throw EPException(detail::concat("num_worst_tokens differs between ranks: rank ", r->rank, " passed ",
+                                             r->needed, ", this rank ", r->limit,
+                                             ": every rank must pass the same value (the call's results are void and "
+                                             "its waits gave up; recreate the Buffer); noticed by ", what));
+        }
+        throw EPException(detail::concat("num_worst_tokens: rank ", r->rank, " receives ", r->needed,
+                                         " rows, more than the ", r->limit,
+                                         " given: pass a larger num_worst_tokens (rows past it were dropped on rank ",
+                                         r->rank, "; recreate the Buffer); noticed by ", what,
                                          r->timed_out != 0 ? "; a device wait timed out after it too" : ""));
     }
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,

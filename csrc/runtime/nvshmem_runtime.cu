@@ -73,9 +73,15 @@ void nvshmem_init(const std::string& unique_id_bytes, int rank, int num_ranks) {
     int provided = 0;
     NVSHMEM_CHECK(nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr,
                                        compiled_version));
+    // An NVSHMEM that another library of this process started is joined as it is: its PE and size, not ours.
+    const int my_pe = ::nvshmem_my_pe(), n_pes = ::nvshmem_n_pes();
+    if (my_pe != rank || n_pes != num_ranks) {
+        ::nvshmem_finalize();  // drops only the reference this init took
+        throw EPException(detail::concat("nvshmem_init as PE ", rank, " of ", num_ranks,
+                                         " joined an NVSHMEM already running in this process as PE ", my_pe, " of ",
+                                         n_pes, " (started outside deep_ep_py?): one process runs one NVSHMEM"));
+    }
     ++num_active_inits;
-    EP_HOST_ASSERT_MSG(::nvshmem_my_pe() == rank, "NVSHMEM assigned a different PE than the rank asked for");
-    EP_HOST_ASSERT(::nvshmem_n_pes() == num_ranks);
 }
 
 void nvshmem_finalize() {

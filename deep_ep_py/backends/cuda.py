@@ -216,7 +216,7 @@ class CudaBackend(ReferenceBackend):
             self.internode.destroy()
             self.internode = None
         if self.nvshmem is not None:
-            self.nvshmem.finalize()
+            self.nvshmem.finalize()  # NVSHMEM itself stays up for the process's next Buffer
             self.nvshmem = None
         if self.intranode is not None:
             self.intranode.destroy()

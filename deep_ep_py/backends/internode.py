@@ -284,9 +284,10 @@ class InternodeKernels(RoundKernels):
         node_send_counts, node_counts = ints(num_nodes), ints(num_ranks, num_nodes)
         rank_prefix_matrix, num_rounds_device = ints(num_ranks, num_ranks), ints(1)
         if num_worst_tokens > 0:
-            # No host sync: every rank passes the same num_worst_tokens. A row forwarded to a node reaches at least
-            # one of its P ranks, each of which receives at most num_worst_tokens rows, so no (source, node) pair
-            # carries more than P * num_worst_tokens rows, and every rank launches the same rounds.
+            # No host sync: every rank passes the same num_worst_tokens (the notify records a rank that does not).
+            # A row forwarded to a node reaches at least one of its P ranks, each of which receives at most
+            # num_worst_tokens rows, so no (source, node) pair carries more than P * num_worst_tokens rows, and
+            # every rank launches the same rounds.
             num_recv_rows = num_worst_tokens
             num_forward_rows = self.num_local_ranks * num_worst_tokens
             max_rounds = max(1, math.ceil(num_forward_rows / rows_per_round))

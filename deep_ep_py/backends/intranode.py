@@ -238,8 +238,9 @@ class IntranodeKernels(RoundKernels):
             if num_worst_tokens == 0:
                 num_recv_rows, num_rounds, per_expert = self._wait_counts(sequence, num_local_experts)
             else:
-                # No host sync: every rank passes the same num_worst_tokens, no (source, destination) pair carries
-                # more rows than that, so this many rounds carry everything, and every rank computes the same.
+                # No host sync: every rank passes the same num_worst_tokens (the notify records a rank that does
+                # not), no (source, destination) pair carries more rows than that, so this many rounds carry
+                # everything, and every rank computes the same.
                 num_recv_rows = num_worst_tokens
                 num_rounds = max(1, math.ceil(num_worst_tokens / rows_per_round))
                 per_expert = []

@@ -57,6 +57,8 @@ WORST_TOO_SMALL_CASE = Case("worst_too_small", (24, 31, 17, 20), num_topk=4)
 # Every token also to rank 0, num_worst_tokens sized for the other ranks: only rank 0 overflows. Several rounds, so
 # that a rank leaving a round barrier early would write into staging a peer is still reading.
 WORST_TOO_SMALL_ON_RANK_0_CASE = Case("worst_too_small_on_rank_0", (30, 21, 26, 17), num_topk=2, rows_per_round=3)
+# Rank 0 passes a num_worst_tokens one past the others': with 3 rows a round, it would launch one round more.
+WORST_TOKENS_DIFFER_CASE = Case("worst_tokens_differ", (22, 9, 30, 14), num_topk=2, rows_per_round=3)
 
 
 class KernelsPath(abc.ABC):
@@ -462,25 +464,27 @@ def combine_timeout_case(ctx, path: KernelsPath) -> str:
 
 
 def worst_too_small_case(ctx, path: KernelsPath) -> str:
-    """num_worst_tokens = 1 while ranks receive more rows: each such rank's notify leaves a capacity record, raised
-    as DeepEPError naming both counts (not as a timeout), instead of returning results with rows dropped."""
+    """num_worst_tokens = 1 while ranks receive more rows: every rank's notify leaves the same capacity record,
+    raised as DeepEPError naming the first such rank and its rows (not as a timeout), instead of returning results
+    with rows dropped."""
     from harness import dispatch_past_worst_tokens
 
     case = WORST_TOO_SMALL_CASE
     reference, kernels = _reference_and_kernels(ctx, path, case)
     inp, num_experts = path.inputs(case, ctx.num_ranks, ctx.rank, 0)
-    message = dispatch_past_worst_tokens(kernels, reference, inp, num_experts, ctx.rank)
+    message = dispatch_past_worst_tokens(kernels, reference, inp, num_experts, ctx.group)
     ep_device.synchronize()
     ctx.barrier()
     return message
 
 
 def worst_too_small_on_rank_0_case(ctx, path: KernelsPath) -> str:
-    """Every token also goes to rank 0, and num_worst_tokens is sized for the other ranks only: rank 0's notify leaves
-    a capacity record (its kernels go on within the capacity, its rows are not checked), while every other rank, rank
-    1 entering late, must get exactly the reference's padded rows: a rank with a capacity record still waits for its
-    peers at every barrier. Then, rank 0's record cleared, a dispatch and combine sized right must match the reference
-    on every rank: the barriers' epochs stayed in step. Returns rank 0's message ("" elsewhere)."""
+    """Every token also goes to rank 0, and num_worst_tokens is sized for the other ranks only: every rank's notify
+    leaves a capacity record naming rank 0, so that all of them raise at their next call, not rank 0 alone while the
+    others wait for it there. The kernels go on within the capacity: rank 0's rows are not checked, while every
+    other rank, rank 1 entering late, must get exactly the reference's padded rows (a rank with a capacity record
+    still waits for its peers at every barrier). Then, the records cleared, a dispatch and combine sized right must
+    match the reference on every rank: the barriers' epochs stayed in step. Returns the message."""
     import torch.distributed as dist
     from brute_force import check
 
@@ -527,12 +531,10 @@ def worst_too_small_on_rank_0_case(ctx, path: KernelsPath) -> str:
     except DeepEPError as exc:
         message = str(exc)
     where = f"{case.name} {path.label(ctx)}"
-    if rank == 0:
-        want = f"num_worst_tokens: the rows this rank receives ({int(sent[0])}) exceed the {num_worst} given, on rank 0"
-        check(want in message, f"{where}: expected {want!r}, got {message!r}")
-        kernels.error_record.reset()
-    else:
-        check(message == "", f"{where}: unexpected device error {message!r}")
+    want = f"num_worst_tokens: rank 0 receives {int(sent[0])} rows, more than the {num_worst} given"
+    check(want in message, f"{where}: expected {want!r}, got {message!r}")
+    kernels.error_record.reset()
+    if rank != 0:
         _compare_dispatch(where, ref_out, mine_out, num_worst)
     ctx.barrier()
 
@@ -552,6 +554,59 @@ def worst_too_small_on_rank_0_case(ctx, path: KernelsPath) -> str:
     ep_device.synchronize()
     _compare_combine(path, where, ref_combined, mine_combined, magnitude)
     kernels._check_device_errors(where)
+    ctx.barrier()
+    return message
+
+
+def worst_tokens_differ_case(ctx, path: KernelsPath) -> str:
+    """Rank 0 passes a num_worst_tokens one larger than the other ranks' (each enough for every rank): the ranks would
+    launch different numbers of rounds, and those with more would wait at a barrier the others never reach until the
+    timeout. Every rank's notify records the mismatch instead, naming the first rank whose value differs from its
+    own, and the call's later waits give up at once: the dispatch is done in well under the timeout on every rank,
+    and the check raises DeepEPError (not a timeout). Returns the message."""
+    import time
+
+    import torch.distributed as dist
+    from brute_force import check
+
+    from deep_ep_py import config as ep_config
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    case = WORST_TOKENS_DIFFER_CASE
+    rank = ctx.rank
+    reference, kernels = _reference_and_kernels(ctx, path, case)
+    inp, num_experts = path.inputs(case, ctx.num_ranks, rank, 0)
+    x, topk_idx = on_kernel_device(inp.x), on_kernel_device(inp.topk_idx)
+    topk_weights = on_kernel_device(inp.topk_weights)
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank = reference.get_dispatch_layout(
+        topk_idx, num_experts
+    )[:4]
+    received = is_token_in_rank.to(torch.int64).sum(dim=0).cpu()
+    dist.all_reduce(received, group=ctx.group)
+    rows_per_round = case.rows_per_round
+    # A whole number of rounds, so that one row more takes one round more.
+    num_worst = max(1, -(-int(received.max()) // rows_per_round)) * rows_per_round
+    mine = num_worst + 1 if rank == 0 else num_worst
+    started = time.monotonic()
+    kernels.dispatch(
+        x, None, None, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights, 1,
+        mine, 8,
+    )  # fmt: skip
+    ep_device.synchronize()
+    elapsed = time.monotonic() - started
+    where = f"{case.name} {path.label(ctx)}"
+    message = ""
+    try:
+        kernels._check_device_errors("the differing num_worst_tokens test")
+    except DeepEPTimeoutError:
+        raise
+    except DeepEPError as exc:
+        message = str(exc)
+    other, theirs = (1, num_worst) if rank == 0 else (0, num_worst + 1)
+    want = f"num_worst_tokens differs between ranks: rank {other} passed {theirs}, this rank {mine}"
+    check(want in message, f"{where}: expected {want!r}, got {message!r}")
+    timeout_s = ep_config.timeout_s()
+    check(elapsed < timeout_s / 2, f"{where}: the dispatch took {elapsed:.1f} s of a {timeout_s} s timeout")
     ctx.barrier()
     return message
 
@@ -586,4 +641,6 @@ def protocol_batch_cases(selected, path: KernelsPath, num_ranks: int) -> list[Ba
     if selected(f"test_{path.name}_worst_tokens_too_small_on_one_rank", "num_ranks", num_ranks=num_ranks):
         on_rank_0 = BatchCase("worst_too_small_on_rank_0", worst_too_small_on_rank_0_case, (path,), run_s=path.run_s(3))
         cases.append(on_rank_0)
+    if selected(f"test_{path.name}_worst_tokens_differ_between_ranks", "num_ranks", num_ranks=num_ranks):
+        cases.append(BatchCase("worst_tokens_differ", worst_tokens_differ_case, (path,), run_s=path.run_s(1)))
     return cases

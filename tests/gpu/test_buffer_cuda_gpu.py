@@ -11,6 +11,7 @@ import torch.distributed as dist
 from kernel_device import tier_device
 
 from deep_ep_py import device as ep_device
+from deep_ep_py.runtime import finalize_nvshmem
 from deep_ep_py.testing import launch
 
 pytestmark = pytest.mark.gpu
@@ -106,6 +107,17 @@ def _compare(rank: int, num_ranks: int) -> None:
         torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
     for buffer in buffers.values():
         buffer.destroy()
+
+    # A Buffer built after the first was destroyed, as a framework rebuilding its communicator does: it joins the
+    # NVSHMEM the first one started (NVSHMEM cannot start twice in one process; the emulator refuses it).
+    rebuilt = deep_ep_py.Buffer(group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True, backend="cuda")
+    got_rows, got_count, got_out = _low_latency(rebuilt, x, topk_idx, weights, num_experts)
+    assert torch.equal(got_count.cpu(), want_count.cpu()), f"rank {rank}: recv_count differs after the rebuild"
+    for e, (g, w) in enumerate(zip(got_rows, want_rows)):
+        assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: rows of local expert {e} differ after the rebuild"
+    torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    rebuilt.destroy()
+    finalize_nvshmem()
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])

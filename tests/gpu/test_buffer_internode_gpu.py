@@ -21,6 +21,7 @@ import torch.distributed as dist
 from kernel_device import tier_device
 
 from deep_ep_py import device as ep_device
+from deep_ep_py.runtime import finalize_nvshmem
 from deep_ep_py.testing import launch
 
 pytestmark = pytest.mark.gpu
@@ -118,6 +119,7 @@ def _compare(rank: int, num_ranks: int, topology_from: str, unverified_kernels: 
         _assert_combined_close(f"{where} combined |x|", got_magnitude, magnitude, magnitude)
     for buffer in buffers.values():
         buffer.destroy()
+    finalize_nvshmem()
 
 
 def _assert_combined_close(what: str, got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from normal_kernels_cases import (
     BACK_TO_BACK_CASE,
     GRAPH_CASE,
     TIMEOUT_CASE,
+    WORST_TOKENS_DIFFER_CASE,
     WORST_TOO_SMALL_CASE,
     Case,
     KernelsPath,
@@ -128,15 +129,19 @@ def _open_nvshmem(ctx, num_nodes: int):
     from deep_ep_py.runtime import NvshmemContext
 
     ext = _ext.load_extension()
-    cases = (*CASES, GRAPH_CASE, BACK_TO_BACK_CASE, TIMEOUT_CASE, WORST_TOO_SMALL_CASE)
+    cases = (*CASES, GRAPH_CASE, BACK_TO_BACK_CASE, TIMEOUT_CASE, WORST_TOO_SMALL_CASE, WORST_TOKENS_DIFFER_CASE)
     shapes = {(c.hidden, c.num_topk, c.rows_per_round) for c in cases}
     largest = max(_rdma_bytes(ext, ctx.num_ranks, num_nodes, *shape) for shape in shapes)
     return NvshmemContext(ctx.group, num_symmetric_bytes=largest)
 
 
 def _close_nvshmem(context) -> None:
-    """Batch teardown: every case's kernels are destroyed by then (their cleanups)."""
+    """Batch teardown: every case's kernels are destroyed by then (their cleanups). NVSHMEM itself ends here, in
+    step on every rank, rather than at the process's exit."""
+    from deep_ep_py.runtime import finalize_nvshmem
+
     context.finalize()
+    finalize_nvshmem()
 
 
 def _every_node_topk(seed: int, rank: int, num_tokens: int, num_topk: int, num_nodes: int, experts_per_node: int):
@@ -330,6 +335,11 @@ def test_internode_worst_tokens_too_small(require_gpu, gpu_batch, num_ranks):
 @pytest.mark.gpu
 def test_internode_worst_tokens_too_small_on_one_rank(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks, 2)["worst_too_small_on_rank_0"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_internode_worst_tokens_differ_between_ranks(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks, 2)["worst_tokens_differ"].assert_passed()
 
 
 @pytest.mark.gpu

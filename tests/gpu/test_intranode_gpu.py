@@ -326,6 +326,13 @@ def test_intranode_worst_tokens_too_small_on_one_rank(require_gpu, gpu_batch, nu
 
 
 @pytest.mark.gpu
+def test_intranode_worst_tokens_differ_between_ranks(require_gpu, gpu_batch, num_ranks):
+    if num_ranks < 2:
+        pytest.skip("needs a rank 1")
+    _batch(gpu_batch, num_ranks)["worst_tokens_differ"].assert_passed()
+
+
+@pytest.mark.gpu
 def test_intranode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["back_to_back"].assert_passed()
 
@@ -355,6 +362,13 @@ def test_intranode_one_copy_worst_tokens_too_small_on_one_rank(require_gpu, gpu_
     if num_ranks < 2:
         pytest.skip("needs a rank 1")
     _batch(gpu_batch, num_ranks, ONE_COPY)["worst_too_small_on_rank_0"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_one_copy_worst_tokens_differ_between_ranks(require_gpu, gpu_batch, num_ranks):
+    if num_ranks < 2:
+        pytest.skip("needs a rank 1")
+    _batch(gpu_batch, num_ranks, ONE_COPY)["worst_tokens_differ"].assert_passed()
 
 
 @pytest.mark.gpu

@@ -176,8 +176,12 @@ def _open_nvshmem(ctx):
 
 
 def _close_nvshmem(context) -> None:
-    """Batch teardown: every case's kernels are destroyed by then (their cleanups)."""
+    """Batch teardown: every case's kernels are destroyed by then (their cleanups). NVSHMEM itself ends here, in
+    step on every rank, rather than at the process's exit."""
+    from deep_ep_py.runtime import finalize_nvshmem
+
     context.finalize()
+    finalize_nvshmem()
 
 
 def _setup(ctx, num_experts: int):

@@ -191,7 +191,7 @@ def _wait_after_capacity_record_worker(rank: int, num_ranks: int) -> float:
     # The first failure is what the host reports: the capacity record, not the timeout that followed it.
     exc = _expect_raises(DeepEPError, record.check, "the GPU test", match="num_worst_tokens")
     assert not isinstance(exc, DeepEPTimeoutError), str(exc)
-    assert f"(2) exceed the 1 given, on rank {rank}" in str(exc), str(exc)
+    assert f"rank {rank} receives 2 rows, more than the 1 given" in str(exc), str(exc)
     assert "a device wait timed out after it too" in str(exc), str(exc)
     return elapsed
 
@@ -207,14 +207,14 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
 
 
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
+    import torch.distributed as dist
+
     from deep_ep_py import _ext
     from deep_ep_py.errors import DeepEPError
     from deep_ep_py.runtime import (
-        NVSHMEM_DEFAULT_SYMMETRIC_BYTES,
-        NVSHMEM_SYMMETRIC_MARGIN_BYTES,
         NvshmemContext,
         device_bytes_view,
-        nvshmem_env_updates,
+        finalize_nvshmem,
     )
 
     ext = _ext.load_extension()
@@ -247,19 +247,41 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
 
     context.finalize()
     context.finalize()  # idempotent
-    assert not ext.nvshmem_is_initialized()
     _expect_raises(DeepEPError, context.malloc, 64, match="finalized")
-    # What the context set is taken back, so that a later one sizes its own heap (a bigger one here) instead of
-    # keeping this one's as if the user had set it. Checked through the pure sizing function, not a second
-    # nvshmem_init: NVSHMEM leaves an init after a finalize in one process undefined.
-    left = {key: os.environ[key] for key in context.env_set if key in os.environ}
-    assert not left, f"rank {rank}: finalize left the variables it set: {left}"
-    if "NVSHMEM_SYMMETRIC_SIZE" in context.env_set:  # else the environment gave one: it wins every time
-        later = nvshmem_env_updates(os.environ, num_symmetric_bytes=NVSHMEM_DEFAULT_SYMMETRIC_BYTES)
-        wanted = NVSHMEM_DEFAULT_SYMMETRIC_BYTES + NVSHMEM_SYMMETRIC_MARGIN_BYTES
-        assert int(later["NVSHMEM_SYMMETRIC_SIZE"]) == wanted, (later, context.env_set)
+    # NVSHMEM stays up: it cannot start twice in one process (an init after a finalize reuses the first init's
+    # bootstrap, undefined; the emulator refuses it). A later context over the same ranks, on another group object,
+    # joins it with its heap and variables.
+    assert ext.nvshmem_is_initialized()
+    env_set = dict(context.env_set)
+    for key, value in env_set.items():
+        assert os.environ[key] == value
+    again = NvshmemContext(dist.new_group(list(range(num_ranks))), num_symmetric_bytes=num_bytes)
+    assert again.env_set == env_set, (again.env_set, env_set)
+    ptr = again.malloc(num_bytes)
+    assert device_bytes_view(ptr, num_bytes).count_nonzero().item() == 0, f"rank {rank}: a reused heap is not zeroed"
+    again.barrier()
+    if ep_device.emulated():  # NVSHMEM's own answer to a request past its heap is not ours to test on a GPU
+        _expect_raises(DeepEPError, again.malloc, 1 << 40, match="The heap is sized once")
+    _expect_raises(DeepEPError, finalize_nvshmem, match="1 NvshmemContext(s) are still open")
+    # A context over other ranks would get the running NVSHMEM's PE numbering: refused, naming both sets.
+    subset = list(range(num_ranks - 1))
+    subgroup = dist.new_group(subset)
+    if rank in subset:
+        _expect_raises(
+            DeepEPError, NvshmemContext, subgroup, match=f"run it over global ranks {list(range(num_ranks))}"
+        )
+    again.finalize()
+
+    assert finalize_nvshmem()
+    assert not ext.nvshmem_is_initialized()
+    assert not finalize_nvshmem()  # idempotent
+    # The variables are taken back with NVSHMEM, so that they do not pass for the user's.
+    left = {key: os.environ[key] for key in env_set if key in os.environ}
+    assert not left, f"rank {rank}: finalize_nvshmem left the variables it set: {left}"
+    # Every rank raises, before any NVSHMEM call.
+    _expect_raises(DeepEPError, NvshmemContext, None, match="ended it (finalize_nvshmem)")
     _check_cuda_usable()
-    return {"share_gpu": context.share_gpu, "env_set": context.env_set}
+    return {"share_gpu": context.share_gpu, "env_set": env_set}
 
 
 def test_nvshmem_context(require_gpu, num_ranks, launch_timeout_s):

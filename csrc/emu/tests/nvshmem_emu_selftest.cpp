@@ -316,12 +316,12 @@ int main() {
     }
     {
         const nvshmemx_uniqueid_t id = new_unique_id();
-        report("1 PE: init, alloc, finalize, init again with a new id", all_exited_zero(run_pes(1, [&](int) {
+        report("1 PE: init, alloc, finalize, then an init is refused", all_exited_zero(run_pes(1, [&](int) {
                    init(id, 0, 1);
                    CHECK(nvshmem_align(64, 64) != nullptr);
                    nvshmem_finalize();
-                   init(new_unique_id(), 0, 1);
-                   nvshmem_finalize();
+                   expect_throw<ep::EPException>([] { init(new_unique_id(), 0, 1); }, "cannot restart");
+                   CHECK(nvshmem_my_pe() == -1);
                })));
     }
     {
