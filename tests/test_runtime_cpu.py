@@ -241,6 +241,12 @@ def test_peer_mapped_buffer_rejects_bad_sizes_first(num_bytes):
         runtime.PeerMappedBuffer(None, num_bytes)
 
 
+def test_finalize_nvshmem_without_nvshmem_is_a_no_op():
+    # Nothing started NVSHMEM in this process: nothing to end, and nothing collective runs.
+    assert runtime.finalize_nvshmem() is False
+    assert runtime.finalize_nvshmem() is False
+
+
 def test_closed_objects_are_inert():
     # Objects whose construction failed must not raise from close()/__del__.
     buffer = runtime.PeerMappedBuffer.__new__(runtime.PeerMappedBuffer)

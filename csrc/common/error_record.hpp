@@ -15,6 +15,9 @@ enum class ErrorCode : int {
     // A count the device found past the capacity the host sized without a sync (num_worst_tokens): rows were
     // dropped. Raised as DeepEPError, not as a timeout.
     kCapacity = 3,
+    // An input value a kernel found out of range where the host did not check it (no host sync: CUDA-graph
+    // capture, or DEEP_EP_PY_SKIP_VALUE_CHECKS): the kernel skipped it. Raised as DeepEPError.
+    kInvalidInput = 4,
 };
 
 // What a wait was waiting for. Each spin-wait in the kernels names its site, so the Python error says what hung.
@@ -44,6 +47,9 @@ enum class WaitSite : int {
     kWorstTokensInternode = 33,
     // The ranks passed different num_worst_tokens (rank = one that differs, needed = its value, limit = ours).
     kWorstTokensMismatch = 34,
+    // Input records (ErrorCode::kInvalidInput): needed = the value, limit = the bound, channel = the token.
+    kTopkIdxLowLatencyDispatch = 40,
+    kTopkIdxLowLatencyCombine = 41,
 };
 
 inline const char* wait_site_name(int site) {
@@ -77,20 +83,23 @@ inline const char* wait_site_name(int site) {
             return "num_worst_tokens: the rows rank <rank> receives";
         case WaitSite::kWorstTokensMismatch:
             return "num_worst_tokens: the value rank <rank> passed";
+        case WaitSite::kTopkIdxLowLatencyDispatch: return "topk_idx of low_latency_dispatch";
+        case WaitSite::kTopkIdxLowLatencyCombine: return "topk_idx of low_latency_combine";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";
 }
 
-// First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout or kCapacity.
+// First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout, kCapacity or
+// kInvalidInput.
 struct DeviceErrorRecord {
     int code;     // ErrorCode
     int rank;     // rank whose kernel timed out (or overflowed)
     int channel;  // channel (or block) index within that kernel, -1 when not meaningful
     int site;     // WaitSite
     uint64_t waited_ns;
-    int64_t needed;  // kCapacity: the count found on the device
-    int64_t limit;   // kCapacity: the capacity the host gave
+    int64_t needed;  // kCapacity: the count found on the device; kInvalidInput: the value
+    int64_t limit;   // kCapacity: the capacity the host gave; kInvalidInput: the bound it broke
     // 1 once any wait of this rank timed out, whoever owns `code`: the other waits drain on it even when a capacity
     // record (which does not stop them) came first.
     int timed_out;

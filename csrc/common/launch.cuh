@@ -1,4 +1,4 @@
-// Typed kernel launches, and the one place that turns runtime values into template parameters.
+// Typed kernel launches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -54,25 +54,6 @@ void launch_kernel(const LaunchConfig& config, void (*kernel)(KernelParams...), 
     }
     CUDA_CHECK(cudaLaunchKernelEx(&launch_config, kernel, static_cast<KernelParams>(std::forward<Args>(args))...));
 #endif
-}
-
-// Supported compile-time values, in one spot. A kernel templated on one of these is instantiated for each listed
-// value only: add a value here to support it (and pay its compile time).
-template <int... kValues>
-struct IntList {};
-using SupportedNumRanks = IntList<2, 4, 8>;
-
-// switch_int(SupportedNumRanks{}, num_ranks, "num_ranks", [&](auto kNumRanks) { ... kNumRanks() ... });
-// calls the lambda with std::integral_constant<int, value>; a value not in the list throws, naming the list.
-template <int kFirst, int... kRest, typename Fn>
-decltype(auto) switch_int(IntList<kFirst, kRest...>, int value, const char* name, Fn&& fn) {
-    if (value == kFirst) return fn(std::integral_constant<int, kFirst>{});
-    if constexpr (sizeof...(kRest) > 0) {
-        return switch_int(IntList<kRest...>{}, value, name, std::forward<Fn>(fn));
-    } else {
-        throw EPException(detail::concat("unsupported ", name, " = ", value,
-                                         " (supported values are listed in csrc/common/launch.cuh)"));
-    }
 }
 
 }  // namespace ep

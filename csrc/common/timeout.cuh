@@ -32,21 +32,34 @@ __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx,
     ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
 }
 
+// Fills in a record of a value the device found past a bound (first writer wins, as for timeouts).
+__device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* record, ErrorCode code, int rank,
+                                                          int channel, WaitSite site, int64_t value, int64_t bound) {
+    int* code_word = &record->code;
+    if (ptx::atomic_cas_relaxed_sys(code_word, static_cast<int>(ErrorCode::kNone),
+                                    static_cast<int>(ErrorCode::kClaiming)) != static_cast<int>(ErrorCode::kNone))
+        return;
+    record->rank = rank;
+    record->channel = channel;
+    record->site = static_cast<int>(site);
+    record->waited_ns = 0;
+    record->needed = value;
+    record->limit = bound;
+    ptx::st_release_sys(code_word, static_cast<int>(code));
+}
+
 // Records that a count the host could not know (num_worst_tokens sizing) is past its capacity, so the host raises
 // instead of returning results with rows dropped. The kernel goes on within the capacity.
 __device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* record, int rank, WaitSite site,
                                                              int64_t needed, int64_t limit) {
-    int* code = &record->code;
-    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
-        static_cast<int>(ErrorCode::kNone))
-        return;
-    record->rank = rank;
-    record->channel = -1;
-    record->site = static_cast<int>(site);
-    record->waited_ns = 0;
-    record->needed = needed;
-    record->limit = limit;
-    ptx::st_release_sys(code, static_cast<int>(ErrorCode::kCapacity));
+    record_device_value_error(record, ErrorCode::kCapacity, rank, -1, site, needed, limit);
+}
+
+// Records an expert id outside [-1, num_experts) that the host did not check (no host sync): the kernel skips that
+// choice, as it does -1, instead of indexing past its arrays, and the host raises at the next call.
+__device__ __forceinline__ void record_device_expert_id_error(DeviceErrorRecord* record, int rank, int token_idx,
+                                                              WaitSite site, int64_t expert_idx, int num_experts) {
+    record_device_value_error(record, ErrorCode::kInvalidInput, rank, token_idx, site, expert_idx, num_experts);
 }
 
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or

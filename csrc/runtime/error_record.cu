@@ -49,6 +49,13 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
                                          r->rank, "; recreate the Buffer); noticed by ", what,
                                          r->timed_out != 0 ? "; a device wait timed out after it too" : ""));
     }
+    if (*code == static_cast<int>(ErrorCode::kInvalidInput)) {
+        throw EPException(detail::concat(wait_site_name(r->site), ": expected expert ids in [-1, ", r->limit,
+                                         ") (-1 = none), got ", r->needed, " (token ", r->channel, ", on rank ",
+                                         r->rank, "; unchecked on the host under CUDA-graph capture or "
+                                         "DEEP_EP_PY_SKIP_VALUE_CHECKS, the kernel skipped that choice); noticed by ",
+                                         what));
+    }
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
                                             ", waiting for ", wait_site_name(r->site), " (site ", r->site,
                                             ") after ", static_cast<double>(r->waited_ns) * 1e-9,

@@ -542,6 +542,64 @@ def _mask_case(ctx) -> None:
     kernels.check_device_errors("after unmask")
 
 
+def _expert_id_out_of_range_case(ctx) -> None:
+    """Expert ids outside [-1, E) that reach the kernels unchecked (Buffer checks them on the host, except under
+    CUDA-graph capture or DEEP_EP_PY_SKIP_VALUE_CHECKS): the kernels skip the choice as if it were -1, instead of
+    indexing past their arrays and the peers, and record it for a DeepEPError naming the id, the token and the rank
+    at the next check. Every other row and sum is exact, and the buffer stays in step for the next call."""
+    from deep_ep_py.errors import DeepEPError, DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    clean = make_inputs(500, num_ranks, num_experts, empty_rank=None)
+    bad_dispatch_id, bad_combine_id = num_experts + 3, -7
+    # Rank 0's token 0 picks an expert past the last one at dispatch (slot 0); what every rank must see is a -1.
+    x, topk, weights = clean[0]
+    sent_topk, seen_topk = topk.clone(), topk.clone()
+    sent_topk[0, 0], seen_topk[0, 0] = bad_dispatch_id, -1
+    clean[0] = (x, seen_topk, weights)
+    inputs = [(x, sent_topk, weights), *clean[1:]]
+
+    def expect_record(what: str, site: str, bad_id: int) -> None:
+        try:
+            kernels.check_device_errors(what)
+        except DeepEPTimeoutError:
+            raise
+        except DeepEPError as exc:
+            message = str(exc)
+        else:
+            message = ""
+        if rank != 0:
+            assert message == "", f"rank {rank} {what}: unexpected device error {message!r}"
+            return
+        want = f"{site}: expected expert ids in [-1, {num_experts}) (-1 = none), got {bad_id} (token 0, on rank 0"
+        assert want in message, f"rank 0 {what}: expected {want!r}, got {message!r}"
+
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    expect_record("the dispatch", "topk_idx of low_latency_dispatch", bad_dispatch_id)
+    check_dispatch(result, clean, rank, EXPERTS_PER_RANK, "bf16", what="past the last expert")
+
+    # The combine's own topk_idx: token 0's slot 0 (not dispatched) as -7, out of range the other way.
+    x, topk, weights = clean[rank]
+    combine_topk = topk.clone()
+    if rank == 0:
+        combine_topk[0, 0] = bad_combine_id
+    expert_x = on_kernel_device(expert_outputs_for(result[3], clean, EXPERTS_PER_RANK, num_ranks))
+    combined, _ = kernels.low_latency_combine(
+        expert_x, on_kernel_device(combine_topk), on_kernel_device(weights), result[3], False, False, None, None
+    )
+    ep_device.synchronize()
+    expect_record("the combine", "topk_idx of low_latency_combine", bad_combine_id)
+    want = expected_combine(x, topk, weights, set(), EXPERTS_PER_RANK)
+    torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
+
+    # The next call, with ids in range, on every rank: nothing was left out of step.
+    again = make_inputs(501, num_ranks, num_experts)
+    check_dispatch(_dispatch(kernels, again, rank, num_experts, "fp8"), again, rank, EXPERTS_PER_RANK, "fp8")
+    kernels.check_device_errors("the call after")
+
+
 def _timeout_case(ctx) -> str:
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
@@ -640,6 +698,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase(f"shape_{shape}", _shape_case, (shape,)))
         for fmt in selected("test_two_calls_in_flight", "fmt", num_ranks=num_ranks):
             cases.append(BatchCase(f"two_in_flight_{fmt}", _two_in_flight_case, (fmt,)))
+        if selected("test_expert_id_out_of_range", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("expert_id_out_of_range", _expert_id_out_of_range_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -694,6 +754,10 @@ def test_shapes(require_gpu, gpu_batch, num_ranks, shape):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 def test_two_calls_in_flight(require_gpu, gpu_batch, num_ranks, fmt):
     _batch(gpu_batch, num_ranks)[f"two_in_flight_{fmt}"].assert_passed()
+
+
+def test_expert_id_out_of_range(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["expert_id_out_of_range"].assert_passed()
 
 
 @pytest.mark.parametrize("call", ["dispatch", "combine"])
