@@ -50,6 +50,7 @@ enum class WaitSite : int {
     // Input records (ErrorCode::kInvalidInput): needed = the value, limit = the bound, channel = the token.
     kTopkIdxLowLatencyDispatch = 40,
     kTopkIdxLowLatencyCombine = 41,
+    kTopkIdxLayout = 42,
 };
 
 inline const char* wait_site_name(int site) {
@@ -85,6 +86,7 @@ inline const char* wait_site_name(int site) {
             return "num_worst_tokens: the value rank <rank> passed";
         case WaitSite::kTopkIdxLowLatencyDispatch: return "topk_idx of low_latency_dispatch";
         case WaitSite::kTopkIdxLowLatencyCombine: return "topk_idx of low_latency_combine";
+        case WaitSite::kTopkIdxLayout: return "topk_idx of get_dispatch_layout";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

@@ -46,6 +46,7 @@ class CudaBackend(ReferenceBackend):
         self.internode = None
         self.low_latency = None
         self.nvshmem = None
+        self._layout_errors = None  # the layout kernel's ErrorRecord, made at its first call
         self._warned_no_normal_kernels = False
         if not unverified_kernels_enabled():
             return
@@ -97,6 +98,15 @@ class CudaBackend(ReferenceBackend):
         num_tokens, num_topk = topk_idx.shape
         device = topk_idx.device
         num_ranks = self.num_ranks
+        # Ids the host did not check (no sync: CUDA-graph capture, DEEP_EP_PY_SKIP_VALUE_CHECKS) and the kernel
+        # found out of range, in an earlier call: raised here, once.
+        if self._layout_errors is None:
+            self._layout_errors = self._C.ErrorRecord()
+        elif self._layout_errors.has_error():
+            try:
+                self._layout_errors.check("get_dispatch_layout (an earlier call's topk_idx)")
+            finally:
+                self._layout_errors.reset()
         num_nodes = self.topology.num_nodes
         num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
         num_tokens_per_rdma_rank = torch.empty(num_nodes, dtype=torch.int32, device=device) if num_nodes > 1 else None
@@ -114,6 +124,8 @@ class CudaBackend(ReferenceBackend):
             num_tokens_per_expert.data_ptr(),
             is_token_in_rank.data_ptr(),
             current_stream(device).cuda_stream,
+            self._layout_errors.device_ptr,
+            self.rank,
         )
         return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
 

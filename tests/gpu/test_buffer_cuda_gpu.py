@@ -116,8 +116,38 @@ def _compare(rank: int, num_ranks: int) -> None:
     for e, (g, w) in enumerate(zip(got_rows, want_rows)):
         assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: rows of local expert {e} differ after the rebuild"
     torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
     rebuilt.destroy()
     finalize_nvshmem()
+
+
+def _check_unchecked_id_raises_next_layout(buffer, topk_idx, num_experts: int, rank: int) -> None:
+    """With the host's id check off (DEEP_EP_PY_SKIP_VALUE_CHECKS, as under CUDA-graph capture), an id past the
+    last expert reaches the layout kernel: it skips that choice, and the Buffer's next get_dispatch_layout raises
+    DeepEPError naming it; the one after is clean again."""
+    import os
+
+    from deep_ep_py.backends.cuda import unverified_kernels_enabled
+    from deep_ep_py.errors import DeepEPError
+
+    if not unverified_kernels_enabled():
+        return  # the reference layout on GPU tensors, which indexes with the ids: the host check is its guard
+    bad = topk_idx.clone()
+    bad[0, 0] = num_experts + 1
+    os.environ["DEEP_EP_PY_SKIP_VALUE_CHECKS"] = "1"
+    try:
+        buffer.get_dispatch_layout(bad, num_experts)
+        ep_device.synchronize()
+    finally:
+        del os.environ["DEEP_EP_PY_SKIP_VALUE_CHECKS"]
+    want = f"expected expert ids in [-1, {num_experts}) (-1 = none), got {num_experts + 1} (token 0, on rank {rank}"
+    try:
+        buffer.get_dispatch_layout(topk_idx, num_experts)
+    except DeepEPError as exc:
+        assert want in str(exc), f"rank {rank}: expected {want!r}, got {exc}"
+    else:
+        raise AssertionError(f"rank {rank}: the id {num_experts + 1} past the last expert went unreported")
+    buffer.get_dispatch_layout(topk_idx, num_experts)
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])

@@ -4,6 +4,8 @@ CPU emulator in the pytest process (require_gpu sets DEEP_EP_PY_EMULATE_DEVICE=1
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from kernel_device import on_kernel_device, tier_device
 
@@ -110,6 +112,41 @@ def test_dispatch_layout_matches_reference(
     generator = torch.Generator().manual_seed(num_tokens * 7919 + num_experts)
     topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, generator)
     _check_layout_kernel(topk_idx_cpu, num_experts, num_ranks, num_ranks_per_node, "single process")
+
+
+@pytest.mark.parametrize("bad_id", [64 + 5, -3])
+def test_dispatch_layout_skips_and_records_an_id_out_of_range(require_gpu, bad_id):
+    """An id outside [-1, E) that reached the kernel unchecked (no host sync under CUDA-graph capture or
+    DEEP_EP_PY_SKIP_VALUE_CHECKS) counts as -1, and the error record names it, its token and the rank."""
+    from deep_ep_py.errors import DeepEPError
+
+    ext = _ext.load_extension()
+    num_tokens, num_topk, num_experts, num_ranks = 300, 8, 64, 8
+    topk_idx_cpu = random_topk_idx(num_tokens, num_topk, num_experts, torch.Generator().manual_seed(5))
+    seen = topk_idx_cpu.clone()
+    seen[217, 3] = -1
+    topk_idx_cpu[217, 3] = bad_id
+    device = ep_device.kernel_device()
+    per_rank = torch.full((num_ranks,), POISON_INT, dtype=torch.int32, device=device)
+    per_expert = torch.full((num_experts,), POISON_INT, dtype=torch.int32, device=device)
+    in_rank = torch.ones((num_tokens, num_ranks), dtype=torch.bool, device=device)
+    record = ext.ErrorRecord()
+    ext.get_dispatch_layout(
+        on_kernel_device(topk_idx_cpu).data_ptr(), num_tokens, num_topk, num_experts, num_ranks, 8,
+        per_rank.data_ptr(), 0, per_expert.data_ptr(), in_rank.data_ptr(), ep_device.current_stream().cuda_stream,
+        record.device_ptr, 3,
+    )  # fmt: skip
+    ep_device.synchronize()
+    ref_per_rank, _, ref_per_expert, ref_in_rank = reference_layout(seen, num_experts, num_ranks, 8)
+    assert torch.equal(per_rank.cpu(), ref_per_rank)
+    assert torch.equal(per_expert.cpu(), ref_per_expert)
+    assert torch.equal(in_rank.cpu(), ref_in_rank)
+    want = (
+        f"topk_idx of get_dispatch_layout: expected expert ids in [-1, 64) (-1 = none), got {bad_id} "
+        "(token 217, on rank 3"
+    )
+    with pytest.raises(DeepEPError, match=re.escape(want)):
+        record.check("the test")
 
 
 def test_dispatch_layout_runs_on_the_given_stream(require_gpu):
