@@ -34,7 +34,7 @@ class Row:
     """One measured path at one rank count."""
 
     path: str  # "dispatch", "combine", "internode_dispatch", "internode_combine", "ll_dispatch", "ll_combine", ...
-    mode: str  # "normal", "internode" or "low_latency"
+    mode: str  # a bench.settings mode: "normal", "one_copy", "internode", "internode_puts" or "low_latency"
     ranks: int
     backend: str
     dtype: str  # payload dtype on the wire: "bf16" or "fp8"

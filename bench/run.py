@@ -5,6 +5,9 @@ Paths (each a row per rank count):
 - internode mode: the same three calls on the same data (same seed), the ranks emulating ``--nodes`` nodes
   (``num_ranks_per_node`` = ranks / nodes, as DEEP_EP_PY_RANKS_PER_NODE does), so they run the hierarchical path
   ("internode_dispatch", "internode_combine"); rank counts that are not a multiple of ``--nodes`` get none;
+- internode_puts mode (by name in ``--paths`` only): the internode rows again with every transfer between nodes an
+  NVSHMEM put with signal (DEEP_EP_PY_EMULATE_NETWORK=1), the path a NIC takes, where on one host the internode
+  rows store through P2P mappings ("internode_puts_dispatch", "internode_puts_combine");
 - low-latency mode, ``--ll-tokens`` per rank: dispatch fp8 and combine bf16, each with and without
   ``return_recv_hook`` (with the hook, the timed region is the call plus ``hook()``; "send us" is the call alone);
 - with ``--device cuda`` and the low-latency kernels active (DEEP_EP_PY_UNVERIFIED_KERNELS=1): one dispatch (fp8)
@@ -55,6 +58,7 @@ from bench.settings import (
     CASES,
     DEEPEP_V1_NUM_SMS,
     DEFAULT_ITERS,
+    DEFAULT_MODES,
     DEFAULT_NODES,
     DEFAULT_ROOF_BYTES,
     DEVICES,
@@ -63,8 +67,10 @@ from bench.settings import (
     EMULATOR_NOTE,
     GRAPH_PATH,
     INTERNODE,
+    INTERNODE_PUTS,
     LOW_LATENCY,
     MODES,
+    NORMAL_PATH_PREFIXES,
     ONE_COPY,
     QUICK,
     REPO_DIR,
@@ -112,7 +118,8 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
         hbm = results[0]["hbm_reported"]
         if hbm is None:
             node_rows_per_row = internode["num_node_rows"] / num_rows if internode and num_rows else None
-            hbm = hbm_bytes_per_payload_byte(path, kernels_active, rows_per_token, node_rows_per_row)
+            net_rows_per_row = internode["num_net_rows"] / num_rows if internode and num_rows else None
+            hbm = hbm_bytes_per_payload_byte(path, kernels_active, rows_per_token, node_rows_per_row, net_rows_per_row)
         row = report.Row(
             path=path,
             mode=mode,
@@ -178,6 +185,7 @@ def _internode_figures(
     net_gbps = [result["net_bytes"] / r.median_s / 1e9 for result, r in zip(results, rank_results)]
     return {
         "num_node_rows": sum(result["num_node_rows"] for result in results),
+        "num_net_rows": sum(result["num_net_rows"] for result in results),
         "per_rank_net_bytes": [result["net_bytes"] for result in results],
         "net_gbps": sum(net_gbps) / len(net_gbps),
         "vs_intranode": vs_intranode,
@@ -187,7 +195,7 @@ def _internode_figures(
 def _vs_intranode(path: str, dtype: str, per_rank: list[dict], reduced: dict) -> float | None:
     """The intranode (two-copy) row's time of the same call on the same data over this row's, for the internode and
     one-copy rows; None for the others, and where that row was not run."""
-    for prefix in ("internode_", "one_copy_"):
+    for prefix in NORMAL_PATH_PREFIXES.values():
         if path.startswith(prefix):
             key = (path.removeprefix(prefix), dtype, False)
             break
@@ -244,12 +252,18 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
         " bytes / time (fp8: H*(1+4/128) B a row, bf16: H*2 B)"
     )
     notes.append(f"normal dispatch timed with a {cfg.dispatch_handle} handle; ll_combine after an untimed dispatch")
-    if any(row.mode == INTERNODE for row in rows):
+    if any(row.mode in (INTERNODE, INTERNODE_PUTS) for row in rows):
         notes.append(
             f"internode_*: the ranks play {cfg.nodes} nodes (ranks / {cfg.nodes} per node) on the normal rows' data;"
             " GB/s = received rows, all delivered inside the node (NVLink bytes); net GB/s = rows crossing nodes, a"
             " token once per other node (network bytes); vs intranode = intranode time / internode time (>= 1:"
             " no slower)"
+        )
+    if any(row.mode == INTERNODE_PUTS for row in rows):
+        notes.append(
+            "internode_puts_*: the same, with every transfer between nodes an NVSHMEM put with signal"
+            " (DEEP_EP_PY_EMULATE_NETWORK=1), the path a NIC takes; internode_* stores through P2P mappings where"
+            " the peer is mapped, as every PE of one host is"
         )
     if any(row.mode == ONE_COPY for row in rows):
         notes.append(
@@ -299,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-tokens", type=int, default=None, help=f"low-latency tokens per rank ({STANDARD['ll_tokens']})")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per path")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per path")
-    p.add_argument("--paths", default=",".join(MODES), help=f"modes to run, a subset of {','.join(MODES)}")
+    p.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_MODES),
+        help=f"modes to run, a subset of {','.join(MODES)} (default: {','.join(DEFAULT_MODES)})",
+    )
     p.add_argument(
         "--nodes",
         type=int,

@@ -16,10 +16,17 @@ LOW_LATENCY = "low_latency"
 # Normal mode on the same data with R ranks emulating --nodes nodes (num_ranks_per_node = R / nodes, as
 # DEEP_EP_PY_RANKS_PER_NODE does): the hierarchical path, next to the intranode rows of the same rank count.
 INTERNODE = "internode"
+# The internode mode with every transfer between nodes through NVSHMEM puts and signals (DEEP_EP_PY_EMULATE_NETWORK=1),
+# the path a NIC takes: on one host the kernels otherwise store straight through P2P mappings between "nodes" too.
+INTERNODE_PUTS = "internode_puts"
 # Normal mode on the same data with a receive arena (Buffer's num_recv_arena_bytes): the one-copy paths of the
 # intranode kernels.
 ONE_COPY = "one_copy"
-MODES = (NORMAL, ONE_COPY, INTERNODE, LOW_LATENCY)
+MODES = (NORMAL, ONE_COPY, INTERNODE, INTERNODE_PUTS, LOW_LATENCY)
+# Without --paths: the puts rows only differ from the internode rows on the kernels, so they are asked for by name.
+DEFAULT_MODES = (NORMAL, ONE_COPY, INTERNODE, LOW_LATENCY)
+# Path prefixes of the modes whose rows repeat the normal-mode calls on the same data (longest first).
+NORMAL_PATH_PREFIXES = {INTERNODE_PUTS: "internode_puts_", INTERNODE: "internode_", ONE_COPY: "one_copy_"}
 DEFAULT_NODES = 2
 GRAPH_PATH = "ll_dispatch+combine graph"
 GRAPH_DTYPE = "fp8+bf16"  # fp8 dispatch, bf16 combine
@@ -34,6 +41,9 @@ CASES: tuple[tuple[str, str, str, bool], ...] = (
     ("internode_dispatch", INTERNODE, "bf16", False),
     ("internode_dispatch", INTERNODE, "fp8", False),
     ("internode_combine", INTERNODE, "bf16", False),
+    ("internode_puts_dispatch", INTERNODE_PUTS, "bf16", False),
+    ("internode_puts_dispatch", INTERNODE_PUTS, "fp8", False),
+    ("internode_puts_combine", INTERNODE_PUTS, "bf16", False),
     ("ll_dispatch", LOW_LATENCY, "fp8", False),
     ("ll_dispatch+hook", LOW_LATENCY, "fp8", True),
     ("ll_combine", LOW_LATENCY, "bf16", False),
@@ -90,6 +100,10 @@ BYTES_PER_CHANNEL = {
 #             the source reads it (1); per token: the source writes the output (1)
 #                                                                  = 3 per row, 2 per node row, 1 per token.
 #             One round; further rounds add a float32 partial per token, not counted (as intranode).
+#   internode_puts (DEEP_EP_PY_EMULATE_NETWORK=1): a row bound for another node is written into the sender's own
+#             send slot (1) and put from there (1 more read) before it lands in the peer (dispatch: the source's
+#             row for a forwarder; combine: the forwarder's partial sum for the source) = +2 per node row that
+#             crosses nodes (a "net row"), on top of the figures above.
 # Low-latency kernels (csrc/low_latency, the P2P/same-GPU path; the bench's LL dispatch is fp8, F = 1 + 4/128):
 #   dispatch: per token, the cast reads x in bf16 (2H = 2/F payload rows) and writes the fp8 message into the send
 #             area (1); per (token, expert) row, the sender reads the send-area message (1) and writes the peer's
@@ -109,6 +123,7 @@ class HbmDesign(NamedTuple):
     per_row: float
     per_token: float
     per_node_row: float = 0.0
+    per_net_row: float = 0.0  # in units of one payload row, per (token, node) row that crosses nodes
 
 
 _INTRANODE_DISPATCH = HbmDesign(4.0, 0.0)
@@ -117,6 +132,8 @@ _ONE_COPY_DISPATCH = HbmDesign(2.0, 0.0)
 _ONE_COPY_COMBINE = HbmDesign(1.0, 1.0)
 _INTERNODE_DISPATCH = HbmDesign(2.0, 0.0, 2.0)
 _INTERNODE_COMBINE = HbmDesign(3.0, 1.0, 2.0)
+_INTERNODE_PUTS_DISPATCH = HbmDesign(2.0, 0.0, 2.0, 2.0)
+_INTERNODE_PUTS_COMBINE = HbmDesign(3.0, 1.0, 2.0, 2.0)
 _LL_DISPATCH_FP8 = HbmDesign(4.0, 1.0 + timing.BF16_BYTES_PER_CHANNEL / timing.FP8_BYTES_PER_CHANNEL)
 _LL_COMBINE = HbmDesign(3.0, 1.0)
 HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
@@ -126,6 +143,8 @@ HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
     ("one_copy_combine", True): _ONE_COPY_COMBINE,
     ("internode_dispatch", True): _INTERNODE_DISPATCH,
     ("internode_combine", True): _INTERNODE_COMBINE,
+    ("internode_puts_dispatch", True): _INTERNODE_PUTS_DISPATCH,
+    ("internode_puts_combine", True): _INTERNODE_PUTS_COMBINE,
     ("ll_dispatch", True): _LL_DISPATCH_FP8,
     ("ll_dispatch+hook", True): _LL_DISPATCH_FP8,
     ("ll_combine", True): _LL_COMBINE,
@@ -135,10 +154,14 @@ HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
 
 
 def hbm_bytes_per_payload_byte(
-    path: str, kernels_active: bool, rows_per_token: float | None, node_rows_per_row: float | None = None
+    path: str,
+    kernels_active: bool,
+    rows_per_token: float | None,
+    node_rows_per_row: float | None = None,
+    net_rows_per_row: float | None = None,
 ) -> float | None:
-    """HBM_BYTES_BY_DESIGN evaluated for a run's rows per token (and node rows per row, for the paths that need
-    it); None where not known (or no rows)."""
+    """HBM_BYTES_BY_DESIGN evaluated for a run's rows per token (and node rows and net rows per row, for the paths
+    that need them); None where not known (or no rows)."""
     if not kernels_active or not rows_per_token or rows_per_token <= 0:
         return None
     if path == GRAPH_PATH:
@@ -151,9 +174,14 @@ def hbm_bytes_per_payload_byte(
     figure = HBM_BYTES_BY_DESIGN.get((path, True))
     if figure is None:
         return None
-    if figure.per_node_row and node_rows_per_row is None:
+    if (figure.per_node_row and node_rows_per_row is None) or (figure.per_net_row and net_rows_per_row is None):
         return None
-    return figure.per_row + figure.per_token / rows_per_token + figure.per_node_row * (node_rows_per_row or 0.0)
+    return (
+        figure.per_row
+        + figure.per_token / rows_per_token
+        + figure.per_node_row * (node_rows_per_row or 0.0)
+        + figure.per_net_row * (net_rows_per_row or 0.0)
+    )
 
 
 # Sizes: the standard settings (targets.md) and --quick (finishes in well under a minute on a 2-core CPU).

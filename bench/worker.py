@@ -22,8 +22,10 @@ from bench.settings import (
     GRAPH_DTYPE,
     GRAPH_PATH,
     INTERNODE,
+    INTERNODE_PUTS,
     LOW_LATENCY,
     NORMAL,
+    NORMAL_PATH_PREFIXES,
     ONE_COPY,
     BenchConfig,
     log,
@@ -32,8 +34,18 @@ from bench.settings import (
 
 # The environment variable that makes one machine play several nodes (deep_ep_py.config.RANKS_PER_NODE_ENV).
 RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
+# The one that makes the internode kernels reach other nodes through NVSHMEM puts only (csrc/internode/notify.cu).
+EMULATE_NETWORK_ENV = "DEEP_EP_PY_EMULATE_NETWORK"
 # The Buffer backend's kernel module that runs each mode (None on it: the mode takes the reference fallback).
-KERNEL_MODULES = {NORMAL: "intranode", ONE_COPY: "intranode", INTERNODE: "internode", LOW_LATENCY: "low_latency"}
+KERNEL_MODULES = {
+    NORMAL: "intranode",
+    ONE_COPY: "intranode",
+    INTERNODE: "internode",
+    INTERNODE_PUTS: "internode",
+    LOW_LATENCY: "low_latency",
+}
+# The modes whose ranks play cfg.nodes nodes.
+NODE_MODES = (INTERNODE, INTERNODE_PUTS)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-rank side: runs inside each launched process.
@@ -114,18 +126,25 @@ def internode_skip_reason(cfg: BenchConfig, num_ranks: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _ranks_per_node_env(ranks_per_node: int) -> Iterator[None]:
-    """DEEP_EP_PY_RANKS_PER_NODE set for the internode mode only (a rank runs its modes one after the other): the
-    Buffer's size hints and its config checks then assume the emulated nodes, as the Buffer's topology does."""
-    previous = os.environ.get(RANKS_PER_NODE_ENV)
-    os.environ[RANKS_PER_NODE_ENV] = str(ranks_per_node)
+def _mode_env(mode: str, cfg: BenchConfig, num_ranks: int) -> Iterator[None]:
+    """The variables a mode runs under, set for it only (a rank runs its modes one after the other): for the modes
+    that play nodes, DEEP_EP_PY_RANKS_PER_NODE (the Buffer's size hints and its config checks then assume the
+    emulated nodes, as the Buffer's topology does), and for the puts rows DEEP_EP_PY_EMULATE_NETWORK."""
+    updates = {}
+    if mode in NODE_MODES:
+        updates[RANKS_PER_NODE_ENV] = str(num_ranks // cfg.nodes)
+    if mode == INTERNODE_PUTS:
+        updates[EMULATE_NETWORK_ENV] = "1"
+    previous = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[RANKS_PER_NODE_ENV]
-        else:
-            os.environ[RANKS_PER_NODE_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def _all_ranks_agree(ok: bool) -> bool:
@@ -254,7 +273,7 @@ def _normal_paths(
     }
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, config=dispatch_config, **layout)
     num_recv_tokens = int(recv_x.shape[0])
-    traffic = _node_traffic(is_token_in_rank, cfg.nodes, dist.get_rank()) if mode == INTERNODE else None
+    traffic = _node_traffic(is_token_in_rank, cfg.nodes, dist.get_rank()) if mode in NODE_MODES else None
 
     def dispatch_fn(payload) -> Callable[[], None]:
         def run() -> None:
@@ -268,7 +287,7 @@ def _normal_paths(
     def combine() -> None:
         buffer.combine(recv_x, handle, config=combine_config)
 
-    prefix = {INTERNODE: "internode_", ONE_COPY: "one_copy_"}.get(mode, "")
+    prefix = NORMAL_PATH_PREFIXES.get(mode, "")
     paths = {
         (f"{prefix}dispatch", "bf16", False): (dispatch_fn(x), None, num_recv_tokens),
         (f"{prefix}dispatch", "fp8", False): (dispatch_fn(x_fp8), None, num_recv_tokens),
@@ -470,13 +489,12 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         "notes": [],  # lines for the table's notes (graph replay skipped or failed)
     }
     for mode in cfg.modes:
-        if mode == INTERNODE:
+        if mode in NODE_MODES:
             skip_reason = internode_skip_reason(cfg, num_ranks)
             if skip_reason is not None:
-                out["notes"].append(f"internode rows: skipped ({skip_reason})")
+                out["notes"].append(f"{mode} rows: skipped ({skip_reason})")
                 continue
-        emulated_nodes = _ranks_per_node_env(num_ranks // cfg.nodes) if mode == INTERNODE else contextlib.nullcontext()
-        with emulated_nodes:
+        with _mode_env(mode, cfg, num_ranks):
             _run_mode(mode, cfg, rank, num_ranks, device, out)
     # Every mode's Buffer joined the NVSHMEM the first one started; it ends here, in step on every rank, rather
     # than at the process's exit.
@@ -566,5 +584,6 @@ def _path_result(
         "num_rows": num_recv_rows,
         "num_tokens": num_tokens,
         "num_node_rows": traffic.num_node_rows if traffic is not None else None,
+        "num_net_rows": traffic.num_net_rows if traffic is not None else None,
         "net_bytes": traffic.num_net_rows * cfg.hidden * BYTES_PER_CHANNEL[dtype] if traffic is not None else None,
     }

@@ -619,16 +619,19 @@ bench_step() {  # rank count
     fi
 }
 
-# The internode rows next to the intranode rows of the same launch, data and rank count (the target: no slower).
+# The internode rows next to the intranode rows of the same launch, data and rank count (the target: no slower),
+# by P2P stores between the emulated nodes and by NVSHMEM puts (the path a NIC takes).
 bench_internode_step() {  # rank count
     local json="$LOG_DIR/bench_internode_r$1.json"
-    local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,internode" --nodes 2 --json "$json")
+    local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,internode,internode_puts" --nodes 2
+        --json "$json")
     [ "$QUICK" -eq 1 ] && args+=(--quick)
     run_step "bench_internode_r$1" "$STEP_TIMEOUT_S" \
         env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" "$PYTHON" -m bench "${args[@]}"
     if last_step_ran && [ "$LAST_RC" -eq 0 ]; then
         add_details "$json"
         add_details "$(speed_vs_intranode internode "$json" 2>&1 | tail -n 1)"
+        add_details "$(speed_vs_intranode internode_puts "$json" 2>&1 | tail -n 1)"
     fi
 }
 

@@ -43,7 +43,15 @@ EXPECTED_PATHS = [
 EMULATED_ARGS = [
     "--device", "emulated", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--ll-tokens", "16",
     "--experts", "64", "--topk", "4", "--warmup", "1", "--iters", "2", "--timeout-s", "240", "--roof-bytes", "1048576",
+    "--paths", "normal,one_copy,internode,internode_puts,low_latency",
 ]  # fmt: skip
+# With the puts rows (asked for by name) after the internode rows.
+INTERNODE_PUTS_PATHS = [(path.replace("internode_", "internode_puts_"), dtype) for path, dtype in INTERNODE_PATHS]
+EMULATED_PATHS = [
+    *EXPECTED_PATHS[: EXPECTED_PATHS.index(INTERNODE_PATHS[-1]) + 1],
+    *INTERNODE_PUTS_PATHS,
+    *EXPECTED_PATHS[EXPECTED_PATHS.index(INTERNODE_PATHS[-1]) + 1 :],
+]
 EMULATED_TIMEOUT_S = 270
 
 
@@ -68,8 +76,8 @@ def _check_path_figures(row: dict) -> None:
         assert math.isfinite(row["send_time_us"]) and 0 < row["send_time_us"] <= row["time_us"], row
     else:
         assert row["send_time_us"] is None, row
-    is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS
-    assert (row["mode"] == "internode") == is_internode, row
+    is_internode = (row["path"], row["dtype"]) in INTERNODE_PATHS + INTERNODE_PUTS_PATHS
+    assert (row["mode"] in ("internode", "internode_puts")) == is_internode, row
     if is_internode:
         # Every token leaves its node once per other node it goes to.
         assert row["extra"]["nodes"] == 2 and row["extra"]["ranks_per_node"] == 1, row
@@ -149,7 +157,7 @@ def test_bench_emulated_end_to_end(tmp_path):
     doc = json.loads(json_path.read_text())
     rows = doc["rows"]
     keys = [(row["path"], row["dtype"]) for row in rows]
-    assert keys == EXPECTED_PATHS, keys  # no graph row: the emulator has no CUDA graphs
+    assert keys == EMULATED_PATHS, keys  # no graph row: the emulator has no CUDA graphs
     for row in rows:
         assert row["ranks"] == 2 and row["backend"] == "cuda", row
         assert row["extra"]["produced_by"] == "kernels", row  # not the reference fallback
@@ -261,6 +269,7 @@ def _fake_result(
         "num_rows": num_rows,
         "num_tokens": num_tokens,
         "num_node_rows": node_rows[0] if node_rows else None,
+        "num_net_rows": node_rows[1] if node_rows else None,
         "net_bytes": node_rows[1] * 256 * BYTES_PER_CHANNEL[dtype] if node_rows else None,
     }
 
@@ -359,6 +368,25 @@ def test_bench_internode_rows():
     assert hbm_bytes_per_payload_byte("internode_dispatch", True, 5.0) is None
     notes = bench_run._notes(cfg, rows, [])
     assert any(note.startswith("internode_*: the ranks play 2 nodes") for note in notes), notes
+    assert not any(note.startswith("internode_puts_*") for note in notes), notes
+
+    # The puts rows: compared with the same intranode rows; a row that crosses nodes is written into the sender's
+    # send slot and put from there, 2 B more per net row: 2 + 2 * 96 / 160 + 2 * 40 / 160 for the dispatch.
+    puts_results = {
+        **results,
+        ("internode_puts_dispatch", "bf16", False): _fake_result(True, 160, 64, "bf16", 4e-4, node_rows=(96, 40)),
+        ("internode_puts_combine", "bf16", False): _fake_result(True, 160, 64, "bf16", 1e-4, node_rows=(96, 40)),
+    }
+    puts_rows = {row.path: row for row in bench_run._rows_for(4, cfg, [_fake_rank(puts_results)] * 4)}
+    puts_dispatch, puts_combine = puts_rows["internode_puts_dispatch"], puts_rows["internode_puts_combine"]
+    assert puts_dispatch.mode == "internode_puts" and puts_dispatch.extra["nodes"] == 2
+    assert math.isclose(puts_dispatch.net_gbps, 40 * 256 * 2 / 4e-4 / 1e9)
+    assert math.isclose(puts_dispatch.vs_intranode, 0.5) and math.isclose(puts_combine.vs_intranode, 1.0)
+    assert math.isclose(puts_dispatch.hbm_bytes_per_payload_byte, 2 + 2 * 96 / 160 + 2 * 40 / 160)
+    assert math.isclose(puts_combine.hbm_bytes_per_payload_byte, 3 + 2 * 96 / 160 + 2 * 40 / 160 + 64 / 160)
+    assert hbm_bytes_per_payload_byte("internode_puts_dispatch", True, 5.0, 1.0) is None  # needs the net rows
+    puts_notes = bench_run._notes(cfg, list(puts_rows.values()), [])
+    assert any(note.startswith("internode_puts_*: the same") for note in puts_notes), puts_notes
 
 
 def test_bench_node_traffic():

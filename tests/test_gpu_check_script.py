@@ -237,5 +237,6 @@ def test_dry_run_on_the_emulator(tmp_path):
     for step in ("bench_r2", "bench_internode_r2"):
         assert rows[step][0] == "PASS" and f"{step}.json" in rows[step][1], rows
     figures = (log_dir / "figures.txt").read_text()
-    for path in ("one_copy_dispatch", "ll_combine+hook", "internode_combine"):
+    for path in ("one_copy_dispatch", "ll_combine+hook", "internode_combine", "internode_puts_combine"):
         assert f"\n{path} " in figures, figures
+    assert "internode_puts vs intranode: 2 ranks dispatch bf16" in rows["bench_internode_r2"][1], rows
