@@ -221,7 +221,9 @@ class Buffer:
         return view.view(tuple(size)) if size is not None else view
 
     def destroy(self) -> None:
-        """Release the buffers now; the object is unusable afterwards."""
+        """Release the buffers now (collective); the object is unusable afterwards. NVSHMEM, where this Buffer
+        started it, stays up for the process's next Buffer over the same ranks: NVSHMEM cannot start twice in one
+        process (deep_ep_py.runtime.finalize_nvshmem() ends it; the process's exit releases it)."""
         if self._destroyed:
             return
         self._backend.barrier()
