@@ -23,6 +23,7 @@ import torch
 
 from .._ext import load_extension
 from ..config import Config
+from ..device import available as device_available
 from ..device import current_stream, is_kernel_tensor
 from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
@@ -46,7 +47,9 @@ class CudaBackend(ReferenceBackend):
         self.internode = None
         self.low_latency = None
         self.nvshmem = None
-        self._layout_errors = None  # the layout kernel's ErrorRecord, made at its first call
+        # Where the layout kernel records an expert id out of range. Made here, not at the first layout: pinned host
+        # allocations are not allowed while a CUDA graph is being captured. None where no kernel can run.
+        self._layout_errors = self._C.ErrorRecord() if self._C is not None and device_available() else None
         self._warned_no_normal_kernels = False
         if not unverified_kernels_enabled():
             return
@@ -100,9 +103,7 @@ class CudaBackend(ReferenceBackend):
         num_ranks = self.num_ranks
         # Ids the host did not check (no sync: CUDA-graph capture, DEEP_EP_PY_SKIP_VALUE_CHECKS) and the kernel
         # found out of range, in an earlier call: raised here, once.
-        if self._layout_errors is None:
-            self._layout_errors = self._C.ErrorRecord()
-        elif self._layout_errors.has_error():
+        if self._layout_errors.has_error():
             try:
                 self._layout_errors.check("get_dispatch_layout (an earlier call's topk_idx)")
             finally:
