@@ -155,15 +155,43 @@ def _all_ranks_agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def _buffer_bytes(cfg: BenchConfig, num_ranks: int, mode: str) -> tuple[int, int]:
+    """(num_nvl_bytes, num_rdma_bytes) of the mode's Buffer, from the size hints (run under _mode_env(mode))."""
+    import deep_ep_py
+
+    if mode == LOW_LATENCY:
+        return 0, deep_ep_py.Buffer.get_low_latency_rdma_size_hint(cfg.ll_tokens, cfg.hidden, num_ranks, cfg.experts)
+    hidden_bytes = cfg.hidden * 2
+    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
+    if mode not in NODE_MODES:
+        return num_nvl_bytes, 0
+    # The NVSHMEM bytes DeepEP's size hints ask for on the emulated nodes (_mode_env sets the ranks per node).
+    return num_nvl_bytes, max(config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
+
+
+def _size_nvshmem_heap(cfg: BenchConfig, num_ranks: int) -> None:
+    """NVSHMEM sizes its heap once, when the first Buffer that needs it starts it, and every later Buffer of the
+    process joins that heap: size it for the largest of the modes' Buffers (one at a time), unless the environment
+    has, before the first (the low-latency Buffer at the standard sizes needs more than an internode one)."""
+    from deep_ep_py.runtime import nvshmem_env_updates
+
+    largest = 0
+    for mode in cfg.modes:
+        with _mode_env(mode, cfg, num_ranks):
+            largest = max(largest, _buffer_bytes(cfg, num_ranks, mode)[1])
+    heap_size = nvshmem_env_updates(os.environ, num_symmetric_bytes=largest).get("NVSHMEM_SYMMETRIC_SIZE")
+    if heap_size is not None:
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = heap_size
+
+
 def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
     import deep_ep_py
 
     kwargs = {"backend": cfg.backend} if cfg.backend else {}
     group = dist.group.WORLD
+    num_nvl_bytes, num_rdma_bytes = _buffer_bytes(cfg, num_ranks, mode)
     if mode == LOW_LATENCY:
-        num_rdma_bytes = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(
-            cfg.ll_tokens, cfg.hidden, num_ranks, cfg.experts
-        )
         return deep_ep_py.Buffer(
             group,
             0,
@@ -173,9 +201,6 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
             explicitly_destroy=True,
             **kwargs,
         )
-    hidden_bytes = cfg.hidden * 2
-    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
-    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
     if mode == NORMAL:
         return deep_ep_py.Buffer(group, num_nvl_bytes, 0, explicitly_destroy=True, **kwargs)
     if mode == ONE_COPY:
@@ -187,8 +212,6 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
             num_recv_arena_bytes=_one_copy_arena_bytes(cfg, num_ranks),
             **kwargs,
         )
-    # Internode: the NVSHMEM bytes DeepEP's size hints ask for on the emulated nodes (_ranks_per_node_env is set).
-    num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for config in configs)
     return deep_ep_py.Buffer(
         group,
         num_nvl_bytes,
@@ -488,6 +511,7 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
         "results": {},
         "notes": [],  # lines for the table's notes (graph replay skipped or failed)
     }
+    _size_nvshmem_heap(cfg, num_ranks)
     for mode in cfg.modes:
         if mode in NODE_MODES:
             skip_reason = internode_skip_reason(cfg, num_ranks)

@@ -307,7 +307,46 @@ class _NvshmemWorld:
         self.env_set = env_set
         self.share_gpu = share_gpu
         self.heap_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "unset, NVSHMEM's default of 1 GiB")
+        # The heap's ceiling in bytes, fixed now (None where the setting does not parse: NVSHMEM alone judges).
+        self.heap_bytes = parse_nvshmem_size(
+            os.environ.get("NVSHMEM_SYMMETRIC_SIZE", str(NVSHMEM_DEFAULT_SYMMETRIC_BYTES))
+        )
         self.num_open_contexts = 0
+        self.num_requested_bytes = 0  # what the open contexts said they would malloc
+
+    def check_room(self, what: str, num_symmetric_bytes: int) -> None:
+        """DeepEPError, before any NVSHMEM call, where a joining context's bytes do not fit beside the open ones'
+        (every rank has the same state, so all of them raise)."""
+        if self.heap_bytes is None:
+            return
+        needed = self.num_requested_bytes + num_symmetric_bytes + NVSHMEM_SYMMETRIC_MARGIN_BYTES
+        if needed > self.heap_bytes:
+            raise DeepEPError(
+                f"{what}: {num_symmetric_bytes} bytes of NVSHMEM's symmetric heap do not fit: it holds "
+                f"{self.heap_bytes} (NVSHMEM_SYMMETRIC_SIZE={self.heap_size}), {self.num_requested_bytes} are taken "
+                f"by {self.num_open_contexts} open context(s) and {NVSHMEM_SYMMETRIC_MARGIN_BYTES} kept for "
+                "NVSHMEM's own objects. The heap is sized once, when NVSHMEM starts in the process: for Buffers of "
+                "several sizes in one process, set NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
+            )
+
+
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_nvshmem_size(text: str) -> int | None:
+    """Bytes of an NVSHMEM size setting as NVSHMEM reads it (a number, optionally with one k/m/g/t suffix, either
+    case: "1073741824", "2G", "1.5g"), or None where it does not parse."""
+    text = text.strip()
+    scale = 1
+    if text and text[-1].lower() in _SIZE_SUFFIXES:
+        scale, text = _SIZE_SUFFIXES[text[-1].lower()], text[:-1]
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not value >= 0 or value == float("inf"):
+        return None
+    return int(-(-value * scale // 1))
 
 
 # The running NVSHMEM instance, or None; and whether finalize_nvshmem() ended one (it cannot start again).
@@ -414,6 +453,8 @@ class NvshmemContext:
         states = [state for _, state in exchanged]
         if all(state == ("up", global_ranks) for state in states):
             world = _world
+            assert world is not None
+            world.check_room(what, num_symmetric_bytes)
         elif all(state == ("none",) for state in states):
             num_local_ranks = hosts.count(socket.gethostname())
             if share_gpu is None:
@@ -437,6 +478,8 @@ class NvshmemContext:
             raise DeepEPError(_world_conflict(what, global_ranks, states))
         assert world is not None
         world.num_open_contexts += 1
+        world.num_requested_bytes += num_symmetric_bytes
+        self._num_symmetric_bytes = num_symmetric_bytes
         self._world = world
         self._extension = extension
         self.rank = rank
@@ -512,6 +555,7 @@ class NvshmemContext:
             return
         self._finalized = True
         self._world.num_open_contexts -= 1
+        self._world.num_requested_bytes -= self._num_symmetric_bytes
         allocations, self._allocations = self._allocations, []
         for ptr in reversed(allocations):
             self._extension.nvshmem_free(ptr)

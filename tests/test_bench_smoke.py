@@ -389,6 +389,29 @@ def test_bench_internode_rows():
     assert any(note.startswith("internode_puts_*: the same") for note in puts_notes), puts_notes
 
 
+def test_bench_sizes_the_nvshmem_heap_for_its_largest_buffer(monkeypatch):
+    """NVSHMEM's heap is sized once per process, by the first Buffer that starts NVSHMEM: the bench's ranks size it
+    for the largest of their modes' Buffers first (the low-latency one at the standard sizes, 1.8 GB, after an
+    internode one of 72 MB would not fit), and leave a size the environment gives alone."""
+    from bench.settings import STANDARD, BenchConfig
+    from bench.worker import _size_nvshmem_heap
+    from deep_ep_py.config import low_latency_rdma_size_hint
+    from deep_ep_py.runtime import NVSHMEM_SYMMETRIC_MARGIN_BYTES
+
+    sizes = {key: STANDARD[key] for key in ("tokens", "hidden", "topk", "experts", "ll_tokens")}
+    cfg = BenchConfig(
+        **sizes, warmup=1, iters=2, modes=("normal", "internode", "low_latency"), device="cuda", backend="cuda",
+        dispatch_handle="cached", roof_bytes=1 << 20, seed=0, nodes=2,
+    )  # fmt: skip
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    _size_nvshmem_heap(cfg, 8)
+    low_latency = low_latency_rdma_size_hint(STANDARD["ll_tokens"], STANDARD["hidden"], 8, STANDARD["experts"])
+    assert int(os.environ["NVSHMEM_SYMMETRIC_SIZE"]) >= low_latency + NVSHMEM_SYMMETRIC_MARGIN_BYTES
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "3G")
+    _size_nvshmem_heap(cfg, 8)
+    assert os.environ["NVSHMEM_SYMMETRIC_SIZE"] == "3G"
+
+
 def test_bench_node_traffic():
     import torch
 

@@ -241,6 +241,17 @@ def test_peer_mapped_buffer_rejects_bad_sizes_first(num_bytes):
         runtime.PeerMappedBuffer(None, num_bytes)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1073741824", 1 << 30), ("2G", 2 << 30), ("1.5g", 3 << 29), ("20m", 20 << 20), ("3.1M", 3250586),
+     (" 64k ", 65536), ("0", 0), ("", None), ("12X", None), ("20kk", None), ("-1", None), ("nan", None),
+     ("inf", None)],
+)  # fmt: skip
+def test_parse_nvshmem_size(text, expected):
+    # NVSHMEM's own reading of NVSHMEM_SYMMETRIC_SIZE ('3.1M' is 3250586 in its docs); None: left to NVSHMEM.
+    assert runtime.parse_nvshmem_size(text) == expected
+
+
 def test_finalize_nvshmem_without_nvshmem_is_a_no_op():
     # Nothing started NVSHMEM in this process: nothing to end, and nothing collective runs.
     assert runtime.finalize_nvshmem() is False

@@ -209,7 +209,7 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     import torch.distributed as dist
 
-    from deep_ep_py import _ext
+    from deep_ep_py import _ext, runtime
     from deep_ep_py.errors import DeepEPError
     from deep_ep_py.runtime import (
         NvshmemContext,
@@ -262,6 +262,11 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     again.barrier()
     if ep_device.emulated():  # NVSHMEM's own answer to a request past its heap is not ours to test on a GPU
         _expect_raises(DeepEPError, again.malloc, 1 << 40, match="The heap is sized once")
+    # A context whose bytes do not fit beside the open ones' in the heap NVSHMEM sized at its start: refused on
+    # every rank before any NVSHMEM call, not left to nvshmem_align.
+    heap_bytes = runtime._world.heap_bytes
+    if heap_bytes is not None:
+        _expect_raises(DeepEPError, NvshmemContext, None, heap_bytes, match="do not fit")
     _expect_raises(DeepEPError, finalize_nvshmem, match="1 NvshmemContext(s) are still open")
     # A context over other ranks would get the running NVSHMEM's PE numbering: refused, naming both sets.
     subset = list(range(num_ranks - 1))
