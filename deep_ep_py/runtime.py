@@ -37,6 +37,7 @@ __all__ = [
     "device_bytes_view",
     "finalize_nvshmem",
     "nvshmem_env_updates",
+    "parse_nvshmem_size",
     "ranks_share_gpu",
 ]
 
