@@ -24,10 +24,10 @@ low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t erro
 // One binding serves the send and the receive launch of dispatch (the receive reads the output pointers).
 void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank,
                      uintptr_t x, uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t rank_mask, int format,
-                     uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t recv_x, uintptr_t recv_scales,
-                     uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range, uintptr_t recv_count,
-                     uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream,
-                     uintptr_t error_record, double timeout_s) {
+                     uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t recv_x,
+                     uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
+                     uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
+                     int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
     EP_HOST_ASSERT(format >= 0);
     EP_HOST_ASSERT(format <= static_cast<int>(low_latency::DispatchFormat::kFp8Ue8m0));
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
@@ -40,6 +40,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                                          as_ptr<void>(buffer),
                                          half_idx,
                                          as_ptr<int>(workspace),
+                                         as_ptr<int>(last_half),
                                          as_ptr<void>(recv_x),
                                          as_ptr<void>(recv_scales),
                                          as_ptr<int>(src_info),
@@ -59,8 +60,9 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
 void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank,
                     uintptr_t x, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                     uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask,
-                    uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t out, uintptr_t wait_recv_cost_stats,
-                    int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
+                    uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
+                    uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
+                    double timeout_s) {
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
     const low_latency::CombineArgs args{as_ptr<const void>(x),
                                         as_ptr<const int>(src_info),
@@ -74,6 +76,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                                         as_ptr<void>(buffer),
                                         half_idx,
                                         as_ptr<int>(workspace),
+                                        as_ptr<int>(last_half),
                                         as_ptr<void>(out),
                                         as_ptr<int64_t>(wait_recv_cost_stats)};
     const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s);
@@ -106,12 +109,13 @@ void register_low_latency(py::module_& m) {
     const auto dispatch_args = [](bool is_recv) {
         return [is_recv](int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank, uintptr_t x,
                          uintptr_t topk_idx, int num_tokens, int num_topk, uintptr_t rank_mask, int format,
-                         uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t recv_x, uintptr_t recv_scales,
-                         uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range, uintptr_t recv_count,
-                         uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats, int num_blocks,
-                         uintptr_t stream, uintptr_t error_record, double timeout_s) {
+                         uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t recv_x,
+                         uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
+                         uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
+                         int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
             dispatch_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, topk_idx, num_tokens,
-                            num_topk, rank_mask, format, buffer, half_idx, workspace, recv_x, recv_scales, src_info,
+                            num_topk, rank_mask, format, buffer, half_idx, workspace, last_half, recv_x, recv_scales,
+                            src_info,
                             src_topk_slot, layout_range, recv_count, cumulative_recv_stats, wait_recv_cost_stats,
                             num_blocks, stream, error_record, timeout_s);
         };
@@ -124,7 +128,8 @@ void register_low_latency(py::module_& m) {
               py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"),
               py::arg("num_experts"), py::arg("rank"), py::arg("x_ptr"), py::arg("topk_idx_ptr"),
               py::arg("num_tokens"), py::arg("num_topk"), py::arg("rank_mask_ptr"), py::arg("format"),
-              py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("recv_x_ptr"),
+              py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("last_half_ptr"),
+              py::arg("recv_x_ptr"),
               py::arg("recv_scales_ptr"), py::arg("src_info_ptr"), py::arg("src_topk_slot_ptr"),
               py::arg("layout_range_ptr"), py::arg("recv_count_ptr"), py::arg("cumulative_recv_stats_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
@@ -134,11 +139,13 @@ void register_low_latency(py::module_& m) {
         return [is_recv](int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank, uintptr_t x,
                          uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range, uintptr_t topk_idx,
                          uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask, uintptr_t buffer,
-                         int half_idx, uintptr_t workspace, uintptr_t out, uintptr_t wait_recv_cost_stats,
-                         int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
+                         int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
+                         uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
+                         double timeout_s) {
             combine_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, src_info, src_topk_slot,
                            layout_range, topk_idx, topk_weights, num_tokens, num_topk, rank_mask, buffer, half_idx,
-                           workspace, out, wait_recv_cost_stats, num_blocks, stream, error_record, timeout_s);
+                           workspace, last_half, out, wait_recv_cost_stats, num_blocks, stream, error_record,
+                           timeout_s);
         };
     };
     const char* combine_doc =
@@ -150,7 +157,8 @@ void register_low_latency(py::module_& m) {
               py::arg("num_experts"), py::arg("rank"), py::arg("x_ptr"), py::arg("src_info_ptr"),
               py::arg("src_topk_slot_ptr"), py::arg("layout_range_ptr"), py::arg("topk_idx_ptr"),
               py::arg("topk_weights_ptr"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("rank_mask_ptr"),
-              py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("out_ptr"),
+              py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("last_half_ptr"),
+              py::arg("out_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
               py::arg("error_record_ptr"), py::arg("timeout_s"), combine_doc);
     }

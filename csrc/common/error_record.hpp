@@ -51,6 +51,8 @@ enum class WaitSite : int {
     kTopkIdxLowLatencyDispatch = 40,
     kTopkIdxLowLatencyCombine = 41,
     kTopkIdxLayout = 42,
+    // A low-latency call on the buffer half of the call before it (needed = the half).
+    kLowLatencySameHalf = 43,
 };
 
 inline const char* wait_site_name(int site) {
@@ -87,6 +89,7 @@ inline const char* wait_site_name(int site) {
         case WaitSite::kTopkIdxLowLatencyDispatch: return "topk_idx of low_latency_dispatch";
         case WaitSite::kTopkIdxLowLatencyCombine: return "topk_idx of low_latency_combine";
         case WaitSite::kTopkIdxLayout: return "topk_idx of get_dispatch_layout";
+        case WaitSite::kLowLatencySameHalf: return "low-latency buffer half of the call before";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

@@ -35,6 +35,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
     const CombineArgs& args = p.args;
     const BufferLayout& layout = p.layout;
     const HalfPointers half(args.buffer, layout, args.half_idx);
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        check_halves_alternate(args.last_half, args.half_idx, p.launch.error_record, shape.rank);
     const int lane_idx = static_cast<int>(threadIdx.x) % 32;
     const int warp_idx = static_cast<int>(threadIdx.x) / 32;
     const int hidden = shape.hidden;
@@ -183,6 +185,7 @@ void check_combine(const Shape& shape, const CombineArgs& args, const Launch& la
     EP_HOST_ASSERT(reinterpret_cast<uintptr_t>(args.out) % 16 == 0);
     EP_HOST_ASSERT(args.buffer != nullptr);
     EP_HOST_ASSERT(args.workspace != nullptr);
+    EP_HOST_ASSERT(args.last_half != nullptr);
     EP_HOST_ASSERT(args.rank_mask != nullptr);
     EP_HOST_ASSERT((args.half_idx == 0 || args.half_idx == 1));
     EP_HOST_ASSERT(launch.num_blocks > 0);

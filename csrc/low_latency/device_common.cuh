@@ -42,4 +42,16 @@ __device__ __forceinline__ bool arrive_is_last_block(int* counter) {
     return is_last != 0;
 }
 
+// Called by one thread at the start of each call's first kernel. Each call uses the half after the previous one's,
+// which is what keeps a fast peer's next call out of the half this rank still reads. A CUDA graph replays the
+// halves chosen at its capture, so replays and eager calls can put two calls in a row on one half: recorded, for
+// the DeepEPError at the next check, instead of corrupting that call's rows unseen.
+__device__ __forceinline__ void check_halves_alternate(int* last_half, int half_idx, DeviceErrorRecord* record,
+                                                       int rank) {
+    const int previous = atomicExch(last_half, half_idx + 1);
+    if (previous == half_idx + 1)
+        record_device_value_error(record, ErrorCode::kInvalidInput, rank, -1, WaitSite::kLowLatencySameHalf, half_idx,
+                                  0);
+}
+
 }  // namespace ep::low_latency

@@ -51,6 +51,7 @@ struct DispatchArgs {
     void* buffer;             // symmetric buffer base (buffer_layout.hpp)
     int half_idx;             // 0 or 1
     int* workspace;           // int32 [workspace_ints(E)], zero between launches
+    int* last_half;           // int32 [1]: 1 + the half of this rank's previous call (any E), 0 after a clean
     // Receive outputs (written by dispatch_recv):
     void* recv_x;             // [L, R*M, H] bf16 or fp8
     void* recv_scales;        // float32 [L, H/128, R*M] or int32 [L, H/512, R*M] storage; nullptr for bf16
@@ -80,6 +81,7 @@ struct CombineArgs {
     void* buffer;
     int half_idx;
     int* workspace;
+    int* last_half;               // as in DispatchArgs
     void* out;                    // bf16 [T, H]
     int64_t* wait_recv_cost_stats;  // int64 [R] or nullptr
 };

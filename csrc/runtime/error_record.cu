@@ -49,6 +49,14 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
                                          r->rank, "; recreate the Buffer); noticed by ", what,
                                          r->timed_out != 0 ? "; a device wait timed out after it too" : ""));
     }
+    if (*code == static_cast<int>(ErrorCode::kInvalidInput) &&
+        r->site == static_cast<int>(WaitSite::kLowLatencySameHalf)) {
+        throw EPException(detail::concat(
+            "two low-latency calls in a row used buffer half ", r->needed, " on rank ", r->rank,
+            ": a CUDA graph replays the halves chosen at its capture, so capture an even number of low-latency "
+            "calls and make an even number of eager calls between replays (the second call's rows may be "
+            "corrupt); noticed by ", what));
+    }
     if (*code == static_cast<int>(ErrorCode::kInvalidInput)) {
         throw EPException(detail::concat(wait_site_name(r->site), ": expected expert ids in [-1, ", r->limit,
                                          ") (-1 = none), got ", r->needed, " (token ", r->channel, ", on rank ",

@@ -11,7 +11,8 @@ Each call uses the half of the buffer after the previous call's (dispatch and co
 most two calls' results pending (a hook not yet called counts), or a peer's third call overwrites the first. The
 half is chosen on the host, so a CUDA graph replays the halves it was captured with: capture an even number of
 low-latency calls (a dispatch and a combine per layer, as frameworks do) and make an even number of eager calls
-between replays, or two consecutive calls share a half and a fast peer writes into one its peers still read.
+between replays, or two consecutive calls share a half and a fast peer writes into one its peers still read. The
+kernels record such a pair (the half of the last call is kept on the device), and the next check raises.
 A timed-out wait (a dead or masked-on-one-side peer) leaves the kernels draining and the record filled in; the next
 call, hook, or :meth:`LowLatencyKernels.check_device_errors` raises DeepEPTimeoutError naming the waiting rank and,
 as the channel, the peer rank it waited for.
@@ -112,6 +113,9 @@ class LowLatencyKernels:
         self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._workspaces: dict[int, torch.Tensor] = {}
         self.buffer_idx = 0
+        # 1 + the half of the last call the device ran (any E): the kernels record two calls in a row on one half,
+        # which replays of a CUDA graph can make (csrc/low_latency/device_common.cuh check_halves_alternate).
+        self._last_half = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -251,6 +255,7 @@ class LowLatencyKernels:
             "buffer_ptr": self.buffer_ptr,
             "half_idx": half_idx,
             "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "last_half_ptr": self._last_half.data_ptr(),
             "recv_x_ptr": recv_x.data_ptr(),
             "recv_scales_ptr": recv_x_scales.data_ptr() if recv_x_scales is not None else 0,
             "src_info_ptr": src_info.data_ptr(),
@@ -350,6 +355,7 @@ class LowLatencyKernels:
             "buffer_ptr": self.buffer_ptr,
             "half_idx": half_idx,
             "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "last_half_ptr": self._last_half.data_ptr(),
             "out_ptr": _ptr(combined),
             "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
@@ -374,6 +380,7 @@ class LowLatencyKernels:
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
         for workspace in self._workspaces.values():
             workspace.zero_()
+        self._last_half.zero_()
         synchronize(self.device)
         self.error_record.reset()
         # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the

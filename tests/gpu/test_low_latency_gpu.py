@@ -600,6 +600,36 @@ def _expert_id_out_of_range_case(ctx) -> None:
     kernels.check_device_errors("the call after")
 
 
+def _same_half_twice_case(ctx) -> None:
+    """Two calls in a row on one buffer half, as replays of a CUDA graph that captured an odd number of calls make
+    (here by setting the host's half back, with every rank in step so that nothing races): the kernels record it and
+    the next check raises DeepEPError saying what to capture, on every rank. After clean_low_latency_buffer the
+    calls start over on half 0 without a report."""
+    from deep_ep_py.errors import DeepEPError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    inputs = make_inputs(600, num_ranks, num_experts)
+    for call in range(2):
+        half = kernels.buffer_idx
+        result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+        check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what=f"call {call} on half {half}")
+        ctx.barrier()
+        kernels.buffer_idx = half  # the next call on the same half
+    try:
+        kernels.check_device_errors("the second call on half 0")
+    except DeepEPError as exc:
+        want = f"two low-latency calls in a row used buffer half 0 on rank {rank}: a CUDA graph replays"
+        assert want in str(exc), f"rank {rank}: expected {want!r}, got {exc}"
+    else:
+        raise AssertionError(f"rank {rank}: two calls in a row on half 0 went unreported")
+    kernels.clean_low_latency_buffer()
+    for fmt in ("fp8", "bf16"):
+        check_dispatch(_dispatch(kernels, inputs, rank, num_experts, fmt), inputs, rank, EXPERTS_PER_RANK, fmt)
+    kernels.check_device_errors("the calls after the clean")
+
+
 def _timeout_case(ctx) -> str:
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
@@ -700,6 +730,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase(f"two_in_flight_{fmt}", _two_in_flight_case, (fmt,)))
         if selected("test_expert_id_out_of_range", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("expert_id_out_of_range", _expert_id_out_of_range_case))
+        if selected("test_two_calls_on_one_half_are_reported", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("same_half_twice", _same_half_twice_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -758,6 +790,10 @@ def test_two_calls_in_flight(require_gpu, gpu_batch, num_ranks, fmt):
 
 def test_expert_id_out_of_range(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["expert_id_out_of_range"].assert_passed()
+
+
+def test_two_calls_on_one_half_are_reported(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["same_half_twice"].assert_passed()
 
 
 @pytest.mark.parametrize("call", ["dispatch", "combine"])
