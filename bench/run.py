@@ -66,10 +66,10 @@ from bench.settings import (
     EMULATOR_DEVICE_NAME,
     EMULATOR_NOTE,
     GRAPH_PATH,
-    INTERNODE,
     INTERNODE_PUTS,
     LOW_LATENCY,
     MODES,
+    NODE_MODES,
     NORMAL_PATH_PREFIXES,
     ONE_COPY,
     QUICK,
@@ -252,7 +252,7 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
         " bytes / time (fp8: H*(1+4/128) B a row, bf16: H*2 B)"
     )
     notes.append(f"normal dispatch timed with a {cfg.dispatch_handle} handle; ll_combine after an untimed dispatch")
-    if any(row.mode in (INTERNODE, INTERNODE_PUTS) for row in rows):
+    if any(row.mode in NODE_MODES for row in rows):
         notes.append(
             f"internode_*: the ranks play {cfg.nodes} nodes (ranks / {cfg.nodes} per node) on the normal rows' data;"
             " GB/s = received rows, all delivered inside the node (NVLink bytes); net GB/s = rows crossing nodes, a"

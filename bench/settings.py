@@ -25,6 +25,8 @@ ONE_COPY = "one_copy"
 MODES = (NORMAL, ONE_COPY, INTERNODE, INTERNODE_PUTS, LOW_LATENCY)
 # Without --paths: the puts rows only differ from the internode rows on the kernels, so they are asked for by name.
 DEFAULT_MODES = (NORMAL, ONE_COPY, INTERNODE, LOW_LATENCY)
+# The modes whose ranks play --nodes nodes.
+NODE_MODES = (INTERNODE, INTERNODE_PUTS)
 # Path prefixes of the modes whose rows repeat the normal-mode calls on the same data (longest first).
 NORMAL_PATH_PREFIXES = {INTERNODE_PUTS: "internode_puts_", INTERNODE: "internode_", ONE_COPY: "one_copy_"}
 DEFAULT_NODES = 2

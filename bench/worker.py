@@ -24,6 +24,7 @@ from bench.settings import (
     INTERNODE,
     INTERNODE_PUTS,
     LOW_LATENCY,
+    NODE_MODES,
     NORMAL,
     NORMAL_PATH_PREFIXES,
     ONE_COPY,
@@ -44,8 +45,6 @@ KERNEL_MODULES = {
     INTERNODE_PUTS: "internode",
     LOW_LATENCY: "low_latency",
 }
-# The modes whose ranks play cfg.nodes nodes.
-NODE_MODES = (INTERNODE, INTERNODE_PUTS)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-rank side: runs inside each launched process.

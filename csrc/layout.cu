@@ -60,17 +60,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_layout_kernel(La
          token_idx += num_warps) {
         const int64_t row = static_cast<int64_t>(token_idx);
         const int64_t expert_idx = lane_idx < p.num_topk ? p.topk_idx[row * p.num_topk + lane_idx] : -1;
-        const bool in_range = expert_idx >= -1 && expert_idx < p.num_experts;
-        if (!in_range) {
-            // The host checks ids unless it cannot sync (CUDA-graph capture, DEEP_EP_PY_SKIP_VALUE_CHECKS).
-            if (p.error_record == nullptr) {
-                EP_DEVICE_ASSERT(in_range);
-            } else {
-                record_device_expert_id_error(p.error_record, p.rank, token_idx, WaitSite::kTopkIdxLayout,
-                                              expert_idx, p.num_experts);
-            }
-        }
-        const bool is_valid = in_range && expert_idx >= 0;
+        const bool is_valid = expert_id_is_usable(expert_idx, p.num_experts, p.error_record, p.rank, token_idx,
+                                                  WaitSite::kTopkIdxLayout);
         const int expert = is_valid ? static_cast<int>(expert_idx) : -1;
         const int rank = is_valid ? expert / p.num_experts_per_rank : -1;
         const int node = is_valid ? rank / p.num_ranks_per_node : -1;

@@ -307,11 +307,10 @@ class _NvshmemWorld:
         self.global_ranks = global_ranks
         self.env_set = env_set
         self.share_gpu = share_gpu
-        self.heap_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "unset, NVSHMEM's default of 1 GiB")
-        # The heap's ceiling in bytes, fixed now (None where the setting does not parse: NVSHMEM alone judges).
-        self.heap_bytes = parse_nvshmem_size(
-            os.environ.get("NVSHMEM_SYMMETRIC_SIZE", str(NVSHMEM_DEFAULT_SYMMETRIC_BYTES))
-        )
+        # The heap's ceiling, fixed now: the setting, and its bytes (None where it does not parse: NVSHMEM alone
+        # judges).
+        self.heap_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", str(NVSHMEM_DEFAULT_SYMMETRIC_BYTES))
+        self.heap_bytes = parse_nvshmem_size(self.heap_size)
         self.num_open_contexts = 0
         self.num_requested_bytes = 0  # what the open contexts said they would malloc
 
@@ -326,12 +325,23 @@ class _NvshmemWorld:
                 f"{what}: {num_symmetric_bytes} bytes of NVSHMEM's symmetric heap do not fit: it holds "
                 f"{self.heap_bytes} (NVSHMEM_SYMMETRIC_SIZE={self.heap_size}), {self.num_requested_bytes} are taken "
                 f"by {self.num_open_contexts} open context(s) and {NVSHMEM_SYMMETRIC_MARGIN_BYTES} kept for "
-                "NVSHMEM's own objects. The heap is sized once, when NVSHMEM starts in the process: for Buffers of "
-                "several sizes in one process, set NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
+                f"NVSHMEM's own objects. {_HEAP_SIZED_ONCE}"
             )
 
 
+_HEAP_SIZED_ONCE = (
+    "The heap is sized once, when NVSHMEM starts in the process: for Buffers of several sizes in one process, set "
+    "NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
+)
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _take_back(env_set: dict[str, str]) -> None:
+    """Unset the variables the library set, where they still hold its values (a value changed since is someone
+    else's)."""
+    for key, value in env_set.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
 
 
 def parse_nvshmem_size(text: str) -> int | None:
@@ -409,10 +419,7 @@ def finalize_nvshmem() -> bool:
     try:
         extension.nvshmem_finalize()
     finally:
-        for key, value in world.env_set.items():
-            # A value changed since is someone else's.
-            if os.environ.get(key) == value:
-                del os.environ[key]
+        _take_back(world.env_set)
     return True
 
 
@@ -453,8 +460,8 @@ class NvshmemContext:
         hosts = [host for host, _ in exchanged]
         states = [state for _, state in exchanged]
         if all(state == ("up", global_ranks) for state in states):
+            assert _world is not None
             world = _world
-            assert world is not None
             world.check_room(what, num_symmetric_bytes)
         elif all(state == ("none",) for state in states):
             num_local_ranks = hosts.count(socket.gethostname())
@@ -470,14 +477,11 @@ class NvshmemContext:
             try:
                 self._init(extension, group, rank, num_ranks, what, env_set)
             except BaseException:
-                for key, value in env_set.items():
-                    if os.environ.get(key) == value:
-                        del os.environ[key]
+                _take_back(env_set)
                 raise
             world = _world = _NvshmemWorld(global_ranks, env_set, share_gpu)
         else:
             raise DeepEPError(_world_conflict(what, global_ranks, states))
-        assert world is not None
         world.num_open_contexts += 1
         world.num_requested_bytes += num_symmetric_bytes
         self._num_symmetric_bytes = num_symmetric_bytes
@@ -524,9 +528,8 @@ class NvshmemContext:
             ptr = self._extension.nvshmem_malloc(num_bytes, alignment)
         except Exception as exc:
             raise DeepEPError(
-                f"NvshmemContext.malloc({num_bytes}): {exc}. The heap is sized once, when NVSHMEM starts in the "
-                f"process (NVSHMEM_SYMMETRIC_SIZE={self._world.heap_size}): for Buffers of several sizes in one "
-                "process, set NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
+                f"NvshmemContext.malloc({num_bytes}): {exc} (NVSHMEM_SYMMETRIC_SIZE={self._world.heap_size}). "
+                f"{_HEAP_SIZED_ONCE}"
             ) from exc
         self._allocations.append(ptr)
         return ptr

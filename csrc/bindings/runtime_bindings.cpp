@@ -39,7 +39,9 @@ void register_waits(py::module_& m) {
         .def("has_error", &ErrorRecord::has_error)
         .def("check", &ErrorRecord::check, py::arg("what"),
              "Raise DeepEPTimeoutError if a kernel recorded a timeout; `what` names the operation that checked.")
-        .def("reset", &ErrorRecord::reset);
+        .def("reset", &ErrorRecord::reset)
+        .def("check_and_reset", &ErrorRecord::check_and_reset, py::arg("what"),
+             "Raise what check(what) would, and clear the record, so that the next check is clean.");
 
     py::class_<HostCounters>(m, "HostCounters", "Host-mapped int32 counters written by kernels, polled by the host.",
                              py::module_local())

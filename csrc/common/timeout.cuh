@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "error_record.hpp"
+#include "exception.hpp"
 #include "ptx.cuh"
 
 namespace ep {
@@ -55,11 +56,19 @@ __device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* 
     record_device_value_error(record, ErrorCode::kCapacity, rank, -1, site, needed, limit);
 }
 
-// Records an expert id outside [-1, num_experts) that the host did not check (no host sync): the kernel skips that
-// choice, as it does -1, instead of indexing past its arrays, and the host raises at the next call.
-__device__ __forceinline__ void record_device_expert_id_error(DeviceErrorRecord* record, int rank, int token_idx,
-                                                              WaitSite site, int64_t expert_idx, int num_experts) {
-    record_device_value_error(record, ErrorCode::kInvalidInput, rank, token_idx, site, expert_idx, num_experts);
+// Whether expert_idx names an expert, [0, num_experts). An id outside [-1, num_experts), which the host did not
+// check (no host sync: CUDA-graph capture, DEEP_EP_PY_SKIP_VALUE_CHECKS), is recorded for the host to raise at the
+// next call, and the caller skips that choice as it does -1 instead of indexing past its arrays. With no record,
+// such an id traps.
+__device__ __forceinline__ bool expert_id_is_usable(int64_t expert_idx, int num_experts, DeviceErrorRecord* record,
+                                                    int rank, int token_idx, WaitSite site) {
+    if (expert_idx >= -1 && expert_idx < num_experts) return expert_idx >= 0;
+    if (record == nullptr) {
+        EP_DEVICE_ASSERT(expert_idx >= -1 && expert_idx < num_experts);
+    } else {
+        record_device_value_error(record, ErrorCode::kInvalidInput, rank, token_idx, site, expert_idx, num_experts);
+    }
+    return false;
 }
 
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or

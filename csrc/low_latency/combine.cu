@@ -126,11 +126,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
              token_idx += static_cast<int>(gridDim.x)) {
             for (int k = static_cast<int>(threadIdx.x); k < num_topk; k += kNumThreadsPerBlock) {
                 const int64_t expert_idx = args.topk_idx[static_cast<int64_t>(token_idx) * num_topk + k];
-                const bool in_range = expert_idx >= 0 && expert_idx < shape.num_experts;
-                if (!in_range && expert_idx != -1)
-                    record_device_expert_id_error(p.launch.error_record, shape.rank, token_idx,
-                                                  WaitSite::kTopkIdxLowLatencyCombine, expert_idx, shape.num_experts);
-                const bool valid = in_range && args.rank_mask[expert_idx / num_local_experts] == 0;
+                const bool valid = expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record,
+                                                       shape.rank, token_idx, WaitSite::kTopkIdxLowLatencyCombine) &&
+                                   args.rank_mask[expert_idx / num_local_experts] == 0;
                 topk_valid_smem[k] = valid ? 1 : 0;
                 topk_weight_smem[k] = args.topk_weights[static_cast<int64_t>(token_idx) * num_topk + k];
             }

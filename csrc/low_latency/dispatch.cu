@@ -113,12 +113,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
         for (int topk_slot = warp_idx; topk_slot < args.num_topk; topk_slot += kNumWarpsPerBlock) {
             // Uniform across the warp: every lane reads the same choice.
             const int64_t expert_idx = args.topk_idx[static_cast<int64_t>(token_idx) * args.num_topk + topk_slot];
-            if (expert_idx < 0 || expert_idx >= shape.num_experts) {
-                if (expert_idx != -1 && lane_idx == 0)
-                    record_device_expert_id_error(p.launch.error_record, shape.rank, token_idx,
-                                                  WaitSite::kTopkIdxLowLatencyDispatch, expert_idx, shape.num_experts);
+            if (!expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record, shape.rank, token_idx,
+                                     WaitSite::kTopkIdxLowLatencyDispatch))
                 continue;
-            }
             const int dst_rank = static_cast<int>(expert_idx / num_local_experts);
             if (args.rank_mask[dst_rank] != 0) continue;
             int slot = 0;

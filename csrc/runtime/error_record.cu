@@ -96,6 +96,17 @@ bool ErrorRecord::has_error() const {
 
 void ErrorRecord::check(const std::string& what) const { check_device_error_record(host_ptr_, what); }
 
+void ErrorRecord::check_and_reset(const std::string& what) {
+    if (!has_error()) return;
+    try {
+        check(what);
+    } catch (...) {
+        reset();
+        throw;
+    }
+    reset();
+}
+
 void ErrorRecord::reset() {
     std::memset(host_ptr_, 0, sizeof(DeviceErrorRecord));
     std::atomic_thread_fence(std::memory_order_release);

@@ -25,6 +25,8 @@ public:
     // Throws EPTimeoutException if a kernel recorded a timeout; `what` names the host operation that checked.
     void check(const std::string& what) const;
     void reset();
+    // check(), then clear what it raised: for records whose errors leave the kernels in step (the next call may run).
+    void check_and_reset(const std::string& what);
 
 private:
     DeviceErrorRecord* host_ptr_ = nullptr;

@@ -103,11 +103,7 @@ class CudaBackend(ReferenceBackend):
         num_ranks = self.num_ranks
         # Ids the host did not check (no sync: CUDA-graph capture, DEEP_EP_PY_SKIP_VALUE_CHECKS) and the kernel
         # found out of range, in an earlier call: raised here, once.
-        if self._layout_errors.has_error():
-            try:
-                self._layout_errors.check("get_dispatch_layout (an earlier call's topk_idx)")
-            finally:
-                self._layout_errors.reset()
+        self._layout_errors.check_and_reset("get_dispatch_layout (an earlier call's topk_idx)")
         num_nodes = self.topology.num_nodes
         num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
         num_tokens_per_rdma_rank = torch.empty(num_nodes, dtype=torch.int32, device=device) if num_nodes > 1 else None

@@ -126,11 +126,7 @@ class LowLatencyKernels:
 
     def check_device_errors(self, what: str = "low-latency call") -> None:
         """Raise DeepEPTimeoutError if a kernel's wait timed out since the last check (then clear the record)."""
-        if self.error_record.has_error():
-            try:
-                self.error_record.check(what)
-            finally:
-                self.error_record.reset()
+        self.error_record.check_and_reset(what)
 
     def _next_buffer_idx(self) -> int:
         idx = self.buffer_idx
