@@ -170,9 +170,10 @@ def _buffer_bytes(cfg: BenchConfig, num_ranks: int, mode: str) -> tuple[int, int
 
 
 def _size_nvshmem_heap(cfg: BenchConfig, num_ranks: int) -> None:
-    """NVSHMEM sizes its heap once, when the first Buffer that needs it starts it, and every later Buffer of the
-    process joins that heap: size it for the largest of the modes' Buffers (one at a time), unless the environment
-    has, before the first (the low-latency Buffer at the standard sizes needs more than an internode one)."""
+    """Every Buffer of the process shares the heap NVSHMEM starts with the first one, and where that heap cannot
+    grow (no CUDA VMM, and the emulator) it is the first one's size: start it at the largest of the modes' Buffers
+    (one at a time), unless the environment sets it (the low-latency Buffer at the standard sizes needs more than an
+    internode one). Where the heap grows this only maps up front what the largest mode maps anyway."""
     from deep_ep_py.runtime import nvshmem_env_updates
 
     largest = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections.abc
 import ctypes
 import os
+import platform
 import socket
 from types import ModuleType
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "device_bytes_view",
     "finalize_nvshmem",
     "nvshmem_env_updates",
+    "nvshmem_heap_grows",
     "parse_nvshmem_size",
     "ranks_share_gpu",
 ]
@@ -62,6 +64,11 @@ NVSHMEM_SINGLE_HOST_ENV_DEFAULTS: dict[str, str] = {
 
 # NVSHMEM's own default symmetric heap size (NVSHMEM_SYMMETRIC_SIZE unset): 1 GiB.
 NVSHMEM_DEFAULT_SYMMETRIC_BYTES = 1 << 30
+# With CUDA VMM (NVSHMEM's default except on POWER), nvshmem_malloc maps more physical memory into the heap when it
+# runs out, up to NVSHMEM_MAX_MEMORY_PER_GPU (default 128 GiB): DeepEP allocates 2 GB low-latency buffers under the
+# 1 GiB default, and sgl-project/sglang#29942 shows a 21 GiB nvshmem_align pass with the size unset. Without VMM
+# (NVSHMEM_DISABLE_CUDA_VMM=1) the heap is NVSHMEM_SYMMETRIC_SIZE, fixed at init.
+NVSHMEM_DEFAULT_MAX_MEMORY_PER_GPU = 128 << 30
 # Heap room beyond the requested bytes: NVSHMEM's own symmetric objects (team sync arrays, signals) and the padding
 # of each aligned allocation.
 NVSHMEM_SYMMETRIC_MARGIN_BYTES = 256 << 20
@@ -280,7 +287,7 @@ def nvshmem_env_updates(
 
     Pure (reads only its arguments). NVSHMEM_SYMMETRIC_SIZE, when unset and num_symmetric_bytes > 0, becomes
     num_symmetric_bytes + NVSHMEM_SYMMETRIC_MARGIN_BYTES rounded up to 2 MiB, and never less than NVSHMEM's own
-    default (1 GiB): the heap grows on demand, its size is a ceiling.
+    default (1 GiB): the heap NVSHMEM starts with, all of it where the heap cannot grow (see nvshmem_heap_grows).
     """
     defaults = dict(NVSHMEM_ENV_DEFAULTS)
     if share_gpu:
@@ -292,6 +299,20 @@ def nvshmem_env_updates(
         needed = -(-needed // _SYMMETRIC_SIZE_GRANULARITY) * _SYMMETRIC_SIZE_GRANULARITY
         defaults["NVSHMEM_SYMMETRIC_SIZE"] = str(max(needed, NVSHMEM_DEFAULT_SYMMETRIC_BYTES))
     return {key: value for key, value in defaults.items() if key not in environ}
+
+
+_NVSHMEM_TRUE = {"1", "y", "yes", "t", "true", "on"}
+
+
+def nvshmem_heap_grows(environ: collections.abc.Mapping[str, str], machine: str, emulated: bool) -> bool:
+    """Whether NVSHMEM maps more memory into its heap on demand (CUDA VMM on), so that NVSHMEM_SYMMETRIC_SIZE is
+    where the heap starts, not its size. Pure. The emulator's heap is fixed, as NVSHMEM's is without VMM."""
+    if emulated:
+        return False
+    disable = environ.get("NVSHMEM_DISABLE_CUDA_VMM")
+    if disable is not None:
+        return disable.strip().lower() not in _NVSHMEM_TRUE
+    return not machine.startswith("ppc")  # NVSHMEM leaves VMM off by default on POWER only
 
 
 class _NvshmemWorld:
@@ -307,9 +328,16 @@ class _NvshmemWorld:
         self.global_ranks = global_ranks
         self.env_set = env_set
         self.share_gpu = share_gpu
-        # The heap's ceiling, fixed now: the setting, and its bytes (None where it does not parse: NVSHMEM alone
-        # judges).
-        self.heap_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", str(NVSHMEM_DEFAULT_SYMMETRIC_BYTES))
+        # The heap's ceiling, fixed now: the variable that sets it and its bytes (None where it does not parse:
+        # NVSHMEM alone judges). A heap that grows stops at NVSHMEM_MAX_MEMORY_PER_GPU, a fixed one is its size.
+        self.heap_grows = nvshmem_heap_grows(os.environ, platform.machine(), ep_device.emulated())
+        if self.heap_grows:
+            self.ceiling_variable = "NVSHMEM_MAX_MEMORY_PER_GPU"
+            default = NVSHMEM_DEFAULT_MAX_MEMORY_PER_GPU
+        else:
+            self.ceiling_variable = "NVSHMEM_SYMMETRIC_SIZE"
+            default = NVSHMEM_DEFAULT_SYMMETRIC_BYTES
+        self.heap_size = os.environ.get(self.ceiling_variable, str(default))
         self.heap_bytes = parse_nvshmem_size(self.heap_size)
         self.num_open_contexts = 0
         self.num_requested_bytes = 0  # what the open contexts said they would malloc
@@ -322,17 +350,26 @@ class _NvshmemWorld:
         needed = self.num_requested_bytes + num_symmetric_bytes + NVSHMEM_SYMMETRIC_MARGIN_BYTES
         if needed > self.heap_bytes:
             raise DeepEPError(
-                f"{what}: {num_symmetric_bytes} bytes of NVSHMEM's symmetric heap do not fit: it holds "
-                f"{self.heap_bytes} (NVSHMEM_SYMMETRIC_SIZE={self.heap_size}), {self.num_requested_bytes} are taken "
-                f"by {self.num_open_contexts} open context(s) and {NVSHMEM_SYMMETRIC_MARGIN_BYTES} kept for "
-                f"NVSHMEM's own objects. {_HEAP_SIZED_ONCE}"
+                f"{what}: {num_symmetric_bytes} bytes of NVSHMEM's symmetric heap do not fit: it holds at most "
+                f"{self.heap_bytes} ({self.ceiling_variable}={self.heap_size}), {self.num_requested_bytes} are "
+                f"taken by {self.num_open_contexts} open context(s) and {NVSHMEM_SYMMETRIC_MARGIN_BYTES} kept for "
+                f"NVSHMEM's own objects. {self.heap_advice()}"
             )
 
+    def heap_advice(self) -> str:
+        """What to set, and when, for a heap too small for what this process asks of it."""
+        if self.heap_grows:
+            return (
+                f"The heap grows on demand up to {self.ceiling_variable}, read when NVSHMEM starts in the process: "
+                "set it (or free GPU memory) before the first Buffer"
+            )
+        return (
+            "The heap is sized once, when NVSHMEM starts in the process (NVSHMEM_DISABLE_CUDA_VMM is set, or the "
+            "emulator runs): for Buffers of several sizes in one process, set NVSHMEM_SYMMETRIC_SIZE for all of "
+            "them before the first"
+        )
 
-_HEAP_SIZED_ONCE = (
-    "The heap is sized once, when NVSHMEM starts in the process: for Buffers of several sizes in one process, set "
-    "NVSHMEM_SYMMETRIC_SIZE for all of them before the first"
-)
+
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -528,8 +565,8 @@ class NvshmemContext:
             ptr = self._extension.nvshmem_malloc(num_bytes, alignment)
         except Exception as exc:
             raise DeepEPError(
-                f"NvshmemContext.malloc({num_bytes}): {exc} (NVSHMEM_SYMMETRIC_SIZE={self._world.heap_size}). "
-                f"{_HEAP_SIZED_ONCE}"
+                f"NvshmemContext.malloc({num_bytes}): {exc} ({self._world.ceiling_variable}="
+                f"{self._world.heap_size}). {self._world.heap_advice()}"
             ) from exc
         self._allocations.append(ptr)
         return ptr

@@ -390,9 +390,10 @@ def test_bench_internode_rows():
 
 
 def test_bench_sizes_the_nvshmem_heap_for_its_largest_buffer(monkeypatch):
-    """NVSHMEM's heap is sized once per process, by the first Buffer that starts NVSHMEM: the bench's ranks size it
-    for the largest of their modes' Buffers first (the low-latency one at the standard sizes, 1.8 GB, after an
-    internode one of 72 MB would not fit), and leave a size the environment gives alone."""
+    """Where NVSHMEM's heap cannot grow (no CUDA VMM, and the emulator), the first Buffer that starts NVSHMEM sizes
+    it for the process: the bench's ranks size it for the largest of their modes' Buffers first (the low-latency
+    one at the standard sizes, 1.8 GB, after an internode one of 72 MB would not fit), and leave a size the
+    environment gives alone."""
     from bench.settings import STANDARD, BenchConfig
     from bench.worker import _size_nvshmem_heap
     from deep_ep_py.config import low_latency_rdma_size_hint

@@ -192,6 +192,23 @@ def test_nvshmem_symmetric_size(num_symmetric_bytes, expected):
 
 
 @pytest.mark.parametrize(
+    "environ, machine, emulated, expected",
+    [
+        ({}, "x86_64", False, True),  # CUDA VMM, NVSHMEM's default: the heap grows
+        ({}, "aarch64", False, True),
+        ({}, "ppc64le", False, False),  # VMM off by default on POWER
+        ({"NVSHMEM_DISABLE_CUDA_VMM": "1"}, "x86_64", False, False),
+        ({"NVSHMEM_DISABLE_CUDA_VMM": "true"}, "x86_64", False, False),
+        ({"NVSHMEM_DISABLE_CUDA_VMM": "0"}, "x86_64", False, True),
+        ({"NVSHMEM_DISABLE_CUDA_VMM": "0"}, "ppc64le", False, True),  # the user's setting wins
+        ({}, "x86_64", True, False),  # the emulator's heap is fixed
+    ],
+)
+def test_nvshmem_heap_grows(environ, machine, emulated, expected):
+    assert runtime.nvshmem_heap_grows(environ, machine, emulated) is expected
+
+
+@pytest.mark.parametrize(
     "num_local_ranks, num_devices, expected", [(1, 1, False), (2, 1, True), (8, 8, False), (8, 4, True), (2, 0, True)]
 )
 def test_ranks_share_gpu(num_local_ranks, num_devices, expected):

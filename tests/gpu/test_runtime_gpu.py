@@ -206,6 +206,32 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
     assert all(WAIT_TIMEOUT_S * 0.9 <= elapsed < WAIT_TIMEOUT_S * 10 for elapsed in results), results
 
 
+def _check_heap_grows(open_context, context_type, bytes_view, num_ranks: int) -> None:
+    """Where CUDA VMM is on, NVSHMEM maps more memory into the heap on demand: a context that asks for the whole
+    heap NVSHMEM started with, beside one already open, gets it, zeroed, and every PE reaches its last bytes (which
+    lie past the start size) through nvshmem_ptr. That is why the library checks room against
+    NVSHMEM_MAX_MEMORY_PER_GPU there, not NVSHMEM_SYMMETRIC_SIZE."""
+    from deep_ep_py.runtime import NVSHMEM_DEFAULT_SYMMETRIC_BYTES, parse_nvshmem_size
+
+    start_bytes = parse_nvshmem_size(os.environ.get("NVSHMEM_SYMMETRIC_SIZE", str(NVSHMEM_DEFAULT_SYMMETRIC_BYTES)))
+    assert start_bytes is not None
+    grown = context_type(None, num_symmetric_bytes=start_bytes)
+    ptr = grown.malloc(start_bytes)
+    num_nonzero = bytes_view(ptr, start_bytes).count_nonzero().item()
+    assert num_nonzero == 0, f"PE {open_context.rank}: a heap grown by {start_bytes} bytes has {num_nonzero} non-zero"
+    tail_ints = 1024
+    tail_offset = start_bytes - 4 * tail_ints
+    bytes_view(ptr + tail_offset, 4 * tail_ints).view(torch.int32).copy_(_pattern(open_context.rank, tail_ints))
+    ep_device.synchronize()
+    grown.barrier()
+    for pe in range(num_ranks):
+        seen = bytes_view(grown.peer_ptr(ptr, pe) + tail_offset, 4 * tail_ints).view(torch.int32).cpu()
+        if not torch.equal(seen, _pattern(pe, tail_ints).cpu()):
+            raise AssertionError(f"PE {open_context.rank}: PE {pe}'s bytes past the heap's start size differ")
+    grown.barrier()
+    grown.finalize()
+
+
 def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     import torch.distributed as dist
 
@@ -262,6 +288,8 @@ def _nvshmem_worker(rank: int, num_ranks: int) -> dict:
     again.barrier()
     if ep_device.emulated():  # NVSHMEM's own answer to a request past its heap is not ours to test on a GPU
         _expect_raises(DeepEPError, again.malloc, 1 << 40, match="The heap is sized once")
+    if runtime._world.heap_grows:
+        _check_heap_grows(again, NvshmemContext, device_bytes_view, num_ranks)
     # A context whose bytes do not fit beside the open ones' in the heap NVSHMEM sized at its start: refused on
     # every rank before any NVSHMEM call, not left to nvshmem_align.
     heap_bytes = runtime._world.heap_bytes
