@@ -244,17 +244,19 @@ class Buffer:
         async_finish: bool,
         allocate_on_comm_stream: bool,
         inputs: Sequence[torch.Tensor | None] = (),
+        on_comm_stream: bool = True,
     ) -> tuple[Any, EventOverlap]:
         """Run `work` with DeepEP's stream semantics: on the communication stream after previous_event (else
         after the current stream); the current stream waits for it unless async_finish, in which case the
-        returned EventOverlap carries the event."""
+        returned EventOverlap carries the event. on_comm_stream=False (low-latency calls with a hook, no
+        async_finish): on the current stream, as DeepEP's hook mode."""
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event: expected EventOverlap or None, got {type(previous_event).__name__}")
         check.check_bool("async_finish", async_finish)
         check.check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         if allocate_on_comm_stream and not async_finish:
             raise ValueError("allocate_on_comm_stream: expected async_finish=True with it, got async_finish=False")
-        if not on_kernel_device:
+        if not on_kernel_device or not on_comm_stream:
             result = work()
             return result, EventOverlap(EventHandle() if async_finish else None)
         compute = ep_device.current_stream()
@@ -469,7 +471,9 @@ class Buffer:
             dispatch_wait_recv_cost_stats: int64 [R] or None; time spent waiting for each source is added.
             use_fp8 / round_scale / use_ue8m0: the FP8 format (H a multiple of 128; 512 with ue8m0, which
                 needs round_scale).
-            return_recv_hook: send only; hook() completes the receive.
+            return_recv_hook: send only; hook() completes the receive. Both run on the calling stream (not the
+                communication stream), hook() whichever stream is current when it is called; needs
+                async_finish=False.
         Returns:
             recv_x: bf16 [L, R*M, H], or (float8_e4m3fn [L, R*M, H], scales float32 [L, R*M, H/128] or with
             ue8m0 int32 [L, R*M, H/512], column-major in the last two dims); recv_count int32 [L] (rows
@@ -488,7 +492,7 @@ class Buffer:
             round_scale,
             use_ue8m0,
         )
-        checks.flags(async_finish=async_finish, return_recv_hook=return_recv_hook)
+        checks.hook_flags(async_finish, return_recv_hook)
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_dispatch(
@@ -506,7 +510,8 @@ class Buffer:
             None,
             async_finish,
             False,
-            inputs=(x, topk_idx),
+            inputs=(x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats),
+            on_comm_stream=not return_recv_hook,
         )
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         return recv, recv_count, handle, event, hook
@@ -533,7 +538,8 @@ class Buffer:
             handle: that dispatch's handle.
             use_logfmt: accepted for compatibility; this backend sends bf16 (no compression loss).
             zero_copy: x already sits in get_next_low_latency_combine_buffer(handle).
-            return_recv_hook: send only; hook() completes the receive and the sum.
+            return_recv_hook: send only; hook() completes the receive and the sum, on the calling stream as in
+                low_latency_dispatch.
             out: bf16 [T, H] to write into instead of a new tensor.
             combine_wait_recv_cost_stats: int64 [R] or None; time spent waiting for each source is added.
         Returns:
@@ -541,9 +547,8 @@ class Buffer:
         """
         self._check_alive()
         checks.low_latency_combine(self, x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
-        checks.flags(
-            use_logfmt=use_logfmt, zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook
-        )
+        checks.flags(use_logfmt=use_logfmt, zero_copy=zero_copy)
+        checks.hook_flags(async_finish, return_recv_hook)
         (combined, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_combine(
@@ -552,7 +557,8 @@ class Buffer:
             None,
             async_finish,
             False,
-            inputs=(x, topk_idx, topk_weights),
+            inputs=(x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats),
+            on_comm_stream=not return_recv_hook,
         )
         return combined, event, hook
 
@@ -571,7 +577,7 @@ class Buffer:
         check.check_int("hidden", hidden, minimum=1)
         checks.num_experts(self, num_experts)
         checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._backend.clean_low_latency_buffer()
+        self._backend.clean_low_latency_buffer(num_experts)
 
     def low_latency_update_mask_buffer(
         self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None

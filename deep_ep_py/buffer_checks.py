@@ -32,6 +32,17 @@ def flags(**named: Any) -> None:
         check.check_bool(name, value)
 
 
+def hook_flags(async_finish: bool, return_recv_hook: bool) -> None:
+    """With a hook, the send and hook()'s receive run on the calling stream (as DeepEP's), and hook() is where the
+    results become ready: there is no event for async_finish to return."""
+    flags(async_finish=async_finish, return_recv_hook=return_recv_hook)
+    if async_finish and return_recv_hook:
+        raise ValueError(
+            "async_finish: expected False with return_recv_hook=True (the results are ready on the calling stream "
+            "once hook() has run), got True"
+        )
+
+
 def low_latency_mode(buffer: Buffer, call: str) -> None:
     if not buffer.low_latency_mode:
         raise ValueError(f"low_latency_mode: {call} expected Buffer(low_latency_mode=True), got False")
@@ -213,6 +224,7 @@ def low_latency_dispatch(
             cumulative_local_expert_recv_stats,
             dtype=torch.int32,
             shape=(experts // buffer.group_size,),
+            device=x.device,
         )
     if dispatch_wait_recv_cost_stats is not None:
         check.check_tensor(
@@ -220,9 +232,13 @@ def low_latency_dispatch(
             dispatch_wait_recv_cost_stats,
             dtype=torch.int64,
             shape=(buffer.group_size,),
+            device=x.device,
         )
     rdma_bytes_fit(buffer, max_tokens, hidden, experts)
-    check.check_expert_ids("topk_idx", topk_idx, experts)
+    # The kernels skip an id out of range and record it, and the next call raises: reading the ids here would cost
+    # every decode step a device sync.
+    if not buffer._backend.checks_expert_ids_on_device(x):
+        check.check_expert_ids("topk_idx", topk_idx, experts)
 
 
 def low_latency_combine(
@@ -243,8 +259,19 @@ def low_latency_combine(
     check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(handle.num_tokens, None), contiguous=True)
     check.check_tensor("topk_weights", topk_weights, dtype=torch.float32, shape=tuple(topk_idx.shape), contiguous=True)
     if out is not None:
-        check.check_tensor("out", out, dtype=torch.bfloat16, shape=(handle.num_tokens, handle.hidden), contiguous=True)
+        check.check_tensor(
+            "out",
+            out,
+            dtype=torch.bfloat16,
+            shape=(handle.num_tokens, handle.hidden),
+            contiguous=True,
+            device=topk_idx.device,
+        )
     if combine_wait_recv_cost_stats is not None:
         check.check_tensor(
-            "combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, dtype=torch.int64, shape=(buffer.group_size,)
+            "combine_wait_recv_cost_stats",
+            combine_wait_recv_cost_stats,
+            dtype=torch.int64,
+            shape=(buffer.group_size,),
+            device=topk_idx.device,
         )

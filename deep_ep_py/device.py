@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -152,6 +152,22 @@ def _current_cpu_stream_set_to(s: Any) -> Iterator[None]:
         yield
     finally:
         _current_cpu_stream.stream = previous
+
+
+def on_stream_of_now(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """fn, to be run later on the stream that is current now for tensors on `device`: a low-latency hook launches
+    its receive on the stream of the call that made it (as DeepEP's does), whichever stream is current when hook()
+    runs (vLLM's and SGLang's micro-batch overlap run one batch's hook from the other's stream). fn itself where
+    `device` has no streams (a CPU tensor outside the emulator)."""
+    if not emulated() and device.type != "cuda":
+        return fn
+    call_stream = current_stream(device)
+
+    def run() -> None:
+        with stream(call_stream):
+            fn()
+
+    return run
 
 
 def is_stream(obj: Any) -> bool:

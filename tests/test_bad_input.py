@@ -30,6 +30,10 @@ BUFFER_CASES = {
     "dispatch_fp8_hidden_not_128": (r"\bx\b|scales|hidden", r"200"),
     "cached_dispatch_other_num_tokens": (r"\bx\b|handle", rf"{T + 2}"),
     "combine_x_wrong_rows": (r"\bx\b|handle", rf"{T + 5}"),
+    "ll_dispatch_async_finish_with_hook": (r"async_finish", r"return_recv_hook=True", r"got True"),
+    "ll_combine_async_finish_with_hook": (r"async_finish", r"return_recv_hook=True", r"got True"),
+    "ll_stats_on_another_device": (r"cumulative_local_expert_recv_stats", r"\bcpu\b", r"\bmeta\b"),
+    "ll_combine_out_on_another_device": (r"\bout\b", r"\bcpu\b", r"\bmeta\b"),
     "ll_too_many_tokens": (r"num_max_dispatch_tokens_per_rank|\bx\b", rf"{M + 1}"),
     "ll_fp8_hidden_not_128": (r"hidden|\bx\b", r"200"),
     "ll_topk_idx_int32": (r"topk_idx", r"int32|Int"),
@@ -94,6 +98,32 @@ def _bad_calls(buffer, ll_buffer):
         ),
         "ll_num_experts_not_divisible": lambda: ll_buffer.low_latency_dispatch(
             ll_x, topk_idx.clamp(max=4), M, 5, use_fp8=False
+        ),
+        "ll_dispatch_async_finish_with_hook": lambda: ll_buffer.low_latency_dispatch(
+            ll_x, topk_idx, M, E, use_fp8=False, async_finish=True, return_recv_hook=True
+        ),
+        "ll_combine_async_finish_with_hook": lambda: ll_buffer.low_latency_combine(
+            torch.zeros((E // R, R * M, H), dtype=torch.bfloat16),
+            topk_idx,
+            topk_weights,
+            _LL_HANDLE[0],
+            async_finish=True,
+            return_recv_hook=True,
+        ),
+        "ll_stats_on_another_device": lambda: ll_buffer.low_latency_dispatch(
+            ll_x,
+            topk_idx,
+            M,
+            E,
+            cumulative_local_expert_recv_stats=torch.zeros(E // R, dtype=torch.int32, device="meta"),
+            use_fp8=False,
+        ),
+        "ll_combine_out_on_another_device": lambda: ll_buffer.low_latency_combine(
+            torch.zeros((E // R, R * M, H), dtype=torch.bfloat16),
+            topk_idx,
+            topk_weights,
+            _LL_HANDLE[0],
+            out=torch.empty((T, H), dtype=torch.bfloat16, device="meta"),
         ),
         "ll_mask_rank_given_twice": lambda: ll_buffer.low_latency_update_mask_buffer(0, True, rank=1),
         "ll_mask_rank_missing": lambda: ll_buffer.low_latency_update_mask_buffer(mask=True),

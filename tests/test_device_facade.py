@@ -114,6 +114,27 @@ def test_emulated_streams_are_cpu_streams_with_a_null_handle(emulated):
     assert side.record_event().query()
 
 
+def test_a_deferred_call_runs_on_the_stream_current_when_it_was_made(emulated):
+    """A low-latency hook launches its receive on its call's stream, whichever stream is current at hook()."""
+    call_stream, hook_stream = device.new_stream(), device.new_stream()
+    seen = []
+    with device.stream(call_stream):
+        deferred = device.on_stream_of_now(lambda: seen.append(device.current_stream()), torch.device("cpu"))
+    with device.stream(hook_stream):
+        deferred()
+        assert device.current_stream() is hook_stream
+    assert seen == [call_stream]
+
+
+def test_a_deferred_call_on_cpu_tensors_outside_the_emulator_is_the_call_itself(monkeypatch):
+    monkeypatch.delenv("DEEP_EP_PY_EMULATE_DEVICE", raising=False)
+
+    def call() -> None:
+        return None
+
+    assert device.on_stream_of_now(call, torch.device("cpu")) is call
+
+
 def test_emulated_events_are_complete_once_recorded(emulated):
     start, end = device.new_event(enable_timing=True), device.new_event(enable_timing=True)
     start.record()

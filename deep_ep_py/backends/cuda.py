@@ -186,6 +186,9 @@ class CudaBackend(ReferenceBackend):
             return False
         return handle is None or self.low_latency.owns(handle)
 
+    def checks_expert_ids_on_device(self, x: torch.Tensor) -> bool:
+        return self._low_latency_takes(x)
+
     def low_latency_dispatch(self, x, *args, **kwargs):
         if not self._low_latency_takes(x):
             return super().low_latency_dispatch(x, *args, **kwargs)
@@ -201,10 +204,10 @@ class CudaBackend(ReferenceBackend):
             return self.low_latency.next_combine_buffer(handle, device)
         return super().next_combine_buffer(handle, device)
 
-    def clean_low_latency_buffer(self) -> None:
+    def clean_low_latency_buffer(self, num_experts: int) -> None:
         if self.low_latency is not None:
-            self.low_latency.clean_low_latency_buffer()
-        super().clean_low_latency_buffer()
+            self.low_latency.clean_low_latency_buffer(num_experts)
+        super().clean_low_latency_buffer(num_experts)
 
     def update_mask(self, rank: int, mask: bool) -> None:
         super().update_mask(rank, mask)

@@ -21,13 +21,15 @@ as the channel, the peer rank it waited for.
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .. import config
-from ..device import current_stream, kernel_device, synchronize
+from ..device import current_stream, is_current_stream_capturing, kernel_device, on_stream_of_now, synchronize
+from ..errors import DeepEPError
 from ..runtime import device_bytes_view
 from ..topology import Topology
 from .reference import LowLatencyHandle
@@ -53,8 +55,11 @@ class DispatchFormat(enum.IntEnum):
 class KernelHandleState(NamedTuple):
     """LowLatencyHandle.backend_state of a handle these kernels made."""
 
-    owner_id: int  # id() of the LowLatencyKernels that made it
+    owner: int  # the token of the LowLatencyKernels that made it (unique in the process, unlike an id())
     num_topk: int  # K of the dispatch
+
+
+_owner_tokens = itertools.count(1)
 
 
 def _noop() -> None:
@@ -112,6 +117,7 @@ class LowLatencyKernels:
         self.error_record = ext.ErrorRecord()
         self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._workspaces: dict[int, torch.Tensor] = {}
+        self._owner = next(_owner_tokens)
         self.buffer_idx = 0
         # 1 + the half of the last call the device ran (any E): the kernels record two calls in a row on one half,
         # which replays of a CUDA graph can make (csrc/low_latency/device_common.cuh check_halves_alternate).
@@ -122,7 +128,7 @@ class LowLatencyKernels:
     def owns(self, handle: LowLatencyHandle) -> bool:
         """Whether handle came from this object's dispatch (else the caller runs the reference)."""
         state = handle.backend_state
-        return isinstance(state, KernelHandleState) and state.owner_id == id(self)
+        return isinstance(state, KernelHandleState) and state.owner == self._owner
 
     def check_device_errors(self, what: str = "low-latency call") -> None:
         """Raise DeepEPTimeoutError if a kernel's wait timed out since the last check (then clear the record)."""
@@ -133,10 +139,17 @@ class LowLatencyKernels:
         self.buffer_idx ^= 1
         return idx
 
-    def _workspace(self, num_experts: int) -> torch.Tensor:
+    def _workspace(self, what: str, num_experts: int) -> torch.Tensor:
         """int32 [2 * (E + 3)] counters, one set per buffer half, zero between kernels (each kernel's last block
-        zeroes what it used)."""
+        zeroes what it used). Made at the first call with this E, which must not be captured: a CUDA graph records
+        the zero-fill without running it, and the eager calls before its first replay would count from garbage."""
         if num_experts not in self._workspaces:
+            if is_current_stream_capturing():
+                raise DeepEPError(
+                    f"{what}: the first low-latency call with num_experts={num_experts} on this Buffer is being "
+                    "captured in a CUDA graph, and its counters must be zeroed before any kernel uses them: make "
+                    f"one call, or clean_low_latency_buffer(M, H, {num_experts}), before the capture"
+                )
             num_ints = self._C.low_latency_workspace_ints(num_experts)
             self._workspaces[num_experts] = torch.zeros(num_ints, dtype=torch.int32, device=self.device)
         return self._workspaces[num_experts]
@@ -161,15 +174,19 @@ class LowLatencyKernels:
         }
 
     def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:
-        """Without a hook the receive launches now; with one, hook() launches it (once) on its current stream."""
+        """Without a hook the receive launches now; with one, hook() launches it (once) on the stream of the call,
+        which its send and outputs were ordered on, whichever stream is current when hook() runs."""
         if not return_recv_hook:
             receive()
             return _noop
+        receive = on_stream_of_now(receive, self.device)
         done: list[bool] = []
 
         def hook() -> None:
             if done:
                 return
+            if self.buffer_ptr == 0:
+                raise DeepEPError(f"{what} hook: the Buffer was destroyed before hook() ran; its receive cannot run")
             self.check_device_errors(f"{what} hook")
             receive()
             done.append(True)
@@ -204,7 +221,7 @@ class LowLatencyKernels:
         max_tokens, num_ranks = num_max_dispatch_tokens_per_rank, self.num_ranks
         experts_per_rank = num_experts // num_ranks
         self._check_shapes(max_tokens, hidden, num_experts, num_topk)
-        half_idx = self._next_buffer_idx()
+        workspace = self._workspace("low_latency_dispatch", num_experts)
         x = _aligned16(x)
         # Buffer checks dtype and shape but not the device: a host pointer would fault the kernel.
         topk_idx = topk_idx.to(x.device).contiguous()
@@ -235,6 +252,8 @@ class LowLatencyKernels:
         recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
         recv_stats, finish_recv_stats = _accumulator(cumulative_local_expert_recv_stats, device)
         wait_stats, finish_wait_stats = _accumulator(dispatch_wait_recv_cost_stats, device)
+        # Last, after everything that can raise: a call that raised on the host took no half (ranks stay in step).
+        half_idx = self._next_buffer_idx()
 
         args = {
             "num_max_dispatch_tokens_per_rank": max_tokens,
@@ -250,7 +269,7 @@ class LowLatencyKernels:
             "format": int(fmt),
             "buffer_ptr": self.buffer_ptr,
             "half_idx": half_idx,
-            "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "workspace_ptr": workspace.data_ptr(),
             "last_half_ptr": self._last_half.data_ptr(),
             "recv_x_ptr": recv_x.data_ptr(),
             "recv_scales_ptr": recv_x_scales.data_ptr() if recv_x_scales is not None else 0,
@@ -271,7 +290,7 @@ class LowLatencyKernels:
             src_topk_slot=src_topk_slot,
             recv_count=recv_count,
             num_tokens=num_tokens,
-            backend_state=KernelHandleState(owner_id=id(self), num_topk=num_topk),
+            backend_state=KernelHandleState(owner=self._owner, num_topk=num_topk),
         )
         # The closure keeps every tensor the receive reads or writes alive until it is launched: a caller may drop the
         # results and keep only the hook (DeepEP's hook holds them too); their memory must not go to other tensors
@@ -323,16 +342,18 @@ class LowLatencyKernels:
         max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
         num_tokens, num_topk = topk_idx.shape
         self._check_shapes(max_tokens, hidden, num_experts, num_topk)
+        if out is not None and out.device != self.device:
+            raise ValueError(f"out: expected a tensor on {self.device}, got one on {out.device}")
+        if out is not None and out.numel() > 0 and out.data_ptr() % 16 != 0:
+            raise ValueError(f"out: expected a 16-byte aligned tensor, got data_ptr {out.data_ptr():#x}")
+        workspace = self._workspace("low_latency_combine", num_experts)
+        # After everything that can raise: a call that raised on the host took no half (ranks stay in step).
         half_idx = self._next_buffer_idx()
         source = self.combine_buffer(handle, half_idx) if zero_copy else _aligned16(x)
         topk_idx = topk_idx.to(self.device).contiguous()
         topk_weights = topk_weights.to(self.device).contiguous()
-        if out is not None and out.device != self.device:
-            raise ValueError(f"out: expected a tensor on {self.device}, got one on {out.device}")
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         wait_stats, finish_wait_stats = _accumulator(combine_wait_recv_cost_stats, self.device)
-        if combined.numel() > 0 and combined.data_ptr() % 16 != 0:
-            raise ValueError(f"out: expected a 16-byte aligned tensor, got data_ptr {combined.data_ptr():#x}")
         args = {
             "num_max_dispatch_tokens_per_rank": max_tokens,
             "hidden": hidden,
@@ -350,7 +371,7 @@ class LowLatencyKernels:
             "rank_mask_ptr": self.rank_mask.data_ptr(),
             "buffer_ptr": self.buffer_ptr,
             "half_idx": half_idx,
-            "workspace_ptr": self._workspace(num_experts).data_ptr(),
+            "workspace_ptr": workspace.data_ptr(),
             "last_half_ptr": self._last_half.data_ptr(),
             "out_ptr": _ptr(combined),
             "wait_recv_cost_stats_ptr": _ptr(wait_stats),
@@ -368,9 +389,11 @@ class LowLatencyKernels:
 
     # ------------------------------------------------------------------------------------- buffer and mask
 
-    def clean_low_latency_buffer(self) -> None:
-        """Collective: zero the whole symmetric buffer (signals of both halves included) and the counters, with
-        a barrier before (no peer still writes here) and after (no peer sends before everyone is clean)."""
+    def clean_low_latency_buffer(self, num_experts: int) -> None:
+        """Collective: zero the whole symmetric buffer (signals of both halves included) and the counters (made
+        here for num_experts, so that a CUDA graph may capture the first call with it), with a barrier before (no
+        peer still writes here) and after (no peer sends before everyone is clean)."""
+        self._workspace("clean_low_latency_buffer", num_experts)
         synchronize(self.device)
         dist.barrier(group=self.group)
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()

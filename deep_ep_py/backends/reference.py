@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .. import device as ep_device
 from .. import fp8
 from ..config import Config
 from ..topology import Topology
@@ -258,7 +259,12 @@ class ReferenceBackend:
     def next_combine_buffer(self, handle: LowLatencyHandle, device: torch.device) -> torch.Tensor:
         return self.combine_buffer(handle, self.low_latency_buffer_idx, device)
 
-    def clean_low_latency_buffer(self) -> None:
+    def checks_expert_ids_on_device(self, x: torch.Tensor) -> bool:
+        """Whether the low-latency dispatch of x skips an expert id outside [-1, E) on the device and the next call
+        raises (the kernels), so that Buffer need not read the ids on the host (a device sync per call)."""
+        return False
+
+    def clean_low_latency_buffer(self, num_experts: int) -> None:
         for halves in self.combine_buffers.values():
             for half in halves:
                 half.zero_()
@@ -385,7 +391,7 @@ class ReferenceBackend:
                 # the reference waits for all sources in one collective: every source is charged that wait
                 dispatch_wait_recv_cost_stats.add_(wait_ns)
 
-        hook = _deferred(receive, return_recv_hook)
+        hook = _deferred(receive, return_recv_hook, device)
         return recv_x, recv_x_scales, recv_count.to(device), handle, hook
 
     def low_latency_combine(
@@ -447,7 +453,7 @@ class ReferenceBackend:
             if combine_wait_recv_cost_stats is not None:
                 combine_wait_recv_cost_stats.add_(wait_ns)
 
-        return combined, _deferred(receive, return_recv_hook)
+        return combined, _deferred(receive, return_recv_hook, device)
 
     # ------------------------------------------------------------------------------------------- rank mask
 
@@ -491,11 +497,12 @@ def _pad_rows(tensor: torch.Tensor | None, num_rows: int, fill: float) -> torch.
     return padded
 
 
-def _deferred(receive: Callable[[], None], return_recv_hook: bool) -> Callable[[], None]:
-    """Without a hook the receive completes now; with one, hook() completes it (once)."""
+def _deferred(receive: Callable[[], None], return_recv_hook: bool, device: torch.device) -> Callable[[], None]:
+    """Without a hook the receive completes now; with one, hook() completes it (once), on the call's stream."""
     if not return_recv_hook:
         receive()
         return _NO_HOOK
+    receive = ep_device.on_stream_of_now(receive, device)
     done = []
 
     def hook() -> None:

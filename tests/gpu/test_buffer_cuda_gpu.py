@@ -117,6 +117,8 @@ def _compare(rank: int, num_ranks: int) -> None:
         assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: rows of local expert {e} differ after the rebuild"
     torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
     _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
+    _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
+    _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
     rebuilt.destroy()
     finalize_nvshmem()
 
@@ -148,6 +150,57 @@ def _check_unchecked_id_raises_next_layout(buffer, topk_idx, num_experts: int, r
     else:
         raise AssertionError(f"rank {rank}: the id {num_experts + 1} past the last expert went unreported")
     buffer.get_dispatch_layout(topk_idx, num_experts)
+
+
+def _check_hooks_run_on_the_call_stream(buffer, x, topk_idx, weights, num_experts: int, want) -> None:
+    """vLLM's and SGLang's micro-batch overlap call one batch's hook from the other batch's stream: the receive
+    still runs on the stream of the call (as DeepEP's), so the results read there are complete."""
+    want_rows, want_count, want_out = want
+    call_stream, other_stream = ep_device.new_stream(), ep_device.new_stream()
+    call_stream.wait_stream(ep_device.current_stream())
+    with ep_device.stream(call_stream):
+        recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+            x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False, return_recv_hook=True
+        )
+        assert event.event is None, "a hook call returned an event"
+    with ep_device.stream(other_stream):
+        hook()
+    with ep_device.stream(call_stream):
+        count = recv_count.clone()
+        rows = [recv_x[e, : int(count[e])].float().sort(dim=0).values for e in range(recv_x.shape[0])]
+        out, _, hook = buffer.low_latency_combine(recv_x, topk_idx, weights, handle, return_recv_hook=True)
+    with ep_device.stream(other_stream):
+        hook()
+    with ep_device.stream(call_stream):
+        out = out.clone()
+    call_stream.synchronize()
+    assert torch.equal(count.cpu(), want_count.cpu()), "recv_count differs with the hook run from another stream"
+    for e, (g, w) in enumerate(zip(rows, want_rows)):
+        assert torch.equal(g.cpu(), w.cpu()), f"rows of local expert {e} differ with the hook run from another stream"
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+
+
+def _check_low_latency_id_raises_next_call(buffer, x, topk_idx, num_experts: int, rank: int) -> None:
+    """Where the low-latency kernels run, the host does not read the ids (a device sync per decode step): an id past
+    the last expert on every rank is skipped by the kernels, the next call raises DeepEPError naming it on every
+    rank (before it launches, so the ranks stay in step), and the call after is clean."""
+    from deep_ep_py.errors import DeepEPError
+
+    if not buffer._backend.checks_expert_ids_on_device(x):
+        return  # the reference on GPU tensors: the host check is its guard
+    bad = topk_idx.clone()
+    bad[0, 0] = num_experts + 1
+    buffer.low_latency_dispatch(x, bad, MAX_TOKENS, num_experts, use_fp8=False)
+    ep_device.synchronize()
+    try:
+        buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+    except DeepEPError as exc:
+        want = f"expected expert ids in [-1, {num_experts}) (-1 = none), got {num_experts + 1} (token 0, on rank {rank}"
+        assert want in str(exc), f"rank {rank}: expected {want!r}, got {exc}"
+    else:
+        raise AssertionError(f"rank {rank}: the low-latency id {num_experts + 1} past the last expert went unreported")
+    buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+    ep_device.synchronize()
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])

@@ -533,7 +533,7 @@ def _mask_case(ctx) -> None:
             torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
         kernels.check_device_errors("masked calls")
     ctx.barrier()
-    kernels.clean_low_latency_buffer()
+    kernels.clean_low_latency_buffer(num_experts)
     kernels.clean_mask()
     # Everyone back: a normal call works after the clean.
     inputs = make_inputs(400, num_ranks, num_experts)
@@ -624,10 +624,79 @@ def _same_half_twice_case(ctx) -> None:
         assert want in str(exc), f"rank {rank}: expected {want!r}, got {exc}"
     else:
         raise AssertionError(f"rank {rank}: two calls in a row on half 0 went unreported")
-    kernels.clean_low_latency_buffer()
+    kernels.clean_low_latency_buffer(num_experts)
     for fmt in ("fp8", "bf16"):
         check_dispatch(_dispatch(kernels, inputs, rank, num_experts, fmt), inputs, rank, EXPERTS_PER_RANK, fmt)
     kernels.check_device_errors("the calls after the clean")
+
+
+def _host_refusals_case(ctx) -> None:
+    """What the host refuses leaves the buffer as it was, on every rank:
+    - a combine whose `out` it refuses (misaligned) takes no buffer half: the calls after it alternate as before,
+      with no same-half report and exact results;
+    - the first call with a new num_experts cannot be captured in a CUDA graph (the graph would hold, not run, the
+      zero-fill of its counters): refused, naming clean_low_latency_buffer, which makes them;
+    - a hook called after destroy() raises instead of launching on the freed buffer."""
+    from deep_ep_py.backends import low_latency as low_latency_module
+    from deep_ep_py.errors import DeepEPError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    inputs = make_inputs(700, num_ranks, num_experts, empty_rank=None)  # every rank has an `out` to refuse
+    x, topk, weights = (on_kernel_device(t) for t in inputs[rank])
+    for call in range(2):
+        result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+        check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what=f"dispatch {call}")
+        recv_x, handle = result[0], result[3]
+        if call == 0:
+            half = kernels.buffer_idx
+            storage = torch.empty(topk.shape[0] * HIDDEN + 1, dtype=torch.bfloat16, device=recv_x.device)
+            misaligned = storage[1:].view(topk.shape[0], HIDDEN)
+            try:
+                kernels.low_latency_combine(recv_x, topk, weights, handle, False, False, misaligned, None)
+            except ValueError as exc:
+                assert "out: expected a 16-byte aligned tensor" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"rank {rank}: a misaligned out was taken")
+            assert kernels.buffer_idx == half, f"rank {rank}: the refused combine took buffer half {half}"
+        combined, _ = kernels.low_latency_combine(recv_x, topk, weights, handle, False, False, None, None)
+        ep_device.synchronize()
+        _round_trip_check(x, topk, weights, combined)
+        kernels.check_device_errors(f"round trip {call}")
+
+    def capturing() -> bool:
+        return True
+
+    real_capturing = low_latency_module.is_current_stream_capturing
+    low_latency_module.is_current_stream_capturing = capturing
+    try:
+        kernels._workspace("low_latency_dispatch", num_experts)  # made by the calls above: capturable
+        try:
+            kernels._workspace("low_latency_dispatch", 2 * num_experts)
+        except DeepEPError as exc:
+            assert f"clean_low_latency_buffer(M, H, {2 * num_experts}), before the capture" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the first call with a new num_experts was let into a capture")
+    finally:
+        low_latency_module.is_current_stream_capturing = real_capturing
+    kernels.clean_low_latency_buffer(2 * num_experts)
+    low_latency_module.is_current_stream_capturing = capturing
+    try:
+        kernels._workspace("low_latency_dispatch", 2 * num_experts)
+    finally:
+        low_latency_module.is_current_stream_capturing = real_capturing
+
+    hook = kernels.low_latency_dispatch(x, topk, MAX_TOKENS, num_experts, None, None, False, False, False, True)[4]
+    ep_device.synchronize()
+    ctx.barrier()  # every rank's sends have landed before any rank frees its buffer
+    kernels.destroy()
+    try:
+        hook()
+    except DeepEPError as exc:
+        assert "the Buffer was destroyed before hook() ran" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: a hook ran on a destroyed buffer")
 
 
 def _timeout_case(ctx) -> str:
@@ -646,7 +715,7 @@ def _timeout_case(ctx) -> str:
         ep_device.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
         message = _recorded_timeout(kernels, rank, missing, "low-latency dispatch receiver")
     ctx.barrier()
-    kernels.clean_low_latency_buffer()
+    kernels.clean_low_latency_buffer(num_experts)
     return message
 
 
@@ -688,7 +757,7 @@ def _combine_timeout_case(ctx) -> str:
         ep_device.synchronize()
         message = _recorded_timeout(kernels, rank, missing, "low-latency combine receiver")
     ctx.barrier()
-    kernels.clean_low_latency_buffer()
+    kernels.clean_low_latency_buffer(num_experts)
     return message
 
 
@@ -732,6 +801,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase("expert_id_out_of_range", _expert_id_out_of_range_case))
         if selected("test_two_calls_on_one_half_are_reported", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("same_half_twice", _same_half_twice_case))
+        if selected("test_host_refusals_leave_the_buffer_as_it_was", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("host_refusals", _host_refusals_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -794,6 +865,10 @@ def test_expert_id_out_of_range(require_gpu, gpu_batch, num_ranks):
 
 def test_two_calls_on_one_half_are_reported(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["same_half_twice"].assert_passed()
+
+
+def test_host_refusals_leave_the_buffer_as_it_was(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["host_refusals"].assert_passed()
 
 
 @pytest.mark.parametrize("call", ["dispatch", "combine"])
