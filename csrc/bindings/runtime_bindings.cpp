@@ -39,9 +39,10 @@ void register_waits(py::module_& m) {
         .def("has_error", &ErrorRecord::has_error)
         .def("check", &ErrorRecord::check, py::arg("what"),
              "Raise DeepEPTimeoutError if a kernel recorded a timeout; `what` names the operation that checked.")
-        .def("reset", &ErrorRecord::reset)
+        .def("reset", &ErrorRecord::reset, "Clear the whole record; only once no kernel that may write it runs.")
         .def("check_and_reset", &ErrorRecord::check_and_reset, py::arg("what"),
-             "Raise what check(what) would, and clear the record, so that the next check is clean.");
+             "Raise what check(what) would, and clear the record but its timed_out word (kernels still queued "
+             "give up at once on it, and record that they did).");
 
     py::class_<HostCounters>(m, "HostCounters", "Host-mapped int32 counters written by kernels, polled by the host.",
                              py::module_local())

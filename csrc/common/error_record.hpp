@@ -97,6 +97,9 @@ inline const char* wait_site_name(int site) {
 
 // First writer wins (atomicCAS on `code`); the other fields are valid once `code` reads kTimeout, kCapacity or
 // kInvalidInput.
+// DeviceErrorRecord::needed of a kTimeout record left by a wait that gave up at once on timed_out.
+constexpr int64_t kDrainedAfterTimeout = 1;
+
 struct DeviceErrorRecord {
     int code;     // ErrorCode
     int rank;     // rank whose kernel timed out (or overflowed)
@@ -106,7 +109,8 @@ struct DeviceErrorRecord {
     int64_t needed;  // kCapacity: the count found on the device; kInvalidInput: the value
     int64_t limit;   // kCapacity: the capacity the host gave; kInvalidInput: the bound it broke
     // 1 once any wait of this rank timed out, whoever owns `code`: the other waits drain on it even when a capacity
-    // record (which does not stop them) came first.
+    // record (which does not stop them) came first. ErrorRecord::check_and_reset leaves it set (kernels still
+    // queued then drain too); only reset(), after the device has gone idle, clears it.
     int timed_out;
     int reserved;
 };

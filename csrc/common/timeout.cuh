@@ -20,16 +20,36 @@ struct TimeoutContext {
 };
 
 __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
-    ptx::st_relaxed_sys(&ctx.record->timed_out, 1);  // before the claim, which a capacity record may hold already
     int* code = &ctx.record->code;
+    // Whoever claimed first (a capacity record, another timeout) keeps the record: theirs is the first failure.
+    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) ==
+        static_cast<int>(ErrorCode::kNone)) {
+        ctx.record->rank = ctx.rank;
+        ctx.record->channel = ctx.channel;
+        ctx.record->site = static_cast<int>(site);
+        ctx.record->waited_ns = waited_ns;
+        ctx.record->needed = 0;
+        // The fields above become visible to the host before code == kTimeout does.
+        ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
+    }
+    // After the claim: a wait that drains on timed_out finds the code taken and records nothing over it.
+    ptx::st_release_sys(&ctx.record->timed_out, 1);
+}
+
+// A wait that gives up at once because an earlier wait of this rank timed out (record->timed_out, which outlives the
+// host's check of that timeout): recorded only where the record is empty, i.e. the first such wait after the host
+// raised the timeout, so that the next call raises again instead of returning what a drained kernel left.
+__device__ __forceinline__ void record_device_drained(const TimeoutContext& ctx, WaitSite site) {
+    int* code = &ctx.record->code;
+    __threadfence_system();  // acquire side of the timeout's release of timed_out: its claim is seen below
     if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
         static_cast<int>(ErrorCode::kNone))
-        return;  // someone else already reported; theirs is the first failure
+        return;
     ctx.record->rank = ctx.rank;
     ctx.record->channel = ctx.channel;
     ctx.record->site = static_cast<int>(site);
-    ctx.record->waited_ns = waited_ns;
-    // The fields above become visible to the host before code == kTimeout does.
+    ctx.record->waited_ns = 0;
+    ctx.record->needed = kDrainedAfterTimeout;
     ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
 }
 
@@ -73,7 +93,8 @@ __device__ __forceinline__ bool expert_id_is_usable(int64_t expert_idx, int num_
 
 // Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
 // another waiter of this rank has already timed out (record->timed_out: then this one stops too, so the whole kernel
-// drains instead of hanging). A capacity record does not stop a wait: the kernels go on within the capacity, and a
+// drains instead of hanging, and so do the kernels queued behind it after the host has raised the timeout: those
+// would otherwise wait out the limit one after another). A capacity record does not stop a wait: the kernels go on within the capacity, and a
 // rank leaving a barrier before its peers would write into staging they are still reading.
 // The caller must leave the kernel (or skip the work that needed the wait) on false.
 template <typename KeepWaiting>
@@ -90,7 +111,10 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
             record_device_timeout(ctx, site, waited_ns);
             return false;
         }
-        if (ptx::ld_volatile_global(&ctx.record->timed_out) != 0) return false;
+        if (ptx::ld_volatile_global(&ctx.record->timed_out) != 0) {
+            record_device_drained(ctx, site);
+            return false;
+        }
     }
     return true;
 }

@@ -64,6 +64,13 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
                                          "DEEP_EP_PY_SKIP_VALUE_CHECKS, the kernel skipped that choice); noticed by ",
                                          what));
     }
+    if (r->needed == kDrainedAfterTimeout) {
+        throw EPTimeoutException(detail::concat(
+            "device wait on rank ", r->rank, ", channel ", r->channel, ", for ", wait_site_name(r->site), " (site ",
+            r->site, ") gave up at once: an earlier device wait of this rank timed out, and the ranks' buffers are "
+            "out of step since; noticed by ", what, ". Destroy this Buffer and create a new one on every rank (a "
+            "low-latency Buffer may instead mask the dead rank, or clean_low_latency_buffer on every rank)."));
+    }
     throw EPTimeoutException(detail::concat("device wait timed out on rank ", r->rank, ", channel ", r->channel,
                                             ", waiting for ", wait_site_name(r->site), " (site ", r->site,
                                             ") after ", static_cast<double>(r->waited_ns) * 1e-9,
@@ -98,13 +105,21 @@ void ErrorRecord::check(const std::string& what) const { check_device_error_reco
 
 void ErrorRecord::check_and_reset(const std::string& what) {
     if (!has_error()) return;
+    // Everything but timed_out: the host runs ahead of the device, and the kernels queued behind the one that timed
+    // out must drain (and record that they did) rather than wait out the limit one after another.
+    const auto clear_but_timed_out = [this] {
+        const int timed_out = *static_cast<const volatile int*>(&host_ptr_->timed_out);
+        reset();
+        *static_cast<volatile int*>(&host_ptr_->timed_out) = timed_out;
+        std::atomic_thread_fence(std::memory_order_release);
+    };
     try {
         check(what);
     } catch (...) {
-        reset();
+        clear_but_timed_out();
         throw;
     }
-    reset();
+    clear_but_timed_out();
 }
 
 void ErrorRecord::reset() {

@@ -408,6 +408,11 @@ class LowLatencyKernels:
         dist.barrier(group=self.group)
 
     def update_mask(self, rank: int, mask: bool) -> None:
+        """Mask (or unmask) a rank, which recovers from its timeouts: the kernels already queued have drained (the
+        record's timed_out word stops them at once), and what they recorded is cleared with it, so the calls after
+        this one wait again, for the ranks left."""
+        synchronize(self.device)
+        self.error_record.reset()
         self.rank_mask[rank] = 1 if mask else 0
 
     def query_mask(self, mask_status: torch.Tensor) -> None:

@@ -700,6 +700,7 @@ def _host_refusals_case(ctx) -> None:
 
 
 def _timeout_case(ctx) -> str:
+    from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
     num_experts = EXPERTS_PER_RANK * num_ranks
@@ -714,8 +715,28 @@ def _timeout_case(ctx) -> str:
         )
         ep_device.synchronize()  # the receive kernel gives up after DEEP_EP_PY_TIMEOUT_S
         message = _recorded_timeout(kernels, rank, missing, "low-latency dispatch receiver")
+        # The host raised, but the record's timed_out word stays: the next call (the peer still missing), as any
+        # kernel queued behind the one that timed out, gives up at once instead of waiting out the limit again,
+        # and says so at the check after it.
+        started = time.monotonic()
+        kernels.low_latency_dispatch(
+            on_kernel_device(x), on_kernel_device(topk), MAX_TOKENS, num_experts, None, None, True, False, False, False
+        )
+        ep_device.synchronize()
+        elapsed = time.monotonic() - started
+        # Whichever wait gave up first is named (a live peer's signal may not have come yet either).
+        drained = ""
+        try:
+            kernels.check_device_errors("the call after the timeout")
+        except DeepEPTimeoutError as exc:
+            drained = str(exc)
+        assert f"device wait on rank {rank}, channel " in drained, drained
+        assert "gave up at once: an earlier device wait of this rank timed out" in drained, drained
+        assert elapsed < 1.0, f"rank {rank}: the call after a timeout waited {elapsed:.2f} s (the limit is 2 s)"
     ctx.barrier()
     kernels.clean_low_latency_buffer(num_experts)
+    if rank != missing:
+        kernels.check_device_errors("after clean_low_latency_buffer")  # the clean cleared timed_out too
     return message
 
 
