@@ -53,6 +53,9 @@ enum class WaitSite : int {
     kTopkIdxLayout = 42,
     // A low-latency call on the buffer half of the call before it (needed = the half).
     kLowLatencySameHalf = 43,
+    // A low-latency signal from the peer given as the channel, sent with another M, H, E or format than this
+    // rank's call (needed = this rank's M, limit = its H).
+    kLowLatencyShapeMismatch = 44,
 };
 
 inline const char* wait_site_name(int site) {
@@ -90,6 +93,8 @@ inline const char* wait_site_name(int site) {
         case WaitSite::kTopkIdxLowLatencyCombine: return "topk_idx of low_latency_combine";
         case WaitSite::kTopkIdxLayout: return "topk_idx of get_dispatch_layout";
         case WaitSite::kLowLatencySameHalf: return "low-latency buffer half of the call before";
+        case WaitSite::kLowLatencyShapeMismatch:
+            return "low-latency signal of a peer's call with another M, hidden, num_experts or format";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

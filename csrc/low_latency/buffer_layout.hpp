@@ -2,7 +2,14 @@
 //
 // The buffer (num_rdma_bytes, one NVSHMEM symmetric allocation, zero-filled) holds two alternating halves; each
 // call uses the half after the previous call's (dispatch and combine alike, as DeepEP V1), so a call never
-// overwrites what a peer may still read from the call before it. A half is
+// overwrites what a peer may still read from the call before it. The two halves' signals come first, at offsets
+// that depend on E alone (as DeepEP's), then the two halves' send and recv areas:
+//
+//   [signals of half 0][signals of half 1][send area 0][recv area 0][send area 1][recv area 1]
+//
+// so that a call whose M or H differs from the calls before it on this buffer (or a peer's) polls signal words
+// that only signals have written, each reset to 0 after it was read, rather than rows of an earlier call that a
+// receiver would take for counts. A half is
 //
 //   send area     max(M * dispatch_msg, E * M * combine_msg) bytes, rounded up to 128
 //                 dispatch: the message of token t at t * dispatch_msg (cast once, then copied per top-k choice)
@@ -76,11 +83,11 @@ struct BufferLayout {
     }
 
     // Byte offsets from the start of the symmetric buffer; half_idx is 0 or 1.
-    EP_HOST_DEVICE int64_t send_offset(int half_idx) const { return half_idx * half_bytes; }
-    EP_HOST_DEVICE int64_t recv_offset(int half_idx) const { return send_offset(half_idx) + send_bytes; }
-    EP_HOST_DEVICE int64_t dispatch_signal_offset(int half_idx) const {
-        return recv_offset(half_idx) + recv_bytes;
+    EP_HOST_DEVICE int64_t dispatch_signal_offset(int half_idx) const { return half_idx * signal_bytes; }
+    EP_HOST_DEVICE int64_t send_offset(int half_idx) const {
+        return 2 * signal_bytes + half_idx * (send_bytes + recv_bytes);
     }
+    EP_HOST_DEVICE int64_t recv_offset(int half_idx) const { return send_offset(half_idx) + send_bytes; }
     EP_HOST_DEVICE int64_t combine_signal_offset(int half_idx) const {
         return dispatch_signal_offset(half_idx) + static_cast<int64_t>(num_experts) * 8;
     }

@@ -5,7 +5,8 @@
 //   1. r's block for unit (local expert l, source s) writes each of those rows into s's combine recv area at
 //      [token][top-k slot] (direct stores where P2P-mapped, else staged in r's send area and put).
 //   2. The block fences (system scope; nvshmem_quiet first where it used puts), syncs, and one thread sets s's
-//      combine signal [r * L + l] = 1 with a release store (or nvshmemx_signal_op): the rows precede the signal.
+//      combine signal [r * L + l] = 1 (and r's shape tag, device_common.cuh) with a release store (or
+//      nvshmemx_signal_op): the rows precede the signal.
 //   3. s waits with acquire loads for the signal of every expert on an unmasked rank, then reduces; its last block
 //      resets the signals. Rows of one call never mix with another's: a (token, slot) is read only when this
 //      call's top-k names an expert that sent it in this call.
@@ -59,7 +60,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
             const int64_t flat_row = local_expert * num_slots + offset + i;
             const int token_idx = args.src_info[flat_row];
             const int topk_slot = args.src_topk_slot[flat_row];
-            if (token_idx < 0 || topk_slot < 0 || topk_slot >= layout.combine_slots_per_token) continue;
+            if (token_idx < 0 || token_idx >= shape.num_max_tokens || topk_slot < 0 ||
+                topk_slot >= layout.combine_slots_per_token)
+                continue;
             const int4* src = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + flat_row * row_bytes);
             uint8_t* dst = half.recv + (static_cast<int64_t>(token_idx) * layout.combine_slots_per_token + topk_slot) * msg_bytes;
             int4* peer_dst = static_cast<int4*>(nvshmem_ptr(dst, dst_rank));
@@ -83,7 +86,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
         __syncthreads();  // all rows of this unit are delivered before the signal
         if (threadIdx.x == 0) {
             const int expert_idx = shape.rank * num_local_experts + local_expert;
-            set_peer_signal(half.combine_signals + expert_idx, 1, dst_rank);
+            set_peer_signal(half.combine_signals + expert_idx, tagged_signal(shape_tag(shape, kCombineFormat), 1),
+                            dst_rank);
         }
     }
 }
@@ -103,14 +107,18 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
     int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 2;
 
     int failed = 0;
+    const uint32_t own_tag = shape_tag(shape, kCombineFormat);
     for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
          expert_idx += kNumThreadsPerBlock) {
         const int rank = expert_idx / num_local_experts;
         if (args.rank_mask[rank] != 0) continue;
         const uint64_t* signal = half.combine_signals + expert_idx;
         const uint64_t start_ns = ptx::read_globaltimer();
-        if (!timeout_while([&] { return ptx::ld_acquire_sys(signal) == 0; },
-                           timeout_context(p.launch, shape.rank, rank), WaitSite::kLowLatencyRecvFlag)) {
+        uint64_t value = 0;
+        if (!timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
+                           timeout_context(p.launch, shape.rank, rank), WaitSite::kLowLatencyRecvFlag) ||
+            !check_signal_shape(value, shape, own_tag, rank, p.launch.error_record,
+                                WaitSite::kLowLatencyShapeMismatch)) {
             failed = 1;
         } else if (blockIdx.x == 0 && args.wait_recv_cost_stats != nullptr) {
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),

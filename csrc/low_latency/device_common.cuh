@@ -42,6 +42,36 @@ __device__ __forceinline__ bool arrive_is_last_block(int* counter) {
     return is_last != 0;
 }
 
+// A signal word carries the sender's call shape next to its count: [63:32] shape_tag, [31:0] count + 1 (dispatch)
+// or 1 (combine). A receiver whose own tag differs was sent rows laid out for another M, H, E or format (ranks
+// that pass different num_max_dispatch_tokens_per_rank, hidden, num_experts or use_fp8 / round_scale / ue8m0) and
+// would read them at the wrong offsets: it records the peer and drops its rows instead (check_signal_shape).
+// kCombineFormat stands for the combine's format (bf16 rows, whatever the dispatch sent).
+constexpr int kCombineFormat = 7;
+
+__device__ __forceinline__ uint32_t shape_tag(const Shape& shape, int format) {
+    const uint32_t values[4] = {static_cast<uint32_t>(shape.num_max_tokens), static_cast<uint32_t>(shape.hidden),
+                                static_cast<uint32_t>(shape.num_experts), static_cast<uint32_t>(format)};
+    uint32_t tag = 0x811C9DC5u;  // FNV-1a over the four values
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tag = (tag ^ values[i]) * 0x01000193u;
+    return tag;
+}
+
+__device__ __forceinline__ uint64_t tagged_signal(uint32_t tag, uint32_t low) {
+    return (static_cast<uint64_t>(tag) << 32) | low;
+}
+
+// Whether an arrived signal word (non-zero) from peer_rank was sent with this call's shape; records the mismatch
+// otherwise (needed = this rank's M, limit = its H, for the message; the record names the peer as the channel).
+__device__ __forceinline__ bool check_signal_shape(uint64_t value, const Shape& shape, uint32_t own_tag,
+                                                   int peer_rank, DeviceErrorRecord* record, WaitSite site) {
+    if (static_cast<uint32_t>(value >> 32) == own_tag) return true;
+    record_device_value_error(record, ErrorCode::kInvalidInput, shape.rank, peer_rank, site, shape.num_max_tokens,
+                              shape.hidden);
+    return false;
+}
+
 // Called by one thread at the start of each call's first kernel. Each call uses the half after the previous one's,
 // which is what keeps a fast peer's next call out of the half this rank still reads. A CUDA graph replays the
 // halves chosen at its capture, so replays and eager calls can put two calls in a row on one half: recorded, for

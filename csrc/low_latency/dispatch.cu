@@ -5,8 +5,9 @@
 // Protocol of one call on half h, between sender s and receiver r:
 //   1. s writes message slot [l][s][slot] of r's recv area (slot from s's counter for expert (r, l)).
 //   2. s's block fences (system scope; nvshmem_quiet first where it used puts) and arrives on a grid counter;
-//      the last block to arrive reads the final per-expert counts and sets r's signal [l][s] = count + 1 with a
-//      release store (or nvshmemx_signal_op). Data therefore precedes the signal for every delivery path.
+//      the last block to arrive reads the final per-expert counts and sets r's signal [l][s] = count + 1 (and
+//      s's shape tag, device_common.cuh) with a release store (or nvshmemx_signal_op). Data therefore precedes the
+//      signal for every delivery path.
 //   3. r polls [l][s] with an acquire load (timeout_while), reads the count, packs the rows, and its last block
 //      resets all of half h's dispatch signals to 0. s writes that signal again at the earliest two calls later,
 //      after r has gone through the call in between (which waits for s in turn), so the reset cannot lose it.
@@ -158,7 +159,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
             if (args.rank_mask[dst_rank] != 0) continue;
             uint64_t* signal =
                 half.dispatch_signals + static_cast<int64_t>(expert_idx % num_local_experts) * num_ranks + shape.rank;
-            set_peer_signal(signal, static_cast<uint64_t>(count) + 1, dst_rank);
+            set_peer_signal(signal, tagged_signal(shape_tag(shape, static_cast<int>(args.format)), count + 1),
+                            dst_rank);
         }
         if (threadIdx.x == 0) *num_finished_blocks = 0;
     }
@@ -187,6 +189,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
     const int64_t msg_bytes = layout.dispatch_msg_bytes;
     const int num_groups = hidden / kFp8GroupSize;
     int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 1;
+    const uint32_t own_tag = shape_tag(shape, static_cast<int>(args.format));
     __shared__ int unit_offset, unit_count, unit_failed;
 
     for (int unit = static_cast<int>(blockIdx.x); unit < num_local_experts * num_ranks;
@@ -203,11 +206,20 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                 const bool arrived = timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
                                                    timeout_context(p.launch, shape.rank, rank),
                                                    WaitSite::kLowLatencyRecvCount);
-                if (!arrived) {
+                // A signal of another shape (or, from a peer that lays rows out otherwise, more than M rows):
+                // none of that peer's rows is read, and the record says why.
+                if (!arrived || !check_signal_shape(value, shape, own_tag, rank, p.launch.error_record,
+                                                    WaitSite::kLowLatencyShapeMismatch)) {
                     failed = 1;
                     continue;
                 }
-                const int num_rows = static_cast<int>(value - 1);
+                const int num_rows = static_cast<int>(static_cast<uint32_t>(value)) - 1;
+                if (num_rows < 0 || num_rows > shape.num_max_tokens) {
+                    record_device_value_error(p.launch.error_record, ErrorCode::kInvalidInput, shape.rank, rank,
+                                              WaitSite::kLowLatencyShapeMismatch, shape.num_max_tokens, shape.hidden);
+                    failed = 1;
+                    continue;
+                }
                 if (rank < src_rank) {
                     offset += num_rows;
                 } else {

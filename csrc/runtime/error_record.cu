@@ -57,6 +57,15 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
             "calls and make an even number of eager calls between replays (the second call's rows may be "
             "corrupt); noticed by ", what));
     }
+    if (*code == static_cast<int>(ErrorCode::kInvalidInput) &&
+        r->site == static_cast<int>(WaitSite::kLowLatencyShapeMismatch)) {
+        throw EPException(detail::concat(
+            "low-latency call on rank ", r->rank, " (num_max_dispatch_tokens_per_rank ", r->needed, ", hidden ",
+            r->limit, "): rank ", r->channel, " sent with another num_max_dispatch_tokens_per_rank, hidden, "
+            "num_experts or FP8 format (use_fp8, round_scale, use_ue8m0); every rank must pass the same (the rows "
+            "from rank ", r->channel, " were dropped; clean_low_latency_buffer on every rank starts over); noticed by ",
+            what));
+    }
     if (*code == static_cast<int>(ErrorCode::kInvalidInput)) {
         throw EPException(detail::concat(wait_site_name(r->site), ": expected expert ids in [-1, ", r->limit,
                                          ") (-1 = none), got ", r->needed, " (token ", r->channel, ", on rank ",

@@ -699,6 +699,43 @@ def _host_refusals_case(ctx) -> None:
         raise AssertionError(f"rank {rank}: a hook ran on a destroyed buffer")
 
 
+def _shape_mismatch_case(ctx) -> None:
+    """Ranks whose calls differ in M or in format lay rows out differently: each signal carries its sender's shape,
+    so every rank that gets one of another shape drops that peer's rows, and the next check raises DeepEPError on
+    every rank, naming the peer (the last rank's: every other rank receives from it). clean_low_latency_buffer then
+    starts over."""
+    from deep_ep_py.errors import DeepEPError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    odd = num_ranks - 1
+    kernels, _ = _setup(ctx, num_experts)
+    inputs = make_inputs(800, num_ranks, num_experts, empty_rank=None)
+    x, topk, _ = (on_kernel_device(t) for t in inputs[rank])
+    half_max = MAX_TOKENS // 2
+    x, topk = x[:half_max], topk[:half_max]
+    for differs in ("M", "format"):
+        max_tokens = half_max if differs == "M" and rank == odd else MAX_TOKENS
+        use_fp8 = differs == "format" and rank == odd
+        kernels.low_latency_dispatch(x, topk, max_tokens, num_experts, None, None, use_fp8, False, False, False)
+        ep_device.synchronize()
+        message = ""
+        try:
+            kernels.check_device_errors(f"the call where {differs} differs")
+        except DeepEPError as exc:
+            message = str(exc)
+        assert "sent with another num_max_dispatch_tokens_per_rank, hidden, num_experts or FP8 format" in message, (
+            f"rank {rank}, {differs} differs on rank {odd}: {message!r}"
+        )
+        if rank != odd:
+            assert f"rank {odd} sent with another" in message, message
+        ctx.barrier()
+        kernels.clean_low_latency_buffer(num_experts)
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after the clean")
+    kernels.check_device_errors("after the clean")
+
+
 def _timeout_case(ctx) -> str:
     from deep_ep_py.errors import DeepEPTimeoutError
 
@@ -824,6 +861,8 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             cases.append(BatchCase("same_half_twice", _same_half_twice_case))
         if selected("test_host_refusals_leave_the_buffer_as_it_was", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("host_refusals", _host_refusals_case))
+        if selected("test_ranks_with_other_shapes_are_reported", "num_ranks", num_ranks=num_ranks):
+            cases.append(BatchCase("shape_mismatch", _shape_mismatch_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
             # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
             # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
@@ -890,6 +929,10 @@ def test_two_calls_on_one_half_are_reported(require_gpu, gpu_batch, num_ranks):
 
 def test_host_refusals_leave_the_buffer_as_it_was(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["host_refusals"].assert_passed()
+
+
+def test_ranks_with_other_shapes_are_reported(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["shape_mismatch"].assert_passed()
 
 
 @pytest.mark.parametrize("call", ["dispatch", "combine"])
