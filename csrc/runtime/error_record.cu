@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -31,8 +32,15 @@ void check_device_error_record(const DeviceErrorRecord* record, const std::strin
     if (record == nullptr) return;
     const volatile int* code = &record->code;
     if (*code == static_cast<int>(ErrorCode::kNone)) return;
-    // A device writer has claimed the record; its release store of the final code follows the field writes.
-    while (*code == static_cast<int>(ErrorCode::kClaiming)) std::this_thread::yield();
+    // A device writer has claimed the record; its release store of the final code follows the field writes within
+    // microseconds, unless the device died in between (a fault of this or another MPS client): then say so.
+    const auto claimed_at = std::chrono::steady_clock::now();
+    while (*code == static_cast<int>(ErrorCode::kClaiming)) {
+        if (std::chrono::steady_clock::now() - claimed_at > std::chrono::seconds(5))
+            throw EPException(detail::concat("a kernel claimed the device error record but never completed it (the "
+                                             "device may have faulted); noticed by ", what));
+        std::this_thread::yield();
+    }
     std::atomic_thread_fence(std::memory_order_acquire);
     const volatile DeviceErrorRecord* r = record;
     if (*code == static_cast<int>(ErrorCode::kCapacity)) {

@@ -108,9 +108,11 @@ uintptr_t nvshmem_malloc(size_t num_bytes, size_t alignment) {
     EP_HOST_ASSERT_MSG((alignment & (alignment - 1)) == 0, "alignment must be a power of two, got ", alignment);
     void* ptr = nvshmem_align(alignment, num_bytes);
     EP_HOST_ASSERT_MSG(ptr != nullptr, "nvshmem_align(", alignment, ", ", num_bytes,
-                       ") failed: the symmetric heap is too small (raise NVSHMEM_SYMMETRIC_SIZE)");
+                       ") failed: the symmetric heap cannot hold it");
+    // The legacy stream only, as ipc_malloc: a device-wide sync would invalidate a CUDA-graph capture that another
+    // thread is running.
     CUDA_CHECK(cudaMemset(ptr, 0, num_bytes));
-    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaStreamSynchronize(nullptr));
     // No peer may write into this buffer before every rank has zeroed its own copy.
     ::nvshmem_barrier_all();
     return reinterpret_cast<uintptr_t>(ptr);

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from .. import config
+from .._ext import emulated
 from ..device import current_stream, is_current_stream_capturing, kernel_device, on_stream_of_now, synchronize
 from ..errors import DeepEPError
 from ..runtime import device_bytes_view
@@ -114,6 +116,7 @@ class LowLatencyKernels:
         self.device = kernel_device()
         # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
+        self._check_peers_reachable(nvshmem_context)
         self.error_record = ext.ErrorRecord()
         self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._workspaces: dict[int, torch.Tensor] = {}
@@ -124,6 +127,24 @@ class LowLatencyKernels:
         self._last_half = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     # ------------------------------------------------------------------------------------------------ helpers
+
+    def _check_peers_reachable(self, nvshmem_context: Any) -> None:
+        """Collective. With no remote transport (NVSHMEM_REMOTE_TRANSPORT=none: the library sets it where every
+        rank is on this host), the kernels reach a peer only where nvshmem_ptr maps it; one that is not mapped
+        would take the put path with nothing behind it and time out on every call. Every rank raises, naming the
+        pairs. The emulator maps no peer under DEEP_EP_PY_EMULATE_P2P_PES, and carries the puts itself."""
+        if emulated() or os.environ.get("NVSHMEM_REMOTE_TRANSPORT", "").strip().lower() != "none":
+            return
+        unmapped = [pe for pe in range(self.num_ranks) if nvshmem_context.peer_ptr(self.buffer_ptr, pe) == 0]
+        everyone: list[Any] = [None] * self.num_ranks
+        dist.all_gather_object(everyone, unmapped, group=self.group)
+        pairs = [(rank, pe) for rank, pes in enumerate(everyone) for pe in pes]
+        if pairs:
+            raise DeepEPError(
+                f"low-latency Buffer: NVSHMEM_REMOTE_TRANSPORT=none, but nvshmem_ptr maps no peer memory for "
+                f"(rank, peer) {pairs}: those peers are unreachable without a remote transport (the GPUs need P2P "
+                "access, or several ranks on one GPU need MPS); set NVSHMEM_REMOTE_TRANSPORT for a NIC"
+            )
 
     def owns(self, handle: LowLatencyHandle) -> bool:
         """Whether handle came from this object's dispatch (else the caller runs the reference)."""
