@@ -152,7 +152,9 @@ class LowLatencyKernels:
         return isinstance(state, KernelHandleState) and state.owner == self._owner
 
     def check_device_errors(self, what: str = "low-latency call") -> None:
-        """Raise DeepEPTimeoutError if a kernel's wait timed out since the last check (then clear the record)."""
+        """Raise what a kernel recorded since the last check (DeepEPTimeoutError for a wait that timed out), then
+        clear the record but its timed_out word: kernels still queued give up at once, and the next call raises
+        again, until update_mask or clean_low_latency_buffer."""
         self.error_record.check_and_reset(what)
 
     def _next_buffer_idx(self) -> int:
