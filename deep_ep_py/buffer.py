@@ -120,7 +120,9 @@ class Buffer:
         )
         self._backend = select_backend(backend, group, self.topology, sizes)
         self.backend = self._backend.name
-        self._comm_stream: Any = None
+        # Made now where the kernels may run: on the device their buffers were allocated on (the current one), and
+        # not first inside a CUDA-graph capture.
+        self._comm_stream: Any = ep_device.new_stream() if self.backend == "cuda" and ep_device.available() else None
         self._local_buffers: dict[bool, torch.Tensor] = {}
         self._destroyed = False
 
