@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
     const CombineRowFormat& row = p.row;
     for_each_item_by_rank(s_first_item, num_ranks, [&](int src, int slot_idx) {
         const int in_row = s_first_row[src] + slot_idx;
-        if (in_row >= p.num_x_rows) return;  // only past a broken protocol: never read outside x
+        if (in_row < 0 || in_row >= p.num_x_rows) return;  // only past a broken protocol: never read outside x
         uint8_t* slot = staging_slot(p.peers.base[src], rank, slot_idx, p.rows_per_round, row.stride);
         const int4* src_payload = reinterpret_cast<const int4*>(p.x + static_cast<int64_t>(in_row) * row.payload_bytes);
         warp_copy_to_staging(reinterpret_cast<int4*>(slot), src_payload, row.payload_bytes / 16, lane);
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_pull_kernel(CombineRound
             const int ordinal = p.send_pos[static_cast<int64_t>(token) * num_ranks + d];
             const int row = s_first_row[d] + ordinal;
             // Only past a rank that broke the protocol: never read outside its input.
-            if (ordinal >= 0 && row < s_num_rows[d] && s_x[d] != nullptr) rows[d] = row;
+            if (ordinal >= 0 && row >= 0 && row < s_num_rows[d] && s_x[d] != nullptr) rows[d] = row;
         }
         const int64_t row_offset = static_cast<int64_t>(token) * p.hidden;
         for (int chunk = lane; chunk < num_chunks; chunk += 32) {

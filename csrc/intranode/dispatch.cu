@@ -100,9 +100,9 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRou
     void* own_buffer = p.peers.base[rank];
     for_each_item_by_rank(s_first_item, num_ranks, [&](int src, int slot_idx) {
         const int out_row = s_first_row[src] + slot_idx;
-        // Only past a peer that broke the protocol (a timed-out barrier, num_worst_tokens too small): never write
-        // outside the tensors.
-        if (out_row >= p.num_recv_rows) return;
+        // Only past a peer that broke the protocol (a timed-out barrier, num_worst_tokens too small) or a matrix the
+        // notify did not fill: never write outside the tensors.
+        if (out_row < 0 || out_row >= p.num_recv_rows) return;
         const uint8_t* slot = staging_slot(own_buffer, src, slot_idx, p.rows_per_round, row.stride);
         unpack_dispatch_row(slot, row, received_rows(p), out_row, first_local_expert, p.num_local_experts, lane);
     });
@@ -160,8 +160,9 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(Dispatc
     const DispatchRowFormat& row = p.row;
     for_each_item_by_rank(s_first_item, num_ranks, [&](int dst, int ordinal) {
         const int out_row = s_first_row[dst] + ordinal;
-        // Only past a rank that broke the protocol (num_worst_tokens too small): never write outside its tensors.
-        if (out_row >= s_num_rows[dst]) return;
+        // Only past a rank that broke the protocol (num_worst_tokens too small) or a matrix the notify did not fill:
+        // never write outside its tensors.
+        if (out_row < 0 || out_row >= s_num_rows[dst]) return;
         const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + ordinal];
         write_dispatch_row(s_rows[dst], out_row, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group,
                            p.topk_idx, p.topk_weights, token, static_cast<int64_t>(dst) * p.num_local_experts,

@@ -55,7 +55,13 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
     }
     for (int dst = tid; dst < num_ranks; dst += kNotifyThreads)
         control_area(p.peers.base[dst])->worst_tokens[rank] = p.num_worst_tokens;
-    if (!cross_rank_barrier(p.peers, p.timeout, WaitSite::kIntranodeNotifyBarrier)) return;
+    if (!cross_rank_barrier(p.peers, p.timeout, WaitSite::kIntranodeNotifyBarrier)) {
+        // The copy kernels queued behind this one read the matrix even now (with num_worst_tokens > 0 the host does
+        // not wait for the counts): zeros, no rows from anyone, rather than the leftover memory of torch.empty,
+        // which could point them outside the tensors.
+        for (int i = tid; i < num_ranks * num_ranks; i += kNotifyThreads) p.rank_prefix_matrix[i] = 0;
+        return;
+    }
 
     // Volatile loads: the values were written by other GPUs/processes, after this kernel started.
     ControlArea* own = control_area(p.peers.base[rank]);
