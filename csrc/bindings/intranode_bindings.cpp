@@ -71,6 +71,8 @@ py::dict layout_constants() {
     constants["max_local_experts"] = intranode::kMaxLocalExperts;
     constants["staging_offset"] = intranode::kStagingOffset;
     constants["one_copy_note_offset"] = offsetof(intranode::ControlArea, one_copy);
+    constants["barrier_flags_offset"] = offsetof(intranode::ControlArea, barrier_flags);
+    constants["local_epoch_offset"] = offsetof(intranode::ControlArea, local_epoch);
     constants["num_host_counters"] = intranode::kNumHostCounters;
     constants["counter_sequence"] = intranode::kCounterSequence;
     constants["counter_num_recv_tokens"] = intranode::kCounterNumRecvTokens;

@@ -51,7 +51,8 @@ static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
 
 // Who writes and who reads each field:
 // - barrier_flags[s]: written by rank s (st_release_sys) with its barrier epoch; read by the owner (ld_acquire_sys).
-// - local_epoch: the owner's count of barriers entered; only the owner's barrier code touches it.
+// - local_epoch: the owner's count of barriers entered, modulo 2^32 (compared wrap-safe, epoch_reached in
+//   device_common.cuh); only the owner's barrier code touches it.
 // - send_counts[s][d]: written by rank s in the notify kernel before its barrier arrival, read by the owner after
 //   the barrier. Every rank gets the whole matrix (rank_prefix_matrix needs every column).
 // - expert_counts[s][l]: written by rank s likewise: s's tokens routed to the owner's local expert l.

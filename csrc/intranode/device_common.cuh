@@ -60,12 +60,22 @@ void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const Wait
 void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,
                     bool skip_when_one_copy = false);
 
+// Whether a barrier flag shows epoch `epoch` or a later one. Epochs count barriers modulo 2^32, and a long job
+// passes 2^31 of them (hours of back-to-back calls at microseconds a barrier): "later" is the sign of the wrapped
+// difference, where a signed `<` would let every barrier past 2^31 through without its peers. Right while two
+// ranks' epochs are under 2^31 apart: a rank waits for every peer at each barrier, and one that gave up runs ahead
+// only by the barriers its host launches before it raises.
+__device__ __forceinline__ bool epoch_reached(int flag, int epoch) {
+    return static_cast<int>(static_cast<unsigned>(flag) - static_cast<unsigned>(epoch)) >= 0;
+}
+
 // Epoch barrier over all ranks, run by every thread of one block (blockDim.x >= num_ranks).
 //
 // Protocol: the owner increments its local_epoch (barriers are entered in the same order on every rank, so the
 // n-th barrier has epoch n everywhere); thread p release-stores the epoch into barrier_flags[me] of rank p's
-// control area, then acquire-polls barrier_flags[p] of its own area until rank p's epoch there is >= ours. A flag
-// only grows, so no reset is needed and a fast peer already signalling the next epoch passes the check too.
+// control area, then acquire-polls barrier_flags[p] of its own area until rank p's epoch there is ours or later
+// (epoch_reached). A flag only moves forward, so no reset is needed and a fast peer already signalling the next
+// epoch passes the check too.
 // Ordering: every thread fences (sys) its own earlier writes, and the copy kernels before it ended with
 // release_peer_writes (common/rounds.cuh), before any flag is released; the acquires, then __syncthreads, order the caller's later reads.
 // Returns false when a wait timed out (the record names this rank, the missing peer as the channel, and `site`);
@@ -77,8 +87,9 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
     __syncthreads();
     ControlArea* own = control_area(peers.base[peers.rank]);
     if (threadIdx.x == 0) {
-        // Volatile: the previous barrier kernel (maybe on another SM) wrote it; never trust a cached line.
-        const int epoch = ptx::ld_volatile_global(&own->local_epoch) + 1;
+        // Volatile: the previous barrier kernel (maybe on another SM) wrote it; never trust a cached line. Unsigned:
+        // the count wraps (epoch_reached) where a signed increment would overflow.
+        const int epoch = static_cast<int>(static_cast<unsigned>(ptx::ld_volatile_global(&own->local_epoch)) + 1u);
         own->local_epoch = epoch;
         s_epoch = epoch;
         s_ok = 1;
@@ -90,7 +101,7 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
         ptx::st_release_sys(&control_area(peers.base[peer])->barrier_flags[peers.rank], epoch);
         const int* flag = &own->barrier_flags[peer];
         ctx.channel = peer;
-        if (!timeout_while([&] { return ptx::ld_acquire_sys(flag) < epoch; }, ctx, site)) s_ok = 0;
+        if (!timeout_while([&] { return !epoch_reached(ptx::ld_acquire_sys(flag), epoch); }, ctx, site)) s_ok = 0;
     }
     __syncthreads();
     return s_ok != 0;

@@ -279,6 +279,68 @@ def reuse_case(ctx, path: IntranodeOneCopyPath) -> None:
         cases._compare_combine(path, where, ref_combined, combined, None)
 
 
+INT32_MAX = 2**31 - 1
+EPOCH_WRAP_CASE = Case("epoch_wrap", (20, 13, 8, 16), drop_prob=0.1, rows_per_round=3)
+NUM_WRAP_BARRIERS = 3
+# How late the late rank of each barrier of the epoch-wrap test enters it.
+WRAP_LATE_S = 0.5
+
+
+def _set_barrier_epoch(ctx, kernels, epoch: int) -> None:
+    """This rank's control area as after `epoch` barriers: its local_epoch, and every peer's flag there as that
+    peer's barrier `epoch` left it (an int32, so epochs past 2^31 read negative). Every rank out of its calls first,
+    and done before any rank goes on."""
+    from deep_ep_py.runtime import device_bytes_view
+
+    constants = kernels._constants
+    ep_device.synchronize()
+    ctx.barrier()
+    control = device_bytes_view(kernels.buffer.local_ptr, constants["staging_offset"]).view(torch.int32)
+    first_flag = constants["barrier_flags_offset"] // 4
+    control[first_flag : first_flag + ctx.num_ranks] = epoch
+    control[constants["local_epoch_offset"] // 4] = epoch
+    ep_device.synchronize()
+    ctx.barrier()
+
+
+def epoch_wrap_case(ctx, path: IntranodePath) -> None:
+    """Barrier epochs past 2^31 (the int32 count wraps to -2^31): from 2^31 - 2 barriers, three barriers, each with
+    another rank entering WRAP_LATE_S late; no rank may leave one before its late rank entered it (host times on the
+    machine's monotonic clock, which the ranks share). A signed comparison lets the barrier of epoch -2^31 through at
+    once. Then, from 2^31 - 3 so that the wrap falls inside its rounds, a dispatch and combine must match the
+    reference."""
+    import time
+
+    import torch.distributed as dist
+    from brute_force import check
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    reference, kernels = cases._reference_and_kernels(ctx, path, EPOCH_WRAP_CASE)
+    _set_barrier_epoch(ctx, kernels, INT32_MAX - 1)
+    for barrier_idx in range(NUM_WRAP_BARRIERS):
+        late = barrier_idx % num_ranks
+        ctx.barrier()
+        if rank == late:
+            time.sleep(WRAP_LATE_S)
+        entered = time.monotonic()
+        kernels.barrier()
+        ep_device.synchronize()
+        left = time.monotonic()
+        times: list = [None] * num_ranks
+        dist.all_gather_object(times, (entered, left), group=ctx.group)
+        late_entered = times[late][0]
+        for other, (_, other_left) in enumerate(times):
+            check(
+                other_left >= late_entered,
+                f"barrier {barrier_idx} past epoch 2^31 - 2: rank {other} left it {late_entered - other_left:.3f} s "
+                f"before rank {late} entered it",
+            )
+    kernels._check_device_errors("the epoch-wrap test's barriers")
+    _set_barrier_epoch(ctx, kernels, INT32_MAX - 2)
+    cases._run_step(ctx, path, EPOCH_WRAP_CASE, reference, kernels, 0, 8)
+    kernels._check_device_errors("the epoch-wrap test's dispatch and combine")
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
@@ -290,6 +352,9 @@ def _batch(gpu_batch, num_ranks: int, path: IntranodePath = INTRANODE):
         reuse_test = "test_intranode_one_copy_reuse_without_sync"
         if path.name == ONE_COPY.name and selected(reuse_test, "num_ranks", num_ranks=num_ranks):
             extra.append(BatchCase("reuse", reuse_case, (path,), run_s=path.run_s(2 * NUM_REUSE_STEPS)))
+        wrap_test = "test_intranode_barrier_epochs_wrap"
+        if path.name == INTRANODE.name and num_ranks >= 2 and selected(wrap_test, "num_ranks", num_ranks=num_ranks):
+            extra.append(BatchCase("epoch_wrap", epoch_wrap_case, (path,), run_s=path.run_s(2 + NUM_WRAP_BARRIERS)))
         return [
             *table_batch_cases(selected, path, f"test_{path.name}_matches_reference", num_ranks),
             *protocol_batch_cases(selected, path, num_ranks),
@@ -335,6 +400,13 @@ def test_intranode_worst_tokens_differ_between_ranks(require_gpu, gpu_batch, num
 @pytest.mark.gpu
 def test_intranode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["back_to_back"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_barrier_epochs_wrap(require_gpu, gpu_batch, num_ranks):
+    if num_ranks < 2:
+        pytest.skip("needs a peer to wait for")
+    _batch(gpu_batch, num_ranks)["epoch_wrap"].assert_passed()
 
 
 @pytest.mark.gpu
