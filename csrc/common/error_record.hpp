@@ -36,6 +36,8 @@ enum class WaitSite : int {
     kIntranodeNotifyBarrier = 16,
     kIntranodeRoundBarrier = 17,
     kIntranodePublishBarrier = 18,
+    // A peer (the channel) gave up at a barrier earlier (csrc/intranode/buffer_layout.hpp, ControlArea::aborted).
+    kIntranodePeerAborted = 19,
     // Internode normal kernels (csrc/internode): the channel is the rank (or the node, for arrivals) waited for.
     kInternodeNotifyCounts = 24,
     kInternodeDispatchArrivals = 25,
@@ -74,6 +76,8 @@ inline const char* wait_site_name(int site) {
             return "intranode dispatch/combine round barrier: the peer rank given as the channel did not arrive";
         case WaitSite::kIntranodePublishBarrier:
             return "intranode one-copy dispatch: the peer rank given as the channel did not say where its rows go";
+        case WaitSite::kIntranodePeerAborted:
+            return "intranode barrier: the peer rank given as the channel timed out earlier (or drained) and gave up";
         case WaitSite::kInternodeNotifyCounts:
             return "internode dispatch notify: the counts of the rank given as the channel did not arrive";
         case WaitSite::kInternodeDispatchArrivals:

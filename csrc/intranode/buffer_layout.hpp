@@ -1,7 +1,8 @@
 // The layout of each rank's intranode buffer (Buffer.num_nvl_bytes of IPC-mapped device memory), written once:
 // host code takes sizes from here, device code takes pointers from here.
 //
-//   [0, sizeof(ControlArea))                  ControlArea: barrier flags, the owner's epoch, counts from peers
+//   [0, sizeof(ControlArea))                  ControlArea: barrier flags and aborted words of the peers, the
+//                                             owner's epoch, counts from peers
 //   [kStagingOffset, num_bytes)               staging: R blocks (one per source rank) of rows_per_round slots
 //
 // A dispatch or combine moves rows in rounds. Round r carries, for every (source s, destination d), the rows of
@@ -51,6 +52,11 @@ static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
 
 // Who writes and who reads each field:
 // - barrier_flags[s]: written by rank s (st_release_sys) with its barrier epoch; read by the owner (ld_acquire_sys).
+// - aborted[s]: written by rank s (st_release_sys, 1) when it gave up at a barrier (a wait timed out, or drained);
+//   read by the owner's barriers, which then give up too and name s. Rank s goes on through its later barriers
+//   without waiting, so its flags run ahead: without this word the owner, arriving late, would pass them at once
+//   and read rows of the wrong round. Never reset: the buffer is out of step and must be recreated (a new IPC
+//   allocation, zeroed by ipc_malloc).
 // - local_epoch: the owner's count of barriers entered, modulo 2^32 (compared wrap-safe, epoch_reached in
 //   device_common.cuh); only the owner's barrier code touches it.
 // - send_counts[s][d]: written by rank s in the notify kernel before its barrier arrival, read by the owner after
@@ -66,7 +72,8 @@ static_assert(sizeof(RecvBlock) == 64, "RecvBlock is half a 128 B line");
 //   carries the rows (the rounds' barriers are skipped with their copies, on every rank alike).
 struct ControlArea {
     int barrier_flags[kMaxRanks];                    // 4 * kMaxRanks = 32 B
-    int reserved0[32 - kMaxRanks];                   // pads the flags to one 128 B line
+    int aborted[kMaxRanks];                          // 4 * kMaxRanks = 32 B, polled with the flags
+    int reserved0[32 - 2 * kMaxRanks];               // pads the flags and the aborted words to one 128 B line
     int local_epoch;                                 // 4 B
     int reserved1[31];                               // pads the epoch to its own 128 B line
     RecvBlock recv_block;                            // 64 B
@@ -76,6 +83,7 @@ struct ControlArea {
     int send_counts[kMaxRanks][kMaxRanks];           // 4 * kMaxRanks^2 = 256 B
     int expert_counts[kMaxRanks][kMaxLocalExperts];  // 4 * kMaxRanks * kMaxLocalExperts = 32 KiB
 };
+static_assert(offsetof(ControlArea, local_epoch) == 128, "the flags and the aborted words fill one 128 B line");
 static_assert(sizeof(ControlArea) % 16 == 0, "ControlArea must keep the staging area 16-byte aligned");
 
 // Start of the staging area: align_up(sizeof(ControlArea), 128) = 33408 B.

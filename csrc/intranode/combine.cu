@@ -36,6 +36,7 @@ struct CombineRoundParams {
     // is one: then the round kernels and barriers do nothing when the publish kernel noted every rank's block.
     void* recv_arenas[kMaxRanks];
     bool one_copy;
+    const DeviceErrorRecord* record;  // this rank's: the sender writes nothing once it gave up (rank_gave_up)
 };
 
 __device__ __forceinline__ bool rows_go_by_one_copy(const CombineRoundParams& p) {
@@ -43,7 +44,7 @@ __device__ __forceinline__ bool rows_go_by_one_copy(const CombineRoundParams& p)
 }
 
 // Sender (the dispatch's receiver): row prefix_before(s) + round_start + j of x goes to slot (me, j) of source s,
-// the slot the dispatch took it from.
+// the slot the dispatch took it from. None once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRoundParams p) {
     if (rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
             s_first_row[src] = start + round_start;
             total += rows_in_round(count, round_start, p.rows_per_round);
         }
-        s_first_item[num_ranks] = total;
+        s_first_item[num_ranks] = rank_gave_up(p.record) ? 0 : total;
     }
     __syncthreads();
     const int lane = lane_idx();
@@ -265,7 +266,8 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
                               static_cast<__nv_bfloat16*>(args.combined_x),
                               args.combined_weights,
                               {},
-                              args.one_copy};
+                              args.one_copy,
+                              wait.record};
     for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.one_copy) {

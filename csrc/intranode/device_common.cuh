@@ -78,8 +78,16 @@ __device__ __forceinline__ bool epoch_reached(int flag, int epoch) {
 // epoch passes the check too.
 // Ordering: every thread fences (sys) its own earlier writes, and the copy kernels before it ended with
 // release_peer_writes (common/rounds.cuh), before any flag is released; the acquires, then __syncthreads, order the caller's later reads.
-// Returns false when a wait timed out (the record names this rank, the missing peer as the channel, and `site`);
-// the epochs are then out of step for good and the buffer must be recreated.
+// Giving up: a rank whose wait fails (it timed out, or drained on its record) goes on through its later barriers
+// without waiting, so its flags run ahead of a peer that is late but alive, which would pass them at once on
+// arrival. So a barrier that fails stores 1 into aborted[me] of every peer's control area, and thread p stops, and
+// fails with a kIntranodePeerAborted record naming p as the channel, once aborted[p] is set in its own area, be
+// rank p's flag behind or ahead. The store is fenced before this rank's later flags (below, and each barrier fences
+// before its flags), so a peer that acquires any of them sees it. Each thread watches its own peer's word only: its
+// record (timed_out) drains the block's other waits at once, and a rank still waiting for a missing peer names that
+// one rather than another rank that gave up on the same peer a moment earlier.
+// Returns false when a wait timed out or a peer gave up (the record names this rank, that peer as the channel, and
+// `site` or kIntranodePeerAborted); the epochs are then out of step for good and the buffer must be recreated.
 __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, TimeoutContext ctx, WaitSite site) {
     __shared__ int s_epoch;
     __shared__ int s_ok;
@@ -100,11 +108,34 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
     if (peer < peers.num_ranks) {
         ptx::st_release_sys(&control_area(peers.base[peer])->barrier_flags[peers.rank], epoch);
         const int* flag = &own->barrier_flags[peer];
+        const int* peer_aborted = &own->aborted[peer];
         ctx.channel = peer;
-        if (!timeout_while([&] { return !epoch_reached(ptx::ld_acquire_sys(flag), epoch); }, ctx, site)) s_ok = 0;
+        const uint64_t start_ns = ptx::read_globaltimer();
+        const auto keep_waiting = [&] {
+            return !epoch_reached(ptx::ld_acquire_sys(flag), epoch) && ptx::ld_volatile_global(peer_aborted) == 0;
+        };
+        const bool waited = timeout_while(keep_waiting, ctx, site);
+        if (!waited) {
+            s_ok = 0;
+        } else if (ptx::ld_acquire_sys(peer_aborted) != 0) {
+            record_device_timeout(ctx, WaitSite::kIntranodePeerAborted, ptx::read_globaltimer() - start_ns);
+            s_ok = 0;
+        }
     }
     __syncthreads();
-    return s_ok != 0;
+    const bool ok = s_ok != 0;
+    if (!ok && peer < peers.num_ranks && peer != peers.rank) {
+        ptx::st_release_sys(&control_area(peers.base[peer])->aborted[peers.rank], 1);
+        __threadfence_system();  // before this rank's later flags, which another kernel's threads store
+    }
+    return ok;
+}
+
+// Whether this rank has given up on the buffer (a barrier wait timed out or drained; record->timed_out), read by
+// thread 0 of each copy kernel that writes peer memory: such a rank goes on past its barriers, so its rows would land
+// in staging or arenas that a late peer has not read yet.
+__device__ __forceinline__ bool rank_gave_up(const DeviceErrorRecord* record) {
+    return ptx::ld_volatile_global(&record->timed_out) != 0;
 }
 
 }  // namespace ep::intranode

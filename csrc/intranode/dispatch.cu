@@ -38,6 +38,7 @@ struct DispatchRoundParams {
     // launch is one: then the round kernels do nothing when the publish kernel found that every rank has a block.
     void* recv_arenas[kMaxRanks];
     bool one_copy;
+    const DeviceErrorRecord* record;  // this rank's: the senders write nothing once it gave up (rank_gave_up)
 };
 
 __device__ __forceinline__ bool rows_go_by_one_copy(const DispatchRoundParams& p) {
@@ -49,7 +50,7 @@ __device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams&
 }
 
 // Sender: one warp per (destination, slot) of this round. Work items are numbered destination by destination;
-// s_first_item[d] is the first item of destination d.
+// s_first_item[d] is the first item of destination d. None once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
     if (rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
             s_first_item[dst] = total;
             total += rows_in_round(p.send_counts[dst], p.round_start, p.rows_per_round);
         }
-        s_first_item[num_ranks] = total;
+        s_first_item[num_ranks] = rank_gave_up(p.record) ? 0 : total;
     }
     __syncthreads();
     const int lane = lane_idx();
@@ -134,7 +135,8 @@ __device__ __forceinline__ ReceivedRows peer_received_rows(void* arena, const Re
 }
 
 // One-copy send: one warp per (destination, ordinal), all of this rank's rows, each written once, straight into the
-// destination's received row prefix_before(rank, d) + ordinal (the place dispatch_recv_kernel would give it).
+// destination's received row prefix_before(rank, d) + ordinal (the place dispatch_recv_kernel would give it). None
+// once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(DispatchRoundParams p) {
     if (!rows_go_by_one_copy(p)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_one_copy_kernel(Dispatc
             s_rows[dst] = peer_received_rows(p.recv_arenas[dst], block);
             total += p.send_counts[dst];
         }
-        s_first_item[num_ranks] = total;
+        s_first_item[num_ranks] = rank_gave_up(p.record) ? 0 : total;
     }
     __syncthreads();
     const int lane = lane_idx();
@@ -207,7 +209,8 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
                                args.num_recv_rows,
                                args.num_local_experts,
                                {},
-                               args.one_copy};
+                               args.one_copy,
+                               wait.record};
     for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.pad_rows) launch_kernel(copy_config, dispatch_pad_kernel, params);

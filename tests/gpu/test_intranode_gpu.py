@@ -12,9 +12,9 @@ row the kernels forget to write cannot pass by holding last call's value.
 
 Launches: the table cases, the back-to-back test and the CUDA-graph test of one rank count run in one batch
 (deep_ep_py.testing.batch), each case on fresh kernels (IntranodeKernels over the case's resource group, destroyed
-after every rank has left the case) and groups of its own; the absent-peer test needs DEEP_EP_PY_TIMEOUT_S=3 and a
-launch of its own. The rank functions are shared with the internode tests (normal_kernels_cases.py); IntranodePath
-supplies what is intranode's own.
+after every rank has left the case) and groups of its own; the absent-peer and late-peer tests need
+DEEP_EP_PY_TIMEOUT_S=3 and a launch each. The rank functions are shared with the internode tests
+(normal_kernels_cases.py); IntranodePath supplies what is intranode's own.
 """
 
 from __future__ import annotations
@@ -341,6 +341,63 @@ def epoch_wrap_case(ctx, path: IntranodePath) -> None:
     kernels._check_device_errors("the epoch-wrap test's dispatch and combine")
 
 
+LATE_PEER_CASE = Case("late_peer", (16, 11, 9, 14), rows_per_round=3)
+# How much later than the device timeout the late rank of the late-peer test enters its dispatch.
+LATE_MARGIN_S = 3.0
+
+
+def late_peer_case(ctx, path: IntranodePath) -> str:
+    """The last rank enters a dispatch of several rounds LATE_MARGIN_S after the device timeout, with num_worst_tokens
+    > 0 so that no host waits for the counts: the others time out at the notify barrier naming it, then go on through
+    their rounds without waiting, their flags running ahead. The late rank must raise DeepEPTimeoutError naming one of
+    them as a peer that gave up, with every returned row padding (its notify failed, so it receives no rows, and the
+    others, having given up, wrote none into its staging), rather than pass their flags at once and return the rows
+    of their last round as its first. Returns the message."""
+    import time
+
+    from brute_force import check
+
+    from deep_ep_py import config as ep_config
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    late = num_ranks - 1
+    reference, kernels = cases._reference_and_kernels(ctx, path, LATE_PEER_CASE)
+    inp, num_experts = path.inputs(LATE_PEER_CASE, num_ranks, rank, 0)
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)
+    num_worst = cases._total_tokens(ctx, inp.x.shape[0]) + 1
+    x = on_kernel_device(inp.x)
+    ctx.barrier()
+    if rank == late:
+        time.sleep(ep_config.timeout_s() + LATE_MARGIN_S)
+    out = kernels.dispatch(x, None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, num_worst, 8)
+    ep_device.synchronize()
+    where = f"late peer {path.label(ctx)}"
+    try:
+        kernels._check_device_errors(where)
+    except DeepEPTimeoutError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"{where}: dispatch raised nothing although rank {late} entered it after the timeout")
+    if rank == late:
+        named = [peer for peer in range(late) if f"on rank {rank}, channel {peer}," in message]
+        check(
+            bool(named) and "timed out earlier" in message,
+            f"{where}: expected a peer that gave up: {message}",
+        )
+        recv_x, recv_topk_idx, handle = out[0], out[2], out[5]
+        check(bool((recv_x.view(torch.int16) == 0).all()), f"{where}: recv_x holds rows other than padding")
+        check(bool((recv_topk_idx == -1).all()), f"{where}: recv_topk_idx holds rows other than padding")
+        src_idx = handle.recv_src_idx
+        check(bool((src_idx == -1).all()), f"{where}: recv_src_idx holds rows other than padding: {src_idx.tolist()}")
+    else:
+        check(f"on rank {rank}, channel {late}," in message and path.timeout_wait in message, f"{where}: {message}")
+    ep_device.synchronize()
+    ctx.barrier()
+    return message
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 
 
@@ -487,6 +544,23 @@ def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
     assert results[-1] == "", results
     for message in results[:-1]:
         assert f"channel {num_ranks - 1}," in message and wait in message, message
+
+
+@pytest.mark.gpu
+def test_intranode_late_peer_raises(require_gpu, num_ranks, launch_timeout_s):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that enters a dispatch after it."""
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    results = launch(
+        run_case,
+        num_ranks,
+        late_peer_case,
+        INTRANODE,
+        device=tier_device(),
+        timeout_s=launch_timeout_s,
+        env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
+    )
+    assert "gave up" in results[-1], results
 
 
 @pytest.mark.parametrize("hidden, num_topk", [(8, 1), (256, 4), (7168, 8), (4096, 32)])
