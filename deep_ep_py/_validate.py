@@ -98,5 +98,12 @@ def check_expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> Non
     if low < -1 or high >= num_experts:
         bad = low if low < -1 else high
         raise ValueError(f"{name}: expected expert ids in [-1, {num_experts}) (-1 = none), got {bad}")
-    if version is not None:
-        _last_passed = (weakref.ref(topk_idx), version, num_experts)
+    note_expert_ids_checked(topk_idx, num_experts)
+
+
+def note_expert_ids_checked(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """topk_idx's ids are checked (on the host, or by a kernel that records those out of range): the next
+    check_expert_ids of the same tensor, unmodified by torch, skips its device sync once."""
+    global _last_passed
+    version = _version_of(topk_idx)
+    _last_passed = None if version is None else (weakref.ref(topk_idx), version, num_experts)

@@ -304,7 +304,12 @@ class Buffer:
         self._check_alive()
         check.check_tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(None, None), contiguous=True)
         checks.num_experts(self, num_experts)
-        check.check_expert_ids("topk_idx", topk_idx, num_experts)
+        if self._backend.checks_expert_ids_on_device("get_dispatch_layout", topk_idx):
+            # The layout kernel skips an id out of range and records it, and the next layout raises: the dispatch
+            # after this one need not read the ids either (a device sync per layer otherwise).
+            check.note_expert_ids_checked(topk_idx, num_experts)
+        else:
+            check.check_expert_ids("topk_idx", topk_idx, num_experts)
         return self._with_event(
             self._run(
                 ep_device.is_kernel_tensor(topk_idx),

@@ -237,7 +237,7 @@ def low_latency_dispatch(
     rdma_bytes_fit(buffer, max_tokens, hidden, experts)
     # The kernels skip an id out of range and record it, and the next call raises: reading the ids here would cost
     # every decode step a device sync.
-    if not buffer._backend.checks_expert_ids_on_device(x):
+    if not buffer._backend.checks_expert_ids_on_device("low_latency_dispatch", x):
         check.check_expert_ids("topk_idx", topk_idx, experts)
 
 

@@ -95,8 +95,11 @@ class CudaBackend(ReferenceBackend):
 
     # ------------------------------------------------------------------------------------------------ layout
 
+    def _layout_kernel_takes(self, topk_idx: torch.Tensor) -> bool:
+        return unverified_kernels_enabled() and is_kernel_tensor(topk_idx) and topk_idx.shape[1] <= LAYOUT_MAX_TOPK
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        if not unverified_kernels_enabled() or not is_kernel_tensor(topk_idx) or topk_idx.shape[1] > LAYOUT_MAX_TOPK:
+        if not self._layout_kernel_takes(topk_idx):
             return super().get_dispatch_layout(topk_idx, num_experts)
         num_tokens, num_topk = topk_idx.shape
         device = topk_idx.device
@@ -186,8 +189,10 @@ class CudaBackend(ReferenceBackend):
             return False
         return handle is None or self.low_latency.owns(handle)
 
-    def checks_expert_ids_on_device(self, x: torch.Tensor) -> bool:
-        return self._low_latency_takes(x)
+    def checks_expert_ids_on_device(self, call: str, tensor: torch.Tensor) -> bool:
+        if call == "get_dispatch_layout":
+            return self._layout_kernel_takes(tensor)
+        return call == "low_latency_dispatch" and self._low_latency_takes(tensor)
 
     def low_latency_dispatch(self, x, *args, **kwargs):
         if not self._low_latency_takes(x):

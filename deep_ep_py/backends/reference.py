@@ -259,9 +259,10 @@ class ReferenceBackend:
     def next_combine_buffer(self, handle: LowLatencyHandle, device: torch.device) -> torch.Tensor:
         return self.combine_buffer(handle, self.low_latency_buffer_idx, device)
 
-    def checks_expert_ids_on_device(self, x: torch.Tensor) -> bool:
-        """Whether the low-latency dispatch of x skips an expert id outside [-1, E) on the device and the next call
-        raises (the kernels), so that Buffer need not read the ids on the host (a device sync per call)."""
+    def checks_expert_ids_on_device(self, call: str, tensor: torch.Tensor) -> bool:
+        """Whether `call` ("get_dispatch_layout" on topk_idx, "low_latency_dispatch" on x) runs on kernels that
+        skip an expert id outside [-1, E) and record it for the next such call to raise, so that Buffer need not
+        read the ids on the host (a device sync per call)."""
         return False
 
     def clean_low_latency_buffer(self, num_experts: int) -> None:

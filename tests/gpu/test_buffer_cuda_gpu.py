@@ -124,24 +124,21 @@ def _compare(rank: int, num_ranks: int) -> None:
 
 
 def _check_unchecked_id_raises_next_layout(buffer, topk_idx, num_experts: int, rank: int) -> None:
-    """With the host's id check off (DEEP_EP_PY_SKIP_VALUE_CHECKS, as under CUDA-graph capture), an id past the
-    last expert reaches the layout kernel: it skips that choice, and the Buffer's next get_dispatch_layout raises
-    DeepEPError naming it; the one after is clean again."""
-    import os
-
-    from deep_ep_py.backends.cuda import unverified_kernels_enabled
+    """Where the layout kernel runs, the host does not read the ids (a device sync per layer; nor can it under
+    CUDA-graph capture): an id past the last expert reaches the layout kernel, which skips that choice, and the
+    Buffer's next get_dispatch_layout raises DeepEPError naming it; the one after is clean again. The dispatch after
+    a layout of the same tensor does not read the ids either."""
+    from deep_ep_py import _validate
     from deep_ep_py.errors import DeepEPError
 
-    if not unverified_kernels_enabled():
+    if not buffer._backend.checks_expert_ids_on_device("get_dispatch_layout", topk_idx):
         return  # the reference layout on GPU tensors, which indexes with the ids: the host check is its guard
     bad = topk_idx.clone()
     bad[0, 0] = num_experts + 1
-    os.environ["DEEP_EP_PY_SKIP_VALUE_CHECKS"] = "1"
-    try:
-        buffer.get_dispatch_layout(bad, num_experts)
-        ep_device.synchronize()
-    finally:
-        del os.environ["DEEP_EP_PY_SKIP_VALUE_CHECKS"]
+    buffer.get_dispatch_layout(bad, num_experts)
+    ep_device.synchronize()
+    last = _validate._last_passed
+    assert last is not None and last[0]() is bad, "the dispatch after a kernel layout would read the ids again"
     want = f"expected expert ids in [-1, {num_experts}) (-1 = none), got {num_experts + 1} (token 0, on rank {rank}"
     try:
         buffer.get_dispatch_layout(topk_idx, num_experts)
@@ -186,7 +183,7 @@ def _check_low_latency_id_raises_next_call(buffer, x, topk_idx, num_experts: int
     rank (before it launches, so the ranks stay in step), and the call after is clean."""
     from deep_ep_py.errors import DeepEPError
 
-    if not buffer._backend.checks_expert_ids_on_device(x):
+    if not buffer._backend.checks_expert_ids_on_device("low_latency_dispatch", x):
         return  # the reference on GPU tensors: the host check is its guard
     bad = topk_idx.clone()
     bad[0, 0] = num_experts + 1
