@@ -39,20 +39,6 @@ __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx,
 // A wait that gives up at once because an earlier wait of this rank timed out (record->timed_out, which outlives the
 // host's check of that timeout): recorded only where the record is empty, i.e. the first such wait after the host
 // raised the timeout, so that the next call raises again instead of returning what a drained kernel left.
-__device__ __forceinline__ void record_device_drained(const TimeoutContext& ctx, WaitSite site) {
-    int* code = &ctx.record->code;
-    __threadfence_system();  // acquire side of the timeout's release of timed_out: its claim is seen below
-    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) !=
-        static_cast<int>(ErrorCode::kNone))
-        return;
-    ctx.record->rank = ctx.rank;
-    ctx.record->channel = ctx.channel;
-    ctx.record->site = static_cast<int>(site);
-    ctx.record->waited_ns = 0;
-    ctx.record->needed = kDrainedAfterTimeout;
-    ptx::st_release_sys(code, static_cast<int>(ErrorCode::kTimeout));
-}
-
 // Fills in a record of a value the device found past a bound (first writer wins, as for timeouts).
 __device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* record, ErrorCode code, int rank,
                                                           int channel, WaitSite site, int64_t value, int64_t bound) {
@@ -67,6 +53,14 @@ __device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* rec
     record->needed = value;
     record->limit = bound;
     ptx::st_release_sys(code_word, static_cast<int>(code));
+}
+
+// A wait that gives up at once because an earlier wait of this rank timed out (record->timed_out, which outlives the
+// host's check of that timeout): recorded only where the record is empty, i.e. the first such wait after the host
+// raised the timeout, so that the next call raises again instead of returning what a drained kernel left.
+__device__ __forceinline__ void record_device_drained(const TimeoutContext& ctx, WaitSite site) {
+    __threadfence_system();  // acquire side of the timeout's release of timed_out: its claim is seen below
+    record_device_value_error(ctx.record, ErrorCode::kTimeout, ctx.rank, ctx.channel, site, kDrainedAfterTimeout, 0);
 }
 
 // Records that a count the host could not know (num_worst_tokens sizing) is past its capacity, so the host raises

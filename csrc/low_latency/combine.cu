@@ -117,8 +117,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
         uint64_t value = 0;
         if (!timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
                            timeout_context(p.launch, shape.rank, rank), WaitSite::kLowLatencyRecvFlag) ||
-            !check_signal_shape(value, shape, own_tag, rank, p.launch.error_record,
-                                WaitSite::kLowLatencyShapeMismatch)) {
+            !check_signal_shape(value, shape, own_tag, 1, rank, p.launch.error_record)) {
             failed = 1;
         } else if (blockIdx.x == 0 && args.wait_recv_cost_stats != nullptr) {
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),

@@ -62,13 +62,15 @@ __device__ __forceinline__ uint64_t tagged_signal(uint32_t tag, uint32_t low) {
     return (static_cast<uint64_t>(tag) << 32) | low;
 }
 
-// Whether an arrived signal word (non-zero) from peer_rank was sent with this call's shape; records the mismatch
-// otherwise (needed = this rank's M, limit = its H, for the message; the record names the peer as the channel).
+// Whether an arrived signal word (non-zero) from peer_rank was sent with this call's shape and carries a low word
+// in [1, max_low] (a count + 1 of at most M rows, or the combine's 1); records the mismatch otherwise (site
+// kLowLatencyShapeMismatch, needed = this rank's M, limit = its H, for the message; the peer as the channel).
 __device__ __forceinline__ bool check_signal_shape(uint64_t value, const Shape& shape, uint32_t own_tag,
-                                                   int peer_rank, DeviceErrorRecord* record, WaitSite site) {
-    if (static_cast<uint32_t>(value >> 32) == own_tag) return true;
-    record_device_value_error(record, ErrorCode::kInvalidInput, shape.rank, peer_rank, site, shape.num_max_tokens,
-                              shape.hidden);
+                                                   uint32_t max_low, int peer_rank, DeviceErrorRecord* record) {
+    const uint32_t low = static_cast<uint32_t>(value);
+    if (static_cast<uint32_t>(value >> 32) == own_tag && low >= 1 && low <= max_low) return true;
+    record_device_value_error(record, ErrorCode::kInvalidInput, shape.rank, peer_rank,
+                              WaitSite::kLowLatencyShapeMismatch, shape.num_max_tokens, shape.hidden);
     return false;
 }
 

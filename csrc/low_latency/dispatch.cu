@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     // Puts complete before this block arrives; the last block then announces every expert's count.
     if (issued_puts) nvshmem_quiet();
     if (arrive_is_last_block(num_finished_blocks)) {
+        const uint32_t tag = shape_tag(shape, static_cast<int>(args.format));
         for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
              expert_idx += kNumThreadsPerBlock) {
             const int count = min(ptx::ld_relaxed_gpu(next_slot + expert_idx), shape.num_max_tokens);
@@ -159,8 +160,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
             if (args.rank_mask[dst_rank] != 0) continue;
             uint64_t* signal =
                 half.dispatch_signals + static_cast<int64_t>(expert_idx % num_local_experts) * num_ranks + shape.rank;
-            set_peer_signal(signal, tagged_signal(shape_tag(shape, static_cast<int>(args.format)), count + 1),
-                            dst_rank);
+            set_peer_signal(signal, tagged_signal(tag, count + 1), dst_rank);
         }
         if (threadIdx.x == 0) *num_finished_blocks = 0;
     }
@@ -206,20 +206,14 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                 const bool arrived = timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
                                                    timeout_context(p.launch, shape.rank, rank),
                                                    WaitSite::kLowLatencyRecvCount);
-                // A signal of another shape (or, from a peer that lays rows out otherwise, more than M rows):
-                // none of that peer's rows is read, and the record says why.
-                if (!arrived || !check_signal_shape(value, shape, own_tag, rank, p.launch.error_record,
-                                                    WaitSite::kLowLatencyShapeMismatch)) {
+                // A signal of another shape (or more than M rows): none of that peer's rows is read, and the
+                // record says why.
+                if (!arrived || !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank,
+                                                    p.launch.error_record)) {
                     failed = 1;
                     continue;
                 }
                 const int num_rows = static_cast<int>(static_cast<uint32_t>(value)) - 1;
-                if (num_rows < 0 || num_rows > shape.num_max_tokens) {
-                    record_device_value_error(p.launch.error_record, ErrorCode::kInvalidInput, shape.rank, rank,
-                                              WaitSite::kLowLatencyShapeMismatch, shape.num_max_tokens, shape.hidden);
-                    failed = 1;
-                    continue;
-                }
                 if (rank < src_rank) {
                     offset += num_rows;
                 } else {

@@ -525,14 +525,9 @@ def test_intranode_one_copy_starved_back_to_back_calls(require_gpu, gpu_batch, n
 ABSENT_IN = {"dispatch": (timeout_case, "notify barrier"), "combine": (cases.combine_timeout_case, "round barrier")}
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("call", list(ABSENT_IN))
-def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s, call):
-    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that never makes `call`."""
-    if num_ranks < 2:
-        pytest.skip("needs a peer")
-    case_fn, wait = ABSENT_IN[call]
-    results = launch(
+def _launch_with_short_timeout(case_fn, num_ranks: int, launch_timeout_s: float) -> list:
+    """A launch of its own for case_fn, with device waits giving up after DEEP_EP_PY_TIMEOUT_S=TIMEOUT_ENV_S."""
+    return launch(
         run_case,
         num_ranks,
         case_fn,
@@ -541,6 +536,16 @@ def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
         timeout_s=launch_timeout_s,
         env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("call", list(ABSENT_IN))
+def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_s, call):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that never makes `call`."""
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    case_fn, wait = ABSENT_IN[call]
+    results = _launch_with_short_timeout(case_fn, num_ranks, launch_timeout_s)
     assert results[-1] == "", results
     for message in results[:-1]:
         assert f"channel {num_ranks - 1}," in message and wait in message, message
@@ -551,15 +556,7 @@ def test_intranode_late_peer_raises(require_gpu, num_ranks, launch_timeout_s):
     """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that enters a dispatch after it."""
     if num_ranks < 2:
         pytest.skip("needs a peer")
-    results = launch(
-        run_case,
-        num_ranks,
-        late_peer_case,
-        INTRANODE,
-        device=tier_device(),
-        timeout_s=launch_timeout_s,
-        env={"DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S},
-    )
+    results = _launch_with_short_timeout(late_peer_case, num_ranks, launch_timeout_s)
     assert "gave up" in results[-1], results
 
 
