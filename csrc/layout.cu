@@ -32,7 +32,8 @@ struct LayoutParams {
     bool* is_token_in_rank;       // [T, R], zeroed before the kernel
     bool counts_in_smem;          // dynamic smem holds [E + R + num_nodes] ints
     DeviceErrorRecord* error_record;  // where an id outside [-1, E) is recorded (then skipped), or nullptr: trap
-    int rank;                     // the calling rank, for that record
+    bool trap_on_error;               // trap after recording it (WaitConfig::trap_on_error)
+    int rank;                         // the calling rank, for that record
 };
 
 // One warp per token, one lane per top-k choice. __match_any_sync groups lanes that chose the same expert (or
@@ -60,8 +61,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_layout_kernel(La
          token_idx += num_warps) {
         const int64_t row = static_cast<int64_t>(token_idx);
         const int64_t expert_idx = lane_idx < p.num_topk ? p.topk_idx[row * p.num_topk + lane_idx] : -1;
-        const bool is_valid = expert_id_is_usable(expert_idx, p.num_experts, p.error_record, p.rank, token_idx,
-                                                  WaitSite::kTopkIdxLayout);
+        const bool is_valid = expert_id_is_usable(expert_idx, p.num_experts, p.error_record, p.trap_on_error, p.rank,
+                                                  token_idx, WaitSite::kTopkIdxLayout);
         const int expert = is_valid ? static_cast<int>(expert_idx) : -1;
         const int rank = is_valid ? expert / p.num_experts_per_rank : -1;
         const int node = is_valid ? rank / p.num_ranks_per_node : -1;
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_layout_kernel(La
 void get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                          int num_ranks_per_node, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
                          int* num_tokens_per_expert, bool* is_token_in_rank, cudaStream_t stream,
-                         DeviceErrorRecord* error_record, int rank) {
+                         DeviceErrorRecord* error_record, int rank, bool trap_on_error) {
     EP_HOST_ASSERT(num_tokens >= 0);
     EP_HOST_ASSERT(num_topk >= 1);
     EP_HOST_ASSERT_MSG(num_topk <= kMaxNumTopk, "at most ", kMaxNumTopk, " experts per token");
@@ -148,6 +149,7 @@ void get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, 
                               is_token_in_rank,
                               counts_in_smem,
                               error_record,
+                              trap_on_error,
                               rank};
     launch_kernel(LaunchConfig{dim3(num_blocks), dim3(kNumThreadsPerBlock), counts_in_smem ? smem_bytes : 0, stream,
                                false},

@@ -18,10 +18,10 @@ namespace ep {
 //   is_token_in_rank         bool  [T, R]  token t has an expert on rank r
 // All outputs are fully written (zeros included); all pointers are device pointers; runs on `stream`.
 // An id outside [-1, E) is skipped and recorded in error_record (a device view of a host-mapped record, with `rank`
-// as the rank that saw it); with error_record null it traps instead.
+// as the rank that saw it), and then traps where trap_on_error is set; with error_record null it traps.
 void get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
                          int num_ranks_per_node, int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
                          int* num_tokens_per_expert, bool* is_token_in_rank, cudaStream_t stream,
-                         DeviceErrorRecord* error_record = nullptr, int rank = -1);
+                         DeviceErrorRecord* error_record = nullptr, int rank = -1, bool trap_on_error = false);
 
 }  // namespace ep

@@ -108,6 +108,7 @@ class Buffer:
             self.enable_shrink = check.check_bool("enable_shrink", enable_shrink)
             self.num_recv_arena_bytes = ep_config.recv_arena_bytes(num_recv_arena_bytes)
             ep_config.timeout_s()  # read again by every wait; a bad value fails here, on every rank
+            ep_config.trap_policy()  # read again by every launch, likewise
         except (TypeError, ValueError) as exc:
             local_error = exc
         self.topology = detect_topology(group, num_ranks_per_node, local_error)

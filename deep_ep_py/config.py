@@ -21,6 +21,11 @@ RANKS_PER_NODE_ENV = "DEEP_EP_PY_RANKS_PER_NODE"
 # How long any wait for a peer may take before it raises DeepEPTimeoutError (kernels read the same variable).
 TIMEOUT_ENV = "DEEP_EP_PY_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 100.0
+# Whether a kernel that records an error (a wait that timed out, a count past its capacity, an id out of range) then
+# traps, which ends the CUDA context: "captured" (launches captured into a CUDA graph, whose replays no host check
+# follows), "always" (as DeepEP does), or "never" (record only: the next deep_ep_py call raises).
+TRAP_ENV = "DEEP_EP_PY_TRAP_ON_DEVICE_ERROR"
+TRAP_POLICIES = ("captured", "always", "never")
 # Receive arena of the one-copy intranode dispatch (Buffer's num_recv_arena_bytes when that is not given).
 RECV_ARENA_ENV = "DEEP_EP_PY_RECV_ARENA_BYTES"
 
@@ -82,6 +87,21 @@ def timeout_s() -> float:
     if not value > 0:
         raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of seconds, got {raw!r}")
     return value
+
+
+def trap_policy() -> str:
+    """DEEP_EP_PY_TRAP_ON_DEVICE_ERROR, else "captured"."""
+    raw = os.environ.get(TRAP_ENV, "")
+    policy = raw or TRAP_POLICIES[0]
+    if policy not in TRAP_POLICIES:
+        raise ValueError(f"{TRAP_ENV}: expected one of {', '.join(TRAP_POLICIES)}, got {raw!r}")
+    return policy
+
+
+def trap_on_device_error(capturing: bool) -> bool:
+    """Whether a launch traps after recording an error, for a launch being captured into a CUDA graph or not."""
+    policy = trap_policy()
+    return policy == "always" or (policy == "captured" and capturing)
 
 
 def hint_ranks_per_node(num_ranks: int) -> int:

@@ -16,11 +16,13 @@ T* as_ptr(uintptr_t address) {
     return reinterpret_cast<T*>(address);
 }
 
-// The wait settings of a launch: the host-mapped error record (its device view) and the timeout in seconds.
-inline WaitConfig make_wait(uintptr_t error_record_ptr, double timeout_s) {
+// The wait settings of a launch: the host-mapped error record (its device view), the timeout in seconds, and whether
+// a recorded error traps (deep_ep_py.config.trap_on_device_error).
+inline WaitConfig make_wait(uintptr_t error_record_ptr, double timeout_s, bool trap_on_error) {
     EP_HOST_ASSERT(error_record_ptr != 0);
     EP_HOST_ASSERT(timeout_s > 0.0);
-    return WaitConfig{as_ptr<DeviceErrorRecord>(error_record_ptr), static_cast<uint64_t>(timeout_s * 1e9)};
+    return WaitConfig{as_ptr<DeviceErrorRecord>(error_record_ptr), static_cast<uint64_t>(timeout_s * 1e9),
+                      trap_on_error};
 }
 
 void register_runtime(pybind11::module_& m);

@@ -96,7 +96,8 @@ void register_internode(py::module_& m) {
            int expert_alignment, int rows_per_round, int max_rounds, uintptr_t send_pos, uintptr_t send_counts,
            uintptr_t node_send_pos, uintptr_t node_send_list, uintptr_t node_send_counts,
            uintptr_t rank_prefix_matrix, uintptr_t node_counts, uintptr_t num_rounds_device, uintptr_t host_counters,
-           int host_sequence, int num_worst_tokens, uintptr_t error_record, double timeout_s, uintptr_t stream) {
+           int host_sequence, int num_worst_tokens, uintptr_t error_record, double timeout_s, bool trap_on_error,
+           uintptr_t stream) {
             const internode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
                                              num_tokens,
                                              as_ptr<const int>(num_tokens_per_expert),
@@ -116,7 +117,8 @@ void register_internode(py::module_& m) {
                                              host_sequence,
                                              num_worst_tokens};
             internode::notify_dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                                       make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+                                       make_wait(error_record, timeout_s, trap_on_error),
+                                       reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
         py::arg("num_local_ranks"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
@@ -125,7 +127,7 @@ void register_internode(py::module_& m) {
         py::arg("node_send_pos"), py::arg("node_send_list"), py::arg("node_send_counts"),
         py::arg("rank_prefix_matrix"), py::arg("node_counts"), py::arg("num_rounds_device"),
         py::arg("host_counters"), py::arg("host_sequence"), py::arg("num_worst_tokens"), py::arg("error_record"),
-        py::arg("timeout_s"), py::arg("stream"),
+        py::arg("timeout_s"), py::arg("trap_on_error") = false, py::arg("stream"),
         "Dispatch notify on `stream`: send positions, every rank's counts, rank_prefix_matrix, node counts, the "
         "round count; with host_sequence > 0 also the host counters (N, rounds, forwarded rows, per-expert).");
 
@@ -139,7 +141,7 @@ void register_internode(py::module_& m) {
            uintptr_t num_rounds_device, uintptr_t recv_x, uintptr_t recv_scales, uintptr_t recv_src_idx,
            uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, uintptr_t recv_node_slot, int num_recv_rows,
            bool pad_rows, int num_local_experts, uintptr_t forward_mask, int num_forward_rows, int num_sms,
-           uintptr_t error_record, double timeout_s, uintptr_t stream) {
+           uintptr_t error_record, double timeout_s, bool trap_on_error, uintptr_t stream) {
             const internode::DispatchArgs args{num_rounds,
                                                rows_per_round,
                                                dispatch_stride,
@@ -172,7 +174,8 @@ void register_internode(py::module_& m) {
                                                num_forward_rows,
                                                num_sms};
             internode::dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                                make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+                                make_wait(error_record, timeout_s, trap_on_error),
+                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
         py::arg("num_local_ranks"), py::arg("num_rounds"), py::arg("rows_per_round"), py::arg("dispatch_stride"),
@@ -183,7 +186,8 @@ void register_internode(py::module_& m) {
         py::arg("num_rounds_device"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
         py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_node_slot"), py::arg("num_recv_rows"),
         py::arg("pad_rows"), py::arg("num_local_experts"), py::arg("forward_mask"), py::arg("num_forward_rows"),
-        py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
+        py::arg("stream"),
         "The rounds of an internode dispatch on `stream` (0 for absent tensors).");
 
     m.def(
@@ -194,7 +198,7 @@ void register_internode(py::module_& m) {
            uintptr_t node_counts, uintptr_t num_rounds_device, uintptr_t forward_mask, int num_forward_rows,
            uintptr_t node_send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1, uintptr_t acc_x,
            uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
-           uintptr_t error_record, double timeout_s, uintptr_t stream) {
+           uintptr_t error_record, double timeout_s, bool trap_on_error, uintptr_t stream) {
             const internode::CombineArgs args{num_rounds,
                                               rows_per_round,
                                               dispatch_stride,
@@ -220,7 +224,8 @@ void register_internode(py::module_& m) {
                                               as_ptr<float>(combined_weights),
                                               num_sms};
             internode::combine(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                               make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+                               make_wait(error_record, timeout_s, trap_on_error),
+                               reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
         py::arg("num_local_ranks"), py::arg("num_rounds"), py::arg("rows_per_round"), py::arg("dispatch_stride"),
@@ -229,18 +234,20 @@ void register_internode(py::module_& m) {
         py::arg("num_rounds_device"), py::arg("forward_mask"), py::arg("num_forward_rows"),
         py::arg("node_send_pos"), py::arg("num_tokens"), py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"),
         py::arg("acc_weights"), py::arg("combined_x"), py::arg("combined_weights"), py::arg("num_sms"),
-        py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false, py::arg("stream"),
         "The rounds of an internode combine on `stream` (0 for absent tensors).");
 
     m.def(
         "internode_barrier",
         [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, uintptr_t error_record,
-           double timeout_s, uintptr_t stream) {
+           double timeout_s, bool trap_on_error, uintptr_t stream) {
             internode::barrier(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks),
-                               make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+                               make_wait(error_record, timeout_s, trap_on_error),
+                               reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        py::arg("num_local_ranks"), py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
+        py::arg("stream"),
         "One barrier kernel of all ranks on `stream`.");
 }
 

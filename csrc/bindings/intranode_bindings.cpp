@@ -102,7 +102,7 @@ void register_intranode(py::module_& m) {
            int rows_per_round, uintptr_t send_pos, uintptr_t send_list, uintptr_t send_counts,
            uintptr_t rank_prefix_matrix, uintptr_t host_counters, int host_sequence, int num_worst_tokens,
            uintptr_t error_record,
-           double timeout_s, uintptr_t stream) {
+           double timeout_s, bool trap_on_error, uintptr_t stream) {
             const intranode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
                                              num_tokens,
                                              as_ptr<const int>(num_tokens_per_expert),
@@ -117,13 +117,15 @@ void register_intranode(py::module_& m) {
                                              host_sequence,
                                              num_worst_tokens};
             intranode::notify_dispatch(make_peers(peer_ptrs, num_bytes, rank), args,
-                                       make_wait(error_record, timeout_s), reinterpret_cast<cudaStream_t>(stream));
+                                       make_wait(error_record, timeout_s, trap_on_error),
+                                       reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("is_token_in_rank"),
         py::arg("num_tokens"), py::arg("num_tokens_per_expert"), py::arg("num_local_experts"),
         py::arg("expert_alignment"), py::arg("rows_per_round"), py::arg("send_pos"), py::arg("send_list"),
         py::arg("send_counts"), py::arg("rank_prefix_matrix"), py::arg("host_counters"), py::arg("host_sequence"),
-        py::arg("num_worst_tokens"), py::arg("error_record"), py::arg("timeout_s"), py::arg("stream"),
+        py::arg("num_worst_tokens"), py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
+        py::arg("stream"),
         "Dispatch notify on `stream`: send positions, counts to every rank, barrier, rank_prefix_matrix; with "
         "host_sequence > 0 also the host counters (N, rounds, aligned per-expert counts, then the sequence).");
 
@@ -135,7 +137,7 @@ void register_intranode(py::module_& m) {
            uintptr_t send_list, uintptr_t send_counts, uintptr_t rank_prefix_matrix, uintptr_t recv_x,
            uintptr_t recv_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
            int num_recv_rows, bool pad_rows, int num_local_experts, int num_sms, uintptr_t error_record,
-           double timeout_s, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
+           double timeout_s, bool trap_on_error, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
            size_t recv_arena_bytes, bool recv_in_arena) {
             intranode::DispatchArgs args{num_rounds,
                                                rows_per_round,
@@ -164,7 +166,8 @@ void register_intranode(py::module_& m) {
             EP_HOST_ASSERT((recv_arena_ptrs.empty() || recv_arena_ptrs.size() == peer_ptrs.size()));
             set_one_copy(args, rank, recv_arena_ptrs, recv_arena_bytes, recv_in_arena, num_recv_rows,
                          {recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights});
-            intranode::dispatch(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
+            intranode::dispatch(make_peers(peer_ptrs, num_bytes, rank), args,
+                                make_wait(error_record, timeout_s, trap_on_error),
                                 reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
@@ -174,6 +177,7 @@ void register_intranode(py::module_& m) {
         py::arg("rank_prefix_matrix"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
         py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("num_recv_rows"), py::arg("pad_rows"),
         py::arg("num_local_experts"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
+        py::arg("trap_on_error") = false,
         py::arg("stream"), py::arg("recv_arena_ptrs") = std::vector<uintptr_t>{}, py::arg("recv_arena_bytes") = 0,
         py::arg("recv_in_arena") = false,
         "The rounds of a dispatch on `stream` (0 for absent tensors). With recv_arena_ptrs (every rank's receive "
@@ -186,7 +190,8 @@ void register_intranode(py::module_& m) {
            int hidden, uintptr_t x, int num_x_rows, uintptr_t topk_weights, int num_topk,
            uintptr_t rank_prefix_matrix, uintptr_t send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1,
            uintptr_t acc_x, uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
-           uintptr_t error_record, double timeout_s, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
+           uintptr_t error_record, double timeout_s, bool trap_on_error, uintptr_t stream,
+           const std::vector<uintptr_t>& recv_arena_ptrs,
            size_t recv_arena_bytes, bool recv_in_arena) {
             intranode::CombineArgs args{num_rounds,
                                               rows_per_round,
@@ -208,7 +213,8 @@ void register_intranode(py::module_& m) {
             EP_HOST_ASSERT((recv_arena_ptrs.empty() || recv_arena_ptrs.size() == peer_ptrs.size()));
             set_one_copy(args, rank, recv_arena_ptrs, recv_arena_bytes, recv_in_arena, num_x_rows,
                          {x, 0, 0, 0, topk_weights});
-            intranode::combine(make_peers(peer_ptrs, num_bytes, rank), args, make_wait(error_record, timeout_s),
+            intranode::combine(make_peers(peer_ptrs, num_bytes, rank), args,
+                               make_wait(error_record, timeout_s, trap_on_error),
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
@@ -216,6 +222,7 @@ void register_intranode(py::module_& m) {
         py::arg("num_topk"), py::arg("rank_prefix_matrix"), py::arg("send_pos"), py::arg("num_tokens"),
         py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"), py::arg("acc_weights"), py::arg("combined_x"),
         py::arg("combined_weights"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),
+        py::arg("trap_on_error") = false,
         py::arg("stream"), py::arg("recv_arena_ptrs") = std::vector<uintptr_t>{}, py::arg("recv_arena_bytes") = 0,
         py::arg("recv_in_arena") = false,
         "The rounds of a combine on `stream` (0 for absent tensors). With recv_arena_ptrs (every rank's receive "
@@ -225,12 +232,14 @@ void register_intranode(py::module_& m) {
     m.def(
         "intranode_barrier",
         [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t error_record,
-           double timeout_s, uintptr_t stream) {
-            intranode::barrier(make_peers(peer_ptrs, num_bytes, rank), make_wait(error_record, timeout_s),
+           double timeout_s, bool trap_on_error, uintptr_t stream) {
+            intranode::barrier(make_peers(peer_ptrs, num_bytes, rank), make_wait(error_record, timeout_s,
+                               trap_on_error),
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("error_record"),
-        py::arg("timeout_s"), py::arg("stream"), "One cross-rank barrier kernel on `stream`.");
+        py::arg("timeout_s"), py::arg("trap_on_error") = false, py::arg("stream"),
+        "One cross-rank barrier kernel on `stream`.");
 }
 
 }  // namespace ep

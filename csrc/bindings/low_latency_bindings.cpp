@@ -15,10 +15,12 @@ namespace ep {
 
 namespace {
 
-low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
+low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
+                                bool trap_on_error) {
     EP_HOST_ASSERT(timeout_s > 0.0);
     return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream),
-                               as_ptr<DeviceErrorRecord>(error_record), static_cast<uint64_t>(timeout_s * 1e9)};
+                               as_ptr<DeviceErrorRecord>(error_record), static_cast<uint64_t>(timeout_s * 1e9),
+                               trap_on_error};
 }
 
 // One binding serves the send and the receive launch of dispatch (the receive reads the output pointers).
@@ -27,7 +29,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                      uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t recv_x,
                      uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                      uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
-                     int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
+                     int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s, bool trap_on_error) {
     EP_HOST_ASSERT(format >= 0);
     EP_HOST_ASSERT(format <= static_cast<int>(low_latency::DispatchFormat::kFp8Ue8m0));
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
@@ -49,7 +51,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                                          as_ptr<int>(recv_count),
                                          as_ptr<int>(cumulative_recv_stats),
                                          as_ptr<int64_t>(wait_recv_cost_stats)};
-    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s);
+    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error);
     if (is_recv) {
         low_latency::dispatch_recv(shape, args, launch);
     } else {
@@ -62,7 +64,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                     uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask,
                     uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                     uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                    double timeout_s) {
+                    double timeout_s, bool trap_on_error) {
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
     const low_latency::CombineArgs args{as_ptr<const void>(x),
                                         as_ptr<const int>(src_info),
@@ -79,7 +81,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                                         as_ptr<int>(last_half),
                                         as_ptr<void>(out),
                                         as_ptr<int64_t>(wait_recv_cost_stats)};
-    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s);
+    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error);
     if (is_recv) {
         low_latency::combine_recv(shape, args, launch);
     } else {
@@ -112,12 +114,13 @@ void register_low_latency(py::module_& m) {
                          uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t recv_x,
                          uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                          uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
-                         int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s) {
+                         int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
+                         bool trap_on_error) {
             dispatch_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, topk_idx, num_tokens,
                             num_topk, rank_mask, format, buffer, half_idx, workspace, last_half, recv_x, recv_scales,
                             src_info,
                             src_topk_slot, layout_range, recv_count, cumulative_recv_stats, wait_recv_cost_stats,
-                            num_blocks, stream, error_record, timeout_s);
+                            num_blocks, stream, error_record, timeout_s, trap_on_error);
         };
     };
     const char* dispatch_doc =
@@ -133,7 +136,7 @@ void register_low_latency(py::module_& m) {
               py::arg("recv_scales_ptr"), py::arg("src_info_ptr"), py::arg("src_topk_slot_ptr"),
               py::arg("layout_range_ptr"), py::arg("recv_count_ptr"), py::arg("cumulative_recv_stats_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
-              py::arg("error_record_ptr"), py::arg("timeout_s"), dispatch_doc);
+              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false, dispatch_doc);
     }
     const auto combine_args = [](bool is_recv) {
         return [is_recv](int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank, uintptr_t x,
@@ -141,11 +144,11 @@ void register_low_latency(py::module_& m) {
                          uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask, uintptr_t buffer,
                          int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                          uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                         double timeout_s) {
+                         double timeout_s, bool trap_on_error) {
             combine_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, src_info, src_topk_slot,
                            layout_range, topk_idx, topk_weights, num_tokens, num_topk, rank_mask, buffer, half_idx,
                            workspace, last_half, out, wait_recv_cost_stats, num_blocks, stream, error_record,
-                           timeout_s);
+                           timeout_s, trap_on_error);
         };
     };
     const char* combine_doc =
@@ -160,7 +163,7 @@ void register_low_latency(py::module_& m) {
               py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("last_half_ptr"),
               py::arg("out_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
-              py::arg("error_record_ptr"), py::arg("timeout_s"), combine_doc);
+              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false, combine_doc);
     }
 }
 

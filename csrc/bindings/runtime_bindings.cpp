@@ -61,14 +61,15 @@ void register_waits(py::module_& m) {
     m.def(
         "launch_timeout_self_test",
         [](uintptr_t record_device_ptr, double timeout_s, int rank, int channel, uintptr_t stream,
-           bool capacity_record_first) {
+           bool capacity_record_first, bool trap_on_error) {
             launch_timeout_self_test(record_device_ptr, timeout_s, rank, channel,
-                                     reinterpret_cast<cudaStream_t>(stream), capacity_record_first);
+                                     reinterpret_cast<cudaStream_t>(stream), capacity_record_first, trap_on_error);
         },
         py::arg("record_device_ptr"), py::arg("timeout_s"), py::arg("rank"), py::arg("channel"), py::arg("stream"),
-        py::arg("capacity_record_first") = false,
+        py::arg("capacity_record_first") = false, py::arg("trap_on_error") = false,
         "Launch a kernel whose device wait never completes: it must time out into the error record. With "
-        "capacity_record_first it records a num_worst_tokens capacity error first, which must not cut the wait short.");
+        "capacity_record_first it records a num_worst_tokens capacity error first, which must not cut the wait short. "
+        "With trap_on_error the kernel traps after recording the timeout (the CUDA context ends).");
 }
 
 void register_ipc(py::module_& m) {

@@ -128,6 +128,9 @@ struct DeviceErrorRecord {
 struct WaitConfig {
     DeviceErrorRecord* record;  // device view of the host-mapped record
     uint64_t timeout_ns;
+    // Trap after recording an error (common/timeout.cuh): set for launches no host check follows (captured into a
+    // CUDA graph), per DEEP_EP_PY_TRAP_ON_DEVICE_ERROR.
+    bool trap_on_error;
 };
 
 }  // namespace ep

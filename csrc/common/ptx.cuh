@@ -14,6 +14,9 @@
 
 namespace ep::ptx {
 
+// Ends the kernel and the CUDA context: the host sees cudaErrorLaunchFailure at its next CUDA call.
+__device__ __forceinline__ void trap() { asm volatile("trap;"); }
+
 // Nanoseconds from the global timer (same clock on all SMs of a GPU).
 __device__ __forceinline__ uint64_t read_globaltimer() {
     uint64_t ns;

@@ -1,9 +1,14 @@
 // timeout_while: the one spin-wait helper. Every device wait goes through it, so no kernel can hang forever:
 // past the deadline it records who waited for what in the host-mapped DeviceErrorRecord and returns false, and
 // the kernel exits; the host then raises deep_ep_py.errors.DeepEPTimeoutError from the record.
+//
+// Where no host check follows a launch (the replays of a CUDA graph), a record alone would go unseen and the
+// drained kernels' garbage would flow on; such launches set trap_on_error (DEEP_EP_PY_TRAP_ON_DEVICE_ERROR), and
+// every recorder below then traps after writing the record.
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 
 #include "error_record.hpp"
 #include "exception.hpp"
@@ -17,7 +22,32 @@ struct TimeoutContext {
     uint64_t timeout_ns;        // default from default_timeout_ns(): 100 s, or DEEP_EP_PY_TIMEOUT_S
     int rank;
     int channel;
+    bool trap_on_error;  // WaitConfig::trap_on_error
 };
+
+__device__ __forceinline__ const char* error_code_name(ErrorCode code) {
+    switch (code) {
+        case ErrorCode::kTimeout: return "a wait timed out (or gave up after an earlier timeout)";
+        case ErrorCode::kCapacity: return "a count is past the capacity the host sized";
+        case ErrorCode::kInvalidInput: return "an input value is out of range";
+        default: return "device error";
+    }
+}
+
+// Called after a record is written, or found claimed by an earlier failure: where the launch asked for it, says what
+// on stdout and traps. That ends the CUDA context (every later CUDA call of the process fails), so the failure cannot
+// pass unseen; the host-mapped record stays readable, and the next deep_ep_py call raises naming it. The fields are
+// this failure's, as the record would hold them (rank: the waiting rank, or the one whose count overflowed).
+__device__ __forceinline__ void trap_after_record(bool trap_on_error, ErrorCode code, int rank, int channel,
+                                                  WaitSite site, int64_t value, int64_t bound) {
+    if (!trap_on_error) return;
+    printf("deep_ep_py: %s (rank %d, channel %d, wait site %d, value %lld, bound %lld); trapping, as "
+           "DEEP_EP_PY_TRAP_ON_DEVICE_ERROR asks for this launch\n",
+           error_code_name(code), rank, channel, static_cast<int>(site), static_cast<long long>(value),
+           static_cast<long long>(bound));
+    __threadfence_system();  // the record's stores reach the host before the context dies
+    ptx::trap();
+}
 
 __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
     int* code = &ctx.record->code;
@@ -34,25 +64,27 @@ __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx,
     }
     // After the claim: a wait that drains on timed_out finds the code taken and records nothing over it.
     ptx::st_release_sys(&ctx.record->timed_out, 1);
+    trap_after_record(ctx.trap_on_error, ErrorCode::kTimeout, ctx.rank, ctx.channel, site,
+                      static_cast<int64_t>(waited_ns), static_cast<int64_t>(ctx.timeout_ns));
 }
 
-// A wait that gives up at once because an earlier wait of this rank timed out (record->timed_out, which outlives the
-// host's check of that timeout): recorded only where the record is empty, i.e. the first such wait after the host
-// raised the timeout, so that the next call raises again instead of returning what a drained kernel left.
-// Fills in a record of a value the device found past a bound (first writer wins, as for timeouts).
-__device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* record, ErrorCode code, int rank,
-                                                          int channel, WaitSite site, int64_t value, int64_t bound) {
+// Fills in a record of a value the device found past a bound (first writer wins, as for timeouts), and traps after
+// it where trap_on_error says so.
+__device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* record, bool trap_on_error, ErrorCode code,
+                                                          int rank, int channel, WaitSite site, int64_t value,
+                                                          int64_t bound) {
     int* code_word = &record->code;
     if (ptx::atomic_cas_relaxed_sys(code_word, static_cast<int>(ErrorCode::kNone),
-                                    static_cast<int>(ErrorCode::kClaiming)) != static_cast<int>(ErrorCode::kNone))
-        return;
-    record->rank = rank;
-    record->channel = channel;
-    record->site = static_cast<int>(site);
-    record->waited_ns = 0;
-    record->needed = value;
-    record->limit = bound;
-    ptx::st_release_sys(code_word, static_cast<int>(code));
+                                    static_cast<int>(ErrorCode::kClaiming)) == static_cast<int>(ErrorCode::kNone)) {
+        record->rank = rank;
+        record->channel = channel;
+        record->site = static_cast<int>(site);
+        record->waited_ns = 0;
+        record->needed = value;
+        record->limit = bound;
+        ptx::st_release_sys(code_word, static_cast<int>(code));
+    }
+    trap_after_record(trap_on_error, code, rank, channel, site, value, bound);
 }
 
 // A wait that gives up at once because an earlier wait of this rank timed out (record->timed_out, which outlives the
@@ -60,14 +92,15 @@ __device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* rec
 // raised the timeout, so that the next call raises again instead of returning what a drained kernel left.
 __device__ __forceinline__ void record_device_drained(const TimeoutContext& ctx, WaitSite site) {
     __threadfence_system();  // acquire side of the timeout's release of timed_out: its claim is seen below
-    record_device_value_error(ctx.record, ErrorCode::kTimeout, ctx.rank, ctx.channel, site, kDrainedAfterTimeout, 0);
+    record_device_value_error(ctx.record, ctx.trap_on_error, ErrorCode::kTimeout, ctx.rank, ctx.channel, site,
+                              kDrainedAfterTimeout, 0);
 }
 
 // Records that a count the host could not know (num_worst_tokens sizing) is past its capacity, so the host raises
 // instead of returning results with rows dropped. The kernel goes on within the capacity.
-__device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* record, int rank, WaitSite site,
-                                                             int64_t needed, int64_t limit) {
-    record_device_value_error(record, ErrorCode::kCapacity, rank, -1, site, needed, limit);
+__device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* record, bool trap_on_error, int rank,
+                                                             WaitSite site, int64_t needed, int64_t limit) {
+    record_device_value_error(record, trap_on_error, ErrorCode::kCapacity, rank, -1, site, needed, limit);
 }
 
 // Whether expert_idx names an expert, [0, num_experts). An id outside [-1, num_experts), which the host did not
@@ -75,12 +108,13 @@ __device__ __forceinline__ void record_device_capacity_error(DeviceErrorRecord* 
 // next call, and the caller skips that choice as it does -1 instead of indexing past its arrays. With no record,
 // such an id traps.
 __device__ __forceinline__ bool expert_id_is_usable(int64_t expert_idx, int num_experts, DeviceErrorRecord* record,
-                                                    int rank, int token_idx, WaitSite site) {
+                                                    bool trap_on_error, int rank, int token_idx, WaitSite site) {
     if (expert_idx >= -1 && expert_idx < num_experts) return expert_idx >= 0;
     if (record == nullptr) {
         EP_DEVICE_ASSERT(expert_idx >= -1 && expert_idx < num_experts);
     } else {
-        record_device_value_error(record, ErrorCode::kInvalidInput, rank, token_idx, site, expert_idx, num_experts);
+        record_device_value_error(record, trap_on_error, ErrorCode::kInvalidInput, rank, token_idx, site, expert_idx,
+                                  num_experts);
     }
     return false;
 }

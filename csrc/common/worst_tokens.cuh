@@ -24,7 +24,7 @@ namespace ep {
 // this rank's (site kWorstTokensMismatch, needed = its value, limit = ours), else a rank that receives more rows
 // than num_worst_tokens (overflow_site, needed = its rows).
 template <typename LimitOf>
-__device__ __forceinline__ void check_worst_tokens(DeviceErrorRecord* record, int num_ranks, int num_threads,
+__device__ __forceinline__ void check_worst_tokens(const TimeoutContext& ctx, int num_ranks, int num_threads,
                                                    int own_limit, LimitOf&& limit_of, const int* recv_totals,
                                                    WaitSite overflow_site) {
     __shared__ int s_first_mismatch, s_first_overflow;
@@ -44,14 +44,14 @@ __device__ __forceinline__ void check_worst_tokens(DeviceErrorRecord* record, in
     __syncthreads();
     if (tid != 0) return;
     if (s_first_mismatch < num_ranks) {
-        record_device_capacity_error(record, s_first_mismatch, WaitSite::kWorstTokensMismatch,
+        record_device_capacity_error(ctx.record, ctx.trap_on_error, s_first_mismatch, WaitSite::kWorstTokensMismatch,
                                      limit_of(s_first_mismatch), own_limit);
         // The ranks launch different rounds: every later wait of this rank gives up at once (each rank sees the
         // mismatch, so all of them drain) rather than waiting out the timeout for rounds a peer never runs.
-        ptx::st_relaxed_sys(&record->timed_out, 1);
+        ptx::st_relaxed_sys(&ctx.record->timed_out, 1);
     } else if (s_first_overflow < num_ranks) {
-        record_device_capacity_error(record, s_first_overflow, overflow_site, recv_totals[s_first_overflow],
-                                     own_limit);
+        record_device_capacity_error(ctx.record, ctx.trap_on_error, s_first_overflow, overflow_site,
+                                     recv_totals[s_first_overflow], own_limit);
     }
 }
 

@@ -3,11 +3,20 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "emu_device.hpp"
 
 namespace ep::ptx {
+
+// A GPU trap ends the context, and so every later CUDA call of the process: here the process ends, with what the
+// kernel printed before it flushed.
+[[noreturn]] inline void trap() {
+    std::fflush(nullptr);
+    std::abort();
+}
 
 inline uint64_t read_globaltimer() { return ep_emu::global_timer_ns(); }
 

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRou
                                    row.stride, v.control.combine_arrivals + 8 * static_cast<size_t>(v.node),
                                    v.pe_of(src_node, v.local_rank), lane, write_partial);
     }
-    if (issued_puts) nvshmem_quiet();
+    quiet_block_puts(issued_puts);  // the send slots are reused next round
 }
 
 // Source: wait for this round's partials from every node.

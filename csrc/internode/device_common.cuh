@@ -11,6 +11,7 @@
 #include "../common/error_record.hpp"
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
+#include "../common/peer_signal.cuh"
 #include "../common/ptx.cuh"
 #include "../common/rounds.cuh"
 #include "../common/timeout.cuh"
@@ -86,7 +87,7 @@ struct View {
 View make_view(const Buffers& buffers, int rows_per_round, int dispatch_stride, int combine_stride);
 
 inline TimeoutContext timeout_context(const View& view, const WaitConfig& wait) {
-    return TimeoutContext{wait.record, wait.timeout_ns, view.rank, -1};
+    return TimeoutContext{wait.record, wait.timeout_ns, view.rank, -1, wait.trap_on_error};
 }
 
 // Whether this round's kernels have work: rounds past the device count return at once on every rank alike (they

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
                                    v.pe_of(node, v.local_rank), lane, write_row);
     }
     // Local send slots are reused next round: their puts must have left.
-    if (issued_puts) nvshmem_quiet();
+    quiet_block_puts(issued_puts);
 }
 
 // Forwarder: wait for this round's rows from every source node, then meet the node (its ranks pull next).

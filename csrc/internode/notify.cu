@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
             issued_puts = true;
         }
     }
-    if (issued_puts) nvshmem_quiet();
+    quiet_block_puts(issued_puts);
 
     TimeoutContext ctx = p.timeout;
     for (int src = tid; src < num_ranks; src += kControlThreads) {
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     // max_rounds holds every row while each rank receives at most num_worst_tokens; past it, rounds are cut on
     // every rank, so every rank records it (the matrix's last row: every rank's received rows).
     check_worst_tokens(
-        p.timeout.record, num_ranks, kControlThreads, a.num_worst_tokens,
+        p.timeout, num_ranks, kControlThreads, a.num_worst_tokens,
         [&](int r) { return count(r, worst_tokens_at); }, a.rank_prefix_matrix + (num_ranks - 1) * num_ranks,
         WaitSite::kWorstTokensInternode);
     if (tid == 0) *a.num_rounds_device = num_rounds;

@@ -19,7 +19,7 @@ constexpr int kBarrierThreads = 32;  // >= kMaxRanks: one thread per peer
 static_assert(kBarrierThreads >= kMaxRanks, "one barrier thread per rank");
 
 inline TimeoutContext make_timeout_context(const PeerBuffers& peers, const WaitConfig& wait) {
-    return TimeoutContext{wait.record, wait.timeout_ns, peers.rank, -1};
+    return TimeoutContext{wait.record, wait.timeout_ns, peers.rank, -1, wait.trap_on_error};
 }
 
 // Host checks every launcher makes on the peer table.

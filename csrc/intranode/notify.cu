@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
     }
     __syncthreads();  // the matrix's last row, every rank's received rows, is read below
     check_worst_tokens(
-        p.timeout.record, num_ranks, kNotifyThreads, p.num_worst_tokens,
+        p.timeout, num_ranks, kNotifyThreads, p.num_worst_tokens,
         [&](int r) { return ptx::ld_volatile_global(&own->worst_tokens[r]); },
         p.rank_prefix_matrix + (num_ranks - 1) * num_ranks, WaitSite::kWorstTokensIntranode);
     if (p.host_counters == nullptr) return;

@@ -4,7 +4,7 @@
 // Protocol of one call on half h, between expert rank r and source rank s:
 //   1. r's block for unit (local expert l, source s) writes each of those rows into s's combine recv area at
 //      [token][top-k slot] (direct stores where P2P-mapped, else staged in r's send area and put).
-//   2. The block fences (system scope; nvshmem_quiet first where it used puts), syncs, and one thread sets s's
+//   2. The block fences (system scope; one nvshmem_quiet first where it used puts), syncs, and one thread sets s's
 //      combine signal [r * L + l] = 1 (and r's shape tag, device_common.cuh) with a release store (or
 //      nvshmemx_signal_op): the rows precede the signal.
 //   3. s waits with acquire loads for the signal of every expert on an unmasked rank, then reduces; its last block
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
     const BufferLayout& layout = p.layout;
     const HalfPointers half(args.buffer, layout, args.half_idx);
     if (blockIdx.x == 0 && threadIdx.x == 0)
-        check_halves_alternate(args.last_half, args.half_idx, p.launch.error_record, shape.rank);
+        check_halves_alternate(args.last_half, args.half_idx, p.launch, shape.rank);
     const int lane_idx = static_cast<int>(threadIdx.x) % 32;
     const int warp_idx = static_cast<int>(threadIdx.x) / 32;
     const int hidden = shape.hidden;
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
                 issued_puts = true;
             }
         }
-        if (issued_puts) nvshmem_quiet();
+        quiet_block_puts(issued_puts);
         __threadfence_system();
         __syncthreads();  // all rows of this unit are delivered before the signal
         if (threadIdx.x == 0) {
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
         uint64_t value = 0;
         if (!timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
                            timeout_context(p.launch, shape.rank, rank), WaitSite::kLowLatencyRecvFlag) ||
-            !check_signal_shape(value, shape, own_tag, 1, rank, p.launch.error_record)) {
+            !check_signal_shape(value, shape, own_tag, 1, rank, p.launch)) {
             failed = 1;
         } else if (blockIdx.x == 0 && args.wait_recv_cost_stats != nullptr) {
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),
@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
             for (int k = static_cast<int>(threadIdx.x); k < num_topk; k += kNumThreadsPerBlock) {
                 const int64_t expert_idx = args.topk_idx[static_cast<int64_t>(token_idx) * num_topk + k];
                 const bool valid = expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record,
-                                                       shape.rank, token_idx, WaitSite::kTopkIdxLowLatencyCombine) &&
+                                                       p.launch.trap_on_error, shape.rank, token_idx,
+                                                       WaitSite::kTopkIdxLowLatencyCombine) &&
                                    args.rank_mask[expert_idx / num_local_experts] == 0;
                 topk_valid_smem[k] = valid ? 1 : 0;
                 topk_weight_smem[k] = args.topk_weights[static_cast<int64_t>(token_idx) * num_topk + k];

@@ -20,7 +20,7 @@ constexpr int kNumThreadsPerBlock = kNumWarpsPerBlock * 32;
 
 __device__ __forceinline__ TimeoutContext timeout_context(const Launch& launch, int rank, int awaited_rank) {
     // channel = the rank waited for: the DeepEPTimeoutError then names the peer that never arrived.
-    return TimeoutContext{launch.error_record, launch.timeout_ns, rank, awaited_rank};
+    return TimeoutContext{launch.error_record, launch.timeout_ns, rank, awaited_rank, launch.trap_on_error};
 }
 
 // Copies num_int4 16-byte words with the lanes of one warp (plain loads: src may have been written by a peer
@@ -66,10 +66,10 @@ __device__ __forceinline__ uint64_t tagged_signal(uint32_t tag, uint32_t low) {
 // in [1, max_low] (a count + 1 of at most M rows, or the combine's 1); records the mismatch otherwise (site
 // kLowLatencyShapeMismatch, needed = this rank's M, limit = its H, for the message; the peer as the channel).
 __device__ __forceinline__ bool check_signal_shape(uint64_t value, const Shape& shape, uint32_t own_tag,
-                                                   uint32_t max_low, int peer_rank, DeviceErrorRecord* record) {
+                                                   uint32_t max_low, int peer_rank, const Launch& launch) {
     const uint32_t low = static_cast<uint32_t>(value);
     if (static_cast<uint32_t>(value >> 32) == own_tag && low >= 1 && low <= max_low) return true;
-    record_device_value_error(record, ErrorCode::kInvalidInput, shape.rank, peer_rank,
+    record_device_value_error(launch.error_record, launch.trap_on_error, ErrorCode::kInvalidInput, shape.rank, peer_rank,
                               WaitSite::kLowLatencyShapeMismatch, shape.num_max_tokens, shape.hidden);
     return false;
 }
@@ -78,12 +78,11 @@ __device__ __forceinline__ bool check_signal_shape(uint64_t value, const Shape& 
 // which is what keeps a fast peer's next call out of the half this rank still reads. A CUDA graph replays the
 // halves chosen at its capture, so replays and eager calls can put two calls in a row on one half: recorded, for
 // the DeepEPError at the next check, instead of corrupting that call's rows unseen.
-__device__ __forceinline__ void check_halves_alternate(int* last_half, int half_idx, DeviceErrorRecord* record,
-                                                       int rank) {
+__device__ __forceinline__ void check_halves_alternate(int* last_half, int half_idx, const Launch& launch, int rank) {
     const int previous = atomicExch(last_half, half_idx + 1);
     if (previous == half_idx + 1)
-        record_device_value_error(record, ErrorCode::kInvalidInput, rank, -1, WaitSite::kLowLatencySameHalf, half_idx,
-                                  0);
+        record_device_value_error(launch.error_record, launch.trap_on_error, ErrorCode::kInvalidInput, rank, -1,
+                                  WaitSite::kLowLatencySameHalf, half_idx, 0);
 }
 
 }  // namespace ep::low_latency

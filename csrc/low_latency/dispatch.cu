@@ -4,7 +4,7 @@
 //
 // Protocol of one call on half h, between sender s and receiver r:
 //   1. s writes message slot [l][s][slot] of r's recv area (slot from s's counter for expert (r, l)).
-//   2. s's block fences (system scope; nvshmem_quiet first where it used puts) and arrives on a grid counter;
+//   2. s's block fences (system scope; one nvshmem_quiet first where it used puts) and arrives on a grid counter;
 //      the last block to arrive reads the final per-expert counts and sets r's signal [l][s] = count + 1 (and
 //      s's shape tag, device_common.cuh) with a release store (or nvshmemx_signal_op). Data therefore precedes the
 //      signal for every delivery path.
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     const BufferLayout& layout = p.layout;
     const HalfPointers half(args.buffer, layout, args.half_idx);
     if (blockIdx.x == 0 && threadIdx.x == 0)
-        check_halves_alternate(args.last_half, args.half_idx, p.launch.error_record, shape.rank);
+        check_halves_alternate(args.last_half, args.half_idx, p.launch, shape.rank);
     const int lane_idx = static_cast<int>(threadIdx.x) % 32;
     const int warp_idx = static_cast<int>(threadIdx.x) / 32;
     const int hidden = shape.hidden;
@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
         for (int topk_slot = warp_idx; topk_slot < args.num_topk; topk_slot += kNumWarpsPerBlock) {
             // Uniform across the warp: every lane reads the same choice.
             const int64_t expert_idx = args.topk_idx[static_cast<int64_t>(token_idx) * args.num_topk + topk_slot];
-            if (!expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record, shape.rank, token_idx,
-                                     WaitSite::kTopkIdxLowLatencyDispatch))
+            if (!expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record, p.launch.trap_on_error,
+                                     shape.rank, token_idx, WaitSite::kTopkIdxLowLatencyDispatch))
                 continue;
             const int dst_rank = static_cast<int>(expert_idx / num_local_experts);
             if (args.rank_mask[dst_rank] != 0) continue;
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     }
 
     // Puts complete before this block arrives; the last block then announces every expert's count.
-    if (issued_puts) nvshmem_quiet();
+    quiet_block_puts(issued_puts);
     if (arrive_is_last_block(num_finished_blocks)) {
         const uint32_t tag = shape_tag(shape, static_cast<int>(args.format));
         for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
@@ -208,8 +208,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                                                    WaitSite::kLowLatencyRecvCount);
                 // A signal of another shape (or more than M rows): none of that peer's rows is read, and the
                 // record says why.
-                if (!arrived || !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank,
-                                                    p.launch.error_record)) {
+                if (!arrived ||
+                    !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank, p.launch)) {
                     failed = 1;
                     continue;
                 }

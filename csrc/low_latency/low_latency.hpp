@@ -36,6 +36,7 @@ struct Launch {
     cudaStream_t stream;
     DeviceErrorRecord* error_record;  // device view of the host-mapped record a timed-out wait fills in
     uint64_t timeout_ns;              // how long one wait may take; the record's channel is the awaited rank
+    bool trap_on_error;               // trap after recording (WaitConfig::trap_on_error)
 };
 
 // Total bytes of the symmetric buffer layout (buffer_layout.hpp), for the check against config.py's hint.

@@ -154,7 +154,7 @@ __global__ void timeout_self_test_kernel(TimeoutContext ctx, bool capacity_recor
     __syncthreads();
     if (threadIdx.x % 32 != 0) return;
     if (threadIdx.x == 0 && capacity_record_first)
-        record_device_capacity_error(ctx.record, ctx.rank, WaitSite::kWorstTokensIntranode, 2, 1);
+        record_device_capacity_error(ctx.record, false, ctx.rank, WaitSite::kWorstTokensIntranode, 2, 1);
     TimeoutContext waiter = ctx;
     if (threadIdx.x != 0) waiter.timeout_ns *= 100;
     timeout_while([&] { return never_set == 0; }, waiter, WaitSite::kSelfTest);
@@ -163,11 +163,11 @@ __global__ void timeout_self_test_kernel(TimeoutContext ctx, bool capacity_recor
 }  // namespace
 
 void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel,
-                              cudaStream_t stream, bool capacity_record_first) {
+                              cudaStream_t stream, bool capacity_record_first, bool trap_on_error) {
     EP_HOST_ASSERT(record_device_ptr != 0);
     EP_HOST_ASSERT(timeout_s > 0.0);
     const TimeoutContext ctx{reinterpret_cast<DeviceErrorRecord*>(record_device_ptr),
-                             static_cast<uint64_t>(timeout_s * 1e9), rank, channel};
+                             static_cast<uint64_t>(timeout_s * 1e9), rank, channel, trap_on_error};
     launch_kernel(LaunchConfig{dim3(1), dim3(64), 0, stream, false}, timeout_self_test_kernel, ctx,
                   capacity_record_first);
 }

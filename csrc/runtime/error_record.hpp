@@ -37,7 +37,8 @@ private:
 // device timeout is recorded and becomes a Python exception instead of a hang, and that the kernel's other wait
 // (given 100 times the timeout) drains with it. With capacity_record_first the kernel first records a capacity
 // error (as an overflowing notify does), which must neither cut the waits short nor keep the second from draining.
+// With trap_on_error the first wait traps after recording its timeout, as a captured launch's does.
 void launch_timeout_self_test(uintptr_t record_device_ptr, double timeout_s, int rank, int channel, cudaStream_t stream,
-                              bool capacity_record_first = false);
+                              bool capacity_record_first = false, bool trap_on_error = false);
 
 }  // namespace ep

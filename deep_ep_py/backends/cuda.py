@@ -21,10 +21,11 @@ import warnings
 
 import torch
 
+from .. import config as ep_config
 from .._ext import load_extension
 from ..config import Config
 from ..device import available as device_available
-from ..device import current_stream, is_kernel_tensor
+from ..device import current_stream, is_current_stream_capturing, is_kernel_tensor
 from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
 # What the layout kernel's warp-per-token scheme supports (csrc/layout.cu).
@@ -126,6 +127,7 @@ class CudaBackend(ReferenceBackend):
             current_stream(device).cuda_stream,
             self._layout_errors.device_ptr,
             self.rank,
+            ep_config.trap_on_device_error(is_current_stream_capturing()),
         )
         return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
 

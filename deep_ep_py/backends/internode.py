@@ -124,8 +124,7 @@ class InternodeKernels(RoundKernels):
     def _common(self) -> dict[str, Any]:
         return {
             **self._buffer_args(),
-            "error_record": self.error_record.device_ptr,
-            "timeout_s": self._timeout_s(),
+            **self._wait_args(),
             "stream": current_stream().cuda_stream,
         }
 

@@ -121,8 +121,7 @@ class IntranodeKernels(RoundKernels):
             "peer_ptrs": self.peer_ptrs,
             "num_bytes": self.num_nvl_bytes,
             "rank": self.rank,
-            "error_record": self.error_record.device_ptr,
-            "timeout_s": self._timeout_s(),
+            **self._wait_args(),
             "stream": current_stream().cuda_stream,
         }
 

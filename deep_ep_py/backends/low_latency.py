@@ -194,6 +194,7 @@ class LowLatencyKernels:
             "stream": current_stream(self.device).cuda_stream,
             "error_record_ptr": self.error_record.device_ptr,
             "timeout_s": config.timeout_s(),
+            "trap_on_error": config.trap_on_device_error(is_current_stream_capturing()),
         }
 
     def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import config as ep_config
+from ..device import is_current_stream_capturing
 from ..errors import DeepEPError
 from .reference import DispatchHandle
 
@@ -45,6 +46,14 @@ class RoundKernels:
 
     def _timeout_s(self) -> float:
         return ep_config.timeout_s()
+
+    def _wait_args(self) -> dict[str, Any]:
+        """The error record, timeout and trap setting of a launch on the current stream."""
+        return {
+            "error_record": self.error_record.device_ptr,
+            "timeout_s": self._timeout_s(),
+            "trap_on_error": ep_config.trap_on_device_error(is_current_stream_capturing()),
+        }
 
     def _check_device_errors(self, what: str) -> None:
         """DeepEPTimeoutError if a device wait of an earlier call (or this one) timed out."""

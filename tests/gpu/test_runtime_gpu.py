@@ -206,6 +206,71 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
     assert all(WAIT_TIMEOUT_S * 0.9 <= elapsed < WAIT_TIMEOUT_S * 10 for elapsed in results), results
 
 
+# A process of its own that makes one kernel record an error with trap_on_error set, then reports what its host saw.
+# `failure` picks the recorder: a device wait that times out, or a top-k id out of range (a value record).
+_TRAP_CHILD = """
+import sys
+import torch
+from deep_ep_py import _ext, device as ep_device
+from deep_ep_py.errors import DeepEPError
+
+ext = _ext.load_extension()
+record = ext.ErrorRecord()
+stream = ep_device.current_stream().cuda_stream
+if sys.argv[1] == "timeout":
+    ext.launch_timeout_self_test(record.device_ptr, 0.2, 3, 5, stream, trap_on_error=True)
+else:
+    device = ep_device.kernel_device()
+    topk_idx = torch.tensor([[0, 1], [2, 99]], dtype=torch.int64, device=device)
+    outputs = [torch.empty(n, dtype=dtype, device=device) for n, dtype in ((2, torch.int32), (4, torch.int32),
+                                                                           (4, torch.bool))]
+    ext.get_dispatch_layout(topk_idx.data_ptr(), 2, 2, 4, 2, 2, outputs[0].data_ptr(), 0, outputs[1].data_ptr(),
+                            outputs[2].data_ptr(), stream, record.device_ptr, 3, trap_on_error=True)
+try:
+    ep_device.synchronize()
+    print("synchronize returned", flush=True)
+except RuntimeError as exc:  # the trap ended the CUDA context
+    print("synchronize raised:", str(exc).splitlines()[0], flush=True)
+try:
+    record.check("the trap test")
+except DeepEPError as exc:  # the host-mapped record outlives the context
+    print("record says:", exc, flush=True)
+    sys.exit(3)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    "failure, printed",
+    [
+        ("timeout", "a wait timed out (or gave up after an earlier timeout) (rank 3, channel 5, wait site 1,"),
+        ("invalid_id", "an input value is out of range (rank 3, channel 1, wait site 42, value 99, bound 4)"),
+    ],
+)
+def test_trap_on_device_error_ends_the_process(require_gpu, tmp_path, failure, printed):
+    """trap_on_error (what a launch captured into a CUDA graph gets, DEEP_EP_PY_TRAP_ON_DEVICE_ERROR): the kernel
+    prints what it recorded and traps, so no replay returns a drained kernel's rows unseen. On a GPU the context ends
+    (synchronize raises) and the host-mapped record still names the failure; the emulator ends the process. The child
+    runs outside MPS (an empty pipe directory), since a fatal fault under MPS reaches every client of the GPU."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(tmp_path))
+    child = subprocess.run(
+        [sys.executable, "-c", _TRAP_CHILD, failure], env=env, capture_output=True, text=True, timeout=120
+    )
+    output = child.stdout + child.stderr
+    assert f"deep_ep_py: {printed}" in output and "trapping" in output, output
+    assert "synchronize returned" not in output, output
+    if ep_device.emulated():
+        assert child.returncode < 0, (child.returncode, output)  # the emulator's trap: abort()
+        return
+    assert child.returncode == 3, (child.returncode, output)
+    assert "synchronize raised" in output, output
+    named = "rank 3, channel 5" if failure == "timeout" else "topk_idx of get_dispatch_layout"
+    assert named in output.split("record says:", 1)[-1], output
+
+
 def _check_heap_grows(open_context, context_type, bytes_view, num_ranks: int) -> None:
     """Where CUDA VMM is on, NVSHMEM maps more memory into the heap on demand: a context that asks for the whole
     heap NVSHMEM started with, beside one already open, gets it, zeroed, and every PE reaches its last bytes (which
