@@ -34,19 +34,25 @@ __device__ __forceinline__ const char* error_code_name(ErrorCode code) {
     }
 }
 
-// Called after a record is written, or found claimed by an earlier failure: where the launch asked for it, says what
-// on stdout and traps. That ends the CUDA context (every later CUDA call of the process fails), so the failure cannot
-// pass unseen; the host-mapped record stays readable, and the next deep_ep_py call raises naming it. The fields are
-// this failure's, as the record would hold them (rank: the waiting rank, or the one whose count overflowed).
-__device__ __forceinline__ void trap_after_record(bool trap_on_error, ErrorCode code, int rank, int channel,
-                                                  WaitSite site, int64_t value, int64_t bound) {
-    if (!trap_on_error) return;
+// Says on stdout what a kernel recorded, then traps. That ends the CUDA context (every later CUDA call of the process
+// fails), so the failure cannot pass unseen; the host-mapped record stays readable, and the next deep_ep_py call
+// raises naming it. The fields are this failure's, as the record would hold them (rank: the waiting rank, or the one
+// whose count overflowed). Not inlined: printf's argument buffer then lives in this cold frame, not in every kernel's.
+inline __device__ __attribute__((noinline)) void print_device_error_and_trap(ErrorCode code, int rank, int channel,
+                                                                               WaitSite site, int64_t value,
+                                                                               int64_t bound) {
     printf("deep_ep_py: %s (rank %d, channel %d, wait site %d, value %lld, bound %lld); trapping, as "
            "DEEP_EP_PY_TRAP_ON_DEVICE_ERROR asks for this launch\n",
            error_code_name(code), rank, channel, static_cast<int>(site), static_cast<long long>(value),
            static_cast<long long>(bound));
     __threadfence_system();  // the record's stores reach the host before the context dies
     ptx::trap();
+}
+
+// Called after a record is written, or found claimed by an earlier failure: traps where the launch asked for it.
+__device__ __forceinline__ void trap_after_record(bool trap_on_error, ErrorCode code, int rank, int channel,
+                                                  WaitSite site, int64_t value, int64_t bound) {
+    if (trap_on_error) print_device_error_and_trap(code, rank, channel, site, value, bound);
 }
 
 __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
