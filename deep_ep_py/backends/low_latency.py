@@ -434,7 +434,8 @@ class LowLatencyKernels:
     def update_mask(self, rank: int, mask: bool) -> None:
         """Mask (or unmask) a rank, which recovers from its timeouts: the kernels already queued have drained (the
         record's timed_out word stops them at once), and what they recorded is cleared with it, so the calls after
-        this one wait again, for the ranks left."""
+        this one wait again, for the ranks left. Un-masking a rank that was late needs clean_low_latency_buffer on
+        every rank first: what it sent after its peers gave up on it may still sit in their buffers."""
         synchronize(self.device)
         self.error_record.reset()
         self.rank_mask[rank] = 1 if mask else 0
