@@ -209,6 +209,7 @@ def test_capacity_record_does_not_cut_device_waits_short(require_gpu, num_ranks,
 # A process of its own that makes one kernel record an error with trap_on_error set, then reports what its host saw.
 # `failure` picks the recorder: a device wait that times out, or a top-k id out of range (a value record).
 _TRAP_CHILD = """
+import os
 import sys
 import torch
 from deep_ep_py import _ext, device as ep_device
@@ -235,8 +236,8 @@ try:
     record.check("the trap test")
 except DeepEPError as exc:  # the host-mapped record outlives the context
     print("record says:", exc, flush=True)
-    sys.exit(3)
-sys.exit(0)
+    os._exit(3)  # not sys.exit: no teardown that touches the dead context
+os._exit(0)
 """
 
 
