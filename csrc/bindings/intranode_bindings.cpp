@@ -233,8 +233,8 @@ void register_intranode(py::module_& m) {
         "intranode_barrier",
         [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t error_record,
            double timeout_s, bool trap_on_error, uintptr_t stream) {
-            intranode::barrier(make_peers(peer_ptrs, num_bytes, rank), make_wait(error_record, timeout_s,
-                               trap_on_error),
+            intranode::barrier(make_peers(peer_ptrs, num_bytes, rank),
+                               make_wait(error_record, timeout_s, trap_on_error),
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("error_record"),

@@ -17,10 +17,9 @@ namespace {
 
 low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
                                 bool trap_on_error) {
-    EP_HOST_ASSERT(timeout_s > 0.0);
-    return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream),
-                               as_ptr<DeviceErrorRecord>(error_record), static_cast<uint64_t>(timeout_s * 1e9),
-                               trap_on_error};
+    const WaitConfig wait = make_wait(error_record, timeout_s, trap_on_error);
+    return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream), wait.record, wait.timeout_ns,
+                               wait.trap_on_error};
 }
 
 // One binding serves the send and the receive launch of dispatch (the receive reads the output pointers).

@@ -81,9 +81,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
                 issued_puts = true;
             }
         }
-        quiet_block_puts(issued_puts);
         __threadfence_system();
-        __syncthreads();  // all rows of this unit are delivered before the signal
+        // The block barrier: every row of this unit is stored or put, and thread 0 quiets the puts before it signals.
+        quiet_block_puts(issued_puts);
         if (threadIdx.x == 0) {
             const int expert_idx = shape.rank * num_local_experts + local_expert;
             set_peer_signal(half.combine_signals + expert_idx, tagged_signal(shape_tag(shape, kCombineFormat), 1),
