@@ -193,7 +193,12 @@ class Buffer:
         use_rdma_buffer: bool = False,
     ) -> torch.Tensor:
         """A view of this rank's NVLink buffer (or RDMA buffer) from byte `offset`, as `dtype`, shaped `size`
-        (default: all that fits)."""
+        (default: all that fits).
+
+        Where the kernels hold that buffer (intranode kernels: the NVLink buffer; low-latency or internode kernels:
+        the RDMA buffer), this is their memory, as in DeepEP: peers read what is written here, the next call
+        overwrites it, and it must not be used after destroy(). Elsewhere (the reference backend, the internode
+        kernels' NVLink side) it is a zero-filled tensor of that size that this Buffer keeps."""
         self._check_alive()
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
@@ -217,8 +222,11 @@ class Buffer:
                     f"({total} bytes), got {tuple(size)} ({numel} elements)"
                 )
         if use_rdma_buffer not in self._local_buffers:
-            device = ep_device.kernel_device() if ep_device.available() else "cpu"
-            self._local_buffers[use_rdma_buffer] = torch.zeros(total, dtype=torch.uint8, device=device)
+            memory = self._backend.local_buffer_bytes(use_rdma_buffer)
+            if memory is None:
+                device = ep_device.kernel_device() if ep_device.available() else "cpu"
+                memory = torch.zeros(total, dtype=torch.uint8, device=device)
+            self._local_buffers[use_rdma_buffer] = memory
         raw = self._local_buffers[use_rdma_buffer][offset : offset + numel * element_size]
         view = raw.view(dtype)
         return view.view(tuple(size)) if size is not None else view

@@ -26,6 +26,7 @@ from .._ext import load_extension
 from ..config import Config
 from ..device import available as device_available
 from ..device import current_stream, is_current_stream_capturing, is_kernel_tensor
+from ..runtime import device_bytes_view
 from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
 # What the layout kernel's warp-per-token scheme supports (csrc/layout.cu).
@@ -210,6 +211,20 @@ class CudaBackend(ReferenceBackend):
         if self.low_latency is not None and self.low_latency.owns(handle):
             return self.low_latency.next_combine_buffer(handle, device)
         return super().next_combine_buffer(handle, device)
+
+    def local_buffer_bytes(self, use_rdma_buffer: bool) -> torch.Tensor | None:
+        # The RDMA buffer is the low-latency kernels' symmetric allocation where they exist (a low-latency Buffer
+        # across nodes has a second one, for the internode kernels), as DeepEP's one RDMA buffer is what its
+        # low-latency kernels use. The internode kernels forward inside a node through NVSHMEM and hold no NVLink
+        # buffer.
+        if use_rdma_buffer:
+            kernels = self.low_latency if self.low_latency is not None else self.internode
+            if kernels is None:
+                return None
+            return device_bytes_view(kernels.buffer_ptr, kernels.num_rdma_bytes)
+        if self.intranode is None:
+            return None
+        return device_bytes_view(self.intranode.buffer.local_ptr, self.intranode.num_nvl_bytes)
 
     def clean_low_latency_buffer(self, num_experts: int) -> None:
         if self.low_latency is not None:

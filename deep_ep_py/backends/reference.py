@@ -259,6 +259,11 @@ class ReferenceBackend:
     def next_combine_buffer(self, handle: LowLatencyHandle, device: torch.device) -> torch.Tensor:
         return self.combine_buffer(handle, self.low_latency_buffer_idx, device)
 
+    def local_buffer_bytes(self, use_rdma_buffer: bool) -> torch.Tensor | None:
+        """uint8 view of the memory the kernels use as this rank's NVLink (or RDMA) buffer, or None where no kernel
+        holds one (the reference moves its data through torch.distributed, with no such buffer)."""
+        return None
+
     def checks_expert_ids_on_device(self, call: str, tensor: torch.Tensor) -> bool:
         """Whether `call` ("get_dispatch_layout" on topk_idx, "low_latency_dispatch" on x) runs on kernels that
         skip an expert id outside [-1, E) and record it for the next such call to raise, so that Buffer need not

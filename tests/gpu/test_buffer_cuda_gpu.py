@@ -119,6 +119,7 @@ def _compare(rank: int, num_ranks: int) -> None:
     _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
     _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
+    _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
     rebuilt.destroy()
     finalize_nvshmem()
 
@@ -198,6 +199,56 @@ def _check_low_latency_id_raises_next_call(buffer, x, topk_idx, num_experts: int
         raise AssertionError(f"rank {rank}: the low-latency id {num_experts + 1} past the last expert went unreported")
     buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
     ep_device.synchronize()
+
+
+def _check_local_buffer_tensor(buffer, x, topk_idx, weights, num_experts: int, rank: int, want_out) -> None:
+    """get_local_buffer_tensor is the kernels' own memory where they hold it, as in DeepEP: what a rank writes there
+    its peers read through their mappings, and a zero-copy combine sends what was written there. Where no kernel
+    holds the buffer it is a zero tensor of the buffer's size."""
+    from deep_ep_py.backends.cuda import unverified_kernels_enabled
+    from deep_ep_py.runtime import device_bytes_view
+
+    nvl = buffer.get_local_buffer_tensor(torch.uint8)
+    rdma = buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
+    sizes = (nvl.numel(), rdma.numel())
+    assert sizes == (buffer.num_nvl_bytes, buffer.num_rdma_bytes), f"rank {rank}: local buffers of {sizes} bytes"
+    backend = buffer._backend
+    if backend.intranode is None:
+        assert not unverified_kernels_enabled(), f"rank {rank}: the kernels are on but hold no NVLink buffer"
+        nonzero = (nvl.count_nonzero().item(), rdma.count_nonzero().item())
+        assert nonzero == (0, 0), f"rank {rank}: the stand-in local buffers hold {nonzero} non-zero bytes"
+        return
+    intranode, low_latency = backend.intranode, backend.low_latency
+    assert nvl.data_ptr() == intranode.buffer.local_ptr, f"rank {rank}: the NVLink view is not the kernels' buffer"
+    assert rdma.data_ptr() == low_latency.buffer_ptr, f"rank {rank}: the RDMA view is not the kernels' buffer"
+
+    # Written here, read by every peer through its IPC mapping. The staging area: kernels rewrite it each call.
+    offset, num_ints = intranode._constants["staging_offset"], 1000
+
+    def pattern(of_rank: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7000 + of_rank)
+        return torch.randint(-(2**31), 2**31 - 1, (num_ints,), generator=gen, dtype=torch.int32)
+
+    buffer.get_local_buffer_tensor(torch.int32, (num_ints,), offset=offset).copy_(pattern(rank))
+    ep_device.synchronize()
+    dist.barrier()
+    for peer, peer_ptr in enumerate(intranode.peer_ptrs):
+        seen = device_bytes_view(peer_ptr + offset, num_ints * 4).view(torch.int32).cpu()
+        assert torch.equal(seen, pattern(peer)), f"rank {rank}: rank {peer}'s local buffer tensor is not its buffer"
+    dist.barrier()
+
+    # A zero-copy combine sends what was written through the RDMA view: twice the received rows (exact in bf16),
+    # so twice the reference's combined output.
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+    send_area = buffer.get_next_low_latency_combine_buffer(handle)
+    send_offset = send_area.data_ptr() - rdma.data_ptr()
+    written = buffer.get_local_buffer_tensor(
+        torch.bfloat16, tuple(send_area.shape), offset=send_offset, use_rdma_buffer=True
+    )
+    written.copy_(recv_x * 2)
+    out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle, zero_copy=True)
+    ep_device.synchronize()
+    torch.testing.assert_close(out.float(), 2 * want_out.float(), rtol=COMBINE_TOLERANCE, atol=2 * COMBINE_TOLERANCE)
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])

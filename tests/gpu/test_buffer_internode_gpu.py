@@ -99,6 +99,13 @@ def _compare(rank: int, num_ranks: int, topology_from: str, unverified_kernels: 
         assert cuda._backend.intranode is None, f"rank {rank}: intranode kernels on a group that spans nodes"
     else:
         assert kernels is None, f"rank {rank}: internode kernels without {UNVERIFIED_KERNELS_ENV}=1"
+    # The RDMA buffer tensor is the internode kernels' symmetric buffer where they exist. They hold no NVLink buffer,
+    # so that tensor is a zero stand-in, as on the reference.
+    rdma = cuda.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
+    if kernels is not None:
+        assert rdma.data_ptr() == kernels.buffer_ptr, f"rank {rank}: the RDMA buffer tensor is not the kernels'"
+    nvl = cuda.get_local_buffer_tensor(torch.uint8)
+    assert nvl.numel() == num_nvl_bytes and nvl.count_nonzero().item() == 0, f"rank {rank}: NVLink stand-in {nvl}"
 
     x, topk_idx, weights = _inputs(rank, num_experts, device)
     for repeat in range(4):  # repeated calls, by both names: no stale state between them
