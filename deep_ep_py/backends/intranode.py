@@ -417,7 +417,9 @@ class IntranodeKernels(RoundKernels):
     # -------------------------------------------------------------------------------------------- lifetime
 
     def barrier(self) -> None:
-        """One cross-rank barrier kernel on the current stream."""
+        """Test hook: one cross-rank barrier kernel on the current stream. Each rank's kernels step its barrier epoch
+        with a plain read-modify-write, so the caller must order this after the rank's calls in flight on other
+        streams (synchronize first), as Buffer orders its own calls on one stream."""
         self._ext.intranode_barrier(**self._common())
 
     def destroy(self) -> None:
