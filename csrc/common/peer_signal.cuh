@@ -34,4 +34,15 @@ __device__ __forceinline__ void quiet_block_puts(bool issued_puts) {
     if (__syncthreads_or(issued_puts) && threadIdx.x == 0) nvshmem_quiet();
 }
 
+// Makes the writes that reached this PE over the network visible to it, after a poll saw the word announcing them.
+// NVSHMEM's own wait and test calls end with this step, which an acquire-load poll skips: where a peer writes
+// through the proxy (IBRC, UCX), or IBGDA runs on a platform that may reorder the NIC's writes, it enforces
+// consistency at this PE (elsewhere it is only a fence). It covers every write that arrived before it, so one
+// thread makes it once, after the block's polls (ordered before it by a barrier) and before the barrier that hands
+// the rows on. Rows from P2P-mapped peers need no such step: their stores are visible once their release is seen.
+// The test's condition always holds (a uint64 is >= 0): the call is made for its consistency step.
+__device__ __forceinline__ void settle_network_writes(const uint64_t* polled_word) {
+    (void)nvshmem_uint64_test(const_cast<uint64_t*>(polled_word), NVSHMEM_CMP_GE, 0);
+}
+
 }  // namespace ep

@@ -44,6 +44,26 @@ constexpr size_t kDefaultHeapBytes = size_t{1} << 30;  // NVSHMEM's own default
 constexpr double kDefaultTimeoutS = 100.0;             // deep_ep_py.config's default
 constexpr unsigned kFullWarp = 0xffffffffu;
 
+// Late network writes. Over a NIC, NVSHMEM makes a put visible to the target's kernels only once the target has
+// enforced consistency: its wait and test calls end with that step (a read that flushes the NIC's earlier writes,
+// where the platform may reorder them), which a plain acquire-load poll of the signal skips. The emulator plays
+// that worst case for puts to a PE outside the sender's P2P domain (DEEP_EP_PY_EMULATE_P2P_PES): the data lands
+// in the target's shadow of its heap, the destination reads kLatePoison, and the range joins the target's pending
+// list; the target's next nvshmem_uint64_test that holds, or host barrier, copies every pending range into its
+// heap. A kernel that reads rows without that step reads poison. A full list delivers at once (early visibility
+// is always allowed).
+constexpr uint8_t kLatePoison = 0xff;
+constexpr size_t kMaxPendingWrites = size_t{1} << 18;
+
+struct PendingWrites {
+    uint32_t lock;  // 0 free, 1 held: by the target delivering, or a sender adding
+    uint32_t unused;
+    uint64_t count;
+    struct Range {
+        uint64_t offset, bytes;
+    } ranges[kMaxPendingWrites];
+};
+
 // What nvshmemx_uniqueid_t::internal carries.
 struct UniqueIdPayload {
     uint8_t token[16];
@@ -161,6 +181,12 @@ private:
     int fd_;
 };
 
+// What a PE's memfd holds: its heap, the shadow of its heap (where late network writes land), its pending list.
+size_t mapped_bytes(size_t heap_bytes) {
+    const size_t page = 4096;
+    return 2 * heap_bytes + (sizeof(PendingWrites) + page - 1) / page * page;
+}
+
 // Maps `bytes` of the file shared and read-write, at a kHeapAlignment boundary: reserve that much more address
 // space, place the file in it, and give back the slack on either side.
 uint8_t* map_heap(int fd, size_t bytes, const std::string& whose) {
@@ -225,7 +251,45 @@ uint8_t* map_published_heap(const std::string& path, int pe) {
     const FileDescriptor heap_fd(::open(proc_path.c_str(), O_RDWR | O_CLOEXEC));
     if (heap_fd.get() < 0)
         fail_errno(concat("opening PE ", pe, "'s heap as ", proc_path, " (has that process exited?)"));
-    return map_heap(heap_fd.get(), bytes, concat("PE ", pe, "'s heap"));
+    return map_heap(heap_fd.get(), mapped_bytes(bytes), concat("PE ", pe, "'s heap"));
+}
+
+uint8_t* shadow_of(int pe) { return state.heaps[pe] + state.heap_bytes; }
+PendingWrites* pending_of(int pe) { return reinterpret_cast<PendingWrites*>(state.heaps[pe] + 2 * state.heap_bytes); }
+
+bool is_network_peer(int pe) { return pe / state.p2p_pes != state.my_pe / state.p2p_pes; }
+
+// Held for a memcpy at most, by an emulated thread that does not switch fibers inside: spinning cannot deadlock.
+void lock_pending(PendingWrites* pending) {
+    while (__atomic_exchange_n(&pending->lock, 1u, __ATOMIC_ACQUIRE) != 0) std::this_thread::yield();
+}
+void unlock_pending(PendingWrites* pending) { __atomic_store_n(&pending->lock, 0u, __ATOMIC_RELEASE); }
+
+// A network put of `bytes` to `offset` in pe's heap (see kLatePoison).
+void put_late(size_t offset, const void* source, size_t bytes, int pe) {
+    PendingWrites* pending = pending_of(pe);
+    lock_pending(pending);
+    std::memmove(shadow_of(pe) + offset, source, bytes);
+    if (pending->count < kMaxPendingWrites) {
+        std::memset(state.heaps[pe] + offset, kLatePoison, bytes);
+        pending->ranges[pending->count++] = {offset, bytes};
+    } else {
+        std::memcpy(state.heaps[pe] + offset, shadow_of(pe) + offset, bytes);
+    }
+    unlock_pending(pending);
+}
+
+// The consistency step at this PE: every network put that reached it so far becomes visible.
+void deliver_late_writes() {
+    PendingWrites* pending = pending_of(state.my_pe);
+    if (__atomic_load_n(&pending->count, __ATOMIC_ACQUIRE) == 0) return;
+    lock_pending(pending);
+    for (uint64_t i = 0; i < pending->count; ++i) {
+        const PendingWrites::Range& range = pending->ranges[i];
+        std::memcpy(state.heaps[state.my_pe] + range.offset, shadow_of(state.my_pe) + range.offset, range.bytes);
+    }
+    pending->count = 0;
+    unlock_pending(pending);
 }
 
 // Word p of PE 0's reserved bytes counts the barriers PE p has entered: no reset between barriers, and on a
@@ -248,11 +312,13 @@ void barrier_all(const char* what) {
             std::this_thread::sleep_for(std::chrono::microseconds(20));
         }
     }
+    // Puts issued before a barrier are visible after it.
+    deliver_late_writes();
 }
 
 void unmap_heaps() {
     for (uint8_t* heap : state.heaps)
-        if (heap != nullptr) munmap(heap, state.heap_bytes);
+        if (heap != nullptr) munmap(heap, mapped_bytes(state.heap_bytes));
     const bool finalized = state.finalized;
     state = State{};
     state.finalized = finalized;
@@ -271,9 +337,9 @@ void join(const nvshmemx_init_attr_t& attr) {
     const FileDescriptor own_fd(memfd_create("deep_ep_py_emu_heap", MFD_CLOEXEC));
     if (own_fd.get() < 0) fail_errno("memfd_create");
     // Sparse: pages exist once touched.
-    if (ftruncate(own_fd.get(), static_cast<off_t>(state.heap_bytes)) != 0)
-        fail_errno(concat("ftruncate of the symmetric heap to ", state.heap_bytes, " bytes"));
-    state.heaps[state.my_pe] = map_heap(own_fd.get(), state.heap_bytes, "this PE's heap");
+    if (ftruncate(own_fd.get(), static_cast<off_t>(mapped_bytes(state.heap_bytes))) != 0)
+        fail_errno(concat("ftruncate of the symmetric heap to ", mapped_bytes(state.heap_bytes), " bytes"));
+    state.heaps[state.my_pe] = map_heap(own_fd.get(), mapped_bytes(state.heap_bytes), "this PE's heap");
 
     const std::string own_path = rendezvous_path(id, state.my_pe);
     try {
@@ -333,6 +399,10 @@ T* remote_word(T* address, int pe, const char* what, const char* role) {
 void put(void* dest, const void* source, size_t bytes, int pe, const char* what) {
     uint8_t* target = remote_address(dest, bytes, pe, what, "dest");
     heap_offset(source, bytes, what, "source");
+    if (is_network_peer(pe)) {
+        put_late(static_cast<size_t>(target - state.heaps[pe]), source, bytes, pe);
+        return;
+    }
     // memmove: a put from a PE to itself may name the same bytes twice.
     std::memmove(target, source, bytes);
 }
@@ -550,7 +620,30 @@ void nvshmem_quiet() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 // ---- Device API -----------------------------------------------------------------------------------------------
 
 void nvshmem_int_p(int* dest, const int value, int pe) {
-    __atomic_store_n(remote_word(dest, pe, "nvshmem_int_p", "dest"), value, __ATOMIC_RELAXED);
+    int* target = remote_word(dest, pe, "nvshmem_int_p", "dest");
+    if (is_network_peer(pe)) {
+        put_late(static_cast<size_t>(reinterpret_cast<uint8_t*>(target) - state.heaps[pe]), &value, sizeof(value), pe);
+        return;
+    }
+    __atomic_store_n(target, value, __ATOMIC_RELAXED);
+}
+
+int nvshmem_uint64_test(uint64_t* ivar, int cmp, uint64_t cmp_value) {
+    const uint64_t value = __atomic_load_n(ivar, __ATOMIC_ACQUIRE);
+    bool holds = false;
+    switch (cmp) {
+        case NVSHMEM_CMP_EQ: holds = value == cmp_value; break;
+        case NVSHMEM_CMP_NE: holds = value != cmp_value; break;
+        case NVSHMEM_CMP_GT: holds = value > cmp_value; break;
+        case NVSHMEM_CMP_LE: holds = value <= cmp_value; break;
+        case NVSHMEM_CMP_LT: holds = value < cmp_value; break;
+        case NVSHMEM_CMP_GE: holds = value >= cmp_value; break;
+        default: device_fault("nvshmem_uint64_test", concat("cmp ", cmp, " is not an NVSHMEM_CMP_* value"));
+    }
+    if (!holds) return 0;
+    deliver_late_writes();
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return 1;
 }
 
 void nvshmemx_signal_op(uint64_t* sig_addr, uint64_t signal_value, int sig_op, int pe) {

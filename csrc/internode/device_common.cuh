@@ -177,6 +177,9 @@ __device__ __forceinline__ bool wait_arrivals(const View& v, size_t arrivals_off
         consumed[node_idx] = target;
     }
     __syncthreads();
+    // The rows these counts announce came from other nodes, over the network.
+    if (threadIdx.x == 0 && s_ok != 0) settle_network_writes(arrivals);
+    __syncthreads();
     return s_ok != 0;
 }
 

@@ -104,6 +104,9 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
         if (tid == 0) *a.num_rounds_device = 0;
         return;
     }
+    // Ranks of other nodes put their count rows over the network.
+    if (tid == 0) settle_network_writes(count_flags);
+    __syncthreads();
 
     // Volatile loads: peers wrote the rows after this kernel started.
     auto count = [&](int src, int i) { return ptx::ld_volatile_global(v.counts_row(src) + i); };

@@ -126,6 +126,16 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
     }
     // The barrier also carries every thread's acquire to the whole block before the rows are read.
     failed = __syncthreads_or(failed);
+    // Rows from peers without a P2P mapping came over the network. Ordered before the other threads' reads by the
+    // barrier after the first token's weights below.
+    if (failed == 0 && threadIdx.x == 0) {
+        for (int rank = 0; rank < shape.num_ranks; ++rank) {
+            if (args.rank_mask[rank] == 0 && nvshmem_ptr(half.combine_signals, rank) == nullptr) {
+                settle_network_writes(half.combine_signals);
+                break;
+            }
+        }
+    }
 
     if (failed == 0) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(args.out);

@@ -226,6 +226,12 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             offset = warp_sum(offset);
             count = warp_sum(count);
             failed = warp_sum(failed);
+            // Rows from a peer without a P2P mapping came over the network (the warp_sum orders the lanes' polls
+            // before this).
+            const uint64_t* src_signal =
+                half.dispatch_signals + static_cast<int64_t>(local_expert) * num_ranks + src_rank;
+            if (lane_idx == 0 && failed == 0 && count > 0 && nvshmem_ptr(src_signal, src_rank) == nullptr)
+                settle_network_writes(src_signal);
             if (lane_idx == 0) {
                 unit_offset = offset;
                 unit_count = count;

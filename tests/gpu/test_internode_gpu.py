@@ -99,8 +99,11 @@ CASES = [
 # What also runs with more than two nodes (4 and 8 nodes; 8 nodes of 8 ranks is one rank per node).
 # With DEEP_EP_PY_EMULATE_NETWORK=1 the kernels reach ranks of other nodes only through NVSHMEM puts and signals,
 # as across a real network, although one GPU maps them all: these cases run that path (count rows, rows to the
-# forwarders, partial sums back, barrier signals).
+# forwarders, partial sums back, barrier signals). On the CPU emulator the nodes are also separate P2P domains
+# (DEEP_EP_PY_EMULATE_P2P_PES): nvshmem_ptr maps no rank of another node, and a put's rows become visible to the
+# target only at its next consistency step (a wait or test through NVSHMEM), as over a NIC that may reorder writes.
 EMULATE_NETWORK_ENV = "DEEP_EP_PY_EMULATE_NETWORK"
+EMULATE_P2P_PES_ENV = "DEEP_EP_PY_EMULATE_P2P_PES"
 NETWORK_CASES = [
     c
     for c in CASES
@@ -284,6 +287,7 @@ def _batch(gpu_batch, num_ranks: int, num_nodes: int, emulate_network: bool = Fa
     path = InternodePath(num_nodes)
     if emulate_network:
         env[EMULATE_NETWORK_ENV] = "1"
+        env[EMULATE_P2P_PES_ENV] = str(ranks_per_node)
         table_test, fixed = "test_internode_emulated_network_matches_reference", {}
     elif num_nodes == 2:
         table_test, fixed = "test_internode_matches_reference", {}

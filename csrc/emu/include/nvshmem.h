@@ -3,7 +3,9 @@
 //
 // Model: one PE per process. Each PE's symmetric heap is a memfd that every other PE maps too (all PEs behave as
 // one NVLink domain: nvshmem_ptr maps every PE). "Device" functions are plain host functions, called by the
-// emulated CUDA threads of csrc/emu/emu_device.hpp; puts are memcpys that complete before they return.
+// emulated CUDA threads of csrc/emu/emu_device.hpp; puts are memcpys that complete before they return. Under
+// DEEP_EP_PY_EMULATE_P2P_PES, a put to a PE outside the sender's P2P domain becomes visible to that PE only at its
+// next nvshmem_uint64_test that holds, or host barrier: until then its bytes read as 0xff (see nvshmem_emu.cpp).
 //
 // Differences from NVSHMEM a caller can see:
 // - Host functions return 0 or throw ep::EPException (ep::EPTimeoutException when peers do not show up in time),
@@ -32,6 +34,8 @@ enum { NVSHMEM_THREAD_SINGLE, NVSHMEM_THREAD_FUNNELED, NVSHMEM_THREAD_SERIALIZED
 enum { NVSHMEMX_INIT_WITH_UNIQUEID = 1 << 3 };
 
 enum nvshmemx_signal_op_t { NVSHMEM_SIGNAL_SET = 9, NVSHMEM_SIGNAL_ADD = 10 };
+
+enum { NVSHMEM_CMP_EQ = 0, NVSHMEM_CMP_NE, NVSHMEM_CMP_GT, NVSHMEM_CMP_LE, NVSHMEM_CMP_LT, NVSHMEM_CMP_GE };
 
 // 128 bytes like NVSHMEM's: the Python side broadcasts it as raw bytes.
 struct nvshmemx_uniqueid_t {
@@ -88,6 +92,10 @@ EP_EMU_NVSHMEM_API void nvshmem_quiet();
 // ---- Device API -----------------------------------------------------------------------------------------------
 
 EP_EMU_NVSHMEM_API void nvshmem_int_p(int* dest, const int value, int pe);
+// 1 when *ivar (an acquire load) compares to cmp_value by cmp (NVSHMEM_CMP_*), else 0; then, when it does, the
+// consistency step NVSHMEM's test ends with: here it makes visible the network puts that reached this PE
+// (see DEEP_EP_PY_EMULATE_LATE_NETWORK_WRITES in nvshmem_emu.cpp).
+EP_EMU_NVSHMEM_API int nvshmem_uint64_test(uint64_t* ivar, int cmp, uint64_t cmp_value);
 // Signal ops on the uint64 at pe's copy of sig_addr: NVSHMEM_SIGNAL_SET (release store) or NVSHMEM_SIGNAL_ADD.
 EP_EMU_NVSHMEM_API void nvshmemx_signal_op(uint64_t* sig_addr, uint64_t signal, int sig_op, int pe);
 // Called by every lane of a full warp (every thread of the block) with the same arguments: one put for the

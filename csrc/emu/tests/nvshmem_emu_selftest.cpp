@@ -1,6 +1,7 @@
 // Multi-process self-test of the emulator's NVSHMEM (csrc/emu/nvshmem_emu.cpp), on the emulator's own launch
 // (csrc/emu/device_emu.cpp). Every PE is a fork()ed child; the parent only makes the unique id and judges exit
-// statuses. Not part of any build; from the repository root:
+// statuses. Not part of the extension build: tests/test_emulator_selftest.py compiles and runs it, or by hand from
+// the repository root:
 //
 //   g++ -std=c++17 -O1 -Wall -Wextra -DDEEP_EP_PY_EMULATE -I csrc/emu/include -I /usr/local/cuda-13.0/include
 //       -I csrc csrc/emu/tests/nvshmem_emu_selftest.cpp csrc/emu/nvshmem_emu.cpp csrc/emu/device_emu.cpp
@@ -279,6 +280,48 @@ void exchange_scenario(const nvshmemx_uniqueid_t& id, int me, int n) {
     CHECK(nvshmem_my_pe() == -1);
 }
 
+// PE 0 and PE 1 in P2P domains of their own (DEEP_EP_PY_EMULATE_P2P_PES=1): PE 0's puts reach PE 1 late. Its rows
+// read as 0xff after the signal is seen until PE 1's nvshmem_uint64_test holds (one that does not hold delivers
+// nothing), and a row put with no signal is there after a barrier.
+void late_network_writes_scenario(const nvshmemx_uniqueid_t& id, int me) {
+    setenv("DEEP_EP_PY_EMULATE_P2P_PES", "1", 1);
+    init(id, me, 2);
+    uint8_t* send = symmetric<uint8_t>(2 * kRow);
+    uint8_t* recv = symmetric<uint8_t>(2 * kRow);
+    int* header = symmetric<int>(1);
+    uint64_t* signal = symmetric<uint64_t>(1);
+    for (size_t i = 0; i < 2 * kRow; ++i) send[i] = pattern(me, 1, i);
+    nvshmem_barrier_all();
+    CHECK(nvshmem_ptr(recv, 1 - me) == nullptr);
+    if (me == 0) {
+        kernel([&] {
+            nvshmemx_putmem_nbi_warp(recv, send, kRow, 1);
+            if (threadIdx.x == 0) {
+                nvshmem_int_p(header, 42, 1);
+                nvshmem_quiet();
+                nvshmemx_signal_op(signal, 1, NVSHMEM_SIGNAL_SET, 1);
+            }
+        });
+        kernel([&] { nvshmemx_putmem_nbi_warp(recv + kRow, send + kRow, kRow, 1); });
+    } else {
+        kernel([&] {
+            if (threadIdx.x != 0) return;
+            wait_at_least(signal, 1);
+            for (size_t i = 0; i < kRow; ++i) CHECK(recv[i] == 0xff);
+            CHECK(*header == -1);
+            CHECK(nvshmem_uint64_test(signal, NVSHMEM_CMP_GT, 1) == 0);
+            CHECK(recv[0] == 0xff);
+            CHECK(nvshmem_uint64_test(signal, NVSHMEM_CMP_EQ, 1) == 1);
+            for (size_t i = 0; i < kRow; ++i) CHECK(recv[i] == pattern(0, 1, i));
+            CHECK(*header == 42);
+        });
+    }
+    nvshmem_barrier_all();
+    if (me == 1)
+        for (size_t i = 0; i < kRow; ++i) CHECK(recv[kRow + i] == pattern(0, 1, kRow + i));
+    nvshmem_finalize();
+}
+
 // A PE starts a device-side fault inside a kernel; the process must abort.
 void fault_scenario(const nvshmemx_uniqueid_t& id, const std::function<void(uint8_t* symmetric_bytes)>& body) {
     init(id, 0, 1);
@@ -313,6 +356,11 @@ int main() {
         const nvshmemx_uniqueid_t id = new_unique_id();
         report("4 PEs: allocation, puts, signals, barriers, finalize",
                all_exited_zero(run_pes(kPes, [&](int pe) { exchange_scenario(id, pe, kPes); })));
+    }
+    {
+        const nvshmemx_uniqueid_t id = new_unique_id();
+        report("2 PEs, no P2P: a put is visible after a test or barrier",
+               all_exited_zero(run_pes(2, [&](int pe) { late_network_writes_scenario(id, pe); })));
     }
     {
         const nvshmemx_uniqueid_t id = new_unique_id();
