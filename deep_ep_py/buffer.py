@@ -125,6 +125,10 @@ class Buffer:
         # not first inside a CUDA-graph capture.
         self._comm_stream: Any = ep_device.new_stream() if self.backend == "cuda" and ep_device.available() else None
         self._local_buffers: dict[bool, torch.Tensor] = {}
+        # num_experts of the low-latency calls since the buffer was made or cleaned (None: none yet). The kernels'
+        # signal words sit at offsets that depend on it (as DeepEP's), so calls with another E would poll bytes
+        # that earlier calls' rows left there; both backends refuse it alike.
+        self._low_latency_num_experts: int | None = None
         self._destroyed = False
 
     # ------------------------------------------------------------------------------------------- static API
@@ -509,6 +513,10 @@ class Buffer:
             use_ue8m0,
         )
         checks.hook_flags(async_finish, return_recv_hook)
+        checks.low_latency_experts_unchanged(
+            self._low_latency_num_experts, num_experts, num_max_dispatch_tokens_per_rank, x.shape[1]
+        )
+        self._low_latency_num_experts = num_experts
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_dispatch(
@@ -594,6 +602,7 @@ class Buffer:
         checks.num_experts(self, num_experts)
         checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._backend.clean_low_latency_buffer(num_experts)
+        self._low_latency_num_experts = None  # the whole buffer is zero: any E may come next
 
     def low_latency_update_mask_buffer(
         self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None

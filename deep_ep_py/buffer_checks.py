@@ -84,6 +84,15 @@ def rdma_bytes_fit(buffer: Buffer, max_tokens: int, hidden: int, experts: int) -
         )
 
 
+def low_latency_experts_unchanged(previous: int | None, experts: int, max_tokens: int, hidden: int) -> None:
+    if previous is not None and experts != previous:
+        raise ValueError(
+            f"num_experts: expected {previous}, as in this Buffer's earlier low-latency calls, got {experts}: the "
+            "signal words of a call sit at offsets that depend on num_experts, so switching needs "
+            f"clean_low_latency_buffer({max_tokens}, {hidden}, {experts}) on every rank first"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ normal mode
 
 

@@ -334,3 +334,40 @@ def _run_masking(rank: int, num_ranks: int, backend: str, masked_rank: int):
 def test_rank_masking(num_ranks, masked_rank, backend, launch_timeout_s):
     results = launch(_run_masking, num_ranks, backend, masked_rank, timeout_s=launch_timeout_s)
     assert sum(results) > 0
+
+
+def _run_experts_switch(rank: int, num_ranks: int, backend: str):
+    from harness import low_latency_buffer
+
+    first = LLCase(21, 8, (8, 5, 6, 7), 256, 3, 2, drop_prob=0.1)
+    second = dataclasses.replace(first, seed=22, experts_per_rank=4)
+    buffer = low_latency_buffer(
+        dist.group.WORLD, first.max_tokens, first.hidden, second.experts_per_rank * num_ranks, backend
+    )
+    received = []
+    for case in (first, second):
+        inputs = _make_inputs(case, num_ranks)
+        if case is second:
+            # Another E on the same buffer before a clean: refused before any launch, on every rank alike.
+            mine = inputs[rank]
+            try:
+                buffer.low_latency_dispatch(mine.x, mine.topk_idx, case.max_tokens, 4 * num_ranks, use_fp8=False)
+            except ValueError as exc:
+                for want in (f"num_experts: expected {2 * num_ranks}", f"got {4 * num_ranks}", "clean_low_latency"):
+                    check(want in str(exc), f"rank {rank}: expected {want!r} in {exc}")
+            else:
+                raise AssertionError(f"rank {rank}: a low-latency call with another num_experts was not refused")
+            buffer.clean_low_latency_buffer(case.max_tokens, case.hidden, 4 * num_ranks)
+        stats = torch.zeros(case.experts_per_rank, dtype=torch.int32)
+        _, recv_count, handle, recv_bf16 = _dispatch_and_check(buffer, case, rank, num_ranks, inputs, stats)
+        _combine_and_check(buffer, case, rank, num_ranks, inputs, handle, recv_count, recv_bf16, "plain")
+        received.append(int(recv_count.sum()))
+    return received
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_switching_num_experts_needs_clean(num_ranks, backend, launch_timeout_s):
+    """The signal words of a low-latency call sit at offsets that depend on num_experts: a call with another E on
+    the same buffer raises ValueError naming the fix, and after clean_low_latency_buffer with the new E it works."""
+    results = launch(_run_experts_switch, num_ranks, backend, timeout_s=launch_timeout_s)
+    assert all(len(r) == 2 for r in results) and sum(r[1] for r in results) > 0, results

@@ -120,6 +120,7 @@ def _compare(rank: int, num_ranks: int) -> None:
     _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
     _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
+    _check_experts_switch_needs_clean(rebuilt, x, weights, num_experts, rank)
     rebuilt.destroy()
     finalize_nvshmem()
 
@@ -249,6 +250,30 @@ def _check_local_buffer_tensor(buffer, x, topk_idx, weights, num_experts: int, r
     out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle, zero_copy=True)
     ep_device.synchronize()
     torch.testing.assert_close(out.float(), 2 * want_out.float(), rtol=COMBINE_TOLERANCE, atol=2 * COMBINE_TOLERANCE)
+
+
+def _check_experts_switch_needs_clean(buffer, x, weights, num_experts: int, rank: int) -> None:
+    """A low-latency call with another num_experts than the calls before it raises before it launches (on every rank,
+    so none is left waiting); after clean_low_latency_buffer with the new E the kernels take it: combining the
+    dispatched rows unchanged gives each token times the sum of its valid weights."""
+    new_experts = num_experts // 2
+    gen = torch.Generator().manual_seed(3000 + rank)
+    topk_idx = torch.rand(NUM_TOKENS, new_experts, generator=gen).topk(NUM_TOPK).indices
+    topk_idx[torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen) < 0.1] = -1
+    topk_idx = topk_idx.to(x.device)
+    try:
+        buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, new_experts, use_fp8=False)
+    except ValueError as exc:
+        assert f"num_experts: expected {num_experts}" in str(exc), f"rank {rank}: {exc}"
+    else:
+        raise AssertionError(f"rank {rank}: a low-latency call with num_experts {new_experts} was not refused")
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, new_experts)
+    for _ in range(2):
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, new_experts, use_fp8=False)
+        out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+        ep_device.synchronize()
+        want = x.float() * (weights * (topk_idx >= 0)).sum(dim=1, keepdim=True)
+        torch.testing.assert_close(out.float(), want, rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])
