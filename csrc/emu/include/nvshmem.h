@@ -94,7 +94,7 @@ EP_EMU_NVSHMEM_API void nvshmem_quiet();
 EP_EMU_NVSHMEM_API void nvshmem_int_p(int* dest, const int value, int pe);
 // 1 when *ivar (an acquire load) compares to cmp_value by cmp (NVSHMEM_CMP_*), else 0; then, when it does, the
 // consistency step NVSHMEM's test ends with: here it makes visible the network puts that reached this PE
-// (see DEEP_EP_PY_EMULATE_LATE_NETWORK_WRITES in nvshmem_emu.cpp).
+// (see "Late network writes" in nvshmem_emu.cpp).
 EP_EMU_NVSHMEM_API int nvshmem_uint64_test(uint64_t* ivar, int cmp, uint64_t cmp_value);
 // Signal ops on the uint64 at pe's copy of sig_addr: NVSHMEM_SIGNAL_SET (release store) or NVSHMEM_SIGNAL_ADD.
 EP_EMU_NVSHMEM_API void nvshmemx_signal_op(uint64_t* sig_addr, uint64_t signal, int sig_op, int pe);
