@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
     int* topk_valid_smem = reinterpret_cast<int*>(topk_weight_smem + num_topk);  // [K] 1 = summed
     int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 2;
 
-    int failed = 0;
+    int failed = 0, from_network = 0;
     const uint32_t own_tag = shape_tag(shape, kCombineFormat);
     for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
          expert_idx += kNumThreadsPerBlock) {
@@ -123,19 +123,14 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),
                       static_cast<unsigned long long>(ptx::read_globaltimer() - start_ns));
         }
+        if (nvshmem_ptr(signal, rank) == nullptr) from_network = 1;
     }
     // The barrier also carries every thread's acquire to the whole block before the rows are read.
     failed = __syncthreads_or(failed);
     // Rows from peers without a P2P mapping came over the network. Ordered before the other threads' reads by the
     // barrier after the first token's weights below.
-    if (failed == 0 && threadIdx.x == 0) {
-        for (int rank = 0; rank < shape.num_ranks; ++rank) {
-            if (args.rank_mask[rank] == 0 && nvshmem_ptr(half.combine_signals, rank) == nullptr) {
-                settle_network_writes(half.combine_signals);
-                break;
-            }
-        }
-    }
+    if (__syncthreads_or(from_network) && failed == 0 && threadIdx.x == 0)
+        settle_network_writes(half.combine_signals);
 
     if (failed == 0) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(args.out);

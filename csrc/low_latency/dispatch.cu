@@ -197,10 +197,11 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
         const int local_expert = unit / num_ranks;
         const int src_rank = unit % num_ranks;
         if (warp_idx == 0) {
+            const uint64_t* unit_signals = half.dispatch_signals + static_cast<int64_t>(local_expert) * num_ranks;
             int offset = 0, count = 0, failed = 0;
             for (int rank = lane_idx; rank <= src_rank; rank += 32) {
                 if (args.rank_mask[rank] != 0) continue;
-                const uint64_t* signal = half.dispatch_signals + static_cast<int64_t>(local_expert) * num_ranks + rank;
+                const uint64_t* signal = unit_signals + rank;
                 const uint64_t start_ns = ptx::read_globaltimer();
                 uint64_t value = 0;
                 const bool arrived = timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
@@ -228,10 +229,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             failed = warp_sum(failed);
             // Rows from a peer without a P2P mapping came over the network (the warp_sum orders the lanes' polls
             // before this).
-            const uint64_t* src_signal =
-                half.dispatch_signals + static_cast<int64_t>(local_expert) * num_ranks + src_rank;
-            if (lane_idx == 0 && failed == 0 && count > 0 && nvshmem_ptr(src_signal, src_rank) == nullptr)
-                settle_network_writes(src_signal);
+            if (lane_idx == 0 && failed == 0 && count > 0 && nvshmem_ptr(unit_signals, src_rank) == nullptr)
+                settle_network_writes(unit_signals + src_rank);
             if (lane_idx == 0) {
                 unit_offset = offset;
                 unit_count = count;
