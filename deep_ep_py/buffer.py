@@ -48,7 +48,10 @@ class Buffer:
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: transport hints, kept
             for compatibility (NVSHMEM picks the transport).
         explicitly_destroy: the caller will call destroy(); otherwise resources go with the object.
-        enable_shrink: enable rank masking (low_latency_update/query/clean_mask_buffer).
+        enable_shrink: enable rank masking (low_latency_update/query/clean_mask_buffer); on the low-latency
+            kernels, as DeepEP's shrink mode, a peer a call waits for past DEEP_EP_PY_TIMEOUT_S is then masked
+            (the call completes without it, and low_latency_query_mask_buffer shows it) instead of the call
+            raising DeepEPTimeoutError, and clean_low_latency_buffer waits only for the unmasked ranks.
         comm: DeepEP's optional mpi4py communicator; deep_ep_py needs only `group`.
     Keyword-only extensions:
         backend: "cuda", "reference" or None (DEEP_EP_PY_BACKEND, else kernels where built and a GPU exists).

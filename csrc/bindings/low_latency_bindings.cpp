@@ -16,10 +16,10 @@ namespace ep {
 namespace {
 
 low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
-                                bool trap_on_error) {
+                                bool trap_on_error, bool mask_on_timeout) {
     const WaitConfig wait = make_wait(error_record, timeout_s, trap_on_error);
     return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream), wait.record, wait.timeout_ns,
-                               wait.trap_on_error};
+                               wait.trap_on_error, mask_on_timeout};
 }
 
 // One binding serves the send and the receive launch of dispatch (the receive reads the output pointers).
@@ -28,7 +28,8 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                      uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t recv_x,
                      uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                      uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
-                     int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s, bool trap_on_error) {
+                     int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s, bool trap_on_error,
+                     bool mask_on_timeout) {
     EP_HOST_ASSERT(format >= 0);
     EP_HOST_ASSERT(format <= static_cast<int>(low_latency::DispatchFormat::kFp8Ue8m0));
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
@@ -36,7 +37,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                                          as_ptr<const int64_t>(topk_idx),
                                          num_tokens,
                                          num_topk,
-                                         as_ptr<const int>(rank_mask),
+                                         as_ptr<int>(rank_mask),
                                          static_cast<low_latency::DispatchFormat>(format),
                                          as_ptr<void>(buffer),
                                          half_idx,
@@ -50,7 +51,8 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                                          as_ptr<int>(recv_count),
                                          as_ptr<int>(cumulative_recv_stats),
                                          as_ptr<int64_t>(wait_recv_cost_stats)};
-    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error);
+    const low_latency::Launch launch =
+        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
     if (is_recv) {
         low_latency::dispatch_recv(shape, args, launch);
     } else {
@@ -63,7 +65,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                     uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask,
                     uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                     uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                    double timeout_s, bool trap_on_error) {
+                    double timeout_s, bool trap_on_error, bool mask_on_timeout) {
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
     const low_latency::CombineArgs args{as_ptr<const void>(x),
                                         as_ptr<const int>(src_info),
@@ -73,14 +75,15 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                                         as_ptr<const float>(topk_weights),
                                         num_tokens,
                                         num_topk,
-                                        as_ptr<const int>(rank_mask),
+                                        as_ptr<int>(rank_mask),
                                         as_ptr<void>(buffer),
                                         half_idx,
                                         as_ptr<int>(workspace),
                                         as_ptr<int>(last_half),
                                         as_ptr<void>(out),
                                         as_ptr<int64_t>(wait_recv_cost_stats)};
-    const low_latency::Launch launch = make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error);
+    const low_latency::Launch launch =
+        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
     if (is_recv) {
         low_latency::combine_recv(shape, args, launch);
     } else {
@@ -114,12 +117,12 @@ void register_low_latency(py::module_& m) {
                          uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                          uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
                          int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
-                         bool trap_on_error) {
+                         bool trap_on_error, bool mask_on_timeout) {
             dispatch_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, topk_idx, num_tokens,
                             num_topk, rank_mask, format, buffer, half_idx, workspace, last_half, recv_x, recv_scales,
                             src_info,
                             src_topk_slot, layout_range, recv_count, cumulative_recv_stats, wait_recv_cost_stats,
-                            num_blocks, stream, error_record, timeout_s, trap_on_error);
+                            num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
         };
     };
     const char* dispatch_doc =
@@ -135,7 +138,8 @@ void register_low_latency(py::module_& m) {
               py::arg("recv_scales_ptr"), py::arg("src_info_ptr"), py::arg("src_topk_slot_ptr"),
               py::arg("layout_range_ptr"), py::arg("recv_count_ptr"), py::arg("cumulative_recv_stats_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
-              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false, dispatch_doc);
+              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
+              py::arg("mask_on_timeout") = false, dispatch_doc);
     }
     const auto combine_args = [](bool is_recv) {
         return [is_recv](int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank, uintptr_t x,
@@ -143,11 +147,11 @@ void register_low_latency(py::module_& m) {
                          uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask, uintptr_t buffer,
                          int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                          uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                         double timeout_s, bool trap_on_error) {
+                         double timeout_s, bool trap_on_error, bool mask_on_timeout) {
             combine_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, src_info, src_topk_slot,
                            layout_range, topk_idx, topk_weights, num_tokens, num_topk, rank_mask, buffer, half_idx,
                            workspace, last_half, out, wait_recv_cost_stats, num_blocks, stream, error_record,
-                           timeout_s, trap_on_error);
+                           timeout_s, trap_on_error, mask_on_timeout);
         };
     };
     const char* combine_doc =
@@ -162,8 +166,22 @@ void register_low_latency(py::module_& m) {
               py::arg("buffer_ptr"), py::arg("half_idx"), py::arg("workspace_ptr"), py::arg("last_half_ptr"),
               py::arg("out_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
-              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false, combine_doc);
+              py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
+              py::arg("mask_on_timeout") = false, combine_doc);
     }
+    m.def(
+        "low_latency_masked_barrier",
+        [](uintptr_t sync_words, uint64_t epoch, uintptr_t rank_mask, int rank, int num_ranks, uintptr_t stream,
+           uintptr_t error_record, double timeout_s) {
+            const low_latency::Launch launch = make_launch(1, stream, error_record, timeout_s, false, true);
+            low_latency::masked_barrier(as_ptr<uint64_t>(sync_words), epoch, as_ptr<int>(rank_mask), rank, num_ranks,
+                                        launch);
+        },
+        py::arg("sync_words_ptr"), py::arg("epoch"), py::arg("rank_mask_ptr"), py::arg("rank"), py::arg("num_ranks"),
+        py::arg("stream"), py::arg("error_record_ptr"), py::arg("timeout_s"),
+        "clean_low_latency_buffer's barrier under enable_shrink on `stream`: waits for every unmasked rank, masking "
+        "those that do not arrive within timeout_s. sync_words: symmetric uint64 [num_ranks], never zeroed; epoch: "
+        "one more than the last barrier's. See csrc/low_latency/low_latency.hpp.");
 }
 
 }  // namespace ep

@@ -58,6 +58,8 @@ enum class WaitSite : int {
     // A low-latency signal from the peer given as the channel, sent with another M, H, E or format than this
     // rank's call (needed = this rank's M, limit = its H).
     kLowLatencyShapeMismatch = 44,
+    // clean_low_latency_buffer's barrier under enable_shrink (a late peer is masked; recorded only when it drains).
+    kLowLatencyBarrier = 45,
 };
 
 inline const char* wait_site_name(int site) {
@@ -99,6 +101,8 @@ inline const char* wait_site_name(int site) {
         case WaitSite::kLowLatencySameHalf: return "low-latency buffer half of the call before";
         case WaitSite::kLowLatencyShapeMismatch:
             return "low-latency signal of a peer's call with another M, hidden, num_experts or format";
+        case WaitSite::kLowLatencyBarrier:
+            return "low-latency clean barrier (enable_shrink): the rank given as the channel";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

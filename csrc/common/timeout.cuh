@@ -23,6 +23,9 @@ struct TimeoutContext {
     int rank;
     int channel;
     bool trap_on_error;  // WaitConfig::trap_on_error
+    // Where set (the low-latency kernels under enable_shrink), a wait past the deadline stores 1 here, the awaited
+    // rank's word of the rank mask, instead of recording a timeout: the call goes on without that rank.
+    int* mask_on_timeout = nullptr;
 };
 
 __device__ __forceinline__ const char* error_code_name(ErrorCode code) {
@@ -125,7 +128,8 @@ __device__ __forceinline__ bool expert_id_is_usable(int64_t expert_idx, int num_
     return false;
 }
 
-// Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed or
+// Spins while keep_waiting() is true. Returns true when the condition cleared, false when the deadline passed (a
+// timeout recorded, or the awaited rank masked where ctx.mask_on_timeout is set) or
 // another waiter of this rank has already timed out (record->timed_out: then this one stops too, so the whole kernel
 // drains instead of hanging, and so do the kernels queued behind it after the host has raised the timeout: those
 // would otherwise wait out the limit one after another). A capacity record does not stop a wait: the kernels go on within the capacity, and a
@@ -142,7 +146,11 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
         if ((++num_polls & 255u) != 0) continue;  // check the clock and the record every 256 polls
         const uint64_t waited_ns = ptx::read_globaltimer() - start_ns;
         if (waited_ns > ctx.timeout_ns) {
-            record_device_timeout(ctx, site, waited_ns);
+            if (ctx.mask_on_timeout != nullptr) {
+                ptx::st_release_sys(ctx.mask_on_timeout, 1);
+            } else {
+                record_device_timeout(ctx, site, waited_ns);
+            }
             return false;
         }
         if (ptx::ld_volatile_global(&ctx.record->timed_out) != 0) {

@@ -111,13 +111,13 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
     for (int expert_idx = static_cast<int>(threadIdx.x); expert_idx < shape.num_experts;
          expert_idx += kNumThreadsPerBlock) {
         const int rank = expert_idx / num_local_experts;
-        if (args.rank_mask[rank] != 0) continue;
         const uint64_t* signal = half.combine_signals + expert_idx;
         const uint64_t start_ns = ptx::read_globaltimer();
         uint64_t value = 0;
-        if (!timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
-                           timeout_context(p.launch, shape.rank, rank), WaitSite::kLowLatencyRecvFlag) ||
-            !check_signal_shape(value, shape, own_tag, 1, rank, p.launch)) {
+        const PeerWait wait =
+            wait_peer_signal(signal, value, args.rank_mask, rank, shape.rank, p.launch, WaitSite::kLowLatencyRecvFlag);
+        if (wait == PeerWait::kMasked) continue;  // its experts' rows are left out of the sums below
+        if (wait == PeerWait::kFailed || !check_signal_shape(value, shape, own_tag, 1, rank, p.launch)) {
             failed = 1;
         } else if (blockIdx.x == 0 && args.wait_recv_cost_stats != nullptr) {
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
                 const bool valid = expert_id_is_usable(expert_idx, shape.num_experts, p.launch.error_record,
                                                        p.launch.trap_on_error, shape.rank, token_idx,
                                                        WaitSite::kTopkIdxLowLatencyCombine) &&
-                                   args.rank_mask[expert_idx / num_local_experts] == 0;
+                                   !rank_is_masked(args.rank_mask, static_cast<int>(expert_idx / num_local_experts));
                 topk_valid_smem[k] = valid ? 1 : 0;
                 topk_weight_smem[k] = args.topk_weights[static_cast<int64_t>(token_idx) * num_topk + k];
             }

@@ -23,6 +23,37 @@ __device__ __forceinline__ TimeoutContext timeout_context(const Launch& launch, 
     return TimeoutContext{launch.error_record, launch.timeout_ns, rank, awaited_rank, launch.trap_on_error};
 }
 
+// How a wait for a peer's signal word ended.
+enum class PeerWait { kArrived, kMasked, kFailed };
+
+// Waits for *signal, which `peer` writes, to turn nonzero. kArrived: value holds the word. kMasked: the peer is
+// masked, before the wait or during it: under Launch::mask_on_timeout a wait past the deadline masks the peer (this
+// one, or another waiter for it in any block), and every waiter for it then stops; its rows are not read. kFailed:
+// the wait gave up, and the error record says why.
+__device__ __forceinline__ PeerWait wait_peer_signal(const uint64_t* signal, uint64_t& value, int* rank_mask, int peer,
+                                                     int rank, const Launch& launch, WaitSite site) {
+    int* mask_word = rank_mask + peer;
+    // Volatile: another block may mask the peer while this kernel runs.
+    if (ptx::ld_volatile_global(mask_word) != 0) return PeerWait::kMasked;
+    TimeoutContext ctx = timeout_context(launch, rank, peer);
+    const bool mask_on_timeout = launch.mask_on_timeout;
+    if (mask_on_timeout) ctx.mask_on_timeout = mask_word;
+    const bool cleared = timeout_while(
+        [&] {
+            return (value = ptx::ld_acquire_sys(signal)) == 0 &&
+                   !(mask_on_timeout && ptx::ld_volatile_global(mask_word) != 0);
+        },
+        ctx, site);
+    if (cleared && value != 0) return PeerWait::kArrived;
+    if (mask_on_timeout && ptx::ld_volatile_global(mask_word) != 0) return PeerWait::kMasked;
+    return PeerWait::kFailed;
+}
+
+// Whether a peer is masked now (the mask may change while a kernel runs, under Launch::mask_on_timeout).
+__device__ __forceinline__ bool rank_is_masked(const int* rank_mask, int rank) {
+    return ptx::ld_volatile_global(rank_mask + rank) != 0;
+}
+
 // Copies num_int4 16-byte words with the lanes of one warp (plain loads: src may have been written by a peer
 // before an acquire of this block, or by an earlier kernel).
 __device__ __forceinline__ void warp_copy_int4(int4* dst, const int4* src, int64_t num_int4, int lane_idx) {

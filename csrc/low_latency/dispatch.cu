@@ -200,16 +200,16 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             const uint64_t* unit_signals = half.dispatch_signals + static_cast<int64_t>(local_expert) * num_ranks;
             int offset = 0, count = 0, failed = 0;
             for (int rank = lane_idx; rank <= src_rank; rank += 32) {
-                if (args.rank_mask[rank] != 0) continue;
-                const uint64_t* signal = unit_signals + rank;
                 const uint64_t start_ns = ptx::read_globaltimer();
                 uint64_t value = 0;
-                const bool arrived = timeout_while([&] { return (value = ptx::ld_acquire_sys(signal)) == 0; },
-                                                   timeout_context(p.launch, shape.rank, rank),
-                                                   WaitSite::kLowLatencyRecvCount);
+                const PeerWait wait = wait_peer_signal(unit_signals + rank, value, args.rank_mask, rank, shape.rank,
+                                                       p.launch, WaitSite::kLowLatencyRecvCount);
+                // A masked source sends nothing here: it counts as no rows (for a source masked by a timeout during
+                // this kernel, each unit decides on its own: see the README on enable_shrink).
+                if (wait == PeerWait::kMasked) continue;
                 // A signal of another shape (or more than M rows): none of that peer's rows is read, and the
                 // record says why.
-                if (!arrived ||
+                if (wait == PeerWait::kFailed ||
                     !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank, p.launch)) {
                     failed = 1;
                     continue;

@@ -37,6 +37,9 @@ struct Launch {
     DeviceErrorRecord* error_record;  // device view of the host-mapped record a timed-out wait fills in
     uint64_t timeout_ns;              // how long one wait may take; the record's channel is the awaited rank
     bool trap_on_error;               // trap after recording (WaitConfig::trap_on_error)
+    // enable_shrink (DeepEP's shrink mode): a wait for a peer past the deadline masks that peer in rank_mask instead
+    // of recording a timeout, and the call completes without it (as if it had been masked before the call).
+    bool mask_on_timeout;
 };
 
 // Total bytes of the symmetric buffer layout (buffer_layout.hpp), for the check against config.py's hint.
@@ -47,7 +50,8 @@ struct DispatchArgs {
     const int64_t* topk_idx;  // int64 [T, K], -1 = none
     int num_tokens;           // T <= M
     int num_topk;             // K
-    const int* rank_mask;     // int32 [R] on the device, 1 = masked (neither sent to nor waited for)
+    int* rank_mask;           // int32 [R] on the device, 1 = masked (neither sent to nor waited for); written by
+                              // the receive under Launch::mask_on_timeout
     DispatchFormat format;
     void* buffer;             // symmetric buffer base (buffer_layout.hpp)
     int half_idx;             // 0 or 1
@@ -78,7 +82,7 @@ struct CombineArgs {
     const float* topk_weights;    // float32 [T, K]
     int num_tokens;               // T
     int num_topk;                 // K <= max(E, 16)
-    const int* rank_mask;         // int32 [R] on the device
+    int* rank_mask;               // int32 [R] on the device, as in DispatchArgs
     void* buffer;
     int half_idx;
     int* workspace;
@@ -91,5 +95,13 @@ struct CombineArgs {
 void combine_send(const Shape& shape, const CombineArgs& args, const Launch& launch);
 // Wait for every unmasked expert's signal, then out[t] = sum_k w[t,k] * row(t,k) in float32; reset the signals.
 void combine_recv(const Shape& shape, const CombineArgs& args, const Launch& launch);
+
+// clean_low_latency_buffer's barrier under enable_shrink, where a dead rank must not hang the others: each rank
+// sets its word of every unmasked peer's sync_words (symmetric uint64 [R]) to epoch, then waits for the word of
+// every unmasked peer to reach epoch; a peer that does not arrive within the timeout is masked (Launch's
+// mask_on_timeout is ignored: this barrier always masks). One block; epoch grows by one per barrier, in step on
+// the ranks that take part.
+void masked_barrier(uint64_t* sync_words, uint64_t epoch, int* rank_mask, int rank, int num_ranks,
+                    const Launch& launch);
 
 }  // namespace ep::low_latency

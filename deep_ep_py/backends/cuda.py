@@ -83,9 +83,13 @@ class CudaBackend(ReferenceBackend):
             )
         if use_low_latency or use_internode:
             from ..runtime import NvshmemContext
+            from .low_latency import sync_words_bytes
 
             num_users = int(use_low_latency) + int(use_internode)
-            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_users * sizes.num_rdma_bytes)
+            num_bytes = num_users * sizes.num_rdma_bytes
+            if use_low_latency:
+                num_bytes += sync_words_bytes(topology.num_ranks)  # the masked barrier's words beside its buffer
+            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_bytes)
         if use_internode:
             from .internode import InternodeKernels
 
@@ -93,7 +97,9 @@ class CudaBackend(ReferenceBackend):
         if use_low_latency:
             from .low_latency import LowLatencyKernels
 
-            self.low_latency = LowLatencyKernels(group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem)
+            self.low_latency = LowLatencyKernels(
+                group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem, mask_on_timeout=sizes.enable_shrink
+            )
 
     # ------------------------------------------------------------------------------------------------ layout
 

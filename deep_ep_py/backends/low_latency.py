@@ -15,7 +15,8 @@ between replays, or two consecutive calls share a half and a fast peer writes in
 kernels record such a pair (the half of the last call is kept on the device), and the next check raises.
 A timed-out wait (a dead or masked-on-one-side peer) leaves the kernels draining and the record filled in; the next
 call, hook, or :meth:`LowLatencyKernels.check_device_errors` raises DeepEPTimeoutError naming the waiting rank and,
-as the channel, the peer rank it waited for.
+as the channel, the peer rank it waited for. Under mask_on_timeout (enable_shrink) such a wait masks that peer in
+the device rank mask instead, and the call completes without it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class KernelHandleState(NamedTuple):
 _owner_tokens = itertools.count(1)
 
 
+def sync_words_bytes(num_ranks: int) -> int:
+    """Symmetric bytes of the masked barrier's words (uint64 [R]) beside each LowLatencyKernels' buffer."""
+    return 8 * num_ranks
+
+
 def _noop() -> None:
     return None
 
@@ -88,6 +94,9 @@ class LowLatencyKernels:
         ext: the loaded deep_ep_py._C.
         nvshmem_context: an open runtime.NvshmemContext over ``group``.
         num_blocks: grid size of every kernel.
+        mask_on_timeout: Buffer's enable_shrink (DeepEP's shrink mode): a peer that a receive waits for past the
+            timeout is masked and the call completes without it, instead of the call raising DeepEPTimeoutError;
+            clean_low_latency_buffer then waits only for the unmasked ranks, masking those that do not come.
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class LowLatencyKernels:
         ext: Any,
         nvshmem_context: Any,
         num_blocks: int = DEFAULT_NUM_BLOCKS,
+        mask_on_timeout: bool = False,
     ) -> None:
         if num_rdma_bytes <= 0:
             raise ValueError(
@@ -113,9 +123,14 @@ class LowLatencyKernels:
         self.num_ranks = nvshmem_context.num_ranks
         self.num_rdma_bytes = num_rdma_bytes
         self.num_blocks = num_blocks
+        self.mask_on_timeout = mask_on_timeout
         self.device = kernel_device()
         # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
+        # The masked barrier's words (csrc/low_latency/barrier.cu), apart from the buffer a clean zeroes. Allocated
+        # whatever mask_on_timeout says: NVSHMEM allocations are collective, and ranks may differ in it.
+        self.sync_words_ptr = nvshmem_context.malloc(sync_words_bytes(self.num_ranks))
+        self._barrier_epoch = 0
         self._check_peers_reachable(nvshmem_context)
         self.error_record = ext.ErrorRecord()
         self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
@@ -195,6 +210,7 @@ class LowLatencyKernels:
             "error_record_ptr": self.error_record.device_ptr,
             "timeout_s": config.timeout_s(),
             "trap_on_error": config.trap_on_device_error(is_current_stream_capturing()),
+            "mask_on_timeout": self.mask_on_timeout,
         }
 
     def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:
@@ -419,7 +435,7 @@ class LowLatencyKernels:
         peer still writes here) and after (no peer sends before everyone is clean)."""
         self._workspace("clean_low_latency_buffer", num_experts)
         synchronize(self.device)
-        dist.barrier(group=self.group)
+        self._barrier()
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
         for workspace in self._workspaces.values():
             workspace.zero_()
@@ -429,7 +445,30 @@ class LowLatencyKernels:
         # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
         # others, whose next call would otherwise wait on the other half's signals.
         self.buffer_idx = 0
-        dist.barrier(group=self.group)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        """The group's barrier; under mask_on_timeout the masked barrier instead, which leaves out masked ranks and
+        masks those that do not arrive within the timeout (a host barrier would wait for a dead rank until the
+        group's own timeout, then fail everyone). Synchronizes the device after it."""
+        if not self.mask_on_timeout:
+            dist.barrier(group=self.group)
+            return
+        # A wait that drains on an earlier timeout would leave this barrier without masking anyone; the clean
+        # discards the record anyway.
+        self.error_record.reset()
+        self._barrier_epoch += 1
+        self._C.low_latency_masked_barrier(
+            sync_words_ptr=self.sync_words_ptr,
+            epoch=self._barrier_epoch,
+            rank_mask_ptr=self.rank_mask.data_ptr(),
+            rank=self.rank,
+            num_ranks=self.num_ranks,
+            stream=current_stream(self.device).cuda_stream,
+            error_record_ptr=self.error_record.device_ptr,
+            timeout_s=config.timeout_s(),
+        )
+        synchronize(self.device)
 
     def update_mask(self, rank: int, mask: bool) -> None:
         """Mask (or unmask) a rank, which recovers from its timeouts: the kernels already queued have drained (the
@@ -453,4 +492,6 @@ class LowLatencyKernels:
         synchronize(self.device)
         ptr, self.buffer_ptr = self.buffer_ptr, 0
         self.nvshmem_context.free(ptr)
+        sync_ptr, self.sync_words_ptr = self.sync_words_ptr, 0
+        self.nvshmem_context.free(sync_ptr)
         self._workspaces.clear()

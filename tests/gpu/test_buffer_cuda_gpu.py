@@ -109,8 +109,13 @@ def _compare(rank: int, num_ranks: int) -> None:
         buffer.destroy()
 
     # A Buffer built after the first was destroyed, as a framework rebuilding its communicator does: it joins the
-    # NVSHMEM the first one started (NVSHMEM cannot start twice in one process; the emulator refuses it).
-    rebuilt = deep_ep_py.Buffer(group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True, backend="cuda")
+    # NVSHMEM the first one started (NVSHMEM cannot start twice in one process; the emulator refuses it). With
+    # enable_shrink, as vLLM builds it: the low-latency waits mask a late peer, and the cleans below take the masked
+    # barrier (csrc/low_latency/barrier.cu) with every rank present.
+    rebuilt = deep_ep_py.Buffer(
+        group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True, enable_shrink=True, backend="cuda"
+    )
+    assert rebuilt._backend.low_latency.mask_on_timeout, "enable_shrink did not reach the low-latency kernels"
     got_rows, got_count, got_out = _low_latency(rebuilt, x, topk_idx, weights, num_experts)
     assert torch.equal(got_count.cpu(), want_count.cpu()), f"rank {rank}: recv_count differs after the rebuild"
     for e, (g, w) in enumerate(zip(got_rows, want_rows)):

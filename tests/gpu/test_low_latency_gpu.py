@@ -184,7 +184,7 @@ def _close_nvshmem(context) -> None:
     finalize_nvshmem()
 
 
-def _setup(ctx, num_experts: int):
+def _setup(ctx, num_experts: int, mask_on_timeout: bool = False):
     """(LowLatencyKernels, ReferenceBackend) over the case's group. The kernels use the batch's NvshmemContext
     (ctx.shared), or one of their own in a launch of their own; cleanups destroy the kernels first, then finalize a
     context of their own."""
@@ -201,7 +201,9 @@ def _setup(ctx, num_experts: int):
         context = NvshmemContext(ctx.resource_group, num_symmetric_bytes=num_bytes)
         ctx.on_cleanup(context.finalize)
     topology = detect_topology(ctx.group, None)
-    kernels = LowLatencyKernels(ctx.group, topology, num_bytes, ext_module.load_extension(), context)
+    kernels = LowLatencyKernels(
+        ctx.group, topology, num_bytes, ext_module.load_extension(), context, mask_on_timeout=mask_on_timeout
+    )
     ctx.on_cleanup(kernels.destroy)  # cleanups run last registered first: before the context's finalize
     return kernels, ReferenceBackend(ctx.group, topology)
 
@@ -819,6 +821,67 @@ def _combine_timeout_case(ctx) -> str:
     return message
 
 
+def _shrink_case(ctx) -> list[int]:
+    """enable_shrink, as DeepEP's shrink test: ranks 'die' (make no more low-latency calls) at their first
+    dispatch, combine or clean. The others' waits for a dead rank time out (DEEP_EP_PY_TIMEOUT_S=2) and mask it
+    instead of raising; their results then equal those of a call with that rank masked beforehand, and the clean's
+    barrier waits only for the ranks left. Returns this rank's mask at the end ([] on the dead)."""
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts, mask_on_timeout=True)
+    # The last rank dies at dispatch; with 4 ranks, rank 1 at combine and rank 2 at clean.
+    dies_at = {num_ranks - 1: "dispatch"}
+    if num_ranks >= 4:
+        dies_at.update({1: "combine", 2: "clean"})
+    dead: set[int] = set()
+    status = torch.empty(num_ranks, dtype=torch.int32, device=ep_device.kernel_device())
+
+    def mask_now() -> set[int]:
+        kernels.query_mask(status)
+        return {r for r, m in enumerate(status.tolist()) if m}
+
+    for step, api in enumerate(("dispatch", "combine", "clean", "dispatch", "combine")):
+        # Ranks that die at this api drop out before making it: the others must find out on their own.
+        dead |= {r for r, at in dies_at.items() if at == api}
+        if rank in dead:
+            break
+        if api == "dispatch":
+            inputs = make_inputs(700 + step, num_ranks, num_experts, empty_rank=None)
+            result = _dispatch(kernels, inputs, rank, num_experts, "fp8")
+            check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "fp8", masked=dead, what=f"step {step}")
+        elif api == "combine":
+            x, topk, weights = inputs[rank]
+            expert_x = on_kernel_device(expert_outputs_for(result[3], inputs, EXPERTS_PER_RANK, num_ranks))
+            out = torch.full((x.shape[0], HIDDEN), float("nan"), dtype=torch.bfloat16, device=expert_x.device)
+            combined, _ = kernels.low_latency_combine(
+                expert_x, on_kernel_device(topk), on_kernel_device(weights), result[3], False, False, out, None
+            )
+            ep_device.synchronize()
+            want = expected_combine(x, topk, weights, dead, EXPERTS_PER_RANK)
+            torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
+        else:
+            kernels.clean_low_latency_buffer(num_experts)
+        # Masked by the waits that timed out, not by hand; and no error to raise.
+        assert mask_now() == dead, f"rank {rank} after {api} (step {step}): mask {sorted(mask_now())} != {sorted(dead)}"
+        kernels.check_device_errors(f"shrink step {step}")
+    if rank in dead:
+        # Alive after all: it waits (on the host, with gloo's long timeout) for the others, since freeing the
+        # buffers is collective and NVSHMEM's barrier there has DEEP_EP_PY_TIMEOUT_S.
+        ctx.barrier()
+        return []
+    # A masked rank costs no more waiting: the next round trip takes well under the 2 s timeout.
+    inputs = make_inputs(790, num_ranks, num_experts, empty_rank=None)
+    started = time.monotonic()
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    elapsed = time.monotonic() - started
+    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", masked=dead, what="after the deaths")
+    assert elapsed < 1.5, f"rank {rank}: a dispatch with every dead rank masked took {elapsed:.2f} s"
+    kernels.check_device_errors("after the deaths")
+    final_mask = sorted(mask_now())
+    ctx.barrier()
+    return final_mask
+
+
 # ------------------------------------------------------------------------------------------------- tests
 
 MODES = ["plain", "hook", "zero_copy"]
@@ -952,3 +1015,23 @@ def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s, ca
         timeout_s=launch_timeout_s,
     )
     assert messages[-1] == "" and all(f"channel {num_ranks - 1}," in m for m in messages[:-1]), messages
+
+
+def test_shrink_masks_dead_ranks(require_gpu, num_ranks, launch_timeout_s):
+    """A launch of its own (DEEP_EP_PY_TIMEOUT_S=2): under enable_shrink, ranks that stop calling are masked by
+    the waits for them, at dispatch, combine and clean, and the others go on with correct results."""
+    from deep_ep_py.testing import launch
+
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    masks = launch(
+        run_case,
+        num_ranks,
+        _shrink_case,
+        device=tier_device(),
+        env={"DEEP_EP_PY_TIMEOUT_S": "2"},
+        timeout_s=launch_timeout_s,
+    )
+    want_dead = [1, 2, 3] if num_ranks >= 4 else [num_ranks - 1]
+    survivors = [r for r in range(num_ranks) if r not in want_dead]
+    assert all(masks[r] == want_dead for r in survivors), masks
