@@ -516,10 +516,7 @@ class Buffer:
             use_ue8m0,
         )
         checks.hook_flags(async_finish, return_recv_hook)
-        checks.low_latency_experts_unchanged(
-            self._low_latency_num_experts, num_experts, num_max_dispatch_tokens_per_rank, x.shape[1]
-        )
-        self._low_latency_num_experts = num_experts
+        self._record_low_latency_experts(num_experts, num_max_dispatch_tokens_per_rank, x.shape[1], "num_experts")
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_dispatch(
@@ -576,6 +573,10 @@ class Buffer:
         checks.low_latency_combine(self, x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
         checks.flags(use_logfmt=use_logfmt, zero_copy=zero_copy)
         checks.hook_flags(async_finish, return_recv_hook)
+        # A handle from before a clean and a dispatch with another E would poll that E's signal offsets.
+        self._record_low_latency_experts(
+            handle.num_experts, handle.num_max_dispatch_tokens_per_rank, handle.hidden, "handle.num_experts"
+        )
         (combined, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
             lambda: self._backend.low_latency_combine(
@@ -639,6 +640,12 @@ class Buffer:
         self._backend.clean_mask()
 
     # -------------------------------------------------------------------------------------------- checks
+
+    def _record_low_latency_experts(self, num_experts: int, max_tokens: int, hidden: int, name: str) -> None:
+        """Refuse a low-latency call with another E than the calls since the Buffer was made or cleaned, else
+        remember its E (before the launch: a call that fails after it may have written at E's offsets)."""
+        checks.low_latency_experts_unchanged(self._low_latency_num_experts, num_experts, max_tokens, hidden, name)
+        self._low_latency_num_experts = num_experts
 
     def _check_shrink(self, call: str) -> None:
         self._check_alive()

@@ -84,11 +84,14 @@ def rdma_bytes_fit(buffer: Buffer, max_tokens: int, hidden: int, experts: int) -
         )
 
 
-def low_latency_experts_unchanged(previous: int | None, experts: int, max_tokens: int, hidden: int) -> None:
+def low_latency_experts_unchanged(
+    previous: int | None, experts: int, max_tokens: int, hidden: int, name: str = "num_experts"
+) -> None:
+    """name: what carries experts, the call's num_experts or (combine) the handle's, from its dispatch."""
     if previous is not None and experts != previous:
         raise ValueError(
-            f"num_experts: expected {previous}, as in this Buffer's earlier low-latency calls, got {experts}: the "
-            "signal words of a call sit at offsets that depend on num_experts, so switching needs "
+            f"{name}: expected {previous}, as in this Buffer's low-latency calls since it was made or cleaned, got "
+            f"{experts}: the signal words of a call sit at offsets that depend on num_experts, so switching needs "
             f"clean_low_latency_buffer({max_tokens}, {hidden}, {experts}) on every rank first"
         )
 

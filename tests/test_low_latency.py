@@ -345,6 +345,7 @@ def _run_experts_switch(rank: int, num_ranks: int, backend: str):
         dist.group.WORLD, first.max_tokens, first.hidden, second.experts_per_rank * num_ranks, backend
     )
     received = []
+    first_handle = None
     for case in (first, second):
         inputs = _make_inputs(case, num_ranks)
         if case is second:
@@ -362,6 +363,20 @@ def _run_experts_switch(rank: int, num_ranks: int, backend: str):
         _, recv_count, handle, recv_bf16 = _dispatch_and_check(buffer, case, rank, num_ranks, inputs, stats)
         _combine_and_check(buffer, case, rank, num_ranks, inputs, handle, recv_count, recv_bf16, "plain")
         received.append(int(recv_count.sum()))
+        if case is first:
+            first_handle, first_inputs = handle, inputs
+    # A combine on a handle from before the clean, whose E is no longer the buffer's: refused the same way.
+    mine = first_inputs[rank]
+    expert_x = torch.zeros(
+        first.experts_per_rank, num_ranks * first.max_tokens, first.hidden, dtype=torch.bfloat16, device=mine.x.device
+    )
+    try:
+        buffer.low_latency_combine(expert_x, mine.topk_idx, mine.topk_weights, first_handle)
+    except ValueError as exc:
+        for want in (f"handle.num_experts: expected {4 * num_ranks}", f"got {2 * num_ranks}", "clean_low_latency"):
+            check(want in str(exc), f"rank {rank}: expected {want!r} in {exc}")
+    else:
+        raise AssertionError(f"rank {rank}: a combine on a handle of another num_experts was not refused")
     return received
 
 

@@ -115,7 +115,8 @@ def _compare(rank: int, num_ranks: int) -> None:
     rebuilt = deep_ep_py.Buffer(
         group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True, enable_shrink=True, backend="cuda"
     )
-    assert rebuilt._backend.low_latency.mask_on_timeout, "enable_shrink did not reach the low-latency kernels"
+    if rebuilt._backend.low_latency is not None:  # None where the kernels are off (the reference serves)
+        assert rebuilt._backend.low_latency.mask_on_timeout, "enable_shrink did not reach the low-latency kernels"
     got_rows, got_count, got_out = _low_latency(rebuilt, x, topk_idx, weights, num_experts)
     assert torch.equal(got_count.cpu(), want_count.cpu()), f"rank {rank}: recv_count differs after the rebuild"
     for e, (g, w) in enumerate(zip(got_rows, want_rows)):
