@@ -233,14 +233,26 @@ class CudaBackend(ReferenceBackend):
         return device_bytes_view(self.intranode.buffer.local_ptr, self.intranode.num_nvl_bytes)
 
     def clean_low_latency_buffer(self, num_experts: int) -> None:
-        if self.low_latency is not None:
-            self.low_latency.clean_low_latency_buffer(num_experts)
-        super().clean_low_latency_buffer(num_experts)
+        if self.low_latency is None:
+            super().clean_low_latency_buffer(num_experts)
+            return
+        self.low_latency.clean_low_latency_buffer(num_experts)
+        # The kernels' clean had its barriers; the reference's group barrier would wait for a rank that
+        # enable_shrink masked as dead (or pair with another collective of that rank).
+        self._zero_combine_buffers()
 
     def update_mask(self, rank: int, mask: bool) -> None:
         super().update_mask(rank, mask)
         if self.low_latency is not None:
             self.low_latency.update_mask(rank, mask)
+
+    def query_mask(self, mask_status: torch.Tensor) -> None:
+        # The kernels' device mask is the one their waits add to under enable_shrink; the reference's copy only
+        # follows update_mask and clean_mask.
+        if self.low_latency is not None:
+            self.low_latency.query_mask(mask_status)
+        else:
+            super().query_mask(mask_status)
 
     def clean_mask(self) -> None:
         super().clean_mask()

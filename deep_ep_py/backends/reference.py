@@ -271,10 +271,13 @@ class ReferenceBackend:
         return False
 
     def clean_low_latency_buffer(self, num_experts: int) -> None:
+        self._zero_combine_buffers()
+        self.exchange.barrier()
+
+    def _zero_combine_buffers(self) -> None:
         for halves in self.combine_buffers.values():
             for half in halves:
                 half.zero_()
-        self.exchange.barrier()
 
     def low_latency_dispatch(
         self,

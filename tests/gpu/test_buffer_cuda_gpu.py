@@ -286,3 +286,50 @@ def _check_experts_switch_needs_clean(buffer, x, weights, num_experts: int, rank
 def test_buffer_cuda_matches_reference(require_gpu, num_ranks: int, unverified_kernels: str) -> None:
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": unverified_kernels, "DEEP_EP_PY_TIMEOUT_S": "30"}
     launch(_compare, num_ranks, timeout_s=300.0, device=tier_device(), env=env)
+
+
+def _shrink_through_buffer(rank: int, num_ranks: int) -> None:
+    """Buffer(enable_shrink=True) on the kernels, as vLLM builds it: the last rank makes no low-latency call; the
+    others' dispatch masks it once its wait passes DEEP_EP_PY_TIMEOUT_S, low_latency_query_mask_buffer says so,
+    combining the dispatched rows unchanged gives each token times the weights of its choices on live ranks, and
+    clean_low_latency_buffer does not wait for the dead rank."""
+    import deep_ep_py
+
+    device = ep_device.kernel_device()
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    buffer = deep_ep_py.Buffer(
+        dist.group.WORLD, 0, rdma, low_latency_mode=True, explicitly_destroy=True, enable_shrink=True, backend="cuda"
+    )
+    dead = num_ranks - 1
+    want_mask = [int(r == dead) for r in range(num_ranks)]
+    if rank != dead:
+        x, topk_idx, weights = _inputs(rank, num_experts, device)
+        for call in range(2):  # the second call finds the rank masked already
+            recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+            out = torch.full_like(x, float("nan"))
+            buffer.low_latency_combine(recv_x, topk_idx, weights, handle, out=out)
+            ep_device.synchronize()
+            _check_kernels_took(buffer, "low_latency", handle)
+            status = torch.full((num_ranks,), -1, dtype=torch.int32, device=device)
+            buffer.low_latency_query_mask_buffer(status)
+            assert status.tolist() == want_mask, f"rank {rank} call {call}: mask {status.tolist()} != {want_mask}"
+            live = (topk_idx >= 0) & (topk_idx // EXPERTS_PER_RANK != dead)
+            want = x.float() * (weights * live).sum(dim=1, keepdim=True)
+            torch.testing.assert_close(out.float(), want, rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+        buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
+        status = torch.full((num_ranks,), -1, dtype=torch.int32, device=device)
+        buffer.low_latency_query_mask_buffer(status)
+        assert status.tolist() == want_mask, f"rank {rank} after the clean: mask {status.tolist()} != {want_mask}"
+    # The dead rank was alive all along: freeing NVSHMEM memory is collective, so it waits here for the others.
+    dist.barrier()
+    buffer.destroy()
+    finalize_nvshmem()
+
+
+def test_buffer_shrink_masks_a_dead_rank(require_gpu, num_ranks: int) -> None:
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    # The kernels only: the reference masks by hand (its gloo collectives wait for every rank).
+    env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1", "DEEP_EP_PY_TIMEOUT_S": "2"}
+    launch(_shrink_through_buffer, num_ranks, timeout_s=300.0, device=tier_device(), env=env)
