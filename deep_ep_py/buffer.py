@@ -30,6 +30,7 @@ from .config import (
     low_latency_rdma_size_hint,
     recv_arena_size_hint,
 )
+from .errors import DeepEPError
 from .events import CpuStream, EventHandle, EventOverlap
 from .topology import detect_topology
 
@@ -132,6 +133,9 @@ class Buffer:
         # signal words sit at offsets that depend on it (as DeepEP's), so calls with another E would poll bytes
         # that earlier calls' rows left there; both backends refuse it alike.
         self._low_latency_num_experts: int | None = None
+        # Why the next low-latency call needs clean_low_latency_buffer first (None: it does not): a rank was
+        # un-masked, and what it sent while masked may still sit in this rank's buffer as a later call's signal.
+        self._low_latency_unmasked: str | None = None
         self._destroyed = False
 
     # ------------------------------------------------------------------------------------------- static API
@@ -516,6 +520,7 @@ class Buffer:
             use_ue8m0,
         )
         checks.hook_flags(async_finish, return_recv_hook)
+        self._check_not_unmasked("low_latency_dispatch", num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
         self._record_low_latency_experts(num_experts, num_max_dispatch_tokens_per_rank, x.shape[1], "num_experts")
         (recv_x, recv_scales, recv_count, handle, hook), event = self._run(
             ep_device.is_kernel_tensor(x),
@@ -573,6 +578,9 @@ class Buffer:
         checks.low_latency_combine(self, x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats)
         checks.flags(use_logfmt=use_logfmt, zero_copy=zero_copy)
         checks.hook_flags(async_finish, return_recv_hook)
+        self._check_not_unmasked(
+            "low_latency_combine", handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        )
         # A handle from before a clean and a dispatch with another E would poll that E's signal offsets.
         self._record_low_latency_experts(
             handle.num_experts, handle.num_max_dispatch_tokens_per_rank, handle.hidden, "handle.num_experts"
@@ -607,6 +615,7 @@ class Buffer:
         checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._backend.clean_low_latency_buffer(num_experts)
         self._low_latency_num_experts = None  # the whole buffer is zero: any E may come next
+        self._low_latency_unmasked = None
 
     def low_latency_update_mask_buffer(
         self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None
@@ -626,7 +635,10 @@ class Buffer:
         check.check_int("rank_to_mask", rank_to_mask, minimum=0)
         if rank_to_mask >= self.group_size:
             raise ValueError(f"rank_to_mask: expected a rank in [0, {self.group_size}), got {rank_to_mask}")
-        self._backend.update_mask(rank_to_mask, check.check_bool("mask", mask))
+        check.check_bool("mask", mask)
+        if not mask:
+            self._note_unmasked([rank_to_mask])
+        self._backend.update_mask(rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Write 1 for each masked rank and 0 for the others into mask_status, int32 [R]."""
@@ -637,9 +649,27 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank."""
         self._check_shrink("low_latency_clean_mask_buffer")
+        self._note_unmasked(range(self.group_size))
         self._backend.clean_mask()
 
     # -------------------------------------------------------------------------------------------- checks
+
+    def _note_unmasked(self, ranks) -> None:
+        """Before un-masking ranks: note those masked now (on the kernels a wait may have masked one, so this reads
+        the device mask, a sync; masking calls are rare)."""
+        status = torch.zeros(self.group_size, dtype=torch.int32)
+        self._backend.query_mask(status)
+        unmasked = [r for r in ranks if status[r] != 0]
+        if unmasked:
+            self._low_latency_unmasked = f"rank{'s' if len(unmasked) > 1 else ''} {', '.join(map(str, unmasked))}"
+
+    def _check_not_unmasked(self, call: str, max_tokens: int, hidden: int, num_experts: int) -> None:
+        if self._low_latency_unmasked is not None:
+            raise DeepEPError(
+                f"{call}: {self._low_latency_unmasked} un-masked since the last clean_low_latency_buffer: what a "
+                "masked rank sent may still sit in this rank's buffer and be read as this call's signals; call "
+                f"clean_low_latency_buffer({max_tokens}, {hidden}, {num_experts}) on every rank first"
+            )
 
     def _record_low_latency_experts(self, num_experts: int, max_tokens: int, hidden: int, name: str) -> None:
         """Refuse a low-latency call with another E than the calls since the Buffer was made or cleaned, else

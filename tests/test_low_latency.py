@@ -31,6 +31,7 @@ from brute_force import (
     ue8m0_unpack,
 )
 
+from deep_ep_py.errors import DeepEPError
 from deep_ep_py.testing import launch
 
 COMBINE_RTOL = 1e-2
@@ -324,6 +325,15 @@ def _run_masking(rank: int, num_ranks: int, backend: str, masked_rank: int):
     buffer.low_latency_clean_mask_buffer()
     buffer.low_latency_query_mask_buffer(status)
     check_equal(f"rank {rank}: mask status after clean", status, torch.zeros(num_ranks, dtype=torch.int32))
+    # What the masked rank sent meanwhile may still sit in its peers' buffers: refused until a clean, on every rank.
+    try:
+        buffer.low_latency_dispatch(inputs[rank].x, inputs[rank].topk_idx, case.max_tokens, num_experts, use_fp8=False)
+    except DeepEPError as exc:
+        for want in (f"rank {masked_rank} un-masked", f"clean_low_latency_buffer({case.max_tokens}, {case.hidden}, "):
+            check(want in str(exc), f"rank {rank}: expected {want!r} in {exc}")
+    else:
+        raise AssertionError(f"rank {rank}: a low-latency call after un-masking, before a clean, was not refused")
+    buffer.clean_low_latency_buffer(case.max_tokens, case.hidden, num_experts)
     stats = torch.zeros(case.experts_per_rank, dtype=torch.int32)
     _, recv_count, handle, recv_bf16 = _dispatch_and_check(buffer, case, rank, num_ranks, inputs, stats)
     _combine_and_check(buffer, case, rank, num_ranks, inputs, handle, recv_count, recv_bf16, "plain")
