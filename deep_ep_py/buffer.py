@@ -620,7 +620,8 @@ class Buffer:
     def low_latency_update_mask_buffer(
         self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None
     ) -> None:
-        """Mask (mask=True) or unmask a rank: low-latency calls stop sending to and waiting for it.
+        """Mask (mask=True) or unmask a rank: low-latency calls stop sending to and waiting for it. After un-masking
+        a masked rank, low-latency calls raise DeepEPError until clean_low_latency_buffer (collective) has run.
 
         The rank goes first, positionally or as rank_to_mask= (DeepEP V1's name) or rank= (the name in
         api-contract.md), so callers written against either work."""
@@ -647,7 +648,7 @@ class Buffer:
         self._backend.query_mask(mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmask every rank."""
+        """Unmask every rank (then, where one was masked, clean_low_latency_buffer before the next call)."""
         self._check_shrink("low_latency_clean_mask_buffer")
         self._note_unmasked(range(self.group_size))
         self._backend.clean_mask()
