@@ -113,12 +113,15 @@ struct HalfPointers {
 // The non-symmetric int32 workspace of one Buffer (zeroed once; every kernel leaves its counters at zero), one
 // copy per buffer half, so that kernels of two pending calls (which use different halves) never share a counter
 // even when they run at once (a hook's receive on one stream, the next call on another):
-//   half h at h * (E + 3):
-//   [0, E)   dispatch send: next receive slot of (global expert e, this rank)
-//   E        dispatch send: blocks finished
-//   E + 1    dispatch receive: blocks finished
-//   E + 2    combine receive: blocks finished
-EP_HOST_DEVICE constexpr int workspace_ints_per_half(int num_experts) { return num_experts + 3; }
+//   half h at h * (2E + 3):
+//   [0, E)       dispatch send: next receive slot of (global expert e, this rank)
+//   E            dispatch send: blocks finished
+//   E + 1        dispatch receive: blocks finished
+//   E + 2        combine receive: blocks finished
+//   [E + 3, 2E + 3)  dispatch receive under enable_shrink: at E + 3 + l * R + r, the rows every unit of the call
+//                takes from (local expert l, source r), as the first unit to read that signal decided (0: not yet;
+//                dispatch.cu agree_on_rows)
+EP_HOST_DEVICE constexpr int workspace_ints_per_half(int num_experts) { return 2 * num_experts + 3; }
 inline int workspace_ints(int num_experts) { return 2 * workspace_ints_per_half(num_experts); }
 EP_HOST_DEVICE inline int* half_workspace(int* workspace, int num_experts, int half_idx) {
     return workspace + static_cast<int64_t>(half_idx) * workspace_ints_per_half(num_experts);

@@ -166,6 +166,23 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
     }
 }
 
+// Under enable_shrink a source may be masked while the units of one call read its signal: one unit took its rows,
+// another found it masked, and the offsets of the sources after it (which every unit sums itself) would disagree,
+// leaving rows unwritten or written twice. So the first unit to read a (local expert, source) signal decides for
+// all: *decision (zero before the call) becomes rows + 1, or kRowsSkipped; every unit takes what it holds.
+// Returns the rows to take, or -1 for none. A unit that takes rows it did not see arrive acquires the signal
+// itself (it is set: the decider saw it), so that the rows are visible to it.
+constexpr int kRowsSkipped = -1;
+
+__device__ __forceinline__ int agree_on_rows(int* decision, int rows, const uint64_t* signal) {
+    const int mine = rows < 0 ? kRowsSkipped : rows + 1;
+    const int earlier = atomicCAS(decision, 0, mine);
+    if (earlier == 0 || earlier == mine) return rows;
+    if (earlier == kRowsSkipped) return -1;
+    (void)ptx::ld_acquire_sys(signal);
+    return earlier - 1;
+}
+
 __device__ __forceinline__ int warp_sum(int value) {
 #pragma unroll
     for (int mask = 16; mask > 0; mask >>= 1) value += __shfl_xor_sync(0xffffffffu, value, mask);
@@ -188,7 +205,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
     const int64_t num_slots = static_cast<int64_t>(num_ranks) * shape.num_max_tokens;  // R*M rows per expert
     const int64_t msg_bytes = layout.dispatch_msg_bytes;
     const int num_groups = hidden / kFp8GroupSize;
-    int* num_finished_blocks = half_workspace(args.workspace, shape.num_experts, args.half_idx) + shape.num_experts + 1;
+    int* workspace = half_workspace(args.workspace, shape.num_experts, args.half_idx);
+    int* num_finished_blocks = workspace + shape.num_experts + 1;
+    int* row_decisions = workspace + shape.num_experts + 3;  // [L][R], agree_on_rows
     const uint32_t own_tag = shape_tag(shape, static_cast<int>(args.format));
     __shared__ int unit_offset, unit_count, unit_failed;
 
@@ -204,17 +223,20 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                 uint64_t value = 0;
                 const PeerWait wait = wait_peer_signal(unit_signals + rank, value, args.rank_mask, rank, shape.rank,
                                                        p.launch, WaitSite::kLowLatencyRecvCount);
-                // A masked source sends nothing here: it counts as no rows (for a source masked by a timeout during
-                // this kernel, each unit decides on its own: see the README on enable_shrink).
-                if (wait == PeerWait::kMasked) continue;
                 // A signal of another shape (or more than M rows): none of that peer's rows is read, and the
                 // record says why.
                 if (wait == PeerWait::kFailed ||
-                    !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank, p.launch)) {
+                    (wait == PeerWait::kArrived &&
+                     !check_signal_shape(value, shape, own_tag, shape.num_max_tokens + 1, rank, p.launch))) {
                     failed = 1;
                     continue;
                 }
-                const int num_rows = static_cast<int>(static_cast<uint32_t>(value)) - 1;
+                // A masked source sends nothing here: it counts as no rows.
+                int num_rows = wait == PeerWait::kArrived ? static_cast<int>(static_cast<uint32_t>(value)) - 1 : -1;
+                if (p.launch.mask_on_timeout)
+                    num_rows = agree_on_rows(row_decisions + static_cast<int64_t>(local_expert) * num_ranks + rank,
+                                             num_rows, unit_signals + rank);
+                if (num_rows < 0) continue;
                 if (rank < src_rank) {
                     offset += num_rows;
                 } else {
@@ -295,8 +317,10 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
 
     // Every unit has read its signals: the last block clears them for the call two calls from now.
     if (arrive_is_last_block(num_finished_blocks)) {
-        for (int i = static_cast<int>(threadIdx.x); i < num_local_experts * num_ranks; i += kNumThreadsPerBlock)
+        for (int i = static_cast<int>(threadIdx.x); i < num_local_experts * num_ranks; i += kNumThreadsPerBlock) {
             half.dispatch_signals[i] = 0;
+            row_decisions[i] = 0;
+        }
         if (threadIdx.x == 0) *num_finished_blocks = 0;
     }
 }
