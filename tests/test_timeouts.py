@@ -109,5 +109,5 @@ def test_launches_trap_when_captured(monkeypatch: pytest.MonkeyPatch, capturing:
         "timeout_s": 2.0,
         "trap_on_error": capturing,
     }
-    decode = types.SimpleNamespace(num_blocks=3, device=None, error_record=record)
+    decode = types.SimpleNamespace(num_blocks=3, device=None, error_record=record, mask_on_timeout=False)
     assert low_latency.LowLatencyKernels._launch_args(decode)["trap_on_error"] is capturing
