@@ -172,16 +172,16 @@ void register_low_latency(py::module_& m) {
     m.def(
         "low_latency_masked_barrier",
         [](uintptr_t sync_words, uint64_t epoch, uintptr_t rank_mask, int rank, int num_ranks, uintptr_t stream,
-           uintptr_t error_record, double timeout_s) {
-            const low_latency::Launch launch = make_launch(1, stream, error_record, timeout_s, false, true);
+           uintptr_t error_record, double timeout_s, bool mask_on_timeout) {
+            const low_latency::Launch launch = make_launch(1, stream, error_record, timeout_s, false, mask_on_timeout);
             low_latency::masked_barrier(as_ptr<uint64_t>(sync_words), epoch, as_ptr<int>(rank_mask), rank, num_ranks,
                                         launch);
         },
         py::arg("sync_words_ptr"), py::arg("epoch"), py::arg("rank_mask_ptr"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("stream"), py::arg("error_record_ptr"), py::arg("timeout_s"),
-        "clean_low_latency_buffer's barrier under enable_shrink on `stream`: waits for every unmasked rank, masking "
-        "those that do not arrive within timeout_s. sync_words: symmetric uint64 [num_ranks], never zeroed; epoch: "
-        "one more than the last barrier's. See csrc/low_latency/low_latency.hpp.");
+        py::arg("stream"), py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("mask_on_timeout"),
+        "clean_low_latency_buffer's barrier on `stream`: waits for every unmasked rank; one that does not arrive "
+        "within timeout_s is masked (mask_on_timeout) or recorded as a timeout. sync_words: symmetric uint64 "
+        "[num_ranks], never zeroed; epoch: one more than the last barrier's. See csrc/low_latency/low_latency.hpp.");
 }
 
 }  // namespace ep

@@ -58,7 +58,8 @@ enum class WaitSite : int {
     // A low-latency signal from the peer given as the channel, sent with another M, H, E or format than this
     // rank's call (needed = this rank's M, limit = its H).
     kLowLatencyShapeMismatch = 44,
-    // clean_low_latency_buffer's barrier under enable_shrink (a late peer is masked; recorded only when it drains).
+    // clean_low_latency_buffer's barrier: the channel is the rank that did not arrive (under enable_shrink it is
+    // masked instead, and a record comes only from a wait that drained).
     kLowLatencyBarrier = 45,
 };
 
@@ -102,7 +103,7 @@ inline const char* wait_site_name(int site) {
         case WaitSite::kLowLatencyShapeMismatch:
             return "low-latency signal of a peer's call with another M, hidden, num_experts or format";
         case WaitSite::kLowLatencyBarrier:
-            return "low-latency clean barrier (enable_shrink): the rank given as the channel";
+            return "low-latency clean barrier: the rank given as the channel did not arrive";
         case WaitSite::kUnknown: break;
     }
     return "unknown wait site";

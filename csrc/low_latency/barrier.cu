@@ -1,7 +1,8 @@
-// The barrier of clean_low_latency_buffer under enable_shrink (low_latency.hpp, masked_barrier). A host barrier
-// over the torch.distributed group would wait for a dead rank until the group's own timeout (30 minutes by
-// default) and then fail every rank; this one leaves out the masked ranks and masks the ones that do not arrive,
-// as DeepEP's shrink mode does, so the ranks left clean their buffers and go on.
+// The barrier of clean_low_latency_buffer (low_latency.hpp, masked_barrier). A host barrier over the
+// torch.distributed group would wait for a dead rank until the group's own timeout (30 minutes by default); this
+// one leaves out the masked ranks and, past DEEP_EP_PY_TIMEOUT_S, masks a rank that does not arrive (enable_shrink,
+// as DeepEP's shrink mode, so the ranks left clean their buffers and go on) or records the timeout for the host to
+// raise.
 //
 // sync_words is a symmetric uint64 [R] outside the buffer the clean zeroes: word p on rank r holds the epoch of
 // the last barrier p announced to r. Epochs only grow, so a word is never reset and a late announcement of an
@@ -28,10 +29,14 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock)
     for (int peer = static_cast<int>(threadIdx.x); peer < num_ranks; peer += kNumThreadsPerBlock) {
         if (peer == rank || rank_is_masked(rank_mask, peer)) continue;
         TimeoutContext ctx = timeout_context(launch, rank, peer);
-        ctx.mask_on_timeout = rank_mask + peer;  // past the deadline the peer is masked, and the barrier goes on
+        if (launch.mask_on_timeout) ctx.mask_on_timeout = rank_mask + peer;  // masked, and the barrier goes on
         const uint64_t* word = sync_words + peer;
         (void)timeout_while([&] { return ptx::ld_acquire_sys(word) < epoch; }, ctx, WaitSite::kLowLatencyBarrier);
     }
+    // The peers' puts into this rank's buffer completed before they arrived; NVSHMEM's consistency step makes those
+    // that came over the network visible here before the clean overwrites them (or the next call reads its own).
+    __syncthreads();
+    if (threadIdx.x == 0) settle_network_writes(sync_words);
 }
 
 }  // namespace

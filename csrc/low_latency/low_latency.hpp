@@ -96,11 +96,10 @@ void combine_send(const Shape& shape, const CombineArgs& args, const Launch& lau
 // Wait for every unmasked expert's signal, then out[t] = sum_k w[t,k] * row(t,k) in float32; reset the signals.
 void combine_recv(const Shape& shape, const CombineArgs& args, const Launch& launch);
 
-// clean_low_latency_buffer's barrier under enable_shrink, where a dead rank must not hang the others: each rank
-// sets its word of every unmasked peer's sync_words (symmetric uint64 [R]) to epoch, then waits for the word of
-// every unmasked peer to reach epoch; a peer that does not arrive within the timeout is masked (Launch's
-// mask_on_timeout is ignored: this barrier always masks). One block; epoch grows by one per barrier, in step on
-// the ranks that take part.
+// clean_low_latency_buffer's barrier, where a dead rank must not hang the others: each rank sets its word of every
+// unmasked peer's sync_words (symmetric uint64 [R]) to epoch, then waits for the word of every unmasked peer to
+// reach epoch; a peer that does not arrive within the timeout is masked (Launch::mask_on_timeout) or recorded as a
+// timeout. One block; epoch grows by one per barrier, in step on the ranks that take part.
 void masked_barrier(uint64_t* sync_words, uint64_t epoch, int* rank_mask, int rank, int num_ranks,
                     const Launch& launch);
 

@@ -127,8 +127,7 @@ class LowLatencyKernels:
         self.device = kernel_device()
         # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
-        # The masked barrier's words (csrc/low_latency/barrier.cu), apart from the buffer a clean zeroes. Allocated
-        # whatever mask_on_timeout says: NVSHMEM allocations are collective, and ranks may differ in it.
+        # The clean's barrier words (csrc/low_latency/barrier.cu), apart from the buffer a clean zeroes.
         self.sync_words_ptr = nvshmem_context.malloc(sync_words_bytes(self.num_ranks))
         self._barrier_epoch = 0
         self._check_peers_reachable(nvshmem_context)
@@ -448,14 +447,12 @@ class LowLatencyKernels:
         self._barrier()
 
     def _barrier(self) -> None:
-        """The group's barrier; under mask_on_timeout the masked barrier instead, which leaves out masked ranks and
-        masks those that do not arrive within the timeout (a host barrier would wait for a dead rank until the
-        group's own timeout, then fail everyone). Synchronizes the device after it."""
-        if not self.mask_on_timeout:
-            dist.barrier(group=self.group)
-            return
-        # A wait that drains on an earlier timeout would leave this barrier without masking anyone; the clean
-        # discards the record anyway.
+        """Collective: the device barrier over the unmasked ranks (csrc/low_latency/barrier.cu), then a device
+        synchronize. A rank that does not arrive within the timeout is masked under mask_on_timeout (a host barrier
+        would wait for a dead rank until the group's own timeout, then fail everyone); otherwise this raises
+        DeepEPTimeoutError naming it."""
+        # A wait that drains on an earlier timeout would leave this barrier at once; the clean discards the record
+        # anyway.
         self.error_record.reset()
         self._barrier_epoch += 1
         self._C.low_latency_masked_barrier(
@@ -467,8 +464,10 @@ class LowLatencyKernels:
             stream=current_stream(self.device).cuda_stream,
             error_record_ptr=self.error_record.device_ptr,
             timeout_s=config.timeout_s(),
+            mask_on_timeout=self.mask_on_timeout,
         )
         synchronize(self.device)
+        self.check_device_errors("clean_low_latency_buffer barrier")
 
     def update_mask(self, rank: int, mask: bool) -> None:
         """Mask (or unmask) a rank, which recovers from its timeouts: the kernels already queued have drained (the

@@ -535,9 +535,10 @@ def _mask_case(ctx) -> None:
             torch.testing.assert_close(combined.cpu().float(), want.float(), rtol=COMBINE_TOL, atol=COMBINE_TOL)
         kernels.check_device_errors("masked calls")
     ctx.barrier()
-    kernels.clean_low_latency_buffer(num_experts)
+    # Everyone back: un-mask, then clean (its barrier waits for the unmasked ranks only, so the victim counts again
+    # only once un-masked), then a normal call works.
     kernels.clean_mask()
-    # Everyone back: a normal call works after the clean.
+    kernels.clean_low_latency_buffer(num_experts)
     inputs = make_inputs(400, num_ranks, num_experts)
     result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
     check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after unmask")
@@ -882,6 +883,30 @@ def _shrink_case(ctx) -> list[int]:
     return final_mask
 
 
+def _clean_timeout_case(ctx) -> str:
+    """The last rank never calls clean_low_latency_buffer: without enable_shrink the others' clean raises
+    DeepEPTimeoutError after DEEP_EP_PY_TIMEOUT_S naming it, instead of waiting at a host barrier for the group's
+    own timeout (30 minutes by default)."""
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    kernels, _ = _setup(ctx, num_experts)
+    missing = num_ranks - 1
+    message = ""
+    if rank != missing:
+        started = time.monotonic()
+        try:
+            kernels.clean_low_latency_buffer(num_experts)
+        except DeepEPTimeoutError as exc:
+            message = str(exc)
+        elapsed = time.monotonic() - started
+        assert f"on rank {rank}, channel {missing}," in message and "clean barrier" in message, message
+        assert elapsed < 30, f"rank {rank}: the clean took {elapsed:.1f} s to give up (the limit is 2 s)"
+    ctx.barrier()
+    return message
+
+
 # ------------------------------------------------------------------------------------------------- tests
 
 MODES = ["plain", "hook", "zero_copy"]
@@ -998,7 +1023,7 @@ def test_ranks_with_other_shapes_are_reported(require_gpu, gpu_batch, num_ranks)
     _batch(gpu_batch, num_ranks)["shape_mismatch"].assert_passed()
 
 
-@pytest.mark.parametrize("call", ["dispatch", "combine"])
+@pytest.mark.parametrize("call", ["dispatch", "combine", "clean"])
 def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s, call):
     """A launch of its own: DEEP_EP_PY_TIMEOUT_S=2, a rank that never makes `call`, and an NvshmemContext of its
     own."""
@@ -1009,7 +1034,7 @@ def test_timeout_names_missing_peer(require_gpu, num_ranks, launch_timeout_s, ca
     messages = launch(
         run_case,
         num_ranks,
-        _timeout_case if call == "dispatch" else _combine_timeout_case,
+        {"dispatch": _timeout_case, "combine": _combine_timeout_case, "clean": _clean_timeout_case}[call],
         device=tier_device(),
         env={"DEEP_EP_PY_TIMEOUT_S": "2"},
         timeout_s=launch_timeout_s,
