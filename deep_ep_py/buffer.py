@@ -133,9 +133,9 @@ class Buffer:
         # signal words sit at offsets that depend on it (as DeepEP's), so calls with another E would poll bytes
         # that earlier calls' rows left there; both backends refuse it alike.
         self._low_latency_num_experts: int | None = None
-        # Why the next low-latency call needs clean_low_latency_buffer first (None: it does not): a rank was
-        # un-masked, and what it sent while masked may still sit in this rank's buffer as a later call's signal.
-        self._low_latency_unmasked: str | None = None
+        # Ranks un-masked since the last clean_low_latency_buffer: what they sent while masked may still sit in this
+        # rank's buffer as a later call's signals, so low-latency calls wait for that clean.
+        self._low_latency_unmasked: set[int] = set()
         self._destroyed = False
 
     # ------------------------------------------------------------------------------------------- static API
@@ -615,7 +615,7 @@ class Buffer:
         checks.rdma_bytes_fit(self, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._backend.clean_low_latency_buffer(num_experts)
         self._low_latency_num_experts = None  # the whole buffer is zero: any E may come next
-        self._low_latency_unmasked = None
+        self._low_latency_unmasked.clear()
 
     def low_latency_update_mask_buffer(
         self, rank_to_mask: int | None = None, mask: bool = False, *, rank: int | None = None
@@ -655,19 +655,19 @@ class Buffer:
 
     # -------------------------------------------------------------------------------------------- checks
 
-    def _note_unmasked(self, ranks) -> None:
+    def _note_unmasked(self, ranks: Sequence[int]) -> None:
         """Before un-masking ranks: note those masked now (on the kernels a wait may have masked one, so this reads
         the device mask, a sync; masking calls are rare)."""
         status = torch.zeros(self.group_size, dtype=torch.int32)
         self._backend.query_mask(status)
-        unmasked = [r for r in ranks if status[r] != 0]
-        if unmasked:
-            self._low_latency_unmasked = f"rank{'s' if len(unmasked) > 1 else ''} {', '.join(map(str, unmasked))}"
+        self._low_latency_unmasked.update(r for r in ranks if status[r] != 0)
 
     def _check_not_unmasked(self, call: str, max_tokens: int, hidden: int, num_experts: int) -> None:
-        if self._low_latency_unmasked is not None:
+        if self._low_latency_unmasked:
+            ranks = sorted(self._low_latency_unmasked)
+            names = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
             raise DeepEPError(
-                f"{call}: {self._low_latency_unmasked} un-masked since the last clean_low_latency_buffer: what a "
+                f"{call}: {names} un-masked since the last clean_low_latency_buffer: what a "
                 "masked rank sent may still sit in this rank's buffer and be read as this call's signals; call "
                 f"clean_low_latency_buffer({max_tokens}, {hidden}, {num_experts}) on every rank first"
             )

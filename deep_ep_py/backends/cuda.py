@@ -88,7 +88,7 @@ class CudaBackend(ReferenceBackend):
             num_users = int(use_low_latency) + int(use_internode)
             num_bytes = num_users * sizes.num_rdma_bytes
             if use_low_latency:
-                num_bytes += sync_words_bytes(topology.num_ranks)  # the masked barrier's words beside its buffer
+                num_bytes += sync_words_bytes(topology.num_ranks)  # the clean barrier's words beside its buffer
             self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_bytes)
         if use_internode:
             from .internode import InternodeKernels

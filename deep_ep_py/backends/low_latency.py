@@ -66,7 +66,7 @@ _owner_tokens = itertools.count(1)
 
 
 def sync_words_bytes(num_ranks: int) -> int:
-    """Symmetric bytes of the masked barrier's words (uint64 [R]) beside each LowLatencyKernels' buffer."""
+    """Symmetric bytes of the clean barrier's words (uint64 [R]) beside each LowLatencyKernels' buffer."""
     return 8 * num_ranks
 
 
@@ -96,7 +96,7 @@ class LowLatencyKernels:
         num_blocks: grid size of every kernel.
         mask_on_timeout: Buffer's enable_shrink (DeepEP's shrink mode): a peer that a receive waits for past the
             timeout is masked and the call completes without it, instead of the call raising DeepEPTimeoutError;
-            clean_low_latency_buffer then waits only for the unmasked ranks, masking those that do not come.
+            clean_low_latency_buffer's barrier masks a rank that does not come, instead of raising.
     """
 
     def __init__(
