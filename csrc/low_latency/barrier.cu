@@ -6,7 +6,8 @@
 //
 // sync_words is a symmetric uint64 [R] outside the buffer the clean zeroes: word p on rank r holds the epoch of
 // the last barrier p announced to r. Epochs only grow, so a word is never reset and a late announcement of an
-// earlier barrier cannot be taken for a later one.
+// earlier barrier cannot be taken for a later one. The host numbers them by clean (2k + 1 and 2k + 2 for the k-th),
+// so ranks stay in step even after a clean that raised part-way on some of them.
 #include <cuda_runtime.h>
 
 #include "../common/exception.hpp"
@@ -21,7 +22,11 @@ namespace {
 __global__ void __launch_bounds__(kNumThreadsPerBlock)
     masked_barrier_kernel(uint64_t* sync_words, uint64_t epoch, int* rank_mask, int rank, int num_ranks,
                           const Launch launch) {
-    // The host synchronized before the launch: every earlier kernel of this rank, and its puts, are complete.
+    // The host synchronized before the launch: every earlier kernel of this rank has ended. Their last signal ops
+    // (nvshmemx_signal_op after the quiet of their rows) may still be in flight to network peers, on other queues
+    // than this barrier's: they complete before the announcement, so none lands after a peer's zeroing.
+    if (threadIdx.x == 0) nvshmem_quiet();
+    __syncthreads();
     for (int peer = static_cast<int>(threadIdx.x); peer < num_ranks; peer += kNumThreadsPerBlock) {
         if (peer == rank || rank_is_masked(rank_mask, peer)) continue;
         set_peer_signal(sync_words + rank, epoch, peer);

@@ -171,7 +171,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
 // leaving rows unwritten or written twice. So the first unit to read a (local expert, source) signal decides for
 // all: *decision (zero before the call) becomes rows + 1, or kRowsSkipped; every unit takes what it holds.
 // Returns the rows to take, or -1 for none. A unit that takes rows it did not see arrive acquires the signal
-// itself (it is set: the decider saw it), so that the rows are visible to it.
+// itself until it reads it set (the decider saw it set, and it is reset only after every unit of the call), so
+// that the rows are visible to it: the relaxed CAS alone orders nothing.
 constexpr int kRowsSkipped = -1;
 
 __device__ __forceinline__ int agree_on_rows(int* decision, int rows, const uint64_t* signal) {
@@ -179,7 +180,8 @@ __device__ __forceinline__ int agree_on_rows(int* decision, int rows, const uint
     const int earlier = atomicCAS(decision, 0, mine);
     if (earlier == 0 || earlier == mine) return rows;
     if (earlier == kRowsSkipped) return -1;
-    (void)ptx::ld_acquire_sys(signal);
+    while (ptx::ld_acquire_sys(signal) == 0) {
+    }
     return earlier - 1;
 }
 

@@ -129,7 +129,7 @@ class LowLatencyKernels:
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
         # The clean's barrier words (csrc/low_latency/barrier.cu), apart from the buffer a clean zeroes.
         self.sync_words_ptr = nvshmem_context.malloc(sync_words_bytes(self.num_ranks))
-        self._barrier_epoch = 0
+        self._num_cleans = 0
         self._check_peers_reachable(nvshmem_context)
         self.error_record = ext.ErrorRecord()
         self.rank_mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
@@ -434,7 +434,10 @@ class LowLatencyKernels:
         peer still writes here) and after (no peer sends before everyone is clean)."""
         self._workspace("clean_low_latency_buffer", num_experts)
         synchronize(self.device)
-        self._barrier()
+        # The barriers' epochs come from the number of cleans, not of barriers: a clean that raised at its first
+        # barrier on some ranks (a late peer) leaves them in step with the others all the same.
+        self._num_cleans += 1
+        self._barrier(2 * self._num_cleans - 1)
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
         for workspace in self._workspaces.values():
             workspace.zero_()
@@ -444,9 +447,9 @@ class LowLatencyKernels:
         # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
         # others, whose next call would otherwise wait on the other half's signals.
         self.buffer_idx = 0
-        self._barrier()
+        self._barrier(2 * self._num_cleans)
 
-    def _barrier(self) -> None:
+    def _barrier(self, epoch: int) -> None:
         """Collective: the device barrier over the unmasked ranks (csrc/low_latency/barrier.cu), then a device
         synchronize. A rank that does not arrive within the timeout is masked under mask_on_timeout (a host barrier
         would wait for a dead rank until the group's own timeout, then fail everyone); otherwise this raises
@@ -454,10 +457,9 @@ class LowLatencyKernels:
         # A wait that drains on an earlier timeout would leave this barrier at once; the clean discards the record
         # anyway.
         self.error_record.reset()
-        self._barrier_epoch += 1
         self._C.low_latency_masked_barrier(
             sync_words_ptr=self.sync_words_ptr,
-            epoch=self._barrier_epoch,
+            epoch=epoch,
             rank_mask_ptr=self.rank_mask.data_ptr(),
             rank=self.rank,
             num_ranks=self.num_ranks,
@@ -479,6 +481,10 @@ class LowLatencyKernels:
         self.rank_mask[rank] = 1 if mask else 0
 
     def query_mask(self, mask_status: torch.Tensor) -> None:
+        # Every stream's kernels first: a hook's receive on another stream may still mask a rank (under capture
+        # the copy is ordered on the capturing stream only).
+        if not is_current_stream_capturing():
+            synchronize(self.device)
         mask_status.copy_(self.rank_mask.to(mask_status.device))
 
     def clean_mask(self) -> None:

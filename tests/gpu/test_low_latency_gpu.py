@@ -884,9 +884,9 @@ def _shrink_case(ctx) -> list[int]:
 
 
 def _clean_timeout_case(ctx) -> str:
-    """The last rank never calls clean_low_latency_buffer: without enable_shrink the others' clean raises
+    """The last rank comes late to clean_low_latency_buffer: without enable_shrink the others' clean raises
     DeepEPTimeoutError after DEEP_EP_PY_TIMEOUT_S naming it, instead of waiting at a host barrier for the group's
-    own timeout (30 minutes by default)."""
+    own timeout (30 minutes by default); the late rank's clean then raises too, and a retry on every rank works."""
     from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
@@ -904,6 +904,22 @@ def _clean_timeout_case(ctx) -> str:
         assert f"on rank {rank}, channel {missing}," in message and "clean barrier" in message, message
         assert elapsed < 30, f"rank {rank}: the clean took {elapsed:.1f} s to give up (the limit is 2 s)"
     ctx.barrier()
+    if rank == missing:
+        # Late: its first barrier finds the others' announcements, its second finds nobody.
+        try:
+            kernels.clean_low_latency_buffer(num_experts)
+        except DeepEPTimeoutError as exc:
+            assert "clean barrier" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: a clean that its peers had left returned")
+    ctx.barrier()
+    # A retry on every rank: the barriers' epochs follow the cleans, so the ranks are in step again (numbered by
+    # barriers, the late rank's would run one ahead and the others would pass on its stale words).
+    kernels.clean_low_latency_buffer(num_experts)
+    inputs = make_inputs(520, num_ranks, num_experts)
+    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
+    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after the retried clean")
+    kernels.check_device_errors("after the retried clean")
     return message
 
 
