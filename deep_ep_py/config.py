@@ -120,6 +120,10 @@ class Config:
         num_max_nvl_chunked_recv_tokens: capacity of each NVLink ring, in tokens.
         num_max_rdma_chunked_send_tokens: tokens per network step (internode).
         num_max_rdma_chunked_recv_tokens: capacity of each network ring, in tokens (internode).
+
+    The kernels here size their rounds from the buffer they are given, not from these chunk fields: the fields size
+    that buffer through get_nvl_buffer_size_hint / get_rdma_buffer_size_hint (as DeepEP's do), so a config tuned for
+    DeepEP gives a buffer of the size DeepEP would use, and num_sms sets the blocks of the copy kernels.
     """
 
     def __init__(
