@@ -208,6 +208,15 @@ def _setup(ctx, num_experts: int, mask_on_timeout: bool = False):
     return kernels, ReferenceBackend(ctx.group, topology)
 
 
+def _check_plain_call(ctx, kernels, inputs, what: str) -> None:
+    """A bf16 dispatch of every rank's inputs is exact and records no error: the buffer works again (after a
+    clean, an un-mask, a timeout)."""
+    num_experts = EXPERTS_PER_RANK * ctx.num_ranks
+    result = _dispatch(kernels, inputs, ctx.rank, num_experts, "bf16")
+    check_dispatch(result, inputs, ctx.rank, EXPERTS_PER_RANK, "bf16", what=what)
+    kernels.check_device_errors(what)
+
+
 def _dispatch(backend, inputs, rank, num_experts, fmt, hook=False, stats=None, wait_stats=None):
     x, topk = (on_kernel_device(t) for t in inputs[rank][:2])
     use_fp8, round_scale, use_ue8m0 = FORMATS[fmt]
@@ -539,10 +548,7 @@ def _mask_case(ctx) -> None:
     # only once un-masked), then a normal call works.
     kernels.clean_mask()
     kernels.clean_low_latency_buffer(num_experts)
-    inputs = make_inputs(400, num_ranks, num_experts)
-    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
-    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after unmask")
-    kernels.check_device_errors("after unmask")
+    _check_plain_call(ctx, kernels, make_inputs(400, num_ranks, num_experts), "after unmask")
 
 
 def _expert_id_out_of_range_case(ctx) -> None:
@@ -734,9 +740,7 @@ def _shape_mismatch_case(ctx) -> None:
             assert f"rank {odd} sent with another" in message, message
         ctx.barrier()
         kernels.clean_low_latency_buffer(num_experts)
-    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
-    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after the clean")
-    kernels.check_device_errors("after the clean")
+    _check_plain_call(ctx, kernels, inputs, "after the clean")
 
 
 def _timeout_case(ctx) -> str:
@@ -916,10 +920,7 @@ def _clean_timeout_case(ctx) -> str:
     # A retry on every rank: the barriers' epochs follow the cleans, so the ranks are in step again (numbered by
     # barriers, the late rank's would run one ahead and the others would pass on its stale words).
     kernels.clean_low_latency_buffer(num_experts)
-    inputs = make_inputs(520, num_ranks, num_experts)
-    result = _dispatch(kernels, inputs, rank, num_experts, "bf16")
-    check_dispatch(result, inputs, rank, EXPERTS_PER_RANK, "bf16", what="after the retried clean")
-    kernels.check_device_errors("after the retried clean")
+    _check_plain_call(ctx, kernels, make_inputs(520, num_ranks, num_experts), "after the retried clean")
     return message
 
 
