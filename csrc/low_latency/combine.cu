@@ -51,10 +51,18 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
          unit += static_cast<int>(gridDim.x)) {
         const int local_expert = unit / num_ranks;
         const int dst_rank = unit % num_ranks;  // the source rank of these rows at dispatch
-        if (args.rank_mask[dst_rank] != 0) continue;  // uniform across the block
+        // Not uniform across the block: under enable_shrink a receive of this rank on another stream may mask
+        // dst_rank between two warps' reads. So a masked unit still takes the unit's barrier below (a warp that
+        // skipped it would pair its later barriers with the wrong units and hang the block); its rows may be partly
+        // sent, which a masked rank, taken for dead, never reads.
+        const bool dst_masked = rank_is_masked(args.rank_mask, dst_rank);
+        // Clamped to the expert's rows: a handle whose receive never ran (a hook not called, a combine not ordered
+        // after it) holds garbage here, and an address fault under MPS would end every rank on the GPU.
         const int64_t range = args.layout_range[static_cast<int64_t>(local_expert) * num_ranks + dst_rank];
-        const int offset = static_cast<int>(range >> 32);
-        const int count = static_cast<int>(range & 0xFFFFFFFF);
+        const int64_t raw_offset = range >> 32, raw_count = range & 0xFFFFFFFF;
+        const int offset = static_cast<int>(raw_offset < 0 ? 0 : (raw_offset > num_slots ? num_slots : raw_offset));
+        const int64_t rows_left = num_slots - offset;
+        const int count = dst_masked ? 0 : static_cast<int>(raw_count > rows_left ? rows_left : raw_count);
         bool issued_puts = false;
         for (int i = warp_idx; i < count; i += kNumWarpsPerBlock) {
             const int64_t flat_row = local_expert * num_slots + offset + i;
@@ -81,10 +89,12 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
                 issued_puts = true;
             }
         }
-        __threadfence_system();
         // The block barrier: every row of this unit is stored or put, and thread 0 quiets the puts before it signals.
+        // The direct stores need no fence of their own here: the barrier orders them before thread 0's release of
+        // the signal (st.release.sys, cumulative over what the barrier made thread 0 observe), as a grid sync orders
+        // a block's writes by one thread's fence after its barrier.
         quiet_block_puts(issued_puts);
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && !dst_masked) {
             const int expert_idx = shape.rank * num_local_experts + local_expert;
             set_peer_signal(half.combine_signals + expert_idx, tagged_signal(shape_tag(shape, kCombineFormat), 1),
                             dst_rank);

@@ -170,18 +170,22 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
 // another found it masked, and the offsets of the sources after it (which every unit sums itself) would disagree,
 // leaving rows unwritten or written twice. So the first unit to read a (local expert, source) signal decides for
 // all: *decision (zero before the call) becomes rows + 1, or kRowsSkipped; every unit takes what it holds.
-// Returns the rows to take, or -1 for none. A unit that takes rows it did not see arrive acquires the signal
-// itself until it reads it set (the decider saw it set, and it is reset only after every unit of the call), so
-// that the rows are visible to it: the relaxed CAS alone orders nothing.
+// Returns the rows to take, -1 for none, or kRowsUnseen when that wait failed. A unit that takes rows it did not
+// see arrive acquires the signal itself until it reads it set (the decider saw it set, and it is reset only after
+// every unit of the call), so that the rows are visible to it: the relaxed CAS alone orders nothing. That wait is
+// timed too: it ends at once in correct use, but a signal zeroed under it (two receives on one half at once, a
+// clean from another thread) would hold it forever.
 constexpr int kRowsSkipped = -1;
+constexpr int kRowsUnseen = -2;
 
-__device__ __forceinline__ int agree_on_rows(int* decision, int rows, const uint64_t* signal) {
+__device__ __forceinline__ int agree_on_rows(int* decision, int rows, const uint64_t* signal,
+                                             const TimeoutContext& ctx) {
     const int mine = rows < 0 ? kRowsSkipped : rows + 1;
     const int earlier = atomicCAS(decision, 0, mine);
     if (earlier == 0 || earlier == mine) return rows;
     if (earlier == kRowsSkipped) return -1;
-    while (ptx::ld_acquire_sys(signal) == 0) {
-    }
+    if (!timeout_while([&] { return ptx::ld_acquire_sys(signal) == 0; }, ctx, WaitSite::kLowLatencyRecvCount))
+        return kRowsUnseen;
     return earlier - 1;
 }
 
@@ -237,7 +241,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
                 int num_rows = wait == PeerWait::kArrived ? static_cast<int>(static_cast<uint32_t>(value)) - 1 : -1;
                 if (p.launch.mask_on_timeout)
                     num_rows = agree_on_rows(row_decisions + static_cast<int64_t>(local_expert) * num_ranks + rank,
-                                             num_rows, unit_signals + rank);
+                                             num_rows, unit_signals + rank, timeout_context(p.launch, shape.rank, rank));
+                if (num_rows == kRowsUnseen) failed = 1;
                 if (num_rows < 0) continue;
                 if (rank < src_rank) {
                     offset += num_rows;

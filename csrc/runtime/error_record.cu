@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
@@ -123,12 +124,15 @@ void ErrorRecord::check(const std::string& what) const { check_device_error_reco
 void ErrorRecord::check_and_reset(const std::string& what) {
     if (!has_error()) return;
     // Everything but timed_out: the host runs ahead of the device, and the kernels queued behind the one that timed
-    // out must drain (and record that they did) rather than wait out the limit one after another.
+    // out must drain (and record that they did) rather than wait out the limit one after another. Kernels may be
+    // running meanwhile, so timed_out is never written here (a wait may set it this moment), and the claim word
+    // goes last: a kernel that claims the record once it reads free writes its fields after these zeros.
     const auto clear_but_timed_out = [this] {
-        const int timed_out = *static_cast<const volatile int*>(&host_ptr_->timed_out);
-        reset();
-        *static_cast<volatile int*>(&host_ptr_->timed_out) = timed_out;
+        auto* fields = reinterpret_cast<unsigned char*>(host_ptr_) + offsetof(DeviceErrorRecord, rank);
+        std::memset(fields, 0, offsetof(DeviceErrorRecord, timed_out) - offsetof(DeviceErrorRecord, rank));
         std::atomic_thread_fence(std::memory_order_release);
+        *static_cast<volatile int*>(&host_ptr_->code) = static_cast<int>(ErrorCode::kNone);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
     };
     try {
         check(what);
