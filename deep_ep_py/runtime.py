@@ -9,7 +9,7 @@
 
 Both need the compiled extension and a CUDA device, and raise :class:`~deep_ep_py.errors.DeepEPError` naming what
 is missing otherwise. The caller selects the CUDA device (``torch.cuda.set_device``) before constructing either:
-allocations land on the current device. Waiting on host-mapped counters is ``_C.HostCounters.wait_ge``.
+allocations land on the current device. Waiting on host-mapped counters is ``_C.HostCounters.wait_eq``.
 """
 
 from __future__ import annotations

@@ -165,9 +165,12 @@ def test_host_counters(ext):
     assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
     counters.set(2, 5)
     assert counters.get(2) == 5
-    counters.wait_ge(2, 5, 1.0, "counter 2")
+    counters.wait_eq(2, 5, 1.0, "counter 2")
     with pytest.raises(DeepEPTimeoutError, match="counter 3"):
-        counters.wait_ge(3, 1, 0.1, "counter 3")
+        counters.wait_eq(3, 1, 0.1, "counter 3")
+    # Equality, not >=: a counter past the value (a sequence number from before a wrap) is not it.
+    with pytest.raises(DeepEPTimeoutError, match="counter 2"):
+        counters.wait_eq(2, 4, 0.1, "counter 2")
     with pytest.raises(DeepEPError, match="out of range"):
         counters.get(4)
 

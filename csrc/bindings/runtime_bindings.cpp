@@ -52,9 +52,9 @@ void register_waits(py::module_& m) {
         .def_property_readonly("host_ptr", &HostCounters::host_ptr)
         .def("get", &HostCounters::get, py::arg("idx"))
         .def("set", &HostCounters::set, py::arg("idx"), py::arg("value"))
-        .def("wait_ge", &HostCounters::wait_ge, py::arg("idx"), py::arg("value"), py::arg("timeout_s"),
+        .def("wait_eq", &HostCounters::wait_eq, py::arg("idx"), py::arg("value"), py::arg("timeout_s"),
              py::arg("what"), py::arg("error_record_host_ptr") = 0, py::arg("rank") = -1, ReleaseGil(),
-             "Wait (GIL released) until counter[idx] >= value; DeepEPTimeoutError naming `what` after timeout_s.");
+             "Wait (GIL released) until counter[idx] == value; DeepEPTimeoutError naming `what` after timeout_s.");
 
     m.def("default_timeout_s", [] { return static_cast<double>(default_timeout_ns()) * 1e-9; },
           "Device wait timeout in seconds: DEEP_EP_PY_TIMEOUT_S, else 100.");

@@ -46,11 +46,11 @@ void HostCounters::set(int idx, int value) {
     host_ptr_[idx] = value;
 }
 
-void HostCounters::wait_ge(int idx, int value, double timeout_s, const std::string& what,
+void HostCounters::wait_eq(int idx, int value, double timeout_s, const std::string& what,
                            uintptr_t error_record_host_ptr, int rank) const {
     check_idx(idx);
     const volatile int* counter = host_ptr_ + idx;
-    host_timeout_while([&] { return *counter < value; }, timeout_s, what, rank,
+    host_timeout_while([&] { return *counter != value; }, timeout_s, what, rank,
                        reinterpret_cast<const DeviceErrorRecord*>(error_record_host_ptr));
     std::atomic_thread_fence(std::memory_order_acquire);
 }

@@ -19,9 +19,11 @@ public:
     uintptr_t host_ptr() const { return reinterpret_cast<uintptr_t>(host_ptr_); }
     int get(int idx) const;
     void set(int idx, int value);
-    // Waits until counter[idx] >= value; throws EPTimeoutException naming `what` after timeout_s seconds, or as
-    // soon as the device error record at error_record_host_ptr (0 = none) reports a device timeout.
-    void wait_ge(int idx, int value, double timeout_s, const std::string& what, uintptr_t error_record_host_ptr = 0,
+    // Waits until counter[idx] == value; throws EPTimeoutException naming `what` after timeout_s seconds, or as
+    // soon as the device error record at error_record_host_ptr (0 = none) reports a device timeout. Equality, not
+    // >=: the callers' sequence numbers wrap (past 2^31 - 1 back to 1), and the host waits for each before it issues
+    // the next, so the counter holds the previous number or this one (or an older one from a kernel that ran late).
+    void wait_eq(int idx, int value, double timeout_s, const std::string& what, uintptr_t error_record_host_ptr = 0,
                  int rank = -1) const;
 
 private:

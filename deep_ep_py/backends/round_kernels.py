@@ -20,6 +20,9 @@ __all__ = ["RoundKernels"]
 # (which names the missing rank) rather than by the host's own deadline.
 HOST_WAIT_EXTRA_S = 5.0
 
+# The host counters' sequence numbers run 1..MAX_HOST_SEQUENCE, then wrap to 1 (the kernels take an int).
+MAX_HOST_SEQUENCE = 2**31 - 1
+
 # The owner of a handle's backend_state: a token unique for the process's lifetime (id() of a destroyed object can
 # be reused by a new one, which would then accept the old handles with their rows_per_round).
 _owner_tokens = itertools.count(1)
@@ -82,12 +85,14 @@ class RoundKernels:
         return acc_x, acc_weights, combined_x, combined_weights
 
     def _next_sequence(self) -> int:
-        self._sequence += 1
+        # 0 means "no host counters" to the kernels, and a long-running server passes 2^31 host-synced dispatches
+        # in days. The host waits for equality, so the wrap is safe.
+        self._sequence = self._sequence % MAX_HOST_SEQUENCE + 1
         return self._sequence
 
     def _wait_host_counters(self, sequence: int, rank: int) -> None:
         """Wait (GIL released) until the notify kernel of call `sequence` has filled the host counters."""
-        self.host_counters.wait_ge(
+        self.host_counters.wait_eq(
             self._constants["counter_sequence"],
             sequence,
             self._timeout_s() + HOST_WAIT_EXTRA_S,

@@ -26,6 +26,7 @@ from normal_kernels_cases import Case, KernelsPath, protocol_batch_cases, table_
 
 from deep_ep_py import _ext
 from deep_ep_py import device as ep_device
+from deep_ep_py.backends.round_kernels import MAX_HOST_SEQUENCE
 from deep_ep_py.testing import launch
 from deep_ep_py.testing.batch import BatchCase, run_case
 
@@ -308,7 +309,8 @@ def epoch_wrap_case(ctx, path: IntranodePath) -> None:
     another rank entering WRAP_LATE_S late; no rank may leave one before its late rank entered it (host times on the
     machine's monotonic clock, which the ranks share). A signed comparison lets the barrier of epoch -2^31 through at
     once. Then, from 2^31 - 3 so that the wrap falls inside its rounds, a dispatch and combine must match the
-    reference."""
+    reference; and two more, whose host-counter sequence numbers are the last before the wrap and the first after
+    it (which the counters' wait must tell from the previous call's)."""
     import time
 
     import torch.distributed as dist
@@ -339,6 +341,11 @@ def epoch_wrap_case(ctx, path: IntranodePath) -> None:
     _set_barrier_epoch(ctx, kernels, INT32_MAX - 2)
     cases._run_step(ctx, path, EPOCH_WRAP_CASE, reference, kernels, 0, 8)
     kernels._check_device_errors("the epoch-wrap test's dispatch and combine")
+    kernels._sequence = MAX_HOST_SEQUENCE - 1
+    for step in (1, 2):
+        cases._run_step(ctx, path, EPOCH_WRAP_CASE, reference, kernels, step, 8)
+    check(kernels._sequence == 1, f"host-counter sequence after the wrap: expected 1, got {kernels._sequence}")
+    kernels._check_device_errors("the epoch-wrap test's dispatches across the host-counter sequence wrap")
 
 
 LATE_PEER_CASE = Case("late_peer", (16, 11, 9, 14), rows_per_round=3)
@@ -411,7 +418,7 @@ def _batch(gpu_batch, num_ranks: int, path: IntranodePath = INTRANODE):
             extra.append(BatchCase("reuse", reuse_case, (path,), run_s=path.run_s(2 * NUM_REUSE_STEPS)))
         wrap_test = "test_intranode_barrier_epochs_wrap"
         if path.name == INTRANODE.name and num_ranks >= 2 and selected(wrap_test, "num_ranks", num_ranks=num_ranks):
-            extra.append(BatchCase("epoch_wrap", epoch_wrap_case, (path,), run_s=path.run_s(2 + NUM_WRAP_BARRIERS)))
+            extra.append(BatchCase("epoch_wrap", epoch_wrap_case, (path,), run_s=path.run_s(4 + NUM_WRAP_BARRIERS)))
         return [
             *table_batch_cases(selected, path, f"test_{path.name}_matches_reference", num_ranks),
             *protocol_batch_cases(selected, path, num_ranks),

@@ -120,19 +120,21 @@ def _host_counters_worker(rank: int, num_ranks: int) -> float:
     assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
     counters.set(2, 5 + rank)
     assert counters.get(2) == 5 + rank
-    counters.wait_ge(2, 5 + rank, 1.0, "counter 2")  # already there: returns at once
+    counters.wait_eq(2, 5 + rank, 1.0, "counter 2")  # already there: returns at once
+    # Equality, not >=: a counter past the value (a sequence number from before a wrap) is not it.
+    _expect_raises(DeepEPTimeoutError, counters.wait_eq, 2, 4 + rank, WAIT_TIMEOUT_S, "counter 2", match="counter 2")
 
     start = time.monotonic()
     what = f"counter 3 of rank {rank}"
-    _expect_raises(DeepEPTimeoutError, counters.wait_ge, 3, 1, WAIT_TIMEOUT_S, what, match=what)
+    _expect_raises(DeepEPTimeoutError, counters.wait_eq, 3, 1, WAIT_TIMEOUT_S, what, match=what)
     elapsed = time.monotonic() - start
     assert WAIT_TIMEOUT_S <= elapsed < SURFACE_BOUND_S, f"rank {rank}: timeout after {elapsed:.2f} s"
 
-    # Released by another host thread while waiting (wait_ge lets go of the GIL).
+    # Released by another host thread while waiting (wait_eq lets go of the GIL).
     setter = threading.Timer(0.1, counters.set, (1, 7))
     start = time.monotonic()
     setter.start()
-    counters.wait_ge(1, 7, SURFACE_BOUND_S, "counter 1")
+    counters.wait_eq(1, 7, SURFACE_BOUND_S, "counter 1")
     setter.join()
     released_after = time.monotonic() - start
     _expect_raises(DeepEPError, counters.get, 4, match="out of range")
