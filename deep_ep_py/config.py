@@ -28,6 +28,10 @@ TRAP_ENV = "DEEP_EP_PY_TRAP_ON_DEVICE_ERROR"
 TRAP_POLICIES = ("captured", "always", "never")
 # Receive arena of the one-copy intranode dispatch (Buffer's num_recv_arena_bytes when that is not given).
 RECV_ARENA_ENV = "DEEP_EP_PY_RECV_ARENA_BYTES"
+# "1": the kernels reach ranks of other nodes only through NVSHMEM puts and signals, even where a P2P mapping exists
+# (one GPU playing several nodes under DEEP_EP_PY_RANKS_PER_NODE), so the path a NIC takes runs without one. The
+# internode kernels read it in C++ (csrc/internode/notify.cu), the low-latency ones take it from their backend.
+EMULATE_NETWORK_ENV = "DEEP_EP_PY_EMULATE_NETWORK"
 
 
 def _align(num_bytes: int, alignment: int = BUFFER_ALIGNMENT_BYTES) -> int:
@@ -52,6 +56,11 @@ def ranks_per_node_override() -> int | None:
     except ValueError:
         raise ValueError(f"{RANKS_PER_NODE_ENV}: expected a positive int, got {raw!r}") from None
     return _check_positive_int(RANKS_PER_NODE_ENV, value)
+
+
+def emulate_network() -> bool:
+    """DEEP_EP_PY_EMULATE_NETWORK is set to anything but "" or "0" (as the C++ side reads it)."""
+    return os.environ.get(EMULATE_NETWORK_ENV, "") not in ("", "0")
 
 
 def recv_arena_bytes(requested: int | None) -> int:

@@ -109,5 +109,7 @@ def test_launches_trap_when_captured(monkeypatch: pytest.MonkeyPatch, capturing:
         "timeout_s": 2.0,
         "trap_on_error": capturing,
     }
-    decode = types.SimpleNamespace(num_blocks=3, device=None, error_record=record, mask_on_timeout=False)
+    decode = types.SimpleNamespace(
+        num_blocks=3, device=None, error_record=record, mask_on_timeout=False, emulated_node_size=0
+    )
     assert low_latency.LowLatencyKernels._launch_args(decode)["trap_on_error"] is capturing

@@ -16,10 +16,13 @@ namespace ep {
 namespace {
 
 low_latency::Launch make_launch(int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
-                                bool trap_on_error, bool mask_on_timeout) {
+                                bool trap_on_error, bool mask_on_timeout, int emulated_node_size) {
+    EP_HOST_ASSERT(emulated_node_size >= 0);
     const WaitConfig wait = make_wait(error_record, timeout_s, trap_on_error);
-    return low_latency::Launch{num_blocks, reinterpret_cast<cudaStream_t>(stream), wait.record, wait.timeout_ns,
-                               wait.trap_on_error, mask_on_timeout};
+    return low_latency::Launch{num_blocks,         reinterpret_cast<cudaStream_t>(stream),
+                               wait.record,        wait.timeout_ns,
+                               wait.trap_on_error, mask_on_timeout,
+                               emulated_node_size};
 }
 
 // One binding serves the send and the receive launch of dispatch (the receive reads the output pointers).
@@ -29,7 +32,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                      uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                      uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
                      int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s, bool trap_on_error,
-                     bool mask_on_timeout) {
+                     bool mask_on_timeout, int emulated_node_size) {
     EP_HOST_ASSERT(format >= 0);
     EP_HOST_ASSERT(format <= static_cast<int>(low_latency::DispatchFormat::kFp8Ue8m0));
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
@@ -52,7 +55,7 @@ void dispatch_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks
                                          as_ptr<int>(cumulative_recv_stats),
                                          as_ptr<int64_t>(wait_recv_cost_stats)};
     const low_latency::Launch launch =
-        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
+        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout, emulated_node_size);
     if (is_recv) {
         low_latency::dispatch_recv(shape, args, launch);
     } else {
@@ -65,7 +68,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                     uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask,
                     uintptr_t buffer, int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                     uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                    double timeout_s, bool trap_on_error, bool mask_on_timeout) {
+                    double timeout_s, bool trap_on_error, bool mask_on_timeout, int emulated_node_size) {
     const low_latency::Shape shape{num_max_tokens, hidden, num_ranks, num_experts, rank};
     const low_latency::CombineArgs args{as_ptr<const void>(x),
                                         as_ptr<const int>(src_info),
@@ -83,7 +86,7 @@ void combine_launch(bool is_recv, int num_max_tokens, int hidden, int num_ranks,
                                         as_ptr<void>(out),
                                         as_ptr<int64_t>(wait_recv_cost_stats)};
     const low_latency::Launch launch =
-        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
+        make_launch(num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout, emulated_node_size);
     if (is_recv) {
         low_latency::combine_recv(shape, args, launch);
     } else {
@@ -117,12 +120,13 @@ void register_low_latency(py::module_& m) {
                          uintptr_t recv_scales, uintptr_t src_info, uintptr_t src_topk_slot, uintptr_t layout_range,
                          uintptr_t recv_count, uintptr_t cumulative_recv_stats, uintptr_t wait_recv_cost_stats,
                          int num_blocks, uintptr_t stream, uintptr_t error_record, double timeout_s,
-                         bool trap_on_error, bool mask_on_timeout) {
+                         bool trap_on_error, bool mask_on_timeout, int emulated_node_size) {
             dispatch_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, topk_idx, num_tokens,
                             num_topk, rank_mask, format, buffer, half_idx, workspace, last_half, recv_x, recv_scales,
                             src_info,
                             src_topk_slot, layout_range, recv_count, cumulative_recv_stats, wait_recv_cost_stats,
-                            num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout);
+                            num_blocks, stream, error_record, timeout_s, trap_on_error, mask_on_timeout,
+                            emulated_node_size);
         };
     };
     const char* dispatch_doc =
@@ -139,7 +143,7 @@ void register_low_latency(py::module_& m) {
               py::arg("layout_range_ptr"), py::arg("recv_count_ptr"), py::arg("cumulative_recv_stats_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
               py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
-              py::arg("mask_on_timeout") = false, dispatch_doc);
+              py::arg("mask_on_timeout") = false, py::arg("emulated_node_size") = 0, dispatch_doc);
     }
     const auto combine_args = [](bool is_recv) {
         return [is_recv](int num_max_tokens, int hidden, int num_ranks, int num_experts, int rank, uintptr_t x,
@@ -147,11 +151,11 @@ void register_low_latency(py::module_& m) {
                          uintptr_t topk_weights, int num_tokens, int num_topk, uintptr_t rank_mask, uintptr_t buffer,
                          int half_idx, uintptr_t workspace, uintptr_t last_half, uintptr_t out,
                          uintptr_t wait_recv_cost_stats, int num_blocks, uintptr_t stream, uintptr_t error_record,
-                         double timeout_s, bool trap_on_error, bool mask_on_timeout) {
+                         double timeout_s, bool trap_on_error, bool mask_on_timeout, int emulated_node_size) {
             combine_launch(is_recv, num_max_tokens, hidden, num_ranks, num_experts, rank, x, src_info, src_topk_slot,
                            layout_range, topk_idx, topk_weights, num_tokens, num_topk, rank_mask, buffer, half_idx,
                            workspace, last_half, out, wait_recv_cost_stats, num_blocks, stream, error_record,
-                           timeout_s, trap_on_error, mask_on_timeout);
+                           timeout_s, trap_on_error, mask_on_timeout, emulated_node_size);
         };
     };
     const char* combine_doc =
@@ -167,18 +171,20 @@ void register_low_latency(py::module_& m) {
               py::arg("out_ptr"),
               py::arg("wait_recv_cost_stats_ptr"), py::arg("num_blocks"), py::arg("stream"),
               py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
-              py::arg("mask_on_timeout") = false, combine_doc);
+              py::arg("mask_on_timeout") = false, py::arg("emulated_node_size") = 0, combine_doc);
     }
     m.def(
         "low_latency_masked_barrier",
         [](uintptr_t sync_words, uint64_t epoch, uintptr_t rank_mask, int rank, int num_ranks, uintptr_t stream,
-           uintptr_t error_record, double timeout_s, bool mask_on_timeout) {
-            const low_latency::Launch launch = make_launch(1, stream, error_record, timeout_s, false, mask_on_timeout);
+           uintptr_t error_record, double timeout_s, bool mask_on_timeout, int emulated_node_size) {
+            const low_latency::Launch launch =
+                make_launch(1, stream, error_record, timeout_s, false, mask_on_timeout, emulated_node_size);
             low_latency::masked_barrier(as_ptr<uint64_t>(sync_words), epoch, as_ptr<int>(rank_mask), rank, num_ranks,
                                         launch);
         },
         py::arg("sync_words_ptr"), py::arg("epoch"), py::arg("rank_mask_ptr"), py::arg("rank"), py::arg("num_ranks"),
         py::arg("stream"), py::arg("error_record_ptr"), py::arg("timeout_s"), py::arg("mask_on_timeout"),
+        py::arg("emulated_node_size") = 0,
         "clean_low_latency_buffer's barrier on `stream`: waits for every unmasked rank; one that does not arrive "
         "within timeout_s is masked (mask_on_timeout) or recorded as a timeout. sync_words: symmetric uint64 "
         "[num_ranks], never zeroed; epoch: one more than the last barrier's. See csrc/low_latency/low_latency.hpp.");

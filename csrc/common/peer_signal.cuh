@@ -13,12 +13,12 @@
 
 namespace ep {
 
-// Sets a uint64 signal on `pe` (local_signal is the symmetric address). Ordering, the caller's duty: every store
-// and put this signal announces is complete (quiet_block_puts) and fenced at system scope before this call.
-// A P2P-mapped peer gets a release store (it polls with an acquire load); any other peer gets nvshmemx_signal_op,
-// which NVSHMEM delivers after the puts a quiet ordered before it completed.
-__device__ __forceinline__ void set_peer_signal(uint64_t* local_signal, uint64_t value, int pe) {
-    uint64_t* peer_signal = static_cast<uint64_t*>(nvshmem_ptr(local_signal, pe));
+// Sets a uint64 signal on `pe` (local_signal is the symmetric address; peer_signal its P2P mapping on `pe`, or null
+// for NVSHMEM's signal). Ordering, the caller's duty: every store and put this signal announces is complete
+// (quiet_block_puts) and fenced at system scope before this call. A P2P-mapped peer gets a release store (it polls
+// with an acquire load); any other peer gets nvshmemx_signal_op, which NVSHMEM delivers after the puts a quiet
+// ordered before it completed.
+__device__ __forceinline__ void set_peer_signal(uint64_t* local_signal, uint64_t* peer_signal, uint64_t value, int pe) {
     if (peer_signal != nullptr) {
         ptx::st_release_sys(peer_signal, value);
     } else {

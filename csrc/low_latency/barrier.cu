@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock)
     __syncthreads();
     for (int peer = static_cast<int>(threadIdx.x); peer < num_ranks; peer += kNumThreadsPerBlock) {
         if (peer == rank || rank_is_masked(rank_mask, peer)) continue;
-        set_peer_signal(sync_words + rank, epoch, peer);
+        set_peer_signal(sync_words + rank, mapped_peer(launch, sync_words + rank, peer, rank), epoch, peer);
     }
     for (int peer = static_cast<int>(threadIdx.x); peer < num_ranks; peer += kNumThreadsPerBlock) {
         if (peer == rank || rank_is_masked(rank_mask, peer)) continue;

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
                 continue;
             const int4* src = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(args.x) + flat_row * row_bytes);
             uint8_t* dst = half.recv + (static_cast<int64_t>(token_idx) * layout.combine_slots_per_token + topk_slot) * msg_bytes;
-            int4* peer_dst = static_cast<int4*>(nvshmem_ptr(dst, dst_rank));
+            int4* peer_dst = reinterpret_cast<int4*>(mapped_peer(p.launch, dst, dst_rank, shape.rank));
             if (peer_dst != nullptr) {
                 for (int64_t j = lane_idx; j < row_bytes / 16; j += 32) peer_dst[j] = ptx::ld_nc_no_allocate(src + j);
             } else {
@@ -96,8 +96,9 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
         quiet_block_puts(issued_puts);
         if (threadIdx.x == 0 && !dst_masked) {
             const int expert_idx = shape.rank * num_local_experts + local_expert;
-            set_peer_signal(half.combine_signals + expert_idx, tagged_signal(shape_tag(shape, kCombineFormat), 1),
-                            dst_rank);
+            uint64_t* signal = half.combine_signals + expert_idx;
+            set_peer_signal(signal, mapped_peer(p.launch, signal, dst_rank, shape.rank),
+                            tagged_signal(shape_tag(shape, kCombineFormat), 1), dst_rank);
         }
     }
 }
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_recv_kernel(const
             atomicAdd(reinterpret_cast<unsigned long long*>(args.wait_recv_cost_stats + rank),
                       static_cast<unsigned long long>(ptx::read_globaltimer() - start_ns));
         }
-        if (nvshmem_ptr(signal, rank) == nullptr) from_network = 1;
+        if (mapped_peer(p.launch, signal, rank, shape.rank) == nullptr) from_network = 1;
     }
     // The barrier also carries every thread's acquire to the whole block before the rows are read.
     failed = __syncthreads_or(failed);

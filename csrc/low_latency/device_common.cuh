@@ -23,6 +23,16 @@ __device__ __forceinline__ TimeoutContext timeout_context(const Launch& launch, 
     return TimeoutContext{launch.error_record, launch.timeout_ns, rank, awaited_rank, launch.trap_on_error};
 }
 
+// `pe`'s copy of the symmetric address `local` where the kernels store to it directly, or null where they reach it
+// through NVSHMEM puts and signals: where nvshmem_ptr maps no P2P path, and under Launch::emulated_node_size for the
+// ranks outside this rank's emulated node.
+template <typename T>
+__device__ __forceinline__ T* mapped_peer(const Launch& launch, T* local, int pe, int rank) {
+    const int node_size = launch.emulated_node_size;
+    if (node_size > 0 && pe / node_size != rank / node_size) return nullptr;
+    return static_cast<T*>(nvshmem_ptr(local, pe));
+}
+
 // How a wait for a peer's signal word ended.
 enum class PeerWait { kArrived, kMasked, kFailed };
 

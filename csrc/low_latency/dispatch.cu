@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
             const int local_expert = static_cast<int>(expert_idx % num_local_experts);
             uint8_t* dst_msg = half.recv + ((static_cast<int64_t>(local_expert) * num_ranks + shape.rank) *
                                                 shape.num_max_tokens + slot) * msg_bytes;
-            int4* peer_msg = static_cast<int4*>(nvshmem_ptr(dst_msg, dst_rank));
+            int4* peer_msg = reinterpret_cast<int4*>(mapped_peer(p.launch, dst_msg, dst_rank, shape.rank));
             if (peer_msg != nullptr) {
                 // P2P-mapped (NVLink, or the same GPU): direct stores; header first word, payload after.
                 if (lane_idx == 0) peer_msg[0] = make_int4(token_idx, topk_slot, 0, 0);
@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_send_kernel(cons
             if (args.rank_mask[dst_rank] != 0) continue;
             uint64_t* signal =
                 half.dispatch_signals + static_cast<int64_t>(expert_idx % num_local_experts) * num_ranks + shape.rank;
-            set_peer_signal(signal, tagged_signal(tag, count + 1), dst_rank);
+            set_peer_signal(signal, mapped_peer(p.launch, signal, dst_rank, shape.rank), tagged_signal(tag, count + 1),
+                            dst_rank);
         }
         if (threadIdx.x == 0) *num_finished_blocks = 0;
     }
@@ -258,7 +259,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             failed = warp_sum(failed);
             // Rows from a peer without a P2P mapping came over the network (the warp_sum orders the lanes' polls
             // before this).
-            if (lane_idx == 0 && failed == 0 && count > 0 && nvshmem_ptr(unit_signals, src_rank) == nullptr)
+            if (lane_idx == 0 && failed == 0 && count > 0 &&
+                mapped_peer(p.launch, unit_signals, src_rank, shape.rank) == nullptr)
                 settle_network_writes(unit_signals + src_rank);
             if (lane_idx == 0) {
                 unit_offset = offset;

@@ -40,6 +40,10 @@ struct Launch {
     // enable_shrink (DeepEP's shrink mode): a wait for a peer past the deadline masks that peer in rank_mask instead
     // of recording a timeout, and the call completes without it (as if it had been masked before the call).
     bool mask_on_timeout;
+    // 0: a peer that nvshmem_ptr maps gets direct stores, any other NVSHMEM puts and signals. k > 0 (one GPU playing
+    // nodes of k ranks, DEEP_EP_PY_EMULATE_NETWORK=1): peers outside this rank's block of k consecutive ranks get
+    // puts and signals even where mapped, so the path a NIC takes runs, and is tested, on a machine without one.
+    int emulated_node_size;
 };
 
 // Total bytes of the symmetric buffer layout (buffer_layout.hpp), for the check against config.py's hint.

@@ -89,7 +89,8 @@ class LowLatencyKernels:
 
     Args:
         group: the Buffer's torch.distributed group (used for the barrier of clean_low_latency_buffer).
-        topology: the Buffer's topology (kept for the backend; the kernels reach every peer through NVSHMEM).
+        topology: the Buffer's topology: the kernels reach every peer through NVSHMEM, and under
+            DEEP_EP_PY_EMULATE_NETWORK=1 the ranks of other nodes through puts and signals only.
         num_rdma_bytes: bytes of the symmetric buffer (>= low_latency_rdma_size_hint of every call's shapes).
         ext: the loaded deep_ep_py._C.
         nvshmem_context: an open runtime.NvshmemContext over ``group``.
@@ -124,6 +125,8 @@ class LowLatencyKernels:
         self.num_rdma_bytes = num_rdma_bytes
         self.num_blocks = num_blocks
         self.mask_on_timeout = mask_on_timeout
+        # Ranks of other (emulated) nodes through puts and signals only: see Launch::emulated_node_size.
+        self.emulated_node_size = topology.num_ranks_per_node if config.emulate_network() else 0
         self.device = kernel_device()
         # Zero-filled on every PE before malloc returns: all signals start at "not arrived".
         self.buffer_ptr = nvshmem_context.malloc(num_rdma_bytes)
@@ -210,6 +213,7 @@ class LowLatencyKernels:
             "timeout_s": config.timeout_s(),
             "trap_on_error": config.trap_on_device_error(is_current_stream_capturing()),
             "mask_on_timeout": self.mask_on_timeout,
+            "emulated_node_size": self.emulated_node_size,
         }
 
     def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:
@@ -467,6 +471,7 @@ class LowLatencyKernels:
             error_record_ptr=self.error_record.device_ptr,
             timeout_s=config.timeout_s(),
             mask_on_timeout=self.mask_on_timeout,
+            emulated_node_size=self.emulated_node_size,
         )
         synchronize(self.device)
         self.check_device_errors("clean_low_latency_buffer barrier")

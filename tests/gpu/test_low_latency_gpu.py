@@ -22,6 +22,7 @@ from kernel_device import emulated_tier, on_kernel_device, tier_device
 
 from deep_ep_py import _ext
 from deep_ep_py import device as ep_device
+from deep_ep_py.config import EMULATE_NETWORK_ENV, RANKS_PER_NODE_ENV
 from deep_ep_py.testing.batch import BatchCase, run_case
 
 pytestmark = pytest.mark.gpu
@@ -934,9 +935,18 @@ def _num_iters() -> int:
 
 
 # How the kernels reach a peer: "p2p" (stores through nvshmem_ptr, as over NVLink or on one GPU) or "puts" (NVSHMEM
-# puts and signals, as over a NIC). A GPU machine of one node has only the first; the CPU emulator gives the second
-# with DEEP_EP_PY_EMULATE_P2P_PES=1 (every peer outside this PE's P2P domain).
+# puts and signals, as over a NIC). On a GPU, "puts" has every rank play a node of its own with the network emulated
+# (the kernels then put and signal to every peer, though nvshmem_ptr maps it); on the CPU emulator, every peer is
+# outside this PE's P2P domain (DEEP_EP_PY_EMULATE_P2P_PES=1), whose puts land late, as a NIC's may.
 REACHES = ("p2p", "puts")
+
+
+def _reach_env(reach: str) -> dict:
+    if reach == "p2p":
+        return {}
+    if emulated_tier():
+        return {"DEEP_EP_PY_EMULATE_P2P_PES": "1"}
+    return {EMULATE_NETWORK_ENV: "1", RANKS_PER_NODE_ENV: "1"}
 
 
 def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
@@ -980,7 +990,7 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
             )
         return cases
 
-    env = {"DEEP_EP_PY_EMULATE_P2P_PES": "1"} if reach == "puts" else None
+    env = _reach_env(reach) or None
     return gpu_batch(
         ("low_latency", num_ranks, reach),
         make_cases,
@@ -995,8 +1005,6 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reach", REACHES)
 def test_against_reference(require_gpu, gpu_batch, num_ranks, fmt, mode, reach):
-    if reach == "puts" and not emulated_tier():
-        pytest.skip("the put path needs peers beyond NVLink: a second node, or the CPU emulator")
     _batch(gpu_batch, num_ranks, reach)[f"against_reference_{fmt}_{mode}"].assert_passed()
 
 
@@ -1067,11 +1075,7 @@ def test_shrink_masks_dead_ranks(require_gpu, num_ranks, launch_timeout_s, reach
 
     if num_ranks < 2:
         pytest.skip("needs a peer")
-    if reach == "puts" and not emulated_tier():
-        pytest.skip("the put path needs peers beyond NVLink: a second node, or the CPU emulator")
-    env = {"DEEP_EP_PY_TIMEOUT_S": "2"}
-    if reach == "puts":
-        env["DEEP_EP_PY_EMULATE_P2P_PES"] = "1"
+    env = {"DEEP_EP_PY_TIMEOUT_S": "2", **_reach_env(reach)}
     masks = launch(run_case, num_ranks, _shrink_case, device=tier_device(), env=env, timeout_s=launch_timeout_s)
     want_dead = [1, 2, 3] if num_ranks >= 4 else [num_ranks - 1]
     survivors = [r for r in range(num_ranks) if r not in want_dead]
