@@ -59,6 +59,9 @@ WORST_TOO_SMALL_CASE = Case("worst_too_small", (24, 31, 17, 20), num_topk=4)
 WORST_TOO_SMALL_ON_RANK_0_CASE = Case("worst_too_small_on_rank_0", (30, 21, 26, 17), num_topk=2, rows_per_round=3)
 # Rank 0 passes a num_worst_tokens one past the others': with 3 rows a round, it would launch one round more.
 WORST_TOKENS_DIFFER_CASE = Case("worst_tokens_differ", (22, 9, 30, 14), num_topk=2, rows_per_round=3)
+LATE_PEER_CASE = Case("late_peer", (16, 11, 9, 14), rows_per_round=3)
+# How much later than the device timeout the late rank of the late-peer test enters its dispatch.
+LATE_MARGIN_S = 3.0
 
 
 class KernelsPath(abc.ABC):
@@ -458,6 +461,59 @@ def combine_timeout_case(ctx, path: KernelsPath) -> str:
         else:
             raise AssertionError(f"rank {rank}: combine returned although rank {absent} never called it")
         assert f"on rank {rank}," in message, message
+    ep_device.synchronize()
+    ctx.barrier()
+    return message
+
+
+def late_peer_case(ctx, path: KernelsPath) -> str:
+    """The last rank enters a dispatch of several rounds LATE_MARGIN_S after the device timeout, with num_worst_tokens
+    > 0 so that no host waits for the counts: the others time out in the notify naming it (path.timeout_wait), tell
+    every peer they gave up, and go on through their rounds without waiting. The late rank must raise
+    DeepEPTimeoutError naming one of them as a peer that gave up, with every returned row padding (its notify failed,
+    so it receives no rows, and the others, having given up, wrote none into its staging), rather than pass their
+    flags or counts, which ran ahead, at once and return the rows of their last round as its first. Returns the
+    message."""
+    import time
+
+    from brute_force import check
+
+    from deep_ep_py import config as ep_config
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    late = num_ranks - 1
+    reference, kernels = _reference_and_kernels(ctx, path, LATE_PEER_CASE)
+    inp, num_experts = path.inputs(LATE_PEER_CASE, num_ranks, rank, 0)
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)
+    num_worst = _total_tokens(ctx, inp.x.shape[0]) + 1
+    x = on_kernel_device(inp.x)
+    ctx.barrier()
+    if rank == late:
+        time.sleep(ep_config.timeout_s() + LATE_MARGIN_S)
+    out = kernels.dispatch(x, None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, num_worst, 8)
+    ep_device.synchronize()
+    where = f"late peer {path.label(ctx)}"
+    try:
+        kernels._check_device_errors(where)
+    except DeepEPTimeoutError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"{where}: dispatch raised nothing although rank {late} entered it after the timeout")
+    if rank == late:
+        named = [peer for peer in range(late) if f"on rank {rank}, channel {peer}," in message]
+        check(
+            bool(named) and "timed out earlier" in message,
+            f"{where}: expected a peer that gave up: {message}",
+        )
+        recv_x, recv_topk_idx, handle = out[0], out[2], out[5]
+        check(bool((recv_x.view(torch.int16) == 0).all()), f"{where}: recv_x holds rows other than padding")
+        check(bool((recv_topk_idx == -1).all()), f"{where}: recv_topk_idx holds rows other than padding")
+        src_idx = handle.recv_src_idx
+        check(bool((src_idx == -1).all()), f"{where}: recv_src_idx holds rows other than padding: {src_idx.tolist()}")
+    else:
+        check(f"on rank {rank}, channel {late}," in message and path.timeout_wait in message, f"{where}: {message}")
     ep_device.synchronize()
     ctx.barrier()
     return message
