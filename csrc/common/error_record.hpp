@@ -44,6 +44,8 @@ enum class WaitSite : int {
     kInternodeCombineArrivals = 26,
     kInternodeNodeBarrier = 27,
     kInternodeGlobalBarrier = 28,
+    // A peer (the channel, a rank) gave up earlier (csrc/internode/buffer_layout.hpp, ControlLayout::aborted).
+    kInternodePeerAborted = 29,
     // Capacity records (ErrorCode::kCapacity): what overflowed.
     kWorstTokensIntranode = 32,
     kWorstTokensInternode = 33,
@@ -91,6 +93,8 @@ inline const char* wait_site_name(int site) {
             return "internode node barrier: the rank given as the channel did not arrive";
         case WaitSite::kInternodeGlobalBarrier:
             return "internode round barrier: the rank given as the channel did not arrive";
+        case WaitSite::kInternodePeerAborted:
+            return "internode wait: the peer rank given as the channel timed out earlier (or drained) and gave up";
         case WaitSite::kWorstTokensIntranode:
         case WaitSite::kWorstTokensInternode:
             return "num_worst_tokens: the rows rank <rank> receives";

@@ -161,4 +161,12 @@ __device__ __forceinline__ bool timeout_while(KeepWaiting&& keep_waiting, const 
     return true;
 }
 
+// Whether this rank has given up on the buffer (a wait of its timed out or drained; record->timed_out), read by
+// thread 0 of each kernel that writes peer memory (the intranode copy kernels; the internode copy kernels, notify and
+// barriers): such a rank goes on past its waits without waiting, so its rows would land in staging or arenas that a
+// late peer has not read yet, and its flags and counts would run ahead of that peer's targets.
+__device__ __forceinline__ bool rank_gave_up(const DeviceErrorRecord* record) {
+    return ptx::ld_volatile_global(&record->timed_out) != 0;
+}
+
 }  // namespace ep

@@ -1,7 +1,8 @@
 // The layout of each rank's internode buffer (Buffer.num_rdma_bytes on the NVSHMEM symmetric heap, the same
 // offsets on every PE), written once: host code takes sizes from here, device code takes pointers from here.
 //
-//   [0, control_bytes)          the control area: signals, the owner's epochs, counts from every rank
+//   [0, control_bytes)          the control area: signals, the aborted words of the peers, the owner's epochs, counts
+//                               from every rank
 //   [staging_offset, num_bytes) staging, used by one call at a time (dispatch and combine share it)
 //
 // Ranks: R = N nodes x P ranks per node, rank = node * P + local. A token of source s = (ns, ls) bound for node n
@@ -56,6 +57,12 @@ EP_HOST_DEVICE constexpr int count_row_ints(int num_ranks, int num_nodes) {
 // - global_flags[s] / node_flags[l] (uint64): barriers rank s / local rank l of this node has entered, each adding
 //   1 (atomic add through nvshmem_ptr, or nvshmemx_signal_op); polled by the owner.
 // - count_flags[s] (uint64): rank s's count row of this call has landed in counts[s] (value: notify epoch).
+// - aborted[s] (uint64): 1 once rank s gave up (a wait of its timed out or drained): set by rank s (release store
+//   through nvshmem_ptr, or nvshmemx_signal_op SET) in every peer's area when its wait fails; the owner's waits for
+//   rank s stop on it, fail and name s. A rank that gave up goes on through its later kernels without waiting, so
+//   without this word a peer late but alive would wait out its whole timeout for rows or flags that never come, or
+//   name another cause. Never reset: the buffer is out of step for good and must be recreated (a new allocation,
+//   zeroed by the runtime's malloc).
 // - dispatch_arrivals[n] / combine_arrivals[n] (uint64): rows delivered to this rank from node n, cumulative over
 //   calls (atomic add per row); the owner waits until they reach its own running total (consumed).
 // - epochs and consumed totals: the owner's alone, touched by one thread of its one-block kernels in stream order.
@@ -65,6 +72,7 @@ struct ControlLayout {
     size_t global_flags;
     size_t node_flags;
     size_t count_flags;
+    size_t aborted;
     size_t dispatch_arrivals;
     size_t combine_arrivals;
     size_t epochs;  // int64 [kNumEpochs]
@@ -85,6 +93,7 @@ struct ControlLayout {
         c.global_flags = take(8 * static_cast<size_t>(num_ranks));
         c.node_flags = take(8 * static_cast<size_t>(kMaxRanksPerNode));
         c.count_flags = take(8 * static_cast<size_t>(num_ranks));
+        c.aborted = take(8 * static_cast<size_t>(num_ranks));
         c.dispatch_arrivals = take(8 * static_cast<size_t>(num_nodes));
         c.combine_arrivals = take(8 * static_cast<size_t>(num_nodes));
         c.epochs = take(8 * 4);

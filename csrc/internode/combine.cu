@@ -24,16 +24,19 @@ struct CombineRoundParams {
 };
 
 // Receiver: one warp per received row whose node ordinal falls in this round; the row goes to sub-slot
-// (source node, ordinal - round_start, this rank's local index) of the source's forwarder in this node.
+// (source node, ordinal - round_start, this rank's local index) of the source's forwarder in this node. None once
+// this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) combine_push_kernel(CombineRoundParams p) {
     const View& v = p.view;
     const CombineArgs& a = p.args;
     if (!round_is_live(a.num_rounds_device, p.round)) return;
     __shared__ int s_first_row[kMaxRanks + 1];  // first received row of each source rank, then N
+    __shared__ int s_gave_up;
+    if (threadIdx.x == 0) s_gave_up = rank_gave_up(p.timeout.record);
     for (int src = static_cast<int>(threadIdx.x); src <= v.num_ranks; src += kCopyThreads)
         s_first_row[src] = src == 0 ? 0 : a.rank_prefix_matrix[(src - 1) * v.num_ranks + v.rank];
     __syncthreads();
-    const int num_rows = min(s_first_row[v.num_ranks], a.num_x_rows);
+    const int num_rows = s_gave_up ? 0 : min(s_first_row[v.num_ranks], a.num_x_rows);
     const int lane = lane_idx();
     const CombineRowFormat& row = p.row;
     const uint8_t* x = static_cast<const uint8_t*>(a.x);
@@ -59,7 +62,8 @@ __global__ void __launch_bounds__(kControlThreads) combine_node_barrier_kernel(C
 }
 
 // Forwarder: one warp per (source node, slot) of this round; sums the sub-slots of the ranks in the row's mask
-// and delivers the partial to the source (same local index, node n') with a count on its combine arrivals.
+// and delivers the partial to the source (same local index, node n') with a count on its combine arrivals. None
+// once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRoundParams p) {
     const View& v = p.view;
     const CombineArgs& a = p.args;
@@ -75,7 +79,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRou
             total += node_rows_in_round(v, count, p.round_start);
             forwarded += count;
         }
-        s_first_item[v.num_nodes] = total;
+        s_first_item[v.num_nodes] = rank_gave_up(p.timeout.record) ? 0 : total;
     }
     __syncthreads();
     const int num_items = s_first_item[v.num_nodes];

@@ -27,7 +27,7 @@ __device__ __forceinline__ ReceivedRows received_rows(const DispatchArgs& a) {
                         a.recv_topk_weights};
 }
 
-// Sender: one warp per (destination node, slot) of this round.
+// Sender: one warp per (destination node, slot) of this round. None once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
     const View& v = p.view;
     const DispatchArgs& a = p.args;
@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
             s_first_item[node] = total;
             total += node_rows_in_round(v, a.node_counts[v.rank * v.num_nodes + node], p.round_start);
         }
-        s_first_item[v.num_nodes] = total;
+        s_first_item[v.num_nodes] = rank_gave_up(p.timeout.record) ? 0 : total;
     }
     __syncthreads();
     const int num_items = s_first_item[v.num_nodes];
@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
     quiet_block_puts(issued_puts);
 }
 
-// Forwarder: wait for this round's rows from every source node, then meet the node (its ranks pull next).
+// Forwarder: wait for this round's rows from every source node, then meet the node (its ranks pull next). A failed
+// wait skips the node barrier: wait_arrivals has told the node's ranks, which stop waiting for this one there.
 __global__ void __launch_bounds__(kControlThreads) dispatch_arrive_kernel(DispatchRoundParams p) {
     const View& v = p.view;
     const DispatchArgs& a = p.args;

@@ -51,22 +51,26 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     const int row_ints = experts_at + num_local;  // of count_row_ints, the part this call fills
     const int tid = static_cast<int>(threadIdx.x);
     __shared__ uint64_t s_epoch;
-    __shared__ int s_ok, s_max_count;
+    __shared__ int s_ok, s_gave_up, s_max_count;
     if (tid == 0) {
         int64_t* epoch_slot = v.epochs() + kEpochNotify;
         const uint64_t epoch = static_cast<uint64_t>(*reinterpret_cast<volatile int64_t*>(epoch_slot)) + 1;
         *epoch_slot = static_cast<int64_t>(epoch);
         s_epoch = epoch;
-        s_ok = 1;
+        // A rank that gave up sends no count row (its count flag would pass a late peer's notify of an earlier call
+        // with this call's counts) and waits for none: its notify fails at once.
+        s_gave_up = rank_gave_up(p.timeout.record);
+        s_ok = s_gave_up ? 0 : 1;
         s_max_count = 0;
     }
     __syncthreads();
     const uint64_t epoch = s_epoch;
+    const bool gave_up = s_gave_up != 0;
     const size_t own_row_offset = v.control.counts + 4 * static_cast<size_t>(v.rank) * count_row_ints(num_ranks, num_nodes);
     uint64_t* count_flags = v.at<uint64_t>(v.control.count_flags);
     bool issued_puts = false;
 
-    for (int dst = 0; dst < num_ranks; ++dst) {
+    for (int dst = 0; !gave_up && dst < num_ranks; ++dst) {
         int* peer_row = v.direct<int>(own_row_offset, dst);
         int* row = peer_row != nullptr ? peer_row : v.count_send_row(dst);
         for (int i = tid; i < row_ints; i += kControlThreads) {
@@ -90,18 +94,21 @@ __global__ void __launch_bounds__(kControlThreads) notify_kernel(NotifyParams p)
     quiet_block_puts(issued_puts);
 
     TimeoutContext ctx = p.timeout;
-    for (int src = tid; src < num_ranks; src += kControlThreads) {
+    for (int src = tid; !gave_up && src < num_ranks; src += kControlThreads) {
         ctx.channel = src;
-        if (!timeout_while([&] { return ptx::ld_acquire_sys(count_flags + src) < epoch; }, ctx,
-                           WaitSite::kInternodeNotifyCounts))
-            s_ok = 0;
+        const auto keep_waiting = [&] { return ptx::ld_acquire_sys(count_flags + src) < epoch; };
+        if (!wait_for_peer(v, src, keep_waiting, ctx, WaitSite::kInternodeNotifyCounts)) s_ok = 0;
     }
     __syncthreads();
     if (s_ok == 0) {
         // No rounds: node_counts, rank_prefix_matrix and num_rounds_device are otherwise left uninitialised, and
         // rounds launched without a host sync (num_worst_tokens) would index x and node_send_list with garbage
-        // counts (an illegal address instead of the DeepEPTimeoutError the record raises at the next call).
+        // counts (an illegal address instead of the DeepEPTimeoutError the record raises at the next call). The
+        // matrix is zero, no rows from anyone: the pad kernel, queued behind this one, pads every received row
+        // rather than leave torch.empty's memory in them.
         if (tid == 0) *a.num_rounds_device = 0;
+        for (int i = tid; i < num_ranks * num_ranks; i += kControlThreads) a.rank_prefix_matrix[i] = 0;
+        if (!gave_up) announce_gave_up(v);  // block-uniform: s_ok and s_gave_up are settled by the barrier above
         return;
     }
     // Ranks of other nodes put their count rows over the network.

@@ -131,11 +131,4 @@ __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, Tim
     return ok;
 }
 
-// Whether this rank has given up on the buffer (a barrier wait timed out or drained; record->timed_out), read by
-// thread 0 of each copy kernel that writes peer memory: such a rank goes on past its barriers, so its rows would land
-// in staging or arenas that a late peer has not read yet.
-__device__ __forceinline__ bool rank_gave_up(const DeviceErrorRecord* record) {
-    return ptx::ld_volatile_global(&record->timed_out) != 0;
-}
-
 }  // namespace ep::intranode

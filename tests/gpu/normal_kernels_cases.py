@@ -466,6 +466,14 @@ def combine_timeout_case(ctx, path: KernelsPath) -> str:
     return message
 
 
+def _check_names_peer_that_gave_up(where: str, message: str, late: int) -> None:
+    """The late rank's DeepEPTimeoutError names an earlier rank as the channel, and says that rank gave up."""
+    from brute_force import check
+
+    named = [peer for peer in range(late) if f"on rank {late}, channel {peer}," in message]
+    check(bool(named) and "timed out earlier" in message, f"{where}: expected a peer that gave up: {message}")
+
+
 def late_peer_case(ctx, path: KernelsPath) -> str:
     """The last rank enters a dispatch of several rounds LATE_MARGIN_S after the device timeout, with num_worst_tokens
     > 0 so that no host waits for the counts: the others time out in the notify naming it (path.timeout_wait), tell
@@ -502,11 +510,7 @@ def late_peer_case(ctx, path: KernelsPath) -> str:
     else:
         raise AssertionError(f"{where}: dispatch raised nothing although rank {late} entered it after the timeout")
     if rank == late:
-        named = [peer for peer in range(late) if f"on rank {rank}, channel {peer}," in message]
-        check(
-            bool(named) and "timed out earlier" in message,
-            f"{where}: expected a peer that gave up: {message}",
-        )
+        _check_names_peer_that_gave_up(where, message, rank)
         recv_x, recv_topk_idx, handle = out[0], out[2], out[5]
         check(bool((recv_x.view(torch.int16) == 0).all()), f"{where}: recv_x holds rows other than padding")
         check(bool((recv_topk_idx == -1).all()), f"{where}: recv_topk_idx holds rows other than padding")
@@ -514,6 +518,49 @@ def late_peer_case(ctx, path: KernelsPath) -> str:
         check(bool((src_idx == -1).all()), f"{where}: recv_src_idx holds rows other than padding: {src_idx.tolist()}")
     else:
         check(f"on rank {rank}, channel {late}," in message and path.timeout_wait in message, f"{where}: {message}")
+    ep_device.synchronize()
+    ctx.barrier()
+    return message
+
+
+def late_peer_combine_case(ctx, path: KernelsPath) -> str:
+    """Every rank dispatches (several rounds); the last enters the combine of as many rounds LATE_MARGIN_S after the
+    device timeout. The others' waits time out or find a peer that gave up, and they go on through their rounds
+    without waiting. The late rank must raise DeepEPTimeoutError naming one of them as a peer that gave up, rather than
+    find their barrier flags and cumulative arrival counts past its targets, pass every wait at once and return the
+    sums of rows they left in staging in other rounds, with no error. Returns the message."""
+    import time
+
+    from deep_ep_py import config as ep_config
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    rank, num_ranks = ctx.rank, ctx.num_ranks
+    late = num_ranks - 1
+    reference, kernels = _reference_and_kernels(ctx, path, LATE_PEER_CASE)
+    inp, num_experts = path.inputs(LATE_PEER_CASE, num_ranks, rank, 0)
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)
+    out = kernels.dispatch(
+        on_kernel_device(inp.x), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8
+    )
+    ep_device.synchronize()
+    kernels._check_device_errors("the late-peer combine test's dispatch")  # the timeout below is the combine's
+    ctx.barrier()
+    if rank == late:
+        time.sleep(ep_config.timeout_s() + LATE_MARGIN_S)
+    where = f"late peer combine {path.label(ctx)}"
+    try:
+        kernels.combine(out[0], out[5], out[3], (), 8)
+        ep_device.synchronize()
+        kernels._check_device_errors(where)
+    except DeepEPTimeoutError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"{where}: combine raised nothing although rank {late} entered it after the timeout")
+    if rank == late:
+        _check_names_peer_that_gave_up(where, message, rank)
+    else:
+        assert f"on rank {rank}," in message, message
     ep_device.synchronize()
     ctx.barrier()
     return message

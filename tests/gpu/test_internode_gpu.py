@@ -25,9 +25,9 @@ Launches: one batch (deep_ep_py.testing.batch) per rank count, node count and en
 back-to-back and CUDA-graph tests, the emulated-network cases (DEEP_EP_PY_EMULATE_NETWORK=1), and the cases of each
 larger node count (DEEP_EP_PY_RANKS_PER_NODE differs). A batch opens NVSHMEM once (its setup) and every case builds
 fresh InternodeKernels on it (destroyed, then the next case's buffer allocated zeroed, once every rank has left the
-case); the absent-peer test needs DEEP_EP_PY_TIMEOUT_S=3 and a launch of its own, with its own NvshmemContext. The
-rank functions are shared with the intranode tests (normal_kernels_cases.py); InternodePath supplies what is
-internode's own.
+case); the absent-peer and late-peer tests need DEEP_EP_PY_TIMEOUT_S=3 and a launch each, with its own
+NvshmemContext. The rank functions are shared with the intranode tests (normal_kernels_cases.py); InternodePath
+supplies what is internode's own.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from normal_kernels_cases import (
     Case,
     KernelsPath,
     combine_timeout_case,
+    late_peer_case,
+    late_peer_combine_case,
     protocol_batch_cases,
     table_batch_cases,
     timeout_case,
@@ -363,6 +365,25 @@ def test_internode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
     results = launch(run_case, num_ranks, case_fn, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
     named = f"channel {num_ranks - 1}," if call == "dispatch" else "internode"
     assert results[-1] == "" and all(named in m for m in results[:-1]), results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("network", [False, True], ids=["p2p", "emulated_network"])
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_internode_late_peer_raises(require_gpu, num_ranks, launch_timeout_s, call, network):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, two nodes, a rank that enters a multi-round `call` after it, and
+    an NvshmemContext of its own. With the network emulated, the ranks of the other node learn that a peer gave up
+    through NVSHMEM signals (they map none of its memory)."""
+    num_nodes = 2
+    ranks_per_node = _ranks_per_node(num_ranks, num_nodes)
+    env = {RANKS_PER_NODE_ENV: str(ranks_per_node), "DEEP_EP_PY_TIMEOUT_S": TIMEOUT_ENV_S}
+    if network:
+        env[EMULATE_NETWORK_ENV] = "1"
+        env[EMULATE_P2P_PES_ENV] = str(ranks_per_node)
+    case_fn = late_peer_case if call == "dispatch" else late_peer_combine_case
+    path = InternodePath(num_nodes)
+    results = launch(run_case, num_ranks, case_fn, path, device=tier_device(), timeout_s=launch_timeout_s, env=env)
+    assert "gave up" in results[-1], results
 
 
 @pytest.mark.parametrize("num_ranks, num_nodes", [(2, 2), (4, 2), (8, 2), (8, 4), (8, 8), (16, 2)])
