@@ -25,7 +25,8 @@
 #                         info,mps,wheel,build,ext,tests,bench,tests_internode,bench_internode
 #   --tests-k EXPR        only the GPU tests pytest -k EXPR selects (both test steps), e.g. "intranode" or
 #                         "layout or runtime"
-#   --step-timeout S      wall-clock limit of each step (default 1200); a step past it is killed and FAILs
+#   --step-timeout S      wall-clock limit of each step (default 1200); a step past it gets SIGINT (pytest still
+#                         prints its failures and writes its XML), is killed 15 s later, and FAILs
 #   --budget S            wall-clock limit of the whole run (env GPU_CHECK_BUDGET_S; default none): each step gets
 #                         at most what is left of it, less the time the closing steps need; a step that would get
 #                         under 20 s is not started (SKIP, "budget"). For a lent GPU's 10-minute command: 540
@@ -63,7 +64,8 @@ PYTHON=${PYTHON:-python3}
 BUILD_DIR=${GPU_CHECK_BUILD_DIR:-build}
 
 usage() {
-    sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    # The header comment, up to the first line that is not one.
+    awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 need_value() {
@@ -236,8 +238,12 @@ run_step() {
     STEP_STARTED=$SECONDS
     local started=$SECONDS
     if [ "$limit" -gt 0 ]; then
-        # In the background and waited for, so that a signal to this script runs its trap at once.
-        timeout --kill-after=15 "$limit" "$@" >>"$LAST_LOG" 2>&1 &
+        # In the background and waited for, so that a signal to this script runs its trap at once. SIGINT, not
+        # timeout's SIGTERM: pytest writes its failures, its -rfEs lines, the GPU batches' timings and its junit XML
+        # only at the session's end, which a KeyboardInterrupt reaches and a SIGTERM does not. (timeout installs its
+        # own SIGINT handler, so the step gets SIGINT's default disposition although a background job of a script
+        # starts with it ignored.) What does not end within 15 s of the signal is killed.
+        timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$LAST_LOG" 2>&1 &
         STEP_PID=$!
         wait "$STEP_PID"
         LAST_RC=$?
@@ -352,8 +358,8 @@ on_exit() {
 on_signal() {
     echo "gpu_check: interrupted" >&2
     if [ -n "$STEP_PID" ]; then
-        # timeout passes the signal on to the step's whole process group.
-        kill -TERM "$STEP_PID" 2>/dev/null
+        # timeout passes the signal on to the step's whole process group; SIGINT for the reason in run_step.
+        kill -INT "$STEP_PID" 2>/dev/null
         wait "$STEP_PID" 2>/dev/null
         record "$CURRENT_STEP" FAIL "$((SECONDS - STEP_STARTED))" "interrupted"
     fi

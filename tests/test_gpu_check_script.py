@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -31,7 +33,17 @@ FIGURES_ROW = report.Row(
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="no bash")
 
 
-def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", pytest_rc: int = 0, timeout_s: float = 120):
+def script_command(
+    tmp_path,
+    *args: str,
+    sleep_s: float = 0,
+    output: str = "",
+    pytest_rc: int = 0,
+    on_sigint: str = "",
+    env: dict[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The script's command line and environment with the stand-in as its python. on_sigint: what the stand-in
+    prints when SIGINT reaches it (pytest's closing report), before it exits 2. env: more variables (PATH, say)."""
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
     figures = tmp_path / "figures.json"
@@ -44,29 +56,38 @@ def run_script(tmp_path, *args: str, sleep_s: float = 0, output: str = "", pytes
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
-        'sleep "$FAKE_PYTHON_SLEEP_S"\n'
+        # A trap on a signal that was ignored when bash started never runs: so the output proves SIGINT's default
+        # disposition there, as pytest needs it. Waited for in the background, so that the trap runs at once.
+        '[ -n "$FAKE_PYTHON_ON_SIGINT" ] && trap \'printf "%b" "$FAKE_PYTHON_ON_SIGINT"; exit 2\' INT\n'
+        'sleep "$FAKE_PYTHON_SLEEP_S" &\n'
+        'wait "$!"\n'
         'exit "${pytest_rc:-0}"\n'
     )
     fake_python.chmod(0o755)
-    log_dir = tmp_path / "logs"
     # The project's variables of the environment this runs in (CI sets DEEP_EP_PY_GPU_TEST_RANKS) are not the
     # script's: what it hands its steps is what the stand-in records.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEP_EP_PY_", "GPU_CHECK_"))}
-    env.update(
+    script_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEP_EP_PY_", "GPU_CHECK_"))}
+    script_env.update(
         PYTHON=str(fake_python),
         FAKE_PYTHON_SLEEP_S=str(sleep_s),
         FAKE_PYTHON_OUTPUT=output,
         FAKE_PYTEST_RC=str(pytest_rc),
+        FAKE_PYTHON_ON_SIGINT=on_sigint,
     )
-    proc = subprocess.run(
-        ["bash", SCRIPT, "--log-dir", str(log_dir), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    recorded = calls.read_text().splitlines() if calls.exists() else []
-    return proc, recorded, log_dir
+    script_env.update(env or {})
+    return ["bash", SCRIPT, "--log-dir", str(tmp_path / "logs"), *args], script_env
+
+
+def recorded_calls(tmp_path) -> list[str]:
+    """The stand-in's calls, one line each: "ranks=N mps=M ARGS"."""
+    calls = tmp_path / "calls.txt"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def run_script(tmp_path, *args: str, timeout_s: float = 120, **stand_in):
+    argv, env = script_command(tmp_path, *args, **stand_in)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+    return proc, recorded_calls(tmp_path), tmp_path / "logs"
 
 
 def summary_rows(log_dir) -> dict[str, tuple[str, str]]:
@@ -193,6 +214,51 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     assert f"{len(later)} not started for the budget" in proc.stdout.splitlines()[-2], proc.stdout
     assert len(calls) == 1
     assert tarfile.open(tmp_path / "gpu_check.tar.gz").getnames()
+
+
+def test_a_step_past_its_timeout_gets_sigint_and_keeps_pytests_report(tmp_path):
+    """pytest writes its failures, totals and junit XML only at the session's end: SIGINT gets it there, SIGTERM
+    (timeout's default) would leave the progress characters only."""
+    closing = "=== FAILURES ===\\nAssertionError: value details here\\nFAILED test_x - boom\\n1 failed, 2 passed in 3.0s\\n"
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},tests_internode,bench,bench_internode", "--ranks", "2",
+        "--step-timeout", "3", sleep_s=60, output="..F", on_sigint=closing, timeout_s=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status, details = summary_rows(log_dir)["tests_r2"]
+    assert status == "FAIL" and details.startswith("timed out after 3 s; "), details
+    assert details.endswith("passed=2 failed=1 skipped=0 error=0"), details  # from the closing line, not "so far"
+    log = next(log_dir.glob("*_tests_r2.log")).read_text()
+    assert "AssertionError: value details here" in log and "1 failed, 2 passed" in log, log
+
+
+def wait_for(predicate, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.1)
+
+
+def test_an_interrupted_run_passes_sigint_on_and_still_reports(tmp_path):
+    """A SIGTERM to the script (a command limit) ends the running step with SIGINT, so that its log keeps pytest's
+    report, then prints the summary and packs the archive."""
+    argv, env = script_command(
+        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2", "--archive", str(tmp_path / "out.tar.gz"), sleep_s=60,
+        on_sigint="1 failed, 4 passed in 9.0s\\n",
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: recorded_calls(tmp_path))  # the first test step runs
+        time.sleep(0.5)  # the stand-in's trap is set
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    rows = summary_rows(tmp_path / "logs")
+    assert rows["tests_r2"][0] == "FAIL" and rows["tests_r2"][1] == "interrupted", rows
+    assert "1 failed, 4 passed" in next((tmp_path / "logs").glob("*_tests_r2.log")).read_text()
+    assert "logs/summary.txt" in tarfile.open(tmp_path / "out.tar.gz").getnames()
 
 
 @pytest.mark.parametrize(
