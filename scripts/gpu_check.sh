@@ -30,8 +30,9 @@
 #   --budget S            wall-clock limit of the whole run (env GPU_CHECK_BUDGET_S; default none): each step gets
 #                         at most what is left of it, less the time the closing steps need; a step that would get
 #                         under 20 s is not started (SKIP, "budget"). For a lent GPU's 10-minute command: 540
-#   --archive FILE        also pack the log directory into FILE (.tar.gz) at the end, an interrupted run too: one
-#                         file, where only a few files may come back from the machine (e.g. $OUT/gpu_check.tar.gz)
+#   --archive FILE        also pack the log directory into FILE (.tar.gz), anew after every step (with a partial
+#                         summary.txt) and at the end, and copy summary.txt next to it: where only a few files may
+#                         come back from the machine (e.g. $OUT/gpu_check.tar.gz), and a killed command too
 #   --device emulated     a dry run of every step without a GPU: the CPU emulator of the kernels builds in place,
 #                         the GPU tier runs on it, the benchmark at tiny sizes (figures meaningless), no MPS; so
 #                         that the script itself is known to work before a GPU's short lease is spent on it
@@ -152,8 +153,10 @@ if ! mkdir -p "$LOG_DIR"; then
     exit 2
 fi
 # What an earlier run left there would pass for this one's (figures of a step that failed now, logs in the archive).
-rm -f "$LOG_DIR"/[0-9][0-9]_*.log "$LOG_DIR"/bench_*.json "$LOG_DIR"/pytest_*.xml "$LOG_DIR"/summary.txt \
+rm -f "$LOG_DIR"/[0-9][0-9]_*.log "$LOG_DIR"/bench_*.json "$LOG_DIR"/pytest_*.xml "$LOG_DIR"/summary.txt* \
     "$LOG_DIR"/figures.txt
+# Nor an earlier archive: a run killed before its first step ends leaves none rather than an old one.
+[ -n "$ARCHIVE" ] && rm -f "$ARCHIVE" "$ARCHIVE.tmp"
 cd "$REPO_DIR" || exit 2
 
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
@@ -267,6 +270,7 @@ run_step() {
         echo "   [$name] FAILED ($details) after ${elapsed} s; last lines of $LAST_LOG:"
         tail -n 30 "$LAST_LOG" | sed 's/^/   | /'
     fi
+    checkpoint
     return 0
 }
 
@@ -278,10 +282,20 @@ add_details() {
     else
         STEP_DETAILS[last]="$1"
     fi
+    checkpoint
 }
 
+count_failed() {
+    local num_failed=0 status
+    for status in "${STEP_STATUS[@]}"; do
+        [ "$status" = FAIL ] && num_failed=$((num_failed + 1))
+    done
+    echo "$num_failed"
+}
+
+# format_summary NUM_FAILED [partial]: the table; "partial" for one written while the run still goes on.
 format_summary() {
-    local num_failed=$1 i num_not_started=0 not_started=""
+    local num_failed=$1 partial=${2:-} i num_not_started=0 not_started=""
     echo "==================== gpu_check summary ===================="
     printf '%-20s %-6s %8s  %s\n' step status seconds details
     for i in "${!STEP_NAMES[@]}"; do
@@ -291,7 +305,11 @@ format_summary() {
         esac
     done
     [ "$num_not_started" -gt 0 ] && not_started=", $num_not_started not started for the budget"
-    if [ "$num_failed" -eq 0 ]; then
+    if [ -n "$partial" ]; then
+        echo "overall: RUNNING (partial: written after step ${STEP_NAMES[$((${#STEP_NAMES[@]} - 1))]} at" \
+            "$((SECONDS - TOTAL_STARTED)) s; $num_failed of ${#STEP_NAMES[@]} steps failed so far$not_started);" \
+            "logs in $LOG_DIR"
+    elif [ "$num_failed" -eq 0 ]; then
         echo "overall: PASS (${#STEP_NAMES[@]} steps$not_started, ranks: $RANKS, internode: $INTERNODE_RANKS);" \
             "logs in $LOG_DIR"
     else
@@ -318,23 +336,42 @@ print_figures() {
 # Prints the figures and the summary (also into LOG_DIR/summary.txt); returns the number of failed steps.
 print_summary() {
     SUMMARY_PRINTED=1
-    local num_failed=0 status
-    for status in "${STEP_STATUS[@]}"; do
-        [ "$status" = FAIL ] && num_failed=$((num_failed + 1))
-    done
+    local num_failed
+    num_failed=$(count_failed)
     print_figures
     echo
     format_summary "$num_failed" | tee "$LOG_DIR/summary.txt"
     return "$num_failed"
 }
 
+# write_archive [quiet]: packs the log directory into ARCHIVE and copies summary.txt next to it (readable without
+# unpacking), each through a temporary file and a rename, so that a command killed meanwhile leaves the last
+# complete archive, never a truncated one.
 write_archive() {
     [ -n "$ARCHIVE" ] || return 0
-    if mkdir -p "$(dirname "$ARCHIVE")" && tar -czf "$ARCHIVE" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")"; then
-        echo "gpu_check: logs packed into $ARCHIVE"
+    local archive_dir
+    archive_dir=$(dirname "$ARCHIVE")
+    if mkdir -p "$archive_dir" &&
+        tar -czf "$ARCHIVE.tmp" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")" && mv -f "$ARCHIVE.tmp" "$ARCHIVE"
+    then
+        [ "${1:-}" = quiet ] || echo "gpu_check: logs packed into $ARCHIVE"
     else
+        rm -f "$ARCHIVE.tmp"
         echo "gpu_check: could not pack the logs into $ARCHIVE" >&2
     fi
+    if [ -f "$LOG_DIR/summary.txt" ] && ! [ "$archive_dir" -ef "$LOG_DIR" ]; then
+        cp -f "$LOG_DIR/summary.txt" "$archive_dir/summary.txt.tmp" &&
+            mv -f "$archive_dir/summary.txt.tmp" "$archive_dir/summary.txt"
+    fi
+}
+
+# After every step: a partial summary and a fresh archive, so that a command killed before the end (a lent
+# machine's limit, a hang past every timeout) still returns every finished step's log and outcome. The logs are
+# small: this takes well under a second.
+checkpoint() {
+    format_summary "$(count_failed)" partial >"$LOG_DIR/summary.txt.tmp" &&
+        mv -f "$LOG_DIR/summary.txt.tmp" "$LOG_DIR/summary.txt"
+    write_archive quiet
 }
 
 # ---- steps ------------------------------------------------------------------------------------------------------

@@ -261,6 +261,34 @@ def test_an_interrupted_run_passes_sigint_on_and_still_reports(tmp_path):
     assert "logs/summary.txt" in tarfile.open(tmp_path / "out.tar.gz").getnames()
 
 
+def test_the_archive_and_a_partial_summary_come_after_every_step(tmp_path):
+    """A command killed outright (SIGKILL: no trap runs) still leaves the archive of every step that finished, with a
+    partial summary inside and next to it."""
+    out = tmp_path / "out"
+    argv, env = script_command(
+        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2", "--archive", str(out / "gpu_check.tar.gz"), sleep_s=5,
+        output="..F\\n1 failed, 2 passed in 2.0s\\n", pytest_rc=1,
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # The first step ran; the next one sleeps for 5 s.
+        wait_for(lambda: "passed=2" in ((out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_check.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert "overall: RUNNING (partial: written after step tests_r2 at " in summary, summary
+    assert "1 of 6 steps failed so far" in summary, summary
+    assert summary_rows(out)["tests_r2"] == ("FAIL", "exit code 1; passed=2 failed=1 skipped=0 error=0")
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        names = archive.getnames()
+        packed_summary = archive.extractfile("logs/summary.txt").read().decode()
+    assert packed_summary == summary and "logs/06_tests_r2.log" in names, names
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
