@@ -166,6 +166,16 @@ export DEEP_EP_PY_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-30}
 # barrier kernel already waits on its peers, which skews first-call timings and short timeout tests.
 export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 export PYTHONUNBUFFERED=1
+# nvcc: on PATH, else in CUDA_HOME's bin, else where the toolkit installs itself (a bare machine may well have it
+# there only). CMake looks only at PATH, CUDACXX and CUDA_PATH, and without nvcc builds nothing but a warning.
+if ! command -v nvcc >/dev/null 2>&1; then
+    for cuda_bin in ${CUDA_HOME:+"$CUDA_HOME/bin"} /usr/local/cuda/bin; do
+        if [ -x "$cuda_bin/nvcc" ]; then
+            export PATH="$cuda_bin:$PATH"
+            break
+        fi
+    done
+fi
 
 # ---- step bookkeeping -------------------------------------------------------------------------------------------
 
@@ -186,6 +196,17 @@ LAST_RC=0
 is_skipped() {
     case ",$SKIP_STEPS," in
         *",${1%_r[0-9]*},"*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Set once the build or the extension check failed: every later step that needs the extension is then recorded as
+# skipped, not run. On a GPU its tests would fail one by one (DEEP_EP_PY_EXPECT_GPU), and the benchmark would time
+# the reference fallback over gloo until the step's limit: together the budget a fix and a second run need.
+NO_EXTENSION=""
+needs_extension() {
+    case "$1" in
+        ext | tests_* | bench_*) return 0 ;;
         *) return 1 ;;
     esac
 }
@@ -219,6 +240,11 @@ run_step() {
     if is_skipped "$name"; then
         record "$name" SKIP 0 "--skip"
         echo "== [$name] skipped (--skip)"
+        return 0
+    fi
+    if [ -n "$NO_EXTENSION" ] && needs_extension "$name"; then
+        record "$name" SKIP 0 "no extension ($NO_EXTENSION)"
+        echo "== [$name] skipped: no extension ($NO_EXTENSION)"
         return 0
     fi
     local cut_by_budget=0
@@ -482,14 +508,41 @@ step_build() {
     python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }
     # Release, as a pip install builds it (pyproject.toml): the benchmark times this build. On a GPU no CPU
     # emulator (the tests run on the GPU, DEEP_EP_PY_EXPECT_GPU=1, and device time is short); emulated, only it.
-    local emulator=OFF targets=()
+    local emulator=OFF targets=() module=_C
     if [ "$DEVICE" = emulated ]; then
         emulator=ON
         targets=(--target _C_emu)
+        module=_C_emu
     fi
+    # The emulator needs nvcc too (the CUDA headers). Named to CMake, so that a build directory whose cache
+    # remembers a configuration without one finds it now.
+    local nvcc_path
+    if ! nvcc_path=$(command -v nvcc); then
+        echo "gpu_check: no nvcc on PATH, in \$CUDA_HOME/bin or in /usr/local/cuda/bin: $module cannot be built"
+        return 1
+    fi
+    echo "nvcc: $nvcc_path"
+    # Where CMakeLists.txt finds no toolkit or no NVSHMEM, it warns (deep_ep_py_skip) and builds no extension, and
+    # both cmake commands succeed: that warning, or no module after the build, fails the step.
+    local configure_log
+    configure_log=$(mktemp) || return 1
     cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DDEEP_EP_PY_INPLACE=ON -DDEEP_EP_PY_CUDA_ARCHS=90 \
-        -DDEEP_EP_PY_BUILD_EMULATOR="$emulator" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python_path" &&
-        cmake --build "$BUILD_DIR" -j"$(nproc)" ${targets[@]+"${targets[@]}"}
+        -DDEEP_EP_PY_BUILD_EMULATOR="$emulator" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$python_path" \
+        -DCMAKE_CUDA_COMPILER="$nvcc_path" 2>&1 | tee "$configure_log"
+    local rc=${PIPESTATUS[0]} skipped=0
+    grep -q 'NOT building the CUDA extension' "$configure_log" && skipped=1
+    rm -f "$configure_log"
+    [ "$rc" -eq 0 ] || return "$rc"
+    if [ "$skipped" -eq 1 ]; then
+        echo "gpu_check: CMake builds no extension here (its warning above says why)"
+        return 1
+    fi
+    cmake --build "$BUILD_DIR" -j"$(nproc)" ${targets[@]+"${targets[@]}"} || return
+    if ! compgen -G "deep_ep_py/$module.*.so" >/dev/null; then
+        echo "gpu_check: the build produced no deep_ep_py/$module.*.so"
+        return 1
+    fi
+    ls -l deep_ep_py/"$module".*.so
 }
 
 step_ext() {
@@ -588,9 +641,20 @@ else
     run_step wheel "$STEP_TIMEOUT_S" bash -c step_wheel
 fi
 
+last_step_failed() {
+    [ "${STEP_STATUS[$((${#STEP_STATUS[@]} - 1))]}" = FAIL ]
+}
+
 run_step build "$STEP_TIMEOUT_S" bash -c step_build
+if last_step_failed; then
+    NO_EXTENSION="the build failed"
+    # The script's own word on why, where it gave one (no nvcc, CMake's warning, no module).
+    build_reason=$(grep '^gpu_check: ' "$LAST_LOG" | tail -n 1)
+    [ -n "$build_reason" ] && add_details "${build_reason#gpu_check: }"
+fi
 
 run_step ext "$STEP_TIMEOUT_S" bash -c step_ext
+last_step_failed && NO_EXTENSION=${NO_EXTENSION:-"the extension check failed"}
 
 # The internode tests run in steps of their own (tests_internode_rN), at their own rank counts, so that a hang or a
 # crash there (the newest kernels) costs neither the other steps nor their figures.

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,11 +40,13 @@ def script_command(
     sleep_s: float = 0,
     output: str = "",
     pytest_rc: int = 0,
+    stdin_rc: int = 0,
     on_sigint: str = "",
     env: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The script's command line and environment with the stand-in as its python. on_sigint: what the stand-in
-    prints when SIGINT reaches it (pytest's closing report), before it exits 2. env: more variables (PATH, say)."""
+    prints when SIGINT reaches it (pytest's closing report), before it exits 2. stdin_rc: its exit status for a
+    script on stdin (`python - <<EOF`: the extension check). env: more variables (PATH, say)."""
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
     figures = tmp_path / "figures.json"
@@ -55,6 +58,7 @@ def script_command(
         f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
+        '[ "$1" = - ] && pytest_rc=${FAKE_PYTHON_STDIN_RC:-0}\n'
         f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
         # A trap on a signal that was ignored when bash started never runs: so the output proves SIGINT's default
         # disposition there, as pytest needs it. Waited for in the background, so that the trap runs at once.
@@ -72,6 +76,7 @@ def script_command(
         FAKE_PYTHON_SLEEP_S=str(sleep_s),
         FAKE_PYTHON_OUTPUT=output,
         FAKE_PYTEST_RC=str(pytest_rc),
+        FAKE_PYTHON_STDIN_RC=str(stdin_rc),
         FAKE_PYTHON_ON_SIGINT=on_sigint,
     )
     script_env.update(env or {})
@@ -259,6 +264,64 @@ def test_an_interrupted_run_passes_sigint_on_and_still_reports(tmp_path):
     assert rows["tests_r2"][0] == "FAIL" and rows["tests_r2"][1] == "interrupted", rows
     assert "1 failed, 4 passed" in next((tmp_path / "logs").glob("*_tests_r2.log")).read_text()
     assert "logs/summary.txt" in tarfile.open(tmp_path / "out.tar.gz").getnames()
+
+
+def fake_tools(tmp_path, **scripts: str) -> dict[str, str]:
+    """PATH with the given bash stand-ins (name -> body) first and no nvcc of this machine's on it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    path = [str(bin_dir)] + [d for d in os.environ["PATH"].split(os.pathsep) if not os.path.exists(f"{d}/nvcc")]
+    return {"PATH": os.pathsep.join(path)}
+
+
+@pytest.mark.parametrize("cmake_says", ["no toolkit", "nothing", "error"])
+def test_a_build_without_the_extension_fails_and_skips_the_rest(tmp_path, cmake_says):
+    """Where CMake builds no extension it only warns, and both cmake commands succeed: that must fail the build and
+    leave the steps that need the extension unstarted (a retry needs the time they would burn). nvcc is found in
+    CUDA_HOME's bin where PATH has none, and named to CMake."""
+    if cmake_says == "nothing" and list((Path(REPO_DIR) / "deep_ep_py").glob("_C.*.so")):
+        pytest.skip("deep_ep_py/_C is built in this tree: a build that adds nothing still leaves one")
+    cuda_bin = tmp_path / "cuda" / "bin"
+    cuda_bin.mkdir(parents=True)
+    (cuda_bin / "nvcc").write_text("#!/bin/sh\n")
+    (cuda_bin / "nvcc").chmod(0o755)
+    body = {
+        "no toolkit": 'echo "CMake Warning: deep_ep_py: NOT building the CUDA extension deep_ep_py._C: no nvcc"',
+        "nothing": "true",
+        "error": 'echo "CMake Error: boom"; exit 1',
+    }[cmake_says]
+    env = fake_tools(tmp_path, cmake=f'echo "$*" >> "{tmp_path}/cmake_calls.txt"\n{body}')
+    env["CUDA_HOME"] = str(tmp_path / "cuda")
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", "info,mps", "--ranks", "2 4", "--archive", str(tmp_path / "out.tar.gz"), env=env
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    assert rows["build"][0] == "FAIL", rows
+    reason = {"no toolkit": "CMake builds no extension here", "nothing": "produced no deep_ep_py/_C.*.so"}
+    assert reason.get(cmake_says, "exit code 1") in rows["build"][1], rows
+    later = list(rows)[list(rows).index("build") + 1 :]
+    assert "tests_r4" in later and "bench_internode_r8" in later
+    assert all(rows[step] == ("SKIP", "no extension (the build failed)") for step in later), rows
+    assert calls == []  # neither pytest nor the benchmark started
+    cmake_calls = (tmp_path / "cmake_calls.txt").read_text().splitlines()
+    assert f"-DCMAKE_CUDA_COMPILER={cuda_bin}/nvcc" in cmake_calls[0].split(), cmake_calls
+    assert len(cmake_calls) == (1 if cmake_says != "nothing" else 2), cmake_calls  # configure, build
+    build_log = next(log_dir.glob("*_build.log")).read_text()
+    assert reason.get(cmake_says, "CMake Error: boom") in build_log, build_log
+
+
+def test_a_failed_extension_check_skips_the_rest(tmp_path):
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", "info,mps,build", "--ranks", "2", "--internode-ranks", "2", stdin_rc=1
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = summary_rows(log_dir)
+    assert rows["ext"][0] == "FAIL" and rows["tests_r2"] == ("SKIP", "no extension (the extension check failed)")
+    assert len(calls) == 1  # the check itself
 
 
 def test_the_archive_and_a_partial_summary_come_after_every_step(tmp_path):
