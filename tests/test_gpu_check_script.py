@@ -11,6 +11,7 @@ build, ext) are skipped.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,8 +135,26 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
     pytest_calls = [call for call in calls if " -m pytest " in f" {call} "]
     assert [call.split()[0] for call in pytest_calls] == ["ranks=2", "ranks=4", "ranks=4", "ranks=8", "ranks=8"]
     assert all(call.split()[1] == "mps=" for call in calls), calls  # MPS skipped, not failed: nothing forced
-    assert "--ignore=tests/gpu/test_internode_gpu.py" in pytest_calls[0]
-    assert "tests/gpu/test_internode_gpu.py" in pytest_calls[1] and "--ignore" not in pytest_calls[1]
+    intranode_files = [arg for arg in pytest_calls[0].split() if arg.endswith(".py")]
+    internode_files = [arg for arg in pytest_calls[1].split() if arg.endswith(".py")]
+    assert internode_files == ["tests/gpu/test_internode_gpu.py", "tests/gpu/test_buffer_internode_gpu.py"]
+    # The foundation first; last the modules that launch kernels in the pytest process (a client of MPS from then
+    # on). A new module of the tier fails this until it has its place in the script's list.
+    assert intranode_files == [
+        "tests/gpu/test_runtime_gpu.py",
+        "tests/gpu/test_intranode_gpu.py",
+        "tests/gpu/test_low_latency_gpu.py",
+        "tests/gpu/test_buffer_cuda_gpu.py",
+        "tests/gpu/test_trap_gpu.py",
+        "tests/gpu/test_layout_gpu.py",
+        "tests/test_extension.py",
+    ]
+    gpu_modules = {
+        os.path.relpath(path, REPO_DIR)
+        for path in Path(REPO_DIR, "tests").rglob("test_*.py")
+        if re.search(r"^(pytestmark = |@)pytest\.mark\.gpu$", path.read_text(), re.MULTILINE)
+    }
+    assert set(intranode_files + internode_files) == gpu_modules
     assert rows["tests_r2"][1] == rows["tests_internode_r8"][1] == "passed=5 failed=0 skipped=1 error=0"
     bench_calls = [call.split() for call in calls if " -m bench " in f" {call} "]
     assert [args[args.index("--ranks") + 1] for args in bench_calls] == ["2", "4", "8", "4", "8"]

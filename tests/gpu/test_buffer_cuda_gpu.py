@@ -283,9 +283,11 @@ def _check_experts_switch_needs_clean(buffer, x, weights, num_experts: int, rank
 
 
 @pytest.mark.parametrize("unverified_kernels", ["0", "1"])
-def test_buffer_cuda_matches_reference(require_gpu, num_ranks: int, unverified_kernels: str) -> None:
+def test_buffer_cuda_matches_reference(
+    require_gpu, num_ranks: int, unverified_kernels: str, launch_timeout_s: float
+) -> None:
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": unverified_kernels, "DEEP_EP_PY_TIMEOUT_S": "30"}
-    launch(_compare, num_ranks, timeout_s=300.0, device=tier_device(), env=env)
+    launch(_compare, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)
 
 
 def _shrink_through_buffer(rank: int, num_ranks: int) -> None:
@@ -327,9 +329,9 @@ def _shrink_through_buffer(rank: int, num_ranks: int) -> None:
     finalize_nvshmem()
 
 
-def test_buffer_shrink_masks_a_dead_rank(require_gpu, num_ranks: int) -> None:
+def test_buffer_shrink_masks_a_dead_rank(require_gpu, num_ranks: int, launch_timeout_s: float) -> None:
     if num_ranks < 2:
         pytest.skip("needs a peer")
     # The kernels only: the reference masks by hand (its gloo collectives wait for every rank).
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1", "DEEP_EP_PY_TIMEOUT_S": "2"}
-    launch(_shrink_through_buffer, num_ranks, timeout_s=300.0, device=tier_device(), env=env)
+    launch(_shrink_through_buffer, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)

@@ -154,7 +154,7 @@ def test_buffer_internode_matches_reference(
         num_ranks,
         topology_from,
         unverified_kernels,
-        timeout_s=max(launch_timeout_s, 300.0),
+        timeout_s=launch_timeout_s,
         device=tier_device(),
         env=env,
     )
