@@ -38,7 +38,9 @@
 #                         that the script itself is known to work before a GPU's short lease is spent on it
 #
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
-# /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default 30 here), GPU_CHECK_BUILD_DIR (default build).
+# /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default here 10 s once MPS is up, else 30),
+# DEEP_EP_PY_TEST_TIMEOUT_S (a test launch's; 120 under --budget on a GPU), GPU_CHECK_BUILD_DIR (default build),
+# GPU_CHECK_COMMIT (the commit to report where the copy has no .git).
 # Nothing is downloaded: the machine's own torch and NVSHMEM are used.
 
 # The step functions run through run_step, traps and `bash -c` (exported): shellcheck cannot see those calls.
@@ -161,6 +163,8 @@ cd "$REPO_DIR" || exit 2
 
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
 export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps_log}
+# The device wait timeout: 30 s until MPS is known to be up (then 10 s, below), unless set here.
+USER_DEVICE_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-}
 export DEEP_EP_PY_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-30}
 # Eager module loading: with lazy loading, the first launch of a kernel can stall the host while this rank's
 # barrier kernel already waits on its peers, which skews first-call timings and short timeout tests.
@@ -636,7 +640,12 @@ else
         stop_mps >/dev/null 2>&1
         export DEEP_EP_PY_MPS=0
         add_details "the ranks run time-sliced (DEEP_EP_PY_MPS=0): correct but slow; figures not representative"
+    elif [ -z "$USER_DEVICE_TIMEOUT_S" ] && ! is_skipped mps; then
+        # Under MPS each kernel call takes milliseconds and the ranks enter each case together, so 10 s is ample; a
+        # broken path then costs each of its batched cases 10 s, not 30 (30 stays where the ranks are time-sliced).
+        export DEEP_EP_PY_TIMEOUT_S=10
     fi
+    add_details "device waits time out after ${DEEP_EP_PY_TIMEOUT_S} s (DEEP_EP_PY_TIMEOUT_S)"
 fi
 
 if [ -z "$WHEEL_DIR" ] && ! is_skipped wheel; then

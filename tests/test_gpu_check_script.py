@@ -56,7 +56,8 @@ def script_command(
     fake_python.write_text(
         "#!/usr/bin/env bash\n"
         f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
-        f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} $*" >> "{calls}"\n'
+        f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} timeout=${{DEEP_EP_PY_TIMEOUT_S:-}}'
+        f' $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         '[ "$1" = - ] && pytest_rc=${FAKE_PYTHON_STDIN_RC:-0}\n'
@@ -85,7 +86,7 @@ def script_command(
 
 
 def recorded_calls(tmp_path) -> list[str]:
-    """The stand-in's calls, one line each: "ranks=N mps=M ARGS"."""
+    """The stand-in's calls, one line each: "ranks=N mps=M timeout=S ARGS"."""
     calls = tmp_path / "calls.txt"
     return calls.read_text().splitlines() if calls.exists() else []
 
@@ -215,6 +216,24 @@ def test_without_mps_the_ranks_run_time_sliced(tmp_path):
     status, details = summary_rows(log_dir)["mps"]
     assert status == "FAIL" and "time-sliced (DEEP_EP_PY_MPS=0)" in details, details
     assert calls and all(call.split()[1] == "mps=0" for call in calls), calls
+    assert all(call.split()[2] == "timeout=30" for call in calls), calls
+    assert "device waits time out after 30 s" in details, details
+
+
+@pytest.mark.parametrize("user_timeout", [None, "7"])
+def test_under_mps_device_waits_time_out_sooner(tmp_path, user_timeout):
+    """With MPS up the ranks' kernels run concurrently: 10 s of device wait is ample, unless the user says otherwise."""
+    env = fake_tools(tmp_path, **{"nvidia-cuda-mps-control": "exit 0"})  # a daemon that answers
+    if user_timeout:
+        env["DEEP_EP_PY_TIMEOUT_S"] = user_timeout
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", "info,build,ext,bench_internode", "--ranks", "2", "--internode-ranks", "2", env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = user_timeout or "10"
+    assert calls and all(call.split()[1:3] == ["mps=", f"timeout={want}"] for call in calls), calls
+    status, details = summary_rows(log_dir)["mps"]
+    assert status == "PASS" and f"device waits time out after {want} s" in details, details
 
 
 def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):

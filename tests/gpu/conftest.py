@@ -15,8 +15,8 @@ starts the MPS daemon when it can.
 Table-driven cases run batched (deep_ep_py.testing.batch): every selected case of one module at one rank count (and
 one environment) in one launch, fetched through the ``gpu_batch`` fixture; each pytest test asserts its own case's
 outcome; a case that fails, hangs or breaks the CUDA context is reported on its own, by name and rank. Batches run
-with DEEP_EP_PY_TIMEOUT_S=30 unless the environment sets it (scripts/gpu_check.sh sets 30 too), so a rank whose peer
-left a case gives up after 30 s of waiting rather than the default 100. Tests that need a process of their own (an
+with DEEP_EP_PY_TIMEOUT_S=30 unless the environment sets it (scripts/gpu_check.sh sets 10 under MPS, else 30), so a
+rank whose peer left a case gives up after that many seconds of waiting rather than the default 100. Tests that need a process of their own (an
 absent peer with a short timeout) keep a launch each. A timing line per batch is printed at the end of the run.
 """
 
