@@ -157,9 +157,13 @@ fi
 # What an earlier run left there would pass for this one's (figures of a step that failed now, logs in the archive).
 rm -f "$LOG_DIR"/[0-9][0-9]_*.log "$LOG_DIR"/bench_*.json "$LOG_DIR"/pytest_*.xml "$LOG_DIR"/summary.txt* \
     "$LOG_DIR"/figures.txt
+rm -rf "$LOG_DIR/mps"
 # Nor an earlier archive: a run killed before its first step ends leaves none rather than an old one.
 [ -n "$ARCHIVE" ] && rm -f "$ARCHIVE" "$ARCHIVE.tmp"
 cd "$REPO_DIR" || exit 2
+# Which commit runs: a copy of the tree without .git (a lent machine's) says so only through GPU_CHECK_COMMIT.
+COMMIT=${GPU_CHECK_COMMIT:-$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null)}
+COMMIT=${COMMIT:-unknown (no .git, no GPU_CHECK_COMMIT)}
 
 export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps_pipe}
 export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps_log}
@@ -170,6 +174,11 @@ export DEEP_EP_PY_TIMEOUT_S=${DEEP_EP_PY_TIMEOUT_S:-30}
 # barrier kernel already waits on its peers, which skews first-call timings and short timeout tests.
 export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 export PYTHONUNBUFFERED=1
+# Each of up to 8 ranks and the pytest process would take one torch intra-op thread per core; their host work is
+# small, and 2 each leaves the cores to the ranks' polling host loops.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# No core dumps: an abort under NVSHMEM's large mappings could fill the machine's disk.
+ulimit -c 0
 # Under a budget, one launch that hangs on the host costs the suite's launch timeout (default 180 s) out of its
 # step's time: on a GPU a launch takes seconds, and 120 s leaves the step time for the tests after it.
 if [ "$BUDGET_S" -gt 0 ] && [ "$DEVICE" = cuda ]; then
@@ -351,6 +360,7 @@ format_summary() {
         echo "overall: FAIL ($num_failed of ${#STEP_NAMES[@]} steps failed$not_started, ranks: $RANKS, internode:" \
             "$INTERNODE_RANKS); logs in $LOG_DIR"
     fi
+    echo "commit: $COMMIT"
 }
 
 # The figures of every benchmark step that finished, in one table (also into LOG_DIR/figures.txt): what a reader of
@@ -400,12 +410,23 @@ write_archive() {
     fi
 }
 
+# The MPS daemon's logs (the server's names the clients that faulted) into LOG_DIR/mps, their last MiB each (a
+# daemon that was already running may have logged for long).
+copy_mps_logs() {
+    local log
+    for log in "$CUDA_MPS_LOG_DIRECTORY"/*.log; do
+        [ -f "$log" ] || continue
+        mkdir -p "$LOG_DIR/mps" && tail -c 1048576 "$log" >"$LOG_DIR/mps/$(basename "$log")"
+    done
+}
+
 # After every step: a partial summary and a fresh archive, so that a command killed before the end (a lent
 # machine's limit, a hang past every timeout) still returns every finished step's log and outcome. The logs are
 # small: this takes well under a second.
 checkpoint() {
     format_summary "$(count_failed)" partial >"$LOG_DIR/summary.txt.tmp" &&
         mv -f "$LOG_DIR/summary.txt.tmp" "$LOG_DIR/summary.txt"
+    copy_mps_logs
     write_archive quiet
 }
 
@@ -437,6 +458,7 @@ on_signal() {
     fi
     stop_mps >/dev/null 2>&1
     [ "$SUMMARY_PRINTED" -eq 1 ] || print_summary
+    copy_mps_logs
     write_archive
     exit 130
 }
@@ -446,16 +468,26 @@ trap on_signal INT TERM
 step_info() {
     local rc=0
     echo "date: $(date -Is)  host: $(hostname)  repo: $REPO_DIR"
+    [ -n "${GPU_CHECK_COMMIT:-}" ] && echo "commit: $GPU_CHECK_COMMIT (GPU_CHECK_COMMIT)"
     (git -C "$REPO_DIR" log -1 --oneline && git -C "$REPO_DIR" status --short) 2>/dev/null || echo "(not a git checkout)"
     echo
     if [ "$DEVICE" = cuda ]; then
         timeout 60 nvidia-smi || rc=1
         echo
         timeout 60 nvidia-smi topo -m 2>/dev/null
+        echo
+        # EXCLUSIVE_PROCESS would refuse the trap test's child, which runs outside MPS next to the daemon.
+        timeout 60 nvidia-smi --query-gpu=index,name,compute_mode --format=csv
     else
         echo "--device emulated: the kernels run on their CPU emulator ($(nproc) cores)"
     fi
-    nvcc --version || echo "nvcc: not on PATH"
+    echo
+    echo "nvcc: $(command -v nvcc || echo 'not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)')  CUDA_HOME=${CUDA_HOME:-}"
+    nvcc --version
+    # NVSHMEM's several PEs per GPU (under MPS) set up through POSIX shared memory.
+    df -h /dev/shm /tmp 2>/dev/null
+    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS CUDA_MODULE_LOADING=$CUDA_MODULE_LOADING" \
+        "DEEP_EP_PY_TEST_TIMEOUT_S=${DEEP_EP_PY_TEST_TIMEOUT_S:-} (the device wait timeout: the mps step's details)"
     cmake --version | head -n 1 || rc=1
     ninja --version 2>/dev/null | sed 's/^/ninja /'
     "$PYTHON" - <<'EOF' || rc=1
@@ -619,8 +651,8 @@ EOF
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
-echo "gpu_check: repo $REPO_DIR, logs $LOG_DIR, ranks '$RANKS', internode ranks '$INTERNODE_RANKS', quick=$QUICK," \
-    "budget ${BUDGET_S:-0} s"
+echo "gpu_check: repo $REPO_DIR (commit $COMMIT), logs $LOG_DIR, ranks '$RANKS', internode ranks" \
+    "'$INTERNODE_RANKS', quick=$QUICK, budget ${BUDGET_S:-0} s"
 
 # Steps that run under timeout run in a child bash: it gets the step functions and their variables exported.
 export PYTHON REPO_DIR WHEEL_DIR BUILD_DIR DEVICE
@@ -798,5 +830,6 @@ fi
 echo "gpu_check: finished in $((SECONDS - TOTAL_STARTED)) s"
 print_summary
 num_failed=$?
+copy_mps_logs
 write_archive
 exit "$num_failed"

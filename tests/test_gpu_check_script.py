@@ -43,11 +43,11 @@ def script_command(
     pytest_rc: int = 0,
     stdin_rc: int = 0,
     on_sigint: str = "",
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The script's command line and environment with the stand-in as its python. on_sigint: what the stand-in
     prints when SIGINT reaches it (pytest's closing report), before it exits 2. stdin_rc: its exit status for a
-    script on stdin (`python - <<EOF`: the extension check). env: more variables (PATH, say)."""
+    script on stdin (`python - <<EOF`: the extension check). env: more variables (PATH, say; None unsets one)."""
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
     figures = tmp_path / "figures.json"
@@ -57,7 +57,7 @@ def script_command(
         "#!/usr/bin/env bash\n"
         f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
         f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} timeout=${{DEEP_EP_PY_TIMEOUT_S:-}}'
-        f' $*" >> "{calls}"\n'
+        f' omp=${{OMP_NUM_THREADS:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         '[ "$1" = - ] && pytest_rc=${FAKE_PYTHON_STDIN_RC:-0}\n'
@@ -82,11 +82,12 @@ def script_command(
         FAKE_PYTHON_ON_SIGINT=on_sigint,
     )
     script_env.update(env or {})
+    script_env = {k: v for k, v in script_env.items() if v is not None}  # None in env: unset
     return ["bash", SCRIPT, "--log-dir", str(tmp_path / "logs"), *args], script_env
 
 
 def recorded_calls(tmp_path) -> list[str]:
-    """The stand-in's calls, one line each: "ranks=N mps=M timeout=S ARGS"."""
+    """The stand-in's calls, one line each: "ranks=N mps=M timeout=S omp=T ARGS"."""
     calls = tmp_path / "calls.txt"
     return calls.read_text().splitlines() if calls.exists() else []
 
@@ -236,6 +237,27 @@ def test_under_mps_device_waits_time_out_sooner(tmp_path, user_timeout):
     assert status == "PASS" and f"device waits time out after {want} s" in details, details
 
 
+def test_diagnostics_the_mps_logs_the_commit_and_the_ranks_threads(tmp_path):
+    """The MPS daemon's logs come back in the archive (the server's names the clients that faulted), the summary
+    names the commit of a copy without .git (GPU_CHECK_COMMIT), and the ranks get 2 intra-op threads unless set."""
+    mps_logs = tmp_path / "mps_log"
+    mps_logs.mkdir()
+    (mps_logs / "server.log").write_text("[server] client 1234 faulted\n")
+    env = fake_tools(tmp_path, **{"nvidia-cuda-mps-control": "exit 0"})
+    env.update(CUDA_MPS_LOG_DIRECTORY=str(mps_logs), CUDA_MPS_PIPE_DIRECTORY=str(tmp_path / "pipe"))
+    env.update(GPU_CHECK_COMMIT="abc1234")
+    env["OMP_NUM_THREADS"] = None
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", "info,build,ext,tests_internode,bench,bench_internode", "--ranks", "2", "--archive",
+        str(tmp_path / "out" / "gpu_check.tar.gz"), env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:
+        assert archive.extractfile("logs/mps/server.log").read() == b"[server] client 1234 faulted\n"
+    assert "commit: abc1234" in (tmp_path / "out" / "summary.txt").read_text()
+    assert calls and all(call.split()[3] == "omp=2" for call in calls), calls
+
+
 def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     # 42 s less the 15 s kept for the closing steps: the first step gets 27 s of its 1200, the stand-in sleeps past
     # that and is killed; nothing is left for the next steps.
@@ -254,7 +276,8 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     steps = list(rows)
     later = steps[steps.index("tests_r2") + 1 :]
     assert later and all(rows[step][0] == "SKIP" and "budget" in rows[step][1] for step in later), rows
-    assert f"{len(later)} not started for the budget" in proc.stdout.splitlines()[-2], proc.stdout
+    overall = next(line for line in proc.stdout.splitlines() if line.startswith("overall: "))
+    assert f"{len(later)} not started for the budget" in overall, proc.stdout
     assert len(calls) == 1
     assert tarfile.open(tmp_path / "gpu_check.tar.gz").getnames()
 
