@@ -39,6 +39,10 @@ launched with DEEP_EP_PY_EMULATE_DEVICE=1 and, unless the environment sets it, D
 every kernel-only path of the bench (one-copy checks, internode and low-latency rows, vs intranode, the copy roof,
 the notes) runs where no GPU is, as CI does. Its figures are CPU wall-clock time of emulated kernels and mean
 nothing about the kernels' speed: the table, its notes and the JSON say so. No CUDA graphs there: no graph row.
+
+A launch that fails (a rank raised, a timeout) or is interrupted (SIGINT) keeps the rows of the modes every rank
+finished, with a note naming the failure; the JSON is written all the same, and the exit status is 1 (130 when
+interrupted, which also ends the run before the next rank count).
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ import argparse
 import dataclasses
 import datetime
 import os
+import pickle
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -447,9 +454,25 @@ def _launch_env(cfg: BenchConfig) -> dict[str, str] | None:
     return None
 
 
+def _partial_results(partial_dir: str, num_ranks: int) -> list[dict] | None:
+    """Every rank's figures of the modes it finished (bench_worker's partial_dir), or None where a rank saved none."""
+    per_rank = []
+    for rank in range(num_ranks):
+        try:
+            with open(os.path.join(partial_dir, f"rank{rank}.pkl"), "rb") as f:
+                per_rank.append(pickle.load(f))
+        except FileNotFoundError:
+            return None
+    return per_rank
+
+
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse argv, run every rank count, print the table, write the JSON; return the JSON document's parts."""
+    """Parse argv, run every rank count, print the table, write the JSON; return the JSON document's parts, and
+    under "failures" the launches that failed. A failed launch keeps the rows of the modes every rank finished
+    (its note says so) and the next rank count runs; an interrupted one (KeyboardInterrupt: SIGINT, as a step limit
+    of scripts/gpu_check.sh sends it) keeps them too and ends the run, with its JSON written."""
     from deep_ep_py.testing import launch
+    from deep_ep_py.testing.launcher import RankFailedError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -461,6 +484,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     rows: list[report.Row] = []
     first_rank: dict = {}
     worker_notes: dict[str, list[int]] = {}  # note -> the rank counts that gave it
+    failures: list[str] = []
+    interrupted = False
     start = time.perf_counter()
     for num_ranks in rank_counts:
         timeout_s = args.timeout_s or _default_timeout_s(cfg, num_ranks)
@@ -471,24 +496,50 @@ def run(argv: Sequence[str] | None = None) -> dict:
             f"(timeout {timeout_s:.0f} s)"
         )
         launch_start = time.perf_counter()
-        per_rank = launch(
-            bench_worker,
-            num_ranks,
-            cfg,
-            timeout_s=timeout_s,
-            backend=args.dist_backend,
-            env=_launch_env(cfg),
-            device=cfg.device,
-        )
+        partial_dir = tempfile.mkdtemp(prefix="bench_partial_")
+        try:
+            per_rank = launch(
+                bench_worker,
+                num_ranks,
+                cfg,
+                partial_dir,
+                timeout_s=timeout_s,
+                backend=args.dist_backend,
+                env=_launch_env(cfg),
+                device=cfg.device,
+            )
+        except (RankFailedError, TimeoutError, KeyboardInterrupt) as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            # The first line names the rank, the last the exception (a RankFailedError carries the traceback).
+            lines = str(exc).strip().splitlines() or [""]
+            reason = (lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else ""))[:300]
+            if interrupted:
+                failure = f"ranks={num_ranks}: the launch was interrupted (SIGINT)"
+            else:
+                failure = f"ranks={num_ranks}: the launch failed ({type(exc).__name__}: {reason})"
+            per_rank = _partial_results(partial_dir, num_ranks)
+            kept = "only the rows of the modes every rank finished" if per_rank else "no mode finished on every rank"
+            failures.append(f"{failure}; {kept}")
+            log(failures[-1])
+        finally:
+            shutil.rmtree(partial_dir, ignore_errors=True)
+        if per_rank is None:
+            if interrupted:
+                break
+            continue
         log(f"ranks={num_ranks} done in {time.perf_counter() - launch_start:.1f} s")
         first_rank = first_rank or per_rank[0]
         rows += _rows_for(num_ranks, cfg, per_rank)
         for note in dict.fromkeys(note for r in per_rank for note in r.get("notes", [])):
             worker_notes.setdefault(note, []).append(num_ranks)
+        if interrupted:
+            break
 
     backends = sorted({row.backend for row in rows})
     has_kernels = bool(first_rank.get("has_kernels"))
-    notes = _notes(cfg, rows, [f"{note} [ranks {','.join(map(str, counts))}]" for note, counts in worker_notes.items()])
+    notes = _notes(
+        cfg, rows, [f"{note} [ranks {','.join(map(str, counts))}]" for note, counts in worker_notes.items()] + failures
+    )
     emulated = cfg.device == EMULATED
     env = report.environment(
         device_name=first_rank.get("device_name", EMULATOR_DEVICE_NAME if emulated else cfg.device),
@@ -511,9 +562,20 @@ def run(argv: Sequence[str] | None = None) -> dict:
         print(f"# {EMULATOR_NOTE}")  # above the table too: no figure of it may be read as a kernel's speed
     print(report.format_table(rows, notes))
     log(f"wrote {json_path} ({env['wall_s']:.1f} s)")
-    return {"rows": rows, "environment": env, "settings": settings, "notes": notes, "json_path": json_path}
+    return {
+        "rows": rows,
+        "environment": env,
+        "settings": settings,
+        "notes": notes,
+        "json_path": json_path,
+        "failures": failures,
+        "interrupted": interrupted,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
-    return 0
+    """0, or 1 where a launch failed (its rows may be missing), 130 where it was interrupted."""
+    result = run(argv)
+    if result["interrupted"]:
+        return 130
+    return 1 if result["failures"] else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import platform
 import sys
 import traceback
@@ -472,8 +473,22 @@ def _graph_round_trip(
     return times, None
 
 
-def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
-    """One rank: build each mode's Buffer, time its paths, return this rank's figures (picklable)."""
+# For tests of a launch that fails part way: every rank raises when it comes to the mode of this name.
+FAIL_MODE_ENV = "DEEP_EP_PY_BENCH_FAIL_MODE"
+
+
+def _save_partial(partial_dir: str, rank: int, out: dict) -> None:
+    """This rank's figures of every mode it finished, in partial_dir/rank{rank}.pkl (replaced whole, never half
+    written): what the driver still reports when a later mode fails or the launch is cut short."""
+    path = os.path.join(partial_dir, f"rank{rank}.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(out, f)
+    os.replace(path + ".tmp", path)
+
+
+def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig, partial_dir: str | None = None) -> dict:
+    """One rank: build each mode's Buffer, time its paths, return this rank's figures (picklable). With
+    partial_dir, also save them there after each mode (_save_partial)."""
     torch.manual_seed(cfg.seed + rank)
     if cfg.device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -518,8 +533,15 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig) -> dict:
             if skip_reason is not None:
                 out["notes"].append(f"{mode} rows: skipped ({skip_reason})")
                 continue
+        if os.environ.get(FAIL_MODE_ENV) == mode:
+            raise RuntimeError(f"rank {rank}: {FAIL_MODE_ENV}={mode}")
         with _mode_env(mode, cfg, num_ranks):
             _run_mode(mode, cfg, rank, num_ranks, device, out)
+        if partial_dir is not None:
+            _save_partial(partial_dir, rank, out)
+            # Every rank has saved this mode before any starts the next: a rank failing there ends the launch, and
+            # a peer still saving would lose its figures of this mode, and with them the rows.
+            dist.barrier()
     # Every mode's Buffer joined the NVSHMEM the first one started; it ends here, in step on every rank, rather
     # than at the process's exit.
     from deep_ep_py.runtime import finalize_nvshmem

@@ -768,7 +768,7 @@ tests_internode_step() {  # rank count
 
 # The benchmark measures the kernels, including those still opt-in until the GPU tier passes (README, Status):
 # the reference fallback on GPU tensors goes through host memory and would only measure gloo. One step per rank
-# count, so that what a budget cuts short loses only its own rows. Emulated, tiny sizes: the figures mean nothing
+# count, so that what a budget cuts short loses only its own rows (and not those of the modes that finished). Emulated, tiny sizes: the figures mean nothing
 # there, the run shows that every benchmark path works.
 BENCH_DEVICE_ARGS=(--device cuda)
 if [ "$DEVICE" = emulated ]; then
@@ -782,7 +782,8 @@ bench_step() {  # rank count
     [ "$QUICK" -eq 1 ] && args+=(--quick)
     run_step "bench_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
         "$PYTHON" -m bench "${args[@]}"
-    if last_step_ran && [ "$LAST_RC" -eq 0 ]; then
+    # A launch that failed or was cut short (SIGINT) still writes the rows of the modes every rank finished.
+    if last_step_ran && [ -f "$json" ]; then
         add_details "$json"
         add_details "$(speed_vs_intranode one_copy "$json" 2>&1 | tail -n 1)"
     fi
@@ -797,7 +798,7 @@ bench_internode_step() {  # rank count
     [ "$QUICK" -eq 1 ] && args+=(--quick)
     run_step "bench_internode_r$1" "$STEP_TIMEOUT_S" \
         env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" "$PYTHON" -m bench "${args[@]}"
-    if last_step_ran && [ "$LAST_RC" -eq 0 ]; then
+    if last_step_ran && [ -f "$json" ]; then
         add_details "$json"
         add_details "$(speed_vs_intranode internode "$json" 2>&1 | tail -n 1)"
         add_details "$(speed_vs_intranode internode_puts "$json" 2>&1 | tail -n 1)"

@@ -92,6 +92,29 @@ def _check_path_figures(row: dict) -> None:
         assert row["vs_intranode"] is None, row
 
 
+def test_bench_keeps_the_rows_of_the_modes_that_finished(tmp_path):
+    """A launch that fails in a later mode (here on purpose: DEEP_EP_PY_BENCH_FAIL_MODE) still writes the JSON with
+    the rows of the modes every rank finished, a note naming the failure, and exits 1: on a GPU machine's one run the
+    intranode rows must not vanish with the newest path's failure."""
+    json_path = tmp_path / "bench.json"
+    args = [*TINY_ARGS, "--paths", "normal,low_latency"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json", str(json_path)],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        env=dict(os.environ, DEEP_EP_PY_BENCH_FAIL_MODE="low_latency"),
+    )
+    assert proc.returncode == 1, f"rc {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    doc = json.loads(json_path.read_text())
+    assert [(row["path"], row["dtype"]) for row in doc["rows"]] == EXPECTED_PATHS[:3], doc["rows"]
+    failed = [note for note in doc["notes"] if "the launch failed" in note]
+    assert len(failed) == 1 and failed[0].startswith("ranks=2: the launch failed (RankFailedError: "), doc["notes"]
+    assert "only the rows of the modes every rank finished" in failed[0], failed
+    assert "\ndispatch " in proc.stdout and "\nll_dispatch " not in proc.stdout, proc.stdout
+
+
 def test_bench_tiny_end_to_end(tmp_path):
     json_path = tmp_path / "bench.json"
     proc = _run_bench(TINY_ARGS, json_path, timeout_s=55)

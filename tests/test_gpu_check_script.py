@@ -42,12 +42,14 @@ def script_command(
     output: str = "",
     pytest_rc: int = 0,
     stdin_rc: int = 0,
+    bench_rc: int = 0,
     on_sigint: str = "",
     env: dict[str, str | None] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The script's command line and environment with the stand-in as its python. on_sigint: what the stand-in
     prints when SIGINT reaches it (pytest's closing report), before it exits 2. stdin_rc: its exit status for a
-    script on stdin (`python - <<EOF`: the extension check). env: more variables (PATH, say; None unsets one)."""
+    script on stdin (`python - <<EOF`: the extension check). bench_rc: its exit status as the benchmark (which
+    writes its JSON all the same). env: more variables (PATH, say; None unsets one)."""
     calls = tmp_path / "calls.txt"
     fake_python = tmp_path / "fake_python"
     figures = tmp_path / "figures.json"
@@ -61,6 +63,7 @@ def script_command(
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         '[ "$1" = - ] && pytest_rc=${FAKE_PYTHON_STDIN_RC:-0}\n'
+        '[ "$2" = bench ] && pytest_rc=${FAKE_BENCH_RC:-0}\n'
         f'while [ "$#" -gt 1 ]; do [ "$1" = --json ] && cp "{figures}" "$2"; shift; done\n'
         # A trap on a signal that was ignored when bash started never runs: so the output proves SIGINT's default
         # disposition there, as pytest needs it. Waited for in the background, so that the trap runs at once.
@@ -79,6 +82,7 @@ def script_command(
         FAKE_PYTHON_OUTPUT=output,
         FAKE_PYTEST_RC=str(pytest_rc),
         FAKE_PYTHON_STDIN_RC=str(stdin_rc),
+        FAKE_BENCH_RC=str(bench_rc),
         FAKE_PYTHON_ON_SIGINT=on_sigint,
     )
     script_env.update(env or {})
@@ -185,6 +189,18 @@ def test_skip_names_a_step_kind_at_every_rank_count(tmp_path):
     assert rows["tests_r2"][0] == rows["tests_r4"][0] == rows["bench_internode_r4"][0] == "SKIP"
     assert rows["tests_internode_r4"][0] == rows["bench_r2"][0] == rows["bench_r4"][0] == "PASS"
     assert not any("--ignore=" in call for call in calls)
+
+
+def test_a_failed_benchmark_step_still_reports_the_rows_it_wrote(tmp_path):
+    """The benchmark writes the rows of the modes that finished when a later one fails: the step FAILs, and its
+    JSON is named in its details and its figures come in the table."""
+    proc, _, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},tests,tests_internode,bench_internode", "--ranks", "2", bench_rc=1
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    status, details = summary_rows(log_dir)["bench_r2"]
+    assert status == "FAIL" and f"{log_dir}/bench_r2.json" in details, details
+    assert (log_dir / "figures.txt").read_text().count("1234.5") == 1
 
 
 def test_a_test_step_that_selects_no_test_is_skipped_not_failed(tmp_path):
