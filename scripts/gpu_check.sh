@@ -487,7 +487,7 @@ step_info() {
     # NVSHMEM's several PEs per GPU (under MPS) set up through POSIX shared memory.
     df -h /dev/shm /tmp 2>/dev/null
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS CUDA_MODULE_LOADING=$CUDA_MODULE_LOADING" \
-        "DEEP_EP_PY_TEST_TIMEOUT_S=${DEEP_EP_PY_TEST_TIMEOUT_S:-} (the device wait timeout: the mps step's details)"
+        "DEEP_EP_PY_TEST_TIMEOUT_S=${DEEP_EP_PY_TEST_TIMEOUT_S:-} (the device wait timeout is set by the mps step)"
     cmake --version | head -n 1 || rc=1
     ninja --version 2>/dev/null | sed 's/^/ninja /'
     "$PYTHON" - <<'EOF' || rc=1
