@@ -26,6 +26,7 @@ from normal_kernels_cases import (
     Case,
     KernelsPath,
     late_peer_case,
+    late_peer_combine_case,
     protocol_batch_cases,
     table_batch_cases,
     timeout_case,
@@ -509,11 +510,13 @@ def test_intranode_absent_peer_times_out(require_gpu, num_ranks, launch_timeout_
 
 
 @pytest.mark.gpu
-def test_intranode_late_peer_raises(require_gpu, num_ranks, launch_timeout_s):
-    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that enters a dispatch after it."""
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_intranode_late_peer_raises(require_gpu, num_ranks, launch_timeout_s, call):
+    """A launch of its own: DEEP_EP_PY_TIMEOUT_S=3, and a rank that enters a multi-round `call` after it."""
     if num_ranks < 2:
         pytest.skip("needs a peer")
-    results = _launch_with_short_timeout(late_peer_case, num_ranks, launch_timeout_s)
+    case_fn = late_peer_case if call == "dispatch" else late_peer_combine_case
+    results = _launch_with_short_timeout(case_fn, num_ranks, launch_timeout_s)
     assert "gave up" in results[-1], results
 
 
