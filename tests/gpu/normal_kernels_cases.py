@@ -431,6 +431,22 @@ def timeout_case(ctx, path: KernelsPath) -> str:
     return message
 
 
+def _dispatch_before_combine(ctx, path: KernelsPath, case: Case, what: str):
+    """(kernels, dispatch outputs) of one host-synced dispatch of `case` on fresh kernels, checked and synchronized on
+    every rank, for a test whose failure must be the combine's."""
+    reference, kernels = _reference_and_kernels(ctx, path, case)
+    inp, num_experts = path.inputs(case, ctx.num_ranks, ctx.rank, 0)
+    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
+    layout = reference.get_dispatch_layout(topk_idx, num_experts)
+    out = kernels.dispatch(
+        on_kernel_device(inp.x), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8
+    )
+    ep_device.synchronize()
+    kernels._check_device_errors(f"{what}'s dispatch")
+    ctx.barrier()
+    return kernels, out
+
+
 def combine_timeout_case(ctx, path: KernelsPath) -> str:
     """Every rank dispatches; the last never combines: the others' combine raises DeepEPTimeoutError naming the
     waiting rank (and, in the intranode kernels, the absent one as the channel) instead of hanging. Returns the
@@ -438,18 +454,8 @@ def combine_timeout_case(ctx, path: KernelsPath) -> str:
     from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
-    case = TIMEOUT_CASE
-    reference, kernels = _reference_and_kernels(ctx, path, case)
     absent = num_ranks - 1
-    inp, num_experts = path.inputs(case, num_ranks, rank, 0)
-    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
-    layout = reference.get_dispatch_layout(topk_idx, num_experts)
-    out = kernels.dispatch(
-        on_kernel_device(inp.x), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8
-    )
-    ep_device.synchronize()
-    kernels._check_device_errors("the combine timeout test's dispatch")  # the timeout below is the combine's
-    ctx.barrier()
+    kernels, out = _dispatch_before_combine(ctx, path, TIMEOUT_CASE, "the combine timeout test")
     message = ""
     if rank != absent:
         try:
@@ -464,6 +470,17 @@ def combine_timeout_case(ctx, path: KernelsPath) -> str:
     ep_device.synchronize()
     ctx.barrier()
     return message
+
+
+def _timeout_message(run, failure: str) -> str:
+    """The message of the DeepEPTimeoutError that run() raises; AssertionError(failure) where it raises none."""
+    from deep_ep_py.errors import DeepEPTimeoutError
+
+    try:
+        run()
+    except DeepEPTimeoutError as exc:
+        return str(exc)
+    raise AssertionError(failure)
 
 
 def _check_names_peer_that_gave_up(where: str, message: str, late: int) -> None:
@@ -487,7 +504,6 @@ def late_peer_case(ctx, path: KernelsPath) -> str:
     from brute_force import check
 
     from deep_ep_py import config as ep_config
-    from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
     late = num_ranks - 1
@@ -503,12 +519,10 @@ def late_peer_case(ctx, path: KernelsPath) -> str:
     out = kernels.dispatch(x, None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, num_worst, 8)
     ep_device.synchronize()
     where = f"late peer {path.label(ctx)}"
-    try:
-        kernels._check_device_errors(where)
-    except DeepEPTimeoutError as exc:
-        message = str(exc)
-    else:
-        raise AssertionError(f"{where}: dispatch raised nothing although rank {late} entered it after the timeout")
+    message = _timeout_message(
+        lambda: kernels._check_device_errors(where),
+        f"{where}: dispatch raised nothing although rank {late} entered it after the timeout",
+    )
     if rank == late:
         _check_names_peer_that_gave_up(where, message, rank)
         recv_x, recv_topk_idx, handle = out[0], out[2], out[5]
@@ -532,31 +546,22 @@ def late_peer_combine_case(ctx, path: KernelsPath) -> str:
     import time
 
     from deep_ep_py import config as ep_config
-    from deep_ep_py.errors import DeepEPTimeoutError
 
     rank, num_ranks = ctx.rank, ctx.num_ranks
     late = num_ranks - 1
-    reference, kernels = _reference_and_kernels(ctx, path, LATE_PEER_CASE)
-    inp, num_experts = path.inputs(LATE_PEER_CASE, num_ranks, rank, 0)
-    topk_idx, topk_weights = on_kernel_device(inp.topk_idx), on_kernel_device(inp.topk_weights)
-    layout = reference.get_dispatch_layout(topk_idx, num_experts)
-    out = kernels.dispatch(
-        on_kernel_device(inp.x), None, None, layout[3], layout[0], layout[2], topk_idx, topk_weights, 1, 0, 8
-    )
-    ep_device.synchronize()
-    kernels._check_device_errors("the late-peer combine test's dispatch")  # the timeout below is the combine's
-    ctx.barrier()
+    kernels, out = _dispatch_before_combine(ctx, path, LATE_PEER_CASE, "the late-peer combine test")
     if rank == late:
         time.sleep(ep_config.timeout_s() + LATE_MARGIN_S)
     where = f"late peer combine {path.label(ctx)}"
-    try:
+
+    def combine_and_check() -> None:
         kernels.combine(out[0], out[5], out[3], (), 8)
         ep_device.synchronize()
         kernels._check_device_errors(where)
-    except DeepEPTimeoutError as exc:
-        message = str(exc)
-    else:
-        raise AssertionError(f"{where}: combine raised nothing although rank {late} entered it after the timeout")
+
+    message = _timeout_message(
+        combine_and_check, f"{where}: combine raised nothing although rank {late} entered it after the timeout"
+    )
     if rank == late:
         _check_names_peer_that_gave_up(where, message, rank)
     else:
