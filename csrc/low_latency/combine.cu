@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
         const int dst_rank = unit % num_ranks;  // the source rank of these rows at dispatch
         // Not uniform across the block: under enable_shrink a receive of this rank on another stream may mask
         // dst_rank between two warps' reads. So a masked unit still takes the unit's barrier below (a warp that
-        // skipped it would pair its later barriers with the wrong units and hang the block); its rows may be partly
-        // sent, which a masked rank, taken for dead, never reads.
+        // skipped it would pair its later barriers with the wrong units and hang the block), and thread 0 reads
+        // the mask again after it before signalling.
         const bool dst_masked = rank_is_masked(args.rank_mask, dst_rank);
         // Clamped to the expert's rows: a handle whose receive never ran (a hook not called, a combine not ordered
         // after it) holds garbage here, and an address fault under MPS would end every rank on the GPU.
@@ -94,7 +94,10 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) combine_send_kernel(const
         // the signal (st.release.sys, cumulative over what the barrier made thread 0 observe), as a grid sync orders
         // a block's writes by one thread's fence after its barrier.
         quiet_block_puts(issued_puts);
-        if (threadIdx.x == 0 && !dst_masked) {
+        // A rank is only ever masked during a kernel, never un-masked, and the barrier orders every warp's read
+        // of its word before this one: a unit some warp skipped as masked is never announced complete (to a rank
+        // that may be slow rather than dead, and would sum that warp's rows from an earlier call).
+        if (threadIdx.x == 0 && !rank_is_masked(args.rank_mask, dst_rank)) {
             const int expert_idx = shape.rank * num_local_experts + local_expert;
             uint64_t* signal = half.combine_signals + expert_idx;
             set_peer_signal(signal, mapped_peer(p.launch, signal, dst_rank, shape.rank),

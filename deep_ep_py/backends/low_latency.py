@@ -170,8 +170,10 @@ class LowLatencyKernels:
 
     def check_device_errors(self, what: str = "low-latency call") -> None:
         """Raise what a kernel recorded since the last check (DeepEPTimeoutError for a wait that timed out), then
-        clear the record but its timed_out word: kernels still queued give up at once, and the next call raises
-        again, until update_mask or clean_low_latency_buffer."""
+        clear the record but its timed_out word, until update_mask or clean_low_latency_buffer: kernels still
+        queued give up at once, and a later call raises again as soon as one of its waits has to wait (a wait
+        whose signal is already there returns it without a look at timed_out: the LL receives read no host-mapped
+        word before their polls, to keep that PCIe read off the decode path)."""
         self.error_record.check_and_reset(what)
 
     def _next_buffer_idx(self) -> int:
