@@ -98,10 +98,11 @@ __device__ __forceinline__ int atomic_add_acq_rel_sys(int* ptr, int value) {
     return old;
 }
 
-// Compare-and-swap with system scope, relaxed ordering: used where the winner publishes separately.
-__device__ __forceinline__ int atomic_cas_relaxed_sys(int* ptr, int expected, int desired) {
+// Compare-and-swap with system scope, acquire ordering: the claim of a word whose winner then writes fields that
+// another agent (the host) cleared before it released the word, and publishes them separately.
+__device__ __forceinline__ int atomic_cas_acquire_sys(int* ptr, int expected, int desired) {
     int old;
-    asm volatile("atom.cas.relaxed.sys.global.b32 %0, [%1], %2, %3;"
+    asm volatile("atom.cas.acquire.sys.global.b32 %0, [%1], %2, %3;"
                  : "=r"(old)
                  : "l"(ptr), "r"(expected), "r"(desired)
                  : "memory");

@@ -61,7 +61,7 @@ __device__ __forceinline__ void trap_after_record(bool trap_on_error, ErrorCode 
 __device__ __forceinline__ void record_device_timeout(const TimeoutContext& ctx, WaitSite site, uint64_t waited_ns) {
     int* code = &ctx.record->code;
     // Whoever claimed first (a capacity record, another timeout) keeps the record: theirs is the first failure.
-    if (ptx::atomic_cas_relaxed_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) ==
+    if (ptx::atomic_cas_acquire_sys(code, static_cast<int>(ErrorCode::kNone), static_cast<int>(ErrorCode::kClaiming)) ==
         static_cast<int>(ErrorCode::kNone)) {
         ctx.record->rank = ctx.rank;
         ctx.record->channel = ctx.channel;
@@ -83,7 +83,7 @@ __device__ __forceinline__ void record_device_value_error(DeviceErrorRecord* rec
                                                           int rank, int channel, WaitSite site, int64_t value,
                                                           int64_t bound) {
     int* code_word = &record->code;
-    if (ptx::atomic_cas_relaxed_sys(code_word, static_cast<int>(ErrorCode::kNone),
+    if (ptx::atomic_cas_acquire_sys(code_word, static_cast<int>(ErrorCode::kNone),
                                     static_cast<int>(ErrorCode::kClaiming)) == static_cast<int>(ErrorCode::kNone)) {
         record->rank = rank;
         record->channel = channel;

@@ -37,8 +37,8 @@ inline int atomic_add_release_sys(int* ptr, int value) { return __atomic_fetch_a
 inline int atomic_add_release_gpu(int* ptr, int value) { return __atomic_fetch_add(ptr, value, __ATOMIC_RELEASE); }
 inline int atomic_add_acq_rel_sys(int* ptr, int value) { return __atomic_fetch_add(ptr, value, __ATOMIC_ACQ_REL); }
 
-inline int atomic_cas_relaxed_sys(int* ptr, int expected, int desired) {
-    __atomic_compare_exchange_n(ptr, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+inline int atomic_cas_acquire_sys(int* ptr, int expected, int desired) {
+    __atomic_compare_exchange_n(ptr, &expected, desired, false, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE);
     return expected;
 }
 
