@@ -10,6 +10,8 @@ Paths (each a row per rank count):
   rows store through P2P mappings ("internode_puts_dispatch", "internode_puts_combine");
 - low-latency mode, ``--ll-tokens`` per rank: dispatch fp8 and combine bf16, each with and without
   ``return_recv_hook`` (with the hook, the timed region is the call plus ``hook()``; "send us" is the call alone);
+- low_latency_puts mode (by name in ``--paths`` only): ll_dispatch and ll_combine again with every rank its own node
+  and the network emulated, so every delivery is an NVSHMEM put and signal ("ll_puts_dispatch", "ll_puts_combine");
 - with ``--device cuda`` and the low-latency kernels active (DEEP_EP_PY_UNVERIFIED_KERNELS=1): one dispatch (fp8)
   + combine captured in a CUDA graph, timed as ``graph.replay()`` ("ll_dispatch+combine graph"; bytes = dispatch
   bytes + combine bytes). Elsewhere, or when the capture fails, no row and a note saying why.
@@ -74,7 +76,8 @@ from bench.settings import (
     EMULATOR_NOTE,
     GRAPH_PATH,
     INTERNODE_PUTS,
-    LOW_LATENCY,
+    LOW_LATENCY_MODES,
+    LOW_LATENCY_PUTS,
     MODES,
     NODE_MODES,
     NORMAL_PATH_PREFIXES,
@@ -133,7 +136,7 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             ranks=num_ranks,
             backend=first["backend"],
             dtype=dtype,
-            tokens=cfg.ll_tokens if mode == LOW_LATENCY else cfg.tokens,
+            tokens=cfg.ll_tokens if mode in LOW_LATENCY_MODES else cfg.tokens,
             hidden=cfg.hidden,
             topk=cfg.topk,
             experts=cfg.experts,
@@ -142,7 +145,7 @@ def _rows_for(num_ranks: int, cfg: BenchConfig, per_rank: list[dict]) -> list[re
             warmup=cfg.warmup,
             iters=cfg.iters,
             send_time_us=reduced["send_time_us"],
-            num_sms=first["num_sms"] if kernels_active and mode != LOW_LATENCY else None,
+            num_sms=first["num_sms"] if kernels_active and mode not in LOW_LATENCY_MODES else None,
             copy_roof_gbps=copy_roof,
             ranks_per_gpu=ranks_per_gpu,
             hbm_bytes_per_payload_byte=hbm,
@@ -230,7 +233,7 @@ def _producer_notes(rows: Sequence[report.Row]) -> list[str]:
         by_producer: dict[str, list[str]] = {}
         for row in rows:
             if row.ranks == num_ranks:
-                label = row.path if row.mode == LOW_LATENCY else f"{row.path} {row.dtype}"
+                label = row.path if row.mode in LOW_LATENCY_MODES else f"{row.path} {row.dtype}"
                 by_producer.setdefault(row.extra["produced_by"], []).append(label)
         parts = [f"{who}: {', '.join(paths)}" for who, paths in by_producer.items()]
         notes.append(f"ranks={num_ranks} rows from {'; '.join(parts)}")
@@ -271,6 +274,12 @@ def _notes(cfg: BenchConfig, rows: Sequence[report.Row], worker_notes: Sequence[
             "internode_puts_*: the same, with every transfer between nodes an NVSHMEM put with signal"
             " (DEEP_EP_PY_EMULATE_NETWORK=1), the path a NIC takes; internode_* stores through P2P mappings where"
             " the peer is mapped, as every PE of one host is"
+        )
+    if any(row.mode == LOW_LATENCY_PUTS for row in rows):
+        notes.append(
+            "ll_puts_*: ll_dispatch and ll_combine with every rank its own node and the network emulated"
+            " (DEEP_EP_PY_RANKS_PER_NODE=1, DEEP_EP_PY_EMULATE_NETWORK=1): every delivery an NVSHMEM put and"
+            " signal, the path a NIC takes; ll_* stores through P2P mappings, as every PE of one host is mapped"
         )
     if any(row.mode == ONE_COPY for row in rows):
         notes.append(

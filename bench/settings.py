@@ -22,9 +22,16 @@ INTERNODE_PUTS = "internode_puts"
 # Normal mode on the same data with a receive arena (Buffer's num_recv_arena_bytes): the one-copy paths of the
 # intranode kernels.
 ONE_COPY = "one_copy"
-MODES = (NORMAL, ONE_COPY, INTERNODE, INTERNODE_PUTS, LOW_LATENCY)
-# Without --paths: the puts rows only differ from the internode rows on the kernels, so they are asked for by name.
+# Low latency with every rank its own node and the network emulated (DEEP_EP_PY_RANKS_PER_NODE=1,
+# DEEP_EP_PY_EMULATE_NETWORK=1): every delivery an NVSHMEM put and signal, the path a NIC takes, though nvshmem_ptr
+# maps every PE of one host.
+LOW_LATENCY_PUTS = "low_latency_puts"
+MODES = (NORMAL, ONE_COPY, INTERNODE, INTERNODE_PUTS, LOW_LATENCY, LOW_LATENCY_PUTS)
+# Without --paths: the puts rows only differ from the internode and low-latency rows on the kernels, so they are
+# asked for by name.
 DEFAULT_MODES = (NORMAL, ONE_COPY, INTERNODE, LOW_LATENCY)
+# The modes that time the low-latency calls (--ll-tokens per rank, no SM count).
+LOW_LATENCY_MODES = (LOW_LATENCY, LOW_LATENCY_PUTS)
 # The modes whose ranks play --nodes nodes.
 NODE_MODES = (INTERNODE, INTERNODE_PUTS)
 # Path prefixes of the modes whose rows repeat the normal-mode calls on the same data (longest first).
@@ -50,6 +57,8 @@ CASES: tuple[tuple[str, str, str, bool], ...] = (
     ("ll_dispatch+hook", LOW_LATENCY, "fp8", True),
     ("ll_combine", LOW_LATENCY, "bf16", False),
     ("ll_combine+hook", LOW_LATENCY, "bf16", True),
+    ("ll_puts_dispatch", LOW_LATENCY_PUTS, "fp8", False),
+    ("ll_puts_combine", LOW_LATENCY_PUTS, "bf16", False),
     # One low_latency_dispatch (fp8, no hook) + low_latency_combine (bf16) captured in a CUDA graph, timed as
     # graph.replay(). CUDA and the low-latency kernels only (see bench/worker.py _graph_round_trip).
     (GRAPH_PATH, LOW_LATENCY, GRAPH_DTYPE, False),
@@ -116,6 +125,9 @@ BYTES_PER_CHANNEL = {
 #             source reads it (1); per token it writes the weighted sum once (1)     = 3 per row, 1 per token.
 #             (Not zero-copy: the bench passes its own expert-output tensor; the send area is not used.)
 #   graph (dispatch + combine): the two above, weighted by their payload bytes (fp8 F*H and bf16 2H a row).
+#   ll_puts_* (every delivery a put): the dispatch puts the send-area message itself, as the stores copy it
+#             (4 per row, as above); the combine first stages each row in its send area (1 read, 1 write), puts
+#             it from there (1 read, 1 write) and the source reads it (1)              = 5 per row, 1 per token.
 # The "+hook" rows run the same kernels as their plain rows.
 
 
@@ -138,6 +150,7 @@ _INTERNODE_PUTS_DISPATCH = HbmDesign(2.0, 0.0, 2.0, 2.0)
 _INTERNODE_PUTS_COMBINE = HbmDesign(3.0, 1.0, 2.0, 2.0)
 _LL_DISPATCH_FP8 = HbmDesign(4.0, 1.0 + timing.BF16_BYTES_PER_CHANNEL / timing.FP8_BYTES_PER_CHANNEL)
 _LL_COMBINE = HbmDesign(3.0, 1.0)
+_LL_PUTS_COMBINE = HbmDesign(5.0, 1.0)
 HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
     ("dispatch", True): _INTRANODE_DISPATCH,
     ("combine", True): _INTRANODE_COMBINE,
@@ -151,6 +164,8 @@ HBM_BYTES_BY_DESIGN: dict[tuple[str, bool], HbmDesign | None] = {
     ("ll_dispatch+hook", True): _LL_DISPATCH_FP8,
     ("ll_combine", True): _LL_COMBINE,
     ("ll_combine+hook", True): _LL_COMBINE,
+    ("ll_puts_dispatch", True): _LL_DISPATCH_FP8,
+    ("ll_puts_combine", True): _LL_PUTS_COMBINE,
     **{(path, False): None for path, _, _, _ in CASES},
 }
 

@@ -25,6 +25,8 @@ from bench.settings import (
     INTERNODE,
     INTERNODE_PUTS,
     LOW_LATENCY,
+    LOW_LATENCY_MODES,
+    LOW_LATENCY_PUTS,
     NODE_MODES,
     NORMAL,
     NORMAL_PATH_PREFIXES,
@@ -45,6 +47,7 @@ KERNEL_MODULES = {
     INTERNODE: "internode",
     INTERNODE_PUTS: "internode",
     LOW_LATENCY: "low_latency",
+    LOW_LATENCY_PUTS: "low_latency",
 }
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,11 +132,14 @@ def internode_skip_reason(cfg: BenchConfig, num_ranks: int) -> str | None:
 def _mode_env(mode: str, cfg: BenchConfig, num_ranks: int) -> Iterator[None]:
     """The variables a mode runs under, set for it only (a rank runs its modes one after the other): for the modes
     that play nodes, DEEP_EP_PY_RANKS_PER_NODE (the Buffer's size hints and its config checks then assume the
-    emulated nodes, as the Buffer's topology does), and for the puts rows DEEP_EP_PY_EMULATE_NETWORK."""
+    emulated nodes, as the Buffer's topology does), and for the puts rows DEEP_EP_PY_EMULATE_NETWORK (the low-latency
+    ones with every rank its own node)."""
     updates = {}
     if mode in NODE_MODES:
         updates[RANKS_PER_NODE_ENV] = str(num_ranks // cfg.nodes)
-    if mode == INTERNODE_PUTS:
+    if mode == LOW_LATENCY_PUTS:
+        updates[RANKS_PER_NODE_ENV] = "1"
+    if mode in (INTERNODE_PUTS, LOW_LATENCY_PUTS):
         updates[EMULATE_NETWORK_ENV] = "1"
     previous = {key: os.environ.get(key) for key in updates}
     os.environ.update(updates)
@@ -159,7 +165,7 @@ def _buffer_bytes(cfg: BenchConfig, num_ranks: int, mode: str) -> tuple[int, int
     """(num_nvl_bytes, num_rdma_bytes) of the mode's Buffer, from the size hints (run under _mode_env(mode))."""
     import deep_ep_py
 
-    if mode == LOW_LATENCY:
+    if mode in LOW_LATENCY_MODES:
         return 0, deep_ep_py.Buffer.get_low_latency_rdma_size_hint(cfg.ll_tokens, cfg.hidden, num_ranks, cfg.experts)
     hidden_bytes = cfg.hidden * 2
     configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
@@ -192,7 +198,7 @@ def _make_buffer(cfg: BenchConfig, num_ranks: int, mode: str):
     kwargs = {"backend": cfg.backend} if cfg.backend else {}
     group = dist.group.WORLD
     num_nvl_bytes, num_rdma_bytes = _buffer_bytes(cfg, num_ranks, mode)
-    if mode == LOW_LATENCY:
+    if mode in LOW_LATENCY_MODES:
         return deep_ep_py.Buffer(
             group,
             0,
@@ -557,12 +563,18 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
     buffer = _make_buffer(cfg, num_ranks, mode)
     out["backend"] = _backend_name(buffer, cfg.backend)
     kernels_active = _kernels_active(buffer, mode, device)
-    num_tokens = cfg.ll_tokens if mode == LOW_LATENCY else cfg.tokens
+    num_tokens = cfg.ll_tokens if mode in LOW_LATENCY_MODES else cfg.tokens
     ll_inputs = None
     traffic = None
-    if mode == LOW_LATENCY:
+    if mode in LOW_LATENCY_MODES:
         ll_inputs = LowLatencyInputs(*_random_routing(cfg.ll_tokens, cfg, device))
         paths = _low_latency_paths(buffer, cfg, num_ranks, device, ll_inputs)
+        if mode == LOW_LATENCY_PUTS:
+            # The plain calls only, and no graph: the hook and the replays run the same kernels.
+            paths = {
+                ("ll_puts_dispatch", "fp8", False): paths[("ll_dispatch", "fp8", False)],
+                ("ll_puts_combine", "bf16", False): paths[("ll_combine", "bf16", False)],
+            }
     else:
         paths, traffic = _normal_paths(buffer, cfg, num_ranks, device, mode)
         if mode == ONE_COPY and kernels_active:
@@ -579,7 +591,7 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
             # Which path the last timed call took (the one-copy path, or the rounds for want of arena room).
             out["results"][key]["one_copy_path"] = buffer._backend.intranode.debug_one_copy_note()
     del paths
-    if ll_inputs is not None:
+    if ll_inputs is not None and mode == LOW_LATENCY:
         if device.type != "cuda":
             why = "the CPU emulator has no CUDA graphs; " if cfg.device == EMULATED else ""
             out["notes"].append(f"graph replay: skipped ({why}{GRAPH_PATH} needs --device cuda)")

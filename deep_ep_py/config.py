@@ -59,7 +59,8 @@ def ranks_per_node_override() -> int | None:
 
 
 def emulate_network() -> bool:
-    """DEEP_EP_PY_EMULATE_NETWORK is set to anything but "" or "0" (as the C++ side reads it)."""
+    """DEEP_EP_PY_EMULATE_NETWORK is set to anything but "" or "0": the internode and low-latency kernels of a Buffer
+    built then reach ranks of other nodes only through NVSHMEM puts and signals."""
     return os.environ.get(EMULATE_NETWORK_ENV, "") not in ("", "0")
 
 

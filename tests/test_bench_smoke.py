@@ -43,14 +43,16 @@ EXPECTED_PATHS = [
 EMULATED_ARGS = [
     "--device", "emulated", "--ranks", "2", "--tokens", "64", "--hidden", "256", "--ll-tokens", "16",
     "--experts", "64", "--topk", "4", "--warmup", "1", "--iters", "2", "--timeout-s", "240", "--roof-bytes", "1048576",
-    "--paths", "normal,one_copy,internode,internode_puts,low_latency",
+    "--paths", "normal,one_copy,internode,internode_puts,low_latency,low_latency_puts",
 ]  # fmt: skip
-# With the puts rows (asked for by name) after the internode rows.
+# With the puts rows (asked for by name) after the internode rows and after the low-latency rows.
 INTERNODE_PUTS_PATHS = [(path.replace("internode_", "internode_puts_"), dtype) for path, dtype in INTERNODE_PATHS]
 EMULATED_PATHS = [
     *EXPECTED_PATHS[: EXPECTED_PATHS.index(INTERNODE_PATHS[-1]) + 1],
     *INTERNODE_PUTS_PATHS,
     *EXPECTED_PATHS[EXPECTED_PATHS.index(INTERNODE_PATHS[-1]) + 1 :],
+    ("ll_puts_dispatch", "fp8"),
+    ("ll_puts_combine", "bf16"),
 ]
 EMULATED_TIMEOUT_S = 270
 
@@ -189,7 +191,7 @@ def test_bench_emulated_end_to_end(tmp_path):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["ranks_per_gpu"] == 2, row  # the emulator's one device, shared
         # Normal-mode kernels get DeepEP V1's SMs at 2 ranks in the targets (24); low latency has its own grid.
-        assert row["num_sms"] == (None if row["mode"] == "low_latency" else 24), row
+        assert row["num_sms"] == (None if row["mode"].startswith("low_latency") else 24), row
         assert len(row["per_rank_time_us"]) == 2 and all(t > 0 for t in row["per_rank_time_us"]), row
         _check_path_figures(row)
         # The one-copy rows' last timed calls went by the one-copy path on every rank (not the rounds).
@@ -207,6 +209,7 @@ def test_bench_emulated_end_to_end(tmp_path):
     one_copy_rows = "one_copy_dispatch bf16 (ranks=2), one_copy_dispatch fp8 (ranks=2), one_copy_combine bf16 (ranks=2)"
     assert f"one_copy_* rows, path of the last timed call on every rank: one-copy path: {one_copy_rows}" in notes
     assert any(note.startswith("graph replay: skipped (the CPU emulator has no CUDA graphs") for note in notes), notes
+    assert any(note.startswith("ll_puts_*: ll_dispatch and ll_combine with every rank its own node") for note in notes)
 
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("# CPU EMULATOR") and "means NOTHING" in lines[0], proc.stdout  # above the table

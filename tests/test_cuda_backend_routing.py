@@ -80,9 +80,11 @@ def test_a_receive_arena_on_several_nodes_is_warned_about() -> None:
         assert any("num_recv_arena_bytes" in m and "2 nodes" in m for m in messages), messages
 
 
-def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: int) -> list[str]:
+def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: int, decode_only: bool) -> list[str]:
     """With the kernels on but the Buffer's bytes for them 0, normal dispatches on the kernels' device (the CPU
-    emulator's) run on the reference, equal to it, with one warning per Buffer naming the missing bytes."""
+    emulator's) run on the reference, equal to it, with one warning per Buffer naming the missing bytes. So do a
+    decode-only Buffer's (low-latency mode, num_nvl_bytes 0: vLLM's), whose NVSHMEM bytes serve the low-latency
+    kernels alone."""
     import os
     import warnings
 
@@ -101,7 +103,14 @@ def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: in
     config = Config(20, 6, 256)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, 0, False, False))
+        if decode_only:
+            from deep_ep_py.config import low_latency_rdma_size_hint
+
+            rdma = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, NUM_EXPERTS)
+            cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, rdma, True, False))
+            assert cuda.low_latency is not None
+        else:
+            cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, 0, False, False))
         assert cuda.intranode is None and cuda.internode is None
         reference = ReferenceBackend(dist.group.WORLD, topology)
         per_rank, _, per_expert, in_rank = reference.get_dispatch_layout(topk_idx, NUM_EXPERTS)
@@ -120,7 +129,14 @@ def test_dispatch_without_the_kernels_bytes_warns_once() -> None:
 
     if not _ext.emulator_available():
         pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
-    for ranks_per_node, missing in ((2, "num_nvl_bytes is 0 on a group of one node"), (1, "num_rdma_bytes is 0")):
-        for messages in launch(_dispatch_without_kernel_bytes, 2, ranks_per_node, timeout_s=120.0, device="emulated"):
+    cases = (
+        (2, False, "num_nvl_bytes is 0 on a group of one node"),
+        (1, False, "num_rdma_bytes is 0"),
+        (1, True, "a low-latency Buffer with num_nvl_bytes 0 builds no internode kernels"),
+    )
+    for ranks_per_node, decode_only, missing in cases:
+        for messages in launch(
+            _dispatch_without_kernel_bytes, 2, ranks_per_node, decode_only, timeout_s=120.0, device="emulated"
+        ):
             assert len(messages) == 1, messages
             assert "run on the reference backend, not the kernels" in messages[0] and missing in messages[0], messages

@@ -165,6 +165,7 @@ def test_host_counters(ext):
     assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
     counters.set(2, 5)
     assert counters.get(2) == 5
+    assert counters.get_range(1, 3) == [0, 5, 0] and counters.get_range(4, 0) == []
     counters.wait_eq(2, 5, 1.0, "counter 2")
     with pytest.raises(DeepEPTimeoutError, match="counter 3"):
         counters.wait_eq(3, 1, 0.1, "counter 3")
@@ -173,6 +174,8 @@ def test_host_counters(ext):
         counters.wait_eq(2, 4, 0.1, "counter 2")
     with pytest.raises(DeepEPError, match="out of range"):
         counters.get(4)
+    with pytest.raises(DeepEPError, match="out of range"):
+        counters.get_range(2, 3)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ namespace ep {
 
 namespace {
 
-internode::Buffers make_buffers(uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks) {
-    return internode::Buffers{as_ptr<void>(buffer), num_bytes, rank, num_ranks, num_local_ranks};
+internode::Buffers make_buffers(uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks,
+                                bool emulate_network) {
+    return internode::Buffers{as_ptr<void>(buffer), num_bytes, rank, num_ranks, num_local_ranks, emulate_network};
 }
 
 py::dict layout_constants(int num_ranks, int num_nodes) {
@@ -83,15 +84,17 @@ void register_internode(py::module_& m) {
           "Buffer bytes that hold exactly rows_per_round rows per block (control area included).");
     m.def(
         "internode_node_peers_mapped",
-        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks) {
-            return internode::node_peers_mapped(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks));
+        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, bool emulate_network) {
+            return internode::node_peers_mapped(
+                make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks, emulate_network));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), "Whether nvshmem_ptr maps the buffer of every rank of this rank's node.");
+        py::arg("num_local_ranks"), py::arg("emulate_network"),
+        "Whether nvshmem_ptr maps the buffer of every rank of this rank's node.");
 
     m.def(
         "internode_notify",
-        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks,
+        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, bool emulate_network,
            uintptr_t is_token_in_rank, int num_tokens, uintptr_t num_tokens_per_expert, int num_local_experts,
            int expert_alignment, int rows_per_round, int max_rounds, uintptr_t send_pos, uintptr_t send_counts,
            uintptr_t node_send_pos, uintptr_t node_send_list, uintptr_t node_send_counts,
@@ -116,12 +119,12 @@ void register_internode(py::module_& m) {
                                              as_ptr<int>(host_counters),
                                              host_sequence,
                                              num_worst_tokens};
-            internode::notify_dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                                       make_wait(error_record, timeout_s, trap_on_error),
-                                       reinterpret_cast<cudaStream_t>(stream));
+            internode::notify_dispatch(
+                make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks, emulate_network), args,
+                make_wait(error_record, timeout_s, trap_on_error), reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
+        py::arg("num_local_ranks"), py::arg("emulate_network"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
         py::arg("num_tokens_per_expert"), py::arg("num_local_experts"), py::arg("expert_alignment"),
         py::arg("rows_per_round"), py::arg("max_rounds"), py::arg("send_pos"), py::arg("send_counts"),
         py::arg("node_send_pos"), py::arg("node_send_list"), py::arg("node_send_counts"),
@@ -133,8 +136,8 @@ void register_internode(py::module_& m) {
 
     m.def(
         "internode_dispatch",
-        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, int num_rounds,
-           int rows_per_round, int dispatch_stride, int combine_stride, uintptr_t x, int payload_bytes,
+        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, bool emulate_network,
+           int num_rounds, int rows_per_round, int dispatch_stride, int combine_stride, uintptr_t x, int payload_bytes,
            uintptr_t x_scales, int num_scales, int64_t scale_stride_token, int64_t scale_stride_group,
            uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_tokens, uintptr_t send_pos,
            uintptr_t node_send_list, uintptr_t rank_prefix_matrix, uintptr_t node_counts,
@@ -173,15 +176,15 @@ void register_internode(py::module_& m) {
                                                as_ptr<int>(forward_mask),
                                                num_forward_rows,
                                                num_sms};
-            internode::dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                                make_wait(error_record, timeout_s, trap_on_error),
+            internode::dispatch(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks, emulate_network),
+                                args, make_wait(error_record, timeout_s, trap_on_error),
                                 reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), py::arg("num_rounds"), py::arg("rows_per_round"), py::arg("dispatch_stride"),
-        py::arg("combine_stride"), py::arg("x"), py::arg("payload_bytes"), py::arg("x_scales"),
-        py::arg("num_scales"), py::arg("scale_stride_token"), py::arg("scale_stride_group"), py::arg("topk_idx"),
-        py::arg("topk_weights"), py::arg("num_topk"), py::arg("num_tokens"), py::arg("send_pos"),
+        py::arg("num_local_ranks"), py::arg("emulate_network"), py::arg("num_rounds"), py::arg("rows_per_round"),
+        py::arg("dispatch_stride"), py::arg("combine_stride"), py::arg("x"), py::arg("payload_bytes"),
+        py::arg("x_scales"), py::arg("num_scales"), py::arg("scale_stride_token"), py::arg("scale_stride_group"),
+        py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_topk"), py::arg("num_tokens"), py::arg("send_pos"),
         py::arg("node_send_list"), py::arg("rank_prefix_matrix"), py::arg("node_counts"),
         py::arg("num_rounds_device"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
         py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_node_slot"), py::arg("num_recv_rows"),
@@ -192,9 +195,9 @@ void register_internode(py::module_& m) {
 
     m.def(
         "internode_combine",
-        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, int num_rounds,
-           int rows_per_round, int dispatch_stride, int combine_stride, int hidden, uintptr_t x, int num_x_rows,
-           uintptr_t topk_weights, int num_topk, uintptr_t recv_node_slot, uintptr_t rank_prefix_matrix,
+        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, bool emulate_network,
+           int num_rounds, int rows_per_round, int dispatch_stride, int combine_stride, int hidden, uintptr_t x,
+           int num_x_rows, uintptr_t topk_weights, int num_topk, uintptr_t recv_node_slot, uintptr_t rank_prefix_matrix,
            uintptr_t node_counts, uintptr_t num_rounds_device, uintptr_t forward_mask, int num_forward_rows,
            uintptr_t node_send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1, uintptr_t acc_x,
            uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
@@ -223,15 +226,15 @@ void register_internode(py::module_& m) {
                                               as_ptr<void>(combined_x),
                                               as_ptr<float>(combined_weights),
                                               num_sms};
-            internode::combine(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks), args,
-                               make_wait(error_record, timeout_s, trap_on_error),
+            internode::combine(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks, emulate_network),
+                               args, make_wait(error_record, timeout_s, trap_on_error),
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), py::arg("num_rounds"), py::arg("rows_per_round"), py::arg("dispatch_stride"),
-        py::arg("combine_stride"), py::arg("hidden"), py::arg("x"), py::arg("num_x_rows"), py::arg("topk_weights"),
-        py::arg("num_topk"), py::arg("recv_node_slot"), py::arg("rank_prefix_matrix"), py::arg("node_counts"),
-        py::arg("num_rounds_device"), py::arg("forward_mask"), py::arg("num_forward_rows"),
+        py::arg("num_local_ranks"), py::arg("emulate_network"), py::arg("num_rounds"), py::arg("rows_per_round"),
+        py::arg("dispatch_stride"), py::arg("combine_stride"), py::arg("hidden"), py::arg("x"), py::arg("num_x_rows"),
+        py::arg("topk_weights"), py::arg("num_topk"), py::arg("recv_node_slot"), py::arg("rank_prefix_matrix"),
+        py::arg("node_counts"), py::arg("num_rounds_device"), py::arg("forward_mask"), py::arg("num_forward_rows"),
         py::arg("node_send_pos"), py::arg("num_tokens"), py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"),
         py::arg("acc_weights"), py::arg("combined_x"), py::arg("combined_weights"), py::arg("num_sms"),
         py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false, py::arg("stream"),
@@ -239,15 +242,15 @@ void register_internode(py::module_& m) {
 
     m.def(
         "internode_barrier",
-        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, uintptr_t error_record,
-           double timeout_s, bool trap_on_error, uintptr_t stream) {
-            internode::barrier(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks),
+        [](uintptr_t buffer, size_t num_bytes, int rank, int num_ranks, int num_local_ranks, bool emulate_network,
+           uintptr_t error_record, double timeout_s, bool trap_on_error, uintptr_t stream) {
+            internode::barrier(make_buffers(buffer, num_bytes, rank, num_ranks, num_local_ranks, emulate_network),
                                make_wait(error_record, timeout_s, trap_on_error),
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("buffer"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
-        py::arg("num_local_ranks"), py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
-        py::arg("stream"),
+        py::arg("num_local_ranks"), py::arg("emulate_network"), py::arg("error_record"), py::arg("timeout_s"),
+        py::arg("trap_on_error") = false, py::arg("stream"),
         "One barrier kernel of all ranks on `stream`.");
 }
 

@@ -1,4 +1,5 @@
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
@@ -51,6 +52,8 @@ void register_waits(py::module_& m) {
         .def_property_readonly("device_ptr", &HostCounters::device_ptr)
         .def_property_readonly("host_ptr", &HostCounters::host_ptr)
         .def("get", &HostCounters::get, py::arg("idx"))
+        .def("get_range", &HostCounters::get_range, py::arg("first"), py::arg("count"),
+             "[counter[first], ..., counter[first + count - 1]] as a list.")
         .def("set", &HostCounters::set, py::arg("idx"), py::arg("value"))
         .def("wait_eq", &HostCounters::wait_eq, py::arg("idx"), py::arg("value"), py::arg("timeout_s"),
              py::arg("what"), py::arg("error_record_host_ptr") = 0, py::arg("rank") = -1, ReleaseGil(),

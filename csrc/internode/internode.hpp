@@ -34,6 +34,9 @@ struct Buffers {
     int rank;
     int num_ranks;        // R = N * P
     int num_local_ranks;  // P
+    // Ranks of other nodes only through NVSHMEM puts and signals, though nvshmem_ptr may map them (one GPU playing
+    // several nodes; deep_ep_py.config.emulate_network, DEEP_EP_PY_EMULATE_NETWORK).
+    bool emulate_network;
 };
 
 // Notify of a (non-cached) dispatch. T tokens, R ranks, N nodes, L local experts.

@@ -3,9 +3,6 @@
 // checks of the buffer.
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../common/exception.hpp"
 #include "../common/launch.cuh"
 #include "../common/send_positions.cuh"
@@ -193,9 +190,7 @@ View make_view(const Buffers& buffers, int rows_per_round, int dispatch_stride, 
     view.rows_per_round = rows_per_round;
     view.dispatch_stride = dispatch_stride;
     view.combine_stride = combine_stride;
-    const char* emulate_network = std::getenv("DEEP_EP_PY_EMULATE_NETWORK");
-    view.emulate_network = emulate_network != nullptr && std::strcmp(emulate_network, "") != 0 &&
-                           std::strcmp(emulate_network, "0") != 0;
+    view.emulate_network = buffers.emulate_network;
     EP_HOST_ASSERT_MSG(buffers.num_bytes > view.control.bytes, "the buffer must hold the control area (",
                        view.control.bytes, " bytes) and a staging area");
     if (rows_per_round > 0) {

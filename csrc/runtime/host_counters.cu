@@ -40,6 +40,17 @@ int HostCounters::get(int idx) const {
     return value;
 }
 
+std::vector<int> HostCounters::get_range(int first, int count) const {
+    EP_HOST_ASSERT_MSG(count >= 0, "counter count must be >= 0, got ", count);
+    std::vector<int> values(static_cast<size_t>(count));
+    if (count == 0) return values;
+    check_idx(first);
+    check_idx(first + count - 1);
+    for (int i = 0; i < count; ++i) values[static_cast<size_t>(i)] = host_ptr_[first + i];
+    std::atomic_thread_fence(std::memory_order_acquire);  // as in get()
+    return values;
+}
+
 void HostCounters::set(int idx, int value) {
     check_idx(idx);
     std::atomic_thread_fence(std::memory_order_release);

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ep {
 
@@ -18,6 +19,9 @@ public:
     uintptr_t device_ptr() const { return reinterpret_cast<uintptr_t>(device_ptr_); }
     uintptr_t host_ptr() const { return reinterpret_cast<uintptr_t>(host_ptr_); }
     int get(int idx) const;
+    // counter[first], ..., counter[first + count - 1], read in one call (a dispatch's per-expert counts: one binding
+    // call per local expert costs ~0.2 ms at 1024 of them).
+    std::vector<int> get_range(int first, int count) const;
     void set(int idx, int value);
     // Waits until counter[idx] == value; throws EPTimeoutException naming `what` after timeout_s seconds, or as
     // soon as the device error record at error_record_host_ptr (0 = none) reports a device timeout. Equality, not

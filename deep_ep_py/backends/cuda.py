@@ -71,7 +71,11 @@ class CudaBackend(ReferenceBackend):
             )
         # Each NVSHMEM user (low latency, internode normal kernels) takes its own num_rdma_bytes from one heap.
         use_low_latency = sizes.low_latency_mode and sizes.num_rdma_bytes > 0
-        use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0
+        # A low-latency Buffer with no NVLink bytes is a decode-only one (vLLM's): DeepEP's normal calls fail on it,
+        # and internode kernels there would take num_rdma_bytes more of the heap (~1.8 GB at the standard sizes) for
+        # calls it never makes, so its normal calls take the reference.
+        decode_only = sizes.low_latency_mode and sizes.num_nvl_bytes == 0
+        use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0 and not decode_only
         if use_internode and use_low_latency:
             # InternodeKernels raises for groups past its limits; a low-latency Buffer of such a group (decode EP
             # over more than 128 ranks) worked before the internode kernels existed, so its normal calls stay on
@@ -163,6 +167,11 @@ class CudaBackend(ReferenceBackend):
                 f"num_rdma_bytes is 0 on a group of {topology.num_nodes} nodes x {topology.num_ranks_per_node} ranks "
                 "(Config.get_rdma_buffer_size_hint counts nodes by DEEP_EP_PY_RANKS_PER_NODE, or 8 ranks a node: "
                 "with Buffer(num_ranks_per_node=...) set the variable too, or pass the bytes yourself)"
+            )
+        elif self.sizes.low_latency_mode and self.sizes.num_nvl_bytes == 0:
+            reason = (
+                "a low-latency Buffer with num_nvl_bytes 0 builds no internode kernels (pass num_nvl_bytes > 0 to "
+                "run normal calls on the kernels too)"
             )
         else:
             reason = (

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import config
 from ..device import current_stream, is_current_stream_capturing, record_stream, synchronize
 from ..errors import DeepEPError
 from ..runtime import device_bytes_view
@@ -78,6 +79,8 @@ class InternodeKernels(RoundKernels):
         self.num_ranks = num_ranks
         self.num_nodes = topology.num_nodes
         self.num_local_ranks = topology.num_ranks_per_node
+        # Ranks of other nodes only through puts and signals, though nvshmem_ptr maps them (one GPU as several nodes).
+        self.emulate_network = config.emulate_network()
         c = self._constants
         if self.num_nodes < 2:
             raise ValueError(f"InternodeKernels: expected a group spanning 2 or more nodes, got {self.num_nodes}")
@@ -119,6 +122,7 @@ class InternodeKernels(RoundKernels):
             "rank": self.rank,
             "num_ranks": self.num_ranks,
             "num_local_ranks": self.num_local_ranks,
+            "emulate_network": self.emulate_network,
         }
 
     def _common(self) -> dict[str, Any]:

@@ -106,7 +106,7 @@ class RoundKernels:
         return self.host_counters.get(self._constants[name] + offset)
 
     def _per_expert_counts(self, num_local_experts: int) -> list[int]:
-        return [self._counter("counter_expert_base", i) for i in range(num_local_experts)]
+        return self.host_counters.get_range(self._constants["counter_expert_base"], num_local_experts)
 
     def owns(self, handle: DispatchHandle) -> bool:
         """Whether handle came from this object's dispatch (else the caller runs the reference)."""

@@ -120,6 +120,8 @@ def _host_counters_worker(rank: int, num_ranks: int) -> float:
     assert [counters.get(i) for i in range(4)] == [0, 0, 0, 0]
     counters.set(2, 5 + rank)
     assert counters.get(2) == 5 + rank
+    assert counters.get_range(1, 3) == [0, 5 + rank, 0] and counters.get_range(4, 0) == []
+    _expect_raises(DeepEPError, counters.get_range, 2, 3, match="out of range")
     counters.wait_eq(2, 5 + rank, 1.0, "counter 2")  # already there: returns at once
     # Equality, not >=: a counter past the value (a sequence number from before a wrap) is not it.
     _expect_raises(DeepEPTimeoutError, counters.wait_eq, 2, 4 + rank, WAIT_TIMEOUT_S, "counter 2", match="counter 2")
