@@ -593,7 +593,9 @@ class Buffer:
             None,
             async_finish,
             False,
-            inputs=(x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats),
+            # The handle's tensors too: the send reads them on the communication stream, and a hook-mode dispatch
+            # made them on the caller's, whose allocator could hand them out again while that send runs.
+            inputs=(x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats, *_tensors_in(handle)),
             on_comm_stream=not return_recv_hook,
         )
         return combined, event, hook

@@ -124,6 +124,7 @@ def _compare(rank: int, num_ranks: int) -> None:
     torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
     _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
     _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
+    _check_async_combine_keeps_the_handle(rebuilt, x, topk_idx, weights, num_experts, want_out)
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
     _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
     _check_experts_switch_needs_clean(rebuilt, x, weights, num_experts, rank)
@@ -182,6 +183,33 @@ def _check_hooks_run_on_the_call_stream(buffer, x, topk_idx, weights, num_expert
     assert torch.equal(count.cpu(), want_count.cpu()), "recv_count differs with the hook run from another stream"
     for e, (g, w) in enumerate(zip(rows, want_rows)):
         assert torch.equal(g.cpu(), w.cpu()), f"rows of local expert {e} differ with the hook run from another stream"
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+
+
+def _check_async_combine_keeps_the_handle(buffer, x, topk_idx, weights, num_experts: int, want_out) -> None:
+    """An async low-latency combine after a hook-mode dispatch (whose handle the caller's stream allocated) keeps the
+    handle's tensors alive until its event: the caller may drop the handle at once, and the memory its allocator
+    hands out next (written here with garbage) must not be what the combine's send still reads on the
+    communication stream. On a GPU the send is held back behind a sleep so that the garbage lands first."""
+    recv_x, _, handle, _, hook = buffer.low_latency_dispatch(
+        x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False, return_recv_hook=True
+    )
+    hook()
+    expert_out = recv_x.clone()
+    if expert_out.is_cuda:
+        buffer.get_comm_stream().wait_stream(ep_device.current_stream())
+        with torch.cuda.stream(buffer.get_comm_stream()):
+            torch.cuda._sleep(50_000_000)  # ~25 ms at 2 GHz: the combine's kernels queue behind it
+    out, event, _ = buffer.low_latency_combine(expert_out, topk_idx, weights, handle, async_finish=True)
+    kept = {id(t) for t in event.extra_tensors}
+    for name in ("src_info", "layout_range", "src_topk_slot", "recv_count"):
+        assert id(getattr(handle, name)) in kept, f"the async combine's event does not hold handle.{name}"
+    shapes = [(t.shape, t.dtype) for t in (handle.src_info, handle.layout_range, handle.src_topk_slot)]
+    del handle, recv_x, hook
+    garbage = [torch.full(shape, -7, dtype=dtype, device=x.device) for shape, dtype in shapes]
+    event.current_stream_wait()
+    ep_device.synchronize()
+    del garbage
     torch.testing.assert_close(out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
 
 
