@@ -48,7 +48,10 @@ class Buffer:
         low_latency_mode: enable the low-latency calls.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: transport hints, kept
             for compatibility (NVSHMEM picks the transport).
-        explicitly_destroy: the caller will call destroy(); otherwise resources go with the object.
+        explicitly_destroy: the caller will call destroy(); otherwise resources go with the object: its CUDA IPC
+            buffers once this process's kernels are drained (no collective, so peers may still be running theirs:
+            destroy() is the safe way), while its NVSHMEM memory, whose free is a collective, only goes with
+            destroy() or the process.
         enable_shrink: enable rank masking (low_latency_update/query/clean_mask_buffer); on the low-latency
             kernels, as DeepEP's shrink mode, a peer a call waits for past DEEP_EP_PY_TIMEOUT_S is then masked
             (the call completes without it, and low_latency_query_mask_buffer shows it) instead of the call

@@ -257,11 +257,18 @@ class PeerMappedBuffer:
         self.close()
 
     def release_now(self, keep_local: bool = False) -> None:
-        """close() without the barrier, for finalisers (a collective there could hang): unmap the peers and free the
-        local buffer unless keep_local. Errors are swallowed. Idempotent."""
+        """close() without the barrier, for finalisers (a collective there could hang): drain this process's kernels,
+        then unmap the peers and free the local buffer unless keep_local. Errors are swallowed. Idempotent."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        try:
+            # A Buffer dropped without destroy() may still have kernels queued that store through the peers'
+            # mappings or into this buffer: unmapping under them faults (and under MPS ends every rank on the GPU).
+            # They end within the device timeout even where a peer is gone.
+            ep_device.synchronize()
+        except Exception:
+            pass
         try:
             self._release(keep_local)
         except Exception:

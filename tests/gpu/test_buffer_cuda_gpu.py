@@ -363,3 +363,61 @@ def test_buffer_shrink_masks_a_dead_rank(require_gpu, num_ranks: int, launch_tim
     # The kernels only: the reference masks by hand (its gloo collectives wait for every rank).
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1", "DEEP_EP_PY_TIMEOUT_S": "2"}
     launch(_shrink_through_buffer, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)
+
+
+def _drop_without_destroy(rank: int, num_ranks: int) -> None:
+    """A Buffer dropped without destroy() (explicitly_destroy=False, DeepEP's default) while its last dispatch is
+    still queued: its IPC mappings and memory go only after this process's kernels are drained, so the queued
+    rounds neither store through closed mappings nor leave the peers waiting for rows that never come; every rank's
+    results are the reference's, and CUDA stays usable. On a GPU rank 0's kernels are held back behind a sleep, so
+    the drop comes while they are queued."""
+    import gc
+
+    import deep_ep_py
+
+    device = ep_device.kernel_device()
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    group = dist.group.WORLD
+    config = deep_ep_py.Buffer.get_dispatch_config(num_ranks)
+    nvl = config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks)
+    x, topk_idx, weights = _inputs(rank, num_experts, device)
+    reference = deep_ep_py.Buffer(group, nvl, 0, explicitly_destroy=True, backend="reference")
+    want = _normal(reference, x, topk_idx, weights, num_experts)[0]
+    want_x, want_idx = want[3], want[4]
+    buffer = deep_ep_py.Buffer(group, nvl, 0, backend="cuda")
+    assert buffer._backend.intranode is not None, "Buffer(backend='cuda') built no intranode kernels"
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    if x.is_cuda and rank == 0:
+        buffer.get_comm_stream().wait_stream(ep_device.current_stream())
+        with torch.cuda.stream(buffer.get_comm_stream()):
+            torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz
+    recv_x, recv_idx, recv_weights, got_list, _, event = buffer.dispatch(
+        x,
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=topk_idx,
+        topk_weights=weights,
+        num_worst_tokens=NUM_TOKENS * num_ranks,  # no host sync: the call returns with its kernels queued
+        async_finish=True,
+    )
+    del buffer, layout
+    gc.collect()
+    event.current_stream_wait()
+    ep_device.synchronize()
+    num_rows = want_x.shape[0]
+    assert got_list == [] and recv_x.shape[0] == NUM_TOKENS * num_ranks, (got_list, recv_x.shape)
+    assert torch.equal(recv_x[:num_rows].cpu(), want_x.cpu()), f"rank {rank}: recv_x differs after the drop"
+    assert torch.equal(recv_idx[:num_rows].cpu(), want_idx.cpu()), f"rank {rank}: recv_topk_idx differs"
+    assert bool((recv_idx[num_rows:] == -1).all()), f"rank {rank}: rows past the real count have top-k ids"
+    torch.zeros(1, device=device).add_(1)  # CUDA is still usable
+    ep_device.synchronize()
+    dist.barrier()
+    reference.destroy()
+
+
+def test_buffer_dropped_without_destroy_drains_first(require_gpu, num_ranks: int, launch_timeout_s: float) -> None:
+    if num_ranks < 2:
+        pytest.skip("needs a peer")
+    env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1", "DEEP_EP_PY_TIMEOUT_S": "30"}
+    launch(_drop_without_destroy, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)
