@@ -196,8 +196,11 @@ def synchronize(device: torch.device | int | None = None) -> None:
 
 
 def is_current_stream_capturing() -> bool:
-    """torch.cuda.is_current_stream_capturing(); never under emulation (it has no graphs)."""
-    return False if emulated() else torch.cuda.is_current_stream_capturing()
+    """torch.cuda.is_current_stream_capturing(); never under emulation (it has no graphs), nor without CUDA (a
+    CPU-only torch raises there)."""
+    if emulated() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
 
 
 def device_count() -> int:

@@ -105,6 +105,11 @@ class CudaBackend(ReferenceBackend):
                 group, topology, sizes.num_rdma_bytes, self._C, self.nvshmem, mask_on_timeout=sizes.enable_shrink
             )
 
+    def _reference_reason(self) -> str:
+        if not unverified_kernels_enabled():
+            return f"the kernels run only with {UNVERIFIED_KERNELS_ENV}=1 until they have passed the GPU tier"
+        return "no kernel of this Buffer takes the call: CPU tensors, a handle the reference made, or no bytes for it"
+
     # ------------------------------------------------------------------------------------------------ layout
 
     def _layout_kernel_takes(self, topk_idx: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ import torch
 from .. import device as ep_device
 from .. import fp8
 from ..config import Config
+from ..errors import DeepEPError
 from ..topology import Topology
 from .exchange import RowExchange
 
@@ -72,9 +73,26 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------------------------------------ layout
 
+    def _refuse_capture(self, call: str) -> None:
+        """Before any state changes: a DeepEPError where the calling stream is being captured into a CUDA graph. The
+        reference copies to the host and gathers over torch.distributed, which a capture cannot hold (CUDA's own
+        error would not say why the call took this path)."""
+        if not ep_device.is_current_stream_capturing():
+            return
+        raise DeepEPError(
+            f"{call}: expected no CUDA-graph capture, got a capturing stream on the reference implementation, which "
+            f"syncs with the host ({self._reference_reason()}); the kernels can be captured: Buffer(backend='cuda') "
+            "on CUDA tensors, with DEEP_EP_PY_UNVERIFIED_KERNELS=1 until they have passed the GPU tier"
+        )
+
+    def _reference_reason(self) -> str:
+        """Why this call runs on the reference, for _refuse_capture's message."""
+        return "this Buffer's backend is 'reference'"
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [nodes] or None,
         num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])."""
+        self._refuse_capture("get_dispatch_layout")
         num_tokens = topk_idx.shape[0]
         experts_per_rank = num_experts // self.num_ranks
         token_of, slot_of = torch.nonzero(topk_idx >= 0, as_tuple=True)
@@ -108,6 +126,7 @@ class ReferenceBackend:
     ):
         """-> (recv_x, recv_x_scales or None, recv_topk_idx or None, recv_topk_weights or None,
         num_recv_tokens_per_expert_list, handle). `config` is for the kernels (SMs, chunks); unused here."""
+        self._refuse_capture("dispatch")
         device = x.device
         num_tokens, hidden = x.shape
         num_ranks, rank = self.num_ranks, self.rank
@@ -209,6 +228,7 @@ class ReferenceBackend:
         config: Config | None = None,
     ):
         """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, K] or None). `config`: unused here."""
+        self._refuse_capture("combine")
         device = x.device
         rank, num_ranks = self.rank, self.num_ranks
         meta = [x.shape[1], topk_weights.shape[1] if topk_weights is not None else -1]
@@ -293,6 +313,7 @@ class ReferenceBackend:
         return_recv_hook: bool,
     ):
         """-> (recv_x, recv_x_scales or None, recv_count int32 [L], handle, hook)."""
+        self._refuse_capture("low_latency_dispatch")
         device = x.device
         num_tokens, hidden = x.shape
         num_ranks, rank = self.num_ranks, self.rank
@@ -415,6 +436,7 @@ class ReferenceBackend:
         combine_wait_recv_cost_stats: torch.Tensor | None,
     ):
         """-> (combined_x bf16 [T, H], hook)."""
+        self._refuse_capture("low_latency_combine")
         device = topk_idx.device
         num_ranks = self.num_ranks
         buffer_idx = self._next_buffer_idx()
