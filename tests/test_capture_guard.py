@@ -82,3 +82,62 @@ def _capture_refused(rank: int, num_ranks: int) -> None:
 
 def test_reference_refuses_graph_capture_before_changing_state() -> None:
     launch(_capture_refused, 2, timeout_s=120.0)
+
+
+def _capture_begins_on_half_zero(rank: int, num_ranks: int) -> None:
+    """On the low-latency kernels (their CPU emulator): a capture whose first call finds buffer half 1 is refused,
+    with nothing taken; one that begins on half 0 runs, and its results are the eager calls'."""
+    import pytest
+
+    import deep_ep_py
+    from deep_ep_py.backends import low_latency
+    from deep_ep_py.errors import DeepEPError
+
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
+    topk_idx = torch.randn(NUM_TOKENS, num_experts, generator=gen).topk(NUM_TOPK).indices
+    weights = torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen)
+    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    buffer = deep_ep_py.Buffer(
+        torch.distributed.group.WORLD, 0, rdma, low_latency_mode=True, explicitly_destroy=True, backend="cuda"
+    )
+    kernels = buffer._backend.low_latency
+    assert kernels is not None, "Buffer(backend='cuda') built no low-latency kernels"
+
+    def dispatch():
+        return buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+
+    recv_x, _, handle, _, _ = dispatch()
+    assert kernels.buffer_idx == 1
+    real = low_latency.is_current_stream_capturing
+    low_latency.is_current_stream_capturing = lambda: True
+    try:
+        with pytest.raises(DeepEPError, match="expected a CUDA-graph capture to begin on low-latency buffer half 0"):
+            dispatch()
+        assert kernels.buffer_idx == 1, "the refused call took a half"
+    finally:
+        low_latency.is_current_stream_capturing = real
+    want, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    assert kernels.buffer_idx == 0
+    low_latency.is_current_stream_capturing = lambda: True
+    try:
+        captured_x, _, captured_handle, _, _ = dispatch()
+        got, _, _ = buffer.low_latency_combine(captured_x, topk_idx, weights, captured_handle)
+    finally:
+        low_latency.is_current_stream_capturing = real
+    assert kernels.buffer_idx == 0
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    dispatch()  # eager again, on half 0
+    buffer.destroy()
+
+
+def test_low_latency_capture_begins_on_half_zero() -> None:
+    import pytest
+
+    from deep_ep_py import _ext
+
+    if not _ext.emulator_available():
+        pytest.skip(f"the CPU emulator of the kernels is not built: {_ext.emulator_unavailable_reason()}")
+    env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1"}
+    launch(_capture_begins_on_half_zero, 2, timeout_s=120.0, device="emulated", env=env)

@@ -139,6 +139,12 @@ class LowLatencyKernels:
         self._workspaces: dict[int, torch.Tensor] = {}
         self._owner = next(_owner_tokens)
         self.buffer_idx = 0
+        self._capturing = False  # whether the last call was captured: the next captured one then begins no capture
+        # Ranks un-masked on the host (update_mask(r, False), clean_mask) whose device word stays 1 until the next
+        # clean_low_latency_buffer: the host refuses eager calls in between (Buffer._check_not_unmasked), but
+        # replays of a CUDA graph do not ask the host, and would wait for the rank again and read as theirs a
+        # signal it left while masked.
+        self._pending_unmask: set[int] = set()
         # 1 + the half of the last call the device ran (any E): the kernels record two calls in a row on one half,
         # which replays of a CUDA graph can make (csrc/low_latency/device_common.cuh check_halves_alternate).
         self._last_half = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -176,7 +182,19 @@ class LowLatencyKernels:
         word before their polls, to keep that PCIe read off the decode path)."""
         self.error_record.check_and_reset(what)
 
-    def _next_buffer_idx(self) -> int:
+    def _next_buffer_idx(self, what: str) -> int:
+        """The half this call takes. A CUDA graph replays the halves of its capture, and clean_low_latency_buffer
+        restarts every rank on half 0, so a capture must begin there: one begun on half 1 would, after an eager
+        pair or a clean, put two calls in a row on one half at its next replay."""
+        capturing = is_current_stream_capturing()
+        if capturing and not self._capturing and self.buffer_idx != 0:
+            raise DeepEPError(
+                f"{what}: expected a CUDA-graph capture to begin on low-latency buffer half 0, got half "
+                f"{self.buffer_idx} (an odd number of low-latency calls since the Buffer was built or last "
+                "cleaned). A replay reuses the halves chosen at its capture: make the calls before a capture come in "
+                "dispatch/combine pairs, or call clean_low_latency_buffer(M, H, E) just before it"
+            )
+        self._capturing = capturing
         idx = self.buffer_idx
         self.buffer_idx ^= 1
         return idx
@@ -190,7 +208,8 @@ class LowLatencyKernels:
                 raise DeepEPError(
                     f"{what}: the first low-latency call with num_experts={num_experts} on this Buffer is being "
                     "captured in a CUDA graph, and its counters must be zeroed before any kernel uses them: make "
-                    f"one call, or clean_low_latency_buffer(M, H, {num_experts}), before the capture"
+                    f"a low-latency dispatch and combine, or clean_low_latency_buffer(M, H, {num_experts}), before "
+                    "the capture"
                 )
             num_ints = self._C.low_latency_workspace_ints(num_experts)
             self._workspaces[num_experts] = torch.zeros(num_ints, dtype=torch.int32, device=self.device)
@@ -298,7 +317,7 @@ class LowLatencyKernels:
         recv_stats, finish_recv_stats = _accumulator(cumulative_local_expert_recv_stats, device)
         wait_stats, finish_wait_stats = _accumulator(dispatch_wait_recv_cost_stats, device)
         # Last, after everything that can raise: a call that raised on the host took no half (ranks stay in step).
-        half_idx = self._next_buffer_idx()
+        half_idx = self._next_buffer_idx("low_latency_dispatch")
 
         args = {
             "num_max_dispatch_tokens_per_rank": max_tokens,
@@ -393,7 +412,7 @@ class LowLatencyKernels:
             raise ValueError(f"out: expected a 16-byte aligned tensor, got data_ptr {out.data_ptr():#x}")
         workspace = self._workspace("low_latency_combine", num_experts)
         # After everything that can raise: a call that raised on the host took no half (ranks stay in step).
-        half_idx = self._next_buffer_idx()
+        half_idx = self._next_buffer_idx("low_latency_combine")
         source = self.combine_buffer(handle, half_idx) if zero_copy else _aligned16(x)
         topk_idx = topk_idx.to(self.device).contiguous()
         topk_weights = topk_weights.to(self.device).contiguous()
@@ -443,6 +462,10 @@ class LowLatencyKernels:
         # The barriers' epochs come from the number of cleans, not of barriers: a clean that raised at its first
         # barrier on some ranks (a late peer) leaves them in step with the others all the same.
         self._num_cleans += 1
+        # The un-masked ranks count again from this clean's barriers on, so that no rank's leftovers outlive it.
+        for rank in sorted(self._pending_unmask):
+            self.rank_mask[rank] = 0
+        self._pending_unmask.clear()
         self._barrier(2 * self._num_cleans - 1)
         device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
         for workspace in self._workspaces.values():
@@ -485,17 +508,26 @@ class LowLatencyKernels:
         every rank first: what it sent after its peers gave up on it may still sit in their buffers."""
         synchronize(self.device)
         self.error_record.reset()
-        self.rank_mask[rank] = 1 if mask else 0
+        if mask:
+            self._pending_unmask.discard(rank)
+            self.rank_mask[rank] = 1
+        elif int(self.rank_mask[rank]) != 0:
+            self._pending_unmask.add(rank)  # the device word waits for the next clean (see __init__)
 
     def query_mask(self, mask_status: torch.Tensor) -> None:
+        """The mask as the host set it: a rank un-masked since the last clean reads 0, though the kernels skip
+        it until that clean."""
         # Every stream's kernels first: a hook's receive on another stream may still mask a rank (under capture
         # the copy is ordered on the capturing stream only).
         if not is_current_stream_capturing():
             synchronize(self.device)
         mask_status.copy_(self.rank_mask.to(mask_status.device))
+        for rank in self._pending_unmask:
+            mask_status[rank] = 0
 
     def clean_mask(self) -> None:
-        self.rank_mask.zero_()
+        synchronize(self.device)  # a receive still running may mask a rank
+        self._pending_unmask.update(int(r) for r in torch.nonzero(self.rank_mask.cpu()).flatten())
 
     def destroy(self) -> None:
         """Collective: free the symmetric buffer (the NvshmemContext stays open)."""

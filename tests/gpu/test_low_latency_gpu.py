@@ -546,9 +546,17 @@ def _mask_case(ctx) -> None:
         kernels.check_device_errors("masked calls")
     ctx.barrier()
     # Everyone back: un-mask, then clean (its barrier waits for the unmasked ranks only, so the victim counts again
-    # only once un-masked), then a normal call works.
+    # only once un-masked), then a normal call works. Until that clean the kernels still skip the victim (a CUDA
+    # graph's replays, which the host does not refuse, must not read a signal it left while masked), while the
+    # query shows the mask the host set.
     kernels.clean_mask()
+    status = torch.full((num_ranks,), -1, dtype=torch.int32, device=ep_device.kernel_device())
+    kernels.query_mask(status)
+    assert status.tolist() == [0] * num_ranks, f"rank {rank}: mask after clean_mask {status.tolist()}"
+    want_device = [int(rank != victim and r == victim) for r in range(num_ranks)]
+    assert kernels.rank_mask.tolist() == want_device, f"rank {rank}: device mask {kernels.rank_mask.tolist()}"
     kernels.clean_low_latency_buffer(num_experts)
+    assert kernels.rank_mask.tolist() == [0] * num_ranks, f"rank {rank}: device mask after the clean"
     _check_plain_call(ctx, kernels, make_inputs(400, num_ranks, num_experts), "after unmask")
 
 
