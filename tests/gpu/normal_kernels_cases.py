@@ -297,9 +297,11 @@ def table_case(ctx, path: KernelsPath, case: Case) -> None:
 
 
 def graph_case(ctx, path: KernelsPath) -> None:
-    """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new x (same routing): every
-    replay equals the reference on that x. The barriers' epochs live on the device, so replays stay in step. GPU only
-    (torch.cuda throughout): protocol_batch_cases leaves it out of an emulated tier's batch."""
+    """num_worst_tokens dispatch + combine captured in one CUDA graph, replayed with new x and new routing copied into
+    the captured tensors (top-k, weights and the layout): every replay equals the reference on those inputs, so a
+    replay that reused an earlier one's counts, prefix matrix or send lists fails. The barriers' epochs live on the
+    device, so replays stay in step. GPU only (torch.cuda throughout): protocol_batch_cases leaves it out of an
+    emulated tier's batch."""
     rank, num_ranks = ctx.rank, ctx.num_ranks
     case = GRAPH_CASE
     reference, kernels = _reference_and_kernels(ctx, path, case)
@@ -334,6 +336,13 @@ def graph_case(ctx, path: KernelsPath) -> None:
         gen = torch.Generator().manual_seed(100 + replay * 11 + rank)
         new_x = (torch.randn(inp.x.shape, generator=gen) * 2).to(torch.bfloat16)
         static_x.copy_(new_x.cuda())
+        fresh = path.inputs(case, num_ranks, rank, replay + 1)[0]
+        assert fresh.topk_idx.shape == topk_idx.shape, "the routing's shape must not change between replays"
+        topk_idx.copy_(fresh.topk_idx.cuda())
+        topk_weights.copy_(fresh.topk_weights.cuda())
+        for captured, new in zip(layout, reference.get_dispatch_layout(topk_idx, num_experts)[:4]):
+            if captured is not None:
+                captured.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
         kernels._check_device_errors(f"graph replay {replay}")

@@ -499,25 +499,40 @@ def _repeat_and_graph_case(ctx, num_iters: int, with_graph: bool = True) -> None
     if not with_graph:
         return
 
-    # CUDA graph: capture one round trip on static tensors, replay with fresh data copied in.
+    # CUDA graphs: one round trip captured without hooks and one with them (the hooks' receives inside the graph),
+    # on the same static tensors; replayed alternately with fresh data copied in, several replays back to back
+    # before their outputs are checked (a clone of each on the stream, no host sync in between), and an eager round
+    # trip now and then between replays (graph and eager calls keep the halves alternating).
     static_x, static_topk, static_weights = fresh(MAX_TOKENS)
     static_out = torch.empty_like(static_x)
     round_trip(static_x, static_topk, static_weights, static_out, hook=False)  # warm-up: workspace, pools
     ep_device.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        round_trip(static_x, static_topk, static_weights, static_out, hook=False)
-    for _ in range(num_iters):
+    graphs = []
+    for hook in (False, True):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            round_trip(static_x, static_topk, static_weights, static_out, hook=hook)
+        graphs.append(graph)
+    pending = []
+    for i in range(num_iters):
         x, topk, weights = fresh(MAX_TOKENS)
         static_x.copy_(x)
         static_topk.copy_(topk)
         static_weights.copy_(weights)
         static_out.fill_(float("nan"))
-        graph.replay()
-        _round_trip_check(x, topk, weights, static_out)
+        graphs[i % 2].replay()
+        pending.append((x, topk, weights, static_out.clone()))
+        if i % 25 == 24:
+            x, topk, weights = fresh(int(torch.randint(0, MAX_TOKENS + 1, (1,))))
+            out = torch.full_like(x, float("nan"))
+            _round_trip_check(x, topk, weights, round_trip(x, topk, weights, out, hook=i % 2 == 1))
+        if len(pending) == 8 or i == num_iters - 1:
+            for x, topk, weights, out in pending:
+                _round_trip_check(x, topk, weights, out)
+            pending.clear()
     ep_device.synchronize()
     kernels.check_device_errors("graph replays")
-    del graph
+    del graphs
 
 
 def _mask_case(ctx) -> None:
