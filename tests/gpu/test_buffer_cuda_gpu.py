@@ -127,6 +127,7 @@ def _compare(rank: int, num_ranks: int) -> None:
     _check_async_combine_keeps_the_handle(rebuilt, x, topk_idx, weights, num_experts, want_out)
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
     _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
+    _check_graph_through_buffer(rebuilt, num_experts, rank)
     _check_experts_switch_needs_clean(rebuilt, x, weights, num_experts, rank)
     rebuilt.destroy()
     finalize_nvshmem()
@@ -284,6 +285,63 @@ def _check_local_buffer_tensor(buffer, x, topk_idx, weights, num_experts: int, r
     out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle, zero_copy=True)
     ep_device.synchronize()
     torch.testing.assert_close(out.float(), 2 * want_out.float(), rtol=COMBINE_TOLERANCE, atol=2 * COMBINE_TOLERANCE)
+
+
+def _check_graph_through_buffer(buffer, num_experts: int, rank: int) -> None:
+    """vLLM's decode graph, through Buffer: a hook-mode low-latency dispatch and combine (out=) captured in a CUDA
+    graph after a clean (a capture begins on half 0), replayed with fresh tokens, routing and weights copied in;
+    each replay's combine of the dispatched rows unchanged is each token times the sum of its valid weights. With
+    the kernels off the capture raises DeepEPError naming the reason before any host copy. GPU only."""
+    from deep_ep_py.backends.cuda import unverified_kernels_enabled
+    from deep_ep_py.errors import DeepEPError
+
+    if ep_device.emulated():
+        return  # no CUDA graphs on the emulator
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
+    static = list(_inputs(rank + 10, num_experts, ep_device.kernel_device()))
+    static_out = torch.empty_like(static[0])
+
+    def round_trip() -> None:
+        x, topk_idx, weights = static
+        recv_x, _, handle, _, hook = buffer.low_latency_dispatch(
+            x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False, return_recv_hook=True
+        )
+        hook()
+        _, _, hook = buffer.low_latency_combine(
+            recv_x, topk_idx, weights, handle, return_recv_hook=True, out=static_out
+        )
+        hook()
+
+    graph = torch.cuda.CUDAGraph()
+    if buffer._backend.low_latency is None or not unverified_kernels_enabled():
+        try:
+            with torch.cuda.graph(graph):
+                round_trip()
+        except Exception as exc:  # capture_end may raise over it; ours is then its context
+            raised = exc if isinstance(exc, DeepEPError) else exc.__context__
+            assert isinstance(raised, DeepEPError) and "expected no CUDA-graph capture" in str(raised), repr(exc)
+        else:
+            raise AssertionError("a capture on the reference implementation did not raise")
+        torch.cuda.synchronize()
+        dist.barrier()
+        return
+    round_trip()  # warm-up, then a clean so that the capture begins on half 0
+    torch.cuda.synchronize()
+    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
+    with torch.cuda.graph(graph):
+        round_trip()
+    for replay in range(4):
+        fresh = _inputs(rank + 20 + 7 * replay, num_experts, static[0].device)
+        for captured, new in zip(static, fresh):
+            captured.copy_(new)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        x, topk_idx, weights = fresh
+        want = x.float() * (weights * (topk_idx >= 0)).sum(dim=1, keepdim=True)
+        torch.testing.assert_close(static_out.float(), want, rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    buffer._backend.low_latency.check_device_errors("graph replays through Buffer")
+    del graph
 
 
 def _check_experts_switch_needs_clean(buffer, x, weights, num_experts: int, rank: int) -> None:
