@@ -257,8 +257,10 @@ __global__ void __launch_bounds__(kNumThreadsPerBlock) dispatch_recv_kernel(cons
             offset = warp_sum(offset);
             count = warp_sum(count);
             failed = warp_sum(failed);
-            // Rows from a peer without a P2P mapping came over the network (the warp_sum orders the lanes' polls
-            // before this).
+            // Rows from a peer without a P2P mapping came over the network: lane 0 settles them after the lane
+            // that polled the signal saw it. A shuffle orders no memory accesses in the PTX model; __syncwarp does,
+            // among the lanes it joins.
+            __syncwarp();
             if (lane_idx == 0 && failed == 0 && count > 0 &&
                 mapped_peer(p.launch, unit_signals, src_rank, shape.rank) == nullptr)
                 settle_network_writes(unit_signals + src_rank);
