@@ -177,6 +177,9 @@ __device__ __forceinline__ bool epoch_barrier(const View& v, size_t flags_offset
                                               WaitSite site) {
     __shared__ uint64_t s_epoch;
     __shared__ int s_ok, s_gave_up;
+    // Every thread, not only the one that releases the flag: a copy kernel before this one wrote peer memory with
+    // weak stores and one fence a thread (release_peer_writes); fence.sc orders against fence.sc, so these fences
+    // are what makes those stores reach a peer before it sees the flag.
     __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -91,6 +91,9 @@ __device__ __forceinline__ bool epoch_reached(int flag, int epoch) {
 __device__ __forceinline__ bool cross_rank_barrier(const PeerBuffers& peers, TimeoutContext ctx, WaitSite site) {
     __shared__ int s_epoch;
     __shared__ int s_ok;
+    // Every thread, not only the one that releases the flag: a copy kernel before this one wrote peer memory with
+    // weak stores and one fence a thread (release_peer_writes); fence.sc orders against fence.sc, so these fences
+    // are what makes those stores reach a peer before it sees the flag.
     __threadfence_system();
     __syncthreads();
     ControlArea* own = control_area(peers.base[peers.rank]);
