@@ -447,6 +447,8 @@ def _graph_round_trip(
             step()
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
+        # A capture begins on low-latency buffer half 0; the timed paths left an odd number of calls behind.
+        buffer.clean_low_latency_buffer(cfg.ll_tokens, cfg.hidden, cfg.experts)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # records only: nothing runs, no peer is waited for
             step()

@@ -291,7 +291,13 @@ class Buffer:
         else:
             comm.wait_stream(compute)
         with ep_device.stream(comm):
-            result = work()
+            try:
+                result = work()
+            except BaseException:
+                # The comm stream joined the caller's (a capture, if one runs, took it in): join it back, so that
+                # a capture ends cleanly and the caller sees this error, not CUDA's "unjoined" one from capture_end.
+                compute.wait_stream(comm)
+                raise
             done = EventHandle.recorded_on(comm)
         # Outputs were allocated on the communication stream and will be used on the compute stream.
         for tensor in _tensors_in(result):

@@ -258,7 +258,10 @@ class PeerMappedBuffer:
 
     def release_now(self, keep_local: bool = False) -> None:
         """close() without the barrier, for finalisers (a collective there could hang): drain this process's kernels,
-        then unmap the peers and free the local buffer unless keep_local. Errors are swallowed. Idempotent."""
+        then unmap the peers and free the local buffer unless keep_local. Errors are swallowed. Idempotent. The drain
+        may take up to the device timeout (kernels waiting for a dead peer), and one that runs while another stream
+        captures a CUDA graph invalidates that capture (as the cudaFree after it would): destroy() a Buffer before a
+        capture rather than dropping it."""
         if getattr(self, "_closed", True):
             return
         self._closed = True

@@ -86,11 +86,11 @@ def test_reference_refuses_graph_capture_before_changing_state() -> None:
 
 def _capture_begins_on_half_zero(rank: int, num_ranks: int) -> None:
     """On the low-latency kernels (their CPU emulator): a capture whose first call finds buffer half 1 is refused,
-    with nothing taken; one that begins on half 0 runs, and its results are the eager calls'."""
+    with nothing taken, also when it follows another capture with no eager call between; one that begins on half 0
+    runs, and its results are the eager calls'. The capture is simulated through the kernels' capture id."""
     import pytest
 
     import deep_ep_py
-    from deep_ep_py.backends import low_latency
     from deep_ep_py.errors import DeepEPError
 
     num_experts = EXPERTS_PER_RANK * num_ranks
@@ -108,27 +108,29 @@ def _capture_begins_on_half_zero(rank: int, num_ranks: int) -> None:
     def dispatch():
         return buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
 
-    recv_x, _, handle, _, _ = dispatch()
-    assert kernels.buffer_idx == 1
-    real = low_latency.is_current_stream_capturing
-    low_latency.is_current_stream_capturing = lambda: True
-    try:
+    def refused(capture_id: int) -> None:
+        half = kernels.buffer_idx
+        kernels._current_capture_id = lambda: capture_id
         with pytest.raises(DeepEPError, match="expected a CUDA-graph capture to begin on low-latency buffer half 0"):
             dispatch()
-        assert kernels.buffer_idx == 1, "the refused call took a half"
-    finally:
-        low_latency.is_current_stream_capturing = real
+        assert kernels.buffer_idx == half, "the refused call took a half"
+
+    recv_x, _, handle, _, _ = dispatch()
+    assert kernels.buffer_idx == 1
+    refused(17)
+    del kernels._current_capture_id  # eager again
     want, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
     assert kernels.buffer_idx == 0
-    low_latency.is_current_stream_capturing = lambda: True
-    try:
-        captured_x, _, captured_handle, _, _ = dispatch()
-        got, _, _ = buffer.low_latency_combine(captured_x, topk_idx, weights, captured_handle)
-    finally:
-        low_latency.is_current_stream_capturing = real
-    assert kernels.buffer_idx == 0
+    kernels._current_capture_id = lambda: 18
+    captured_x, _, captured_handle, _, _ = dispatch()
+    got, _, _ = buffer.low_latency_combine(captured_x, topk_idx, weights, captured_handle)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-    dispatch()  # eager again, on half 0
+    kernels._current_capture_id = lambda: 19  # a second capture straight after: one call, from half 0
+    dispatch()
+    refused(20)  # a third, straight after the second: it would begin on half 1
+    del kernels._current_capture_id
+    dispatch()  # eager, on half 1: back to 0 for the next call
+    assert kernels.buffer_idx == 0
     buffer.destroy()
 
 

@@ -26,6 +26,8 @@ using ReleaseGil = py::call_guard<py::gil_scoped_release>;
 void register_device(py::module_& m) {
     m.def("device_count", &device_count, "Number of CUDA devices; 0 without a GPU or driver. Never raises.");
     m.def("gpu_status", &gpu_status, "Human-readable GPU status, e.g. 'no GPU: cudaGetDeviceCount returned ...'.");
+    m.def("stream_capture_id", &stream_capture_id, py::arg("stream"),
+          "The id of the CUDA-graph capture the stream (a cudaStream_t as int) takes part in; 0 when not capturing.");
 }
 
 void register_waits(py::module_& m) {

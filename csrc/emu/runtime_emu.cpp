@@ -139,6 +139,13 @@ const char* cudaGetErrorString(cudaError_t error) {
 // Launches run to completion before they return.
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// No CUDA graphs: no stream is ever capturing.
+cudaError_t cudaStreamGetCaptureInfo(cudaStream_t, cudaStreamCaptureStatus* status, unsigned long long* id,
+                                     cudaGraph_t*, const cudaGraphNode_t**, const cudaGraphEdgeData**, size_t*) {
+    if (status != nullptr) *status = cudaStreamCaptureStatusNone;
+    if (id != nullptr) *id = 0;
+    return cudaSuccess;
+}
 
 cudaError_t cudaMalloc(void** ptr, size_t size) {
     *ptr = nullptr;

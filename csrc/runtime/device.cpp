@@ -14,6 +14,13 @@ std::string describe_error(const char* call, cudaError_t status) {
 
 }  // namespace
 
+unsigned long long stream_capture_id(uintptr_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long id = 0;
+    CUDA_CHECK(cudaStreamGetCaptureInfo(reinterpret_cast<cudaStream_t>(stream), &status, &id));
+    return status == cudaStreamCaptureStatusActive ? id : 0;
+}
+
 int device_count() {
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess) {

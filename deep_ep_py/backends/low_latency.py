@@ -139,7 +139,7 @@ class LowLatencyKernels:
         self._workspaces: dict[int, torch.Tensor] = {}
         self._owner = next(_owner_tokens)
         self.buffer_idx = 0
-        self._capturing = False  # whether the last call was captured: the next captured one then begins no capture
+        self._capture_id = 0  # the CUDA-graph capture the last call was part of (0: none)
         # Ranks un-masked on the host (update_mask(r, False), clean_mask) whose device word stays 1 until the next
         # clean_low_latency_buffer: the host refuses eager calls in between (Buffer._check_not_unmasked), but
         # replays of a CUDA graph do not ask the host, and would wait for the rank again and read as theirs a
@@ -186,18 +186,24 @@ class LowLatencyKernels:
         """The half this call takes. A CUDA graph replays the halves of its capture, and clean_low_latency_buffer
         restarts every rank on half 0, so a capture must begin there: one begun on half 1 would, after an eager
         pair or a clean, put two calls in a row on one half at its next replay."""
-        capturing = is_current_stream_capturing()
-        if capturing and not self._capturing and self.buffer_idx != 0:
+        capture_id = self._current_capture_id()
+        if capture_id != 0 and capture_id != self._capture_id and self.buffer_idx != 0:
             raise DeepEPError(
                 f"{what}: expected a CUDA-graph capture to begin on low-latency buffer half 0, got half "
                 f"{self.buffer_idx} (an odd number of low-latency calls since the Buffer was built or last "
                 "cleaned). A replay reuses the halves chosen at its capture: make the calls before a capture come in "
                 "dispatch/combine pairs, or call clean_low_latency_buffer(M, H, E) just before it"
             )
-        self._capturing = capturing
+        self._capture_id = capture_id
         idx = self.buffer_idx
         self.buffer_idx ^= 1
         return idx
+
+    def _current_capture_id(self) -> int:
+        """The id of the CUDA-graph capture the current stream takes part in, 0 where none."""
+        if not is_current_stream_capturing():
+            return 0
+        return self._C.stream_capture_id(current_stream(self.device).cuda_stream)
 
     def _workspace(self, what: str, num_experts: int) -> torch.Tensor:
         """int32 [2 * (E + 3)] counters, one set per buffer half, zero between kernels (each kernel's last block
@@ -462,21 +468,28 @@ class LowLatencyKernels:
         # The barriers' epochs come from the number of cleans, not of barriers: a clean that raised at its first
         # barrier on some ranks (a late peer) leaves them in step with the others all the same.
         self._num_cleans += 1
-        # The un-masked ranks count again from this clean's barriers on, so that no rank's leftovers outlive it.
-        for rank in sorted(self._pending_unmask):
+        # The un-masked ranks count again from this clean's barriers on, so that no rank's leftovers outlive it;
+        # masked again if the clean fails (the host goes on refusing eager calls, and replays must skip them).
+        unmasked = sorted(self._pending_unmask)
+        for rank in unmasked:
             self.rank_mask[rank] = 0
+        try:
+            self._barrier(2 * self._num_cleans - 1)
+            device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
+            for workspace in self._workspaces.values():
+                workspace.zero_()
+            self._last_half.zero_()
+            synchronize(self.device)
+            self.error_record.reset()
+            # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
+            # others, whose next call would otherwise wait on the other half's signals.
+            self.buffer_idx = 0
+            self._barrier(2 * self._num_cleans)
+        except BaseException:
+            for rank in unmasked:
+                self.rank_mask[rank] = 1
+            raise
         self._pending_unmask.clear()
-        self._barrier(2 * self._num_cleans - 1)
-        device_bytes_view(self.buffer_ptr, self.num_rdma_bytes).zero_()
-        for workspace in self._workspaces.values():
-            workspace.zero_()
-        self._last_half.zero_()
-        synchronize(self.device)
-        self.error_record.reset()
-        # Every rank restarts on half 0: a rank that skipped calls (masked, timed out) is back in step with the
-        # others, whose next call would otherwise wait on the other half's signals.
-        self.buffer_idx = 0
-        self._barrier(2 * self._num_cleans)
 
     def _barrier(self, epoch: int) -> None:
         """Collective: the device barrier over the unmasked ranks (csrc/low_latency/barrier.cu), then a device

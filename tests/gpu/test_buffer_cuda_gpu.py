@@ -289,9 +289,9 @@ def _check_local_buffer_tensor(buffer, x, topk_idx, weights, num_experts: int, r
 
 def _check_graph_through_buffer(buffer, num_experts: int, rank: int) -> None:
     """vLLM's decode graph, through Buffer: a hook-mode low-latency dispatch and combine (out=) captured in a CUDA
-    graph after a clean (a capture begins on half 0), replayed with fresh tokens, routing and weights copied in;
-    each replay's combine of the dispatched rows unchanged is each token times the sum of its valid weights. With
-    the kernels off the capture raises DeepEPError naming the reason before any host copy. GPU only."""
+    graph (begun on half 0; one begun on half 1 is refused), replayed with fresh tokens, routing and weights copied
+    in; each replay's combine of the dispatched rows unchanged is each token times the sum of its valid weights.
+    With the kernels off, captures raise DeepEPError naming the reason before any host copy. GPU only."""
     from deep_ep_py.backends.cuda import unverified_kernels_enabled
     from deep_ep_py.errors import DeepEPError
 
@@ -312,22 +312,40 @@ def _check_graph_through_buffer(buffer, num_experts: int, rank: int) -> None:
         )
         hook()
 
-    graph = torch.cuda.CUDAGraph()
-    if buffer._backend.low_latency is None or not unverified_kernels_enabled():
+    def capture_raises(work, message: str) -> None:
+        """The capture of work raises our DeepEPError itself (not CUDA's from capture_end, over it: a call on the
+        communication stream must join it back to the capture before it raises), and CUDA stays usable."""
         try:
-            with torch.cuda.graph(graph):
-                round_trip()
-        except Exception as exc:  # capture_end may raise over it; ours is then its context
-            raised = exc if isinstance(exc, DeepEPError) else exc.__context__
-            assert isinstance(raised, DeepEPError) and "expected no CUDA-graph capture" in str(raised), repr(exc)
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                work()
+        except DeepEPError as exc:
+            assert message in str(exc), str(exc)
         else:
-            raise AssertionError("a capture on the reference implementation did not raise")
+            raise AssertionError(f"the capture did not raise DeepEPError ({message})")
         torch.cuda.synchronize()
+
+    x, topk_idx, weights = static
+    if buffer._backend.low_latency is None or not unverified_kernels_enabled():
+        capture_raises(round_trip, "expected no CUDA-graph capture")
+        # Calls on the communication stream: no hook, and the layout.
+        capture_raises(
+            lambda: buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False),
+            "expected no CUDA-graph capture",
+        )
+        capture_raises(lambda: buffer.get_dispatch_layout(topk_idx, num_experts), "expected no CUDA-graph capture")
         dist.barrier()
         return
-    round_trip()  # warm-up, then a clean so that the capture begins on half 0
+    round_trip()  # warm-up
     torch.cuda.synchronize()
-    buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)
+    # A capture begun on half 1 is refused, also for a call on the communication stream.
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
+    capture_raises(
+        lambda: buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False),
+        "expected a CUDA-graph capture to begin on low-latency buffer half 0",
+    )
+    buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         round_trip()
     for replay in range(4):
