@@ -80,11 +80,12 @@ def test_a_receive_arena_on_several_nodes_is_warned_about() -> None:
         assert any("num_recv_arena_bytes" in m and "2 nodes" in m for m in messages), messages
 
 
-def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: int, decode_only: bool) -> list[str]:
+def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: int, low_latency: bool) -> list[str]:
     """With the kernels on but the Buffer's bytes for them 0, normal dispatches on the kernels' device (the CPU
-    emulator's) run on the reference, equal to it, with one warning per Buffer naming the missing bytes. So do a
-    decode-only Buffer's (low-latency mode, num_nvl_bytes 0: vLLM's), whose NVSHMEM bytes serve the low-latency
-    kernels alone."""
+    emulator's) run on the reference, equal to it, with one warning per Buffer naming the missing bytes. A
+    low-latency Buffer across nodes builds its internode kernels only at its first normal dispatch (a decode
+    Buffer never makes one, and they take num_rdma_bytes more of NVSHMEM's heap): none before it, and that dispatch
+    and the next go by them, equal to the reference, with no warning."""
     import os
     import warnings
 
@@ -103,11 +104,11 @@ def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: in
     config = Config(20, 6, 256)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if decode_only:
+        if low_latency:
             from deep_ep_py.config import low_latency_rdma_size_hint
 
             rdma = low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, NUM_EXPERTS)
-            cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, rdma, True, False))
+            cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(1 << 20, rdma, True, False))
             assert cuda.low_latency is not None
         else:
             cuda = CudaBackend(dist.group.WORLD, topology, BufferSizes(0, 0, False, False))
@@ -119,6 +120,10 @@ def _dispatch_without_kernel_bytes(rank: int, num_ranks: int, ranks_per_node: in
             mine = cuda.dispatch(x, None, None, *args, config=config)
             want = reference.dispatch(x, None, None, *args, config=config)
             assert torch.equal(mine[0], want[0]), f"rank {rank}: the fallback's recv_x differs from the reference"
+            if low_latency:
+                assert cuda.internode is not None and cuda.internode.owns(mine[5]), "not the internode kernels"
+        if low_latency:
+            cuda.destroy()
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
@@ -132,11 +137,14 @@ def test_dispatch_without_the_kernels_bytes_warns_once() -> None:
     cases = (
         (2, False, "num_nvl_bytes is 0 on a group of one node"),
         (1, False, "num_rdma_bytes is 0"),
-        (1, True, "a low-latency Buffer with num_nvl_bytes 0 builds no internode kernels"),
+        (1, True, None),
     )
-    for ranks_per_node, decode_only, missing in cases:
+    for ranks_per_node, low_latency, missing in cases:
         for messages in launch(
-            _dispatch_without_kernel_bytes, 2, ranks_per_node, decode_only, timeout_s=120.0, device="emulated"
+            _dispatch_without_kernel_bytes, 2, ranks_per_node, low_latency, timeout_s=120.0, device="emulated"
         ):
+            if missing is None:
+                assert messages == [], messages
+                continue
             assert len(messages) == 1, messages
             assert "run on the reference backend, not the kernels" in messages[0] and missing in messages[0], messages

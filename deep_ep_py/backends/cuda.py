@@ -49,6 +49,11 @@ class CudaBackend(ReferenceBackend):
         self.internode = None
         self.low_latency = None
         self.nvshmem = None
+        self._group = group
+        # A low-latency Buffer's internode kernels and their NVSHMEM context, made at its first normal dispatch
+        # (_deferred_internode).
+        self._internode_deferred = False
+        self._internode_nvshmem = None
         # Where the layout kernel records an expert id out of range. Made here, not at the first layout: pinned host
         # allocations are not allowed while a CUDA graph is being captured. None where no kernel can run.
         self._layout_errors = self._C.ErrorRecord() if self._C is not None and device_available() else None
@@ -71,11 +76,7 @@ class CudaBackend(ReferenceBackend):
             )
         # Each NVSHMEM user (low latency, internode normal kernels) takes its own num_rdma_bytes from one heap.
         use_low_latency = sizes.low_latency_mode and sizes.num_rdma_bytes > 0
-        # A low-latency Buffer with no NVLink bytes is a decode-only one (vLLM's): DeepEP's normal calls fail on it,
-        # and internode kernels there would take num_rdma_bytes more of the heap (~1.8 GB at the standard sizes) for
-        # calls it never makes, so its normal calls take the reference.
-        decode_only = sizes.low_latency_mode and sizes.num_nvl_bytes == 0
-        use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0 and not decode_only
+        use_internode = topology.num_nodes > 1 and sizes.num_rdma_bytes > 0
         if use_internode and use_low_latency:
             # InternodeKernels raises for groups past its limits; a low-latency Buffer of such a group (decode EP
             # over more than 128 ranks) worked before the internode kernels existed, so its normal calls stay on
@@ -85,12 +86,15 @@ class CudaBackend(ReferenceBackend):
                 topology.num_ranks <= limits["max_ranks"]
                 and topology.num_ranks_per_node <= limits["max_ranks_per_node"]
             )
+            # Built at the first normal dispatch: decode Buffers (vLLM's low-latency one, NVLink bytes and all)
+            # never make one, and the internode kernels take num_rdma_bytes more of NVSHMEM's heap (1.75 GiB a GPU
+            # at the standard sizes) than the low-latency kernels alone.
+            self._internode_deferred, use_internode = use_internode, False
         if use_low_latency or use_internode:
             from ..runtime import NvshmemContext
             from .low_latency import sync_words_bytes
 
-            num_users = int(use_low_latency) + int(use_internode)
-            num_bytes = num_users * sizes.num_rdma_bytes
+            num_bytes = sizes.num_rdma_bytes
             if use_low_latency:
                 num_bytes += sync_words_bytes(topology.num_ranks)  # the clean barrier's words beside its buffer
             self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_bytes)
@@ -108,6 +112,11 @@ class CudaBackend(ReferenceBackend):
     def _reference_reason(self) -> str:
         if not unverified_kernels_enabled():
             return f"the kernels run only with {UNVERIFIED_KERNELS_ENV}=1 until they have passed the GPU tier"
+        if self._internode_deferred:
+            return (
+                "a low-latency Buffer builds its internode kernels at its first normal dispatch, which a capture "
+                "cannot hold (collective allocations): make one before capturing"
+            )
         return "no kernel of this Buffer takes the call: CPU tensors, a handle the reference made, or no bytes for it"
 
     # ------------------------------------------------------------------------------------------------ layout
@@ -153,9 +162,32 @@ class CudaBackend(ReferenceBackend):
         """The normal-mode kernels (intranode or internode, whichever this topology built) that take this call, or
         None for the reference: tensors off the kernels' device, and handles the kernels did not make."""
         kernels = self.intranode if self.intranode is not None else self.internode
+        if kernels is None and handle is None and is_kernel_tensor(x):
+            kernels = self._deferred_internode()
         if kernels is None or not is_kernel_tensor(x):
             return None
         return kernels if handle is None or kernels.owns(handle) else None
+
+    def _deferred_internode(self):
+        """A low-latency Buffer's internode kernels, built now, at its first normal dispatch (collective: every rank
+        makes that call), with an NVSHMEM context of their own; None where there are none to build, or where the
+        call is being captured (the reference then refuses it, saying why)."""
+        if not self._internode_deferred or is_current_stream_capturing():
+            return None
+        from ..runtime import NvshmemContext
+        from .internode import InternodeKernels
+
+        self._internode_deferred = False
+        self._internode_nvshmem = NvshmemContext(self._group, num_symmetric_bytes=self.sizes.num_rdma_bytes)
+        try:
+            self.internode = InternodeKernels(
+                self._group, self.topology, self.sizes.num_rdma_bytes, self._C, self._internode_nvshmem
+            )
+        except BaseException:
+            self._internode_nvshmem.finalize()
+            self._internode_nvshmem = None
+            raise
+        return self.internode
 
     def _warn_no_normal_kernels(self) -> None:
         """Once per Buffer: a normal-mode call on the kernels' device with the kernels on that no kernel module of
@@ -172,11 +204,6 @@ class CudaBackend(ReferenceBackend):
                 f"num_rdma_bytes is 0 on a group of {topology.num_nodes} nodes x {topology.num_ranks_per_node} ranks "
                 "(Config.get_rdma_buffer_size_hint counts nodes by DEEP_EP_PY_RANKS_PER_NODE, or 8 ranks a node: "
                 "with Buffer(num_ranks_per_node=...) set the variable too, or pass the bytes yourself)"
-            )
-        elif self.sizes.low_latency_mode and self.sizes.num_nvl_bytes == 0:
-            reason = (
-                "a low-latency Buffer with num_nvl_bytes 0 builds no internode kernels (pass num_nvl_bytes > 0 to "
-                "run normal calls on the kernels too)"
             )
         else:
             reason = (
@@ -281,6 +308,9 @@ class CudaBackend(ReferenceBackend):
         if self.internode is not None:
             self.internode.destroy()
             self.internode = None
+        if self._internode_nvshmem is not None:
+            self._internode_nvshmem.finalize()
+            self._internode_nvshmem = None
         if self.nvshmem is not None:
             self.nvshmem.finalize()  # NVSHMEM itself stays up for the process's next Buffer
             self.nvshmem = None
