@@ -12,12 +12,9 @@ from deep_ep_py.testing import launch
 NUM_TOKENS, HIDDEN, NUM_TOPK, EXPERTS_PER_RANK, MAX_TOKENS = 16, 128, 2, 2, 32
 
 
-def _capture_refused(rank: int, num_ranks: int) -> None:
-    import pytest
-
+def _inputs(rank: int, num_ranks: int):
+    """(E, x, topk_idx, weights, num_rdma_bytes) of this rank."""
     import deep_ep_py
-    from deep_ep_py import device as ep_device
-    from deep_ep_py.errors import DeepEPError
 
     num_experts = EXPERTS_PER_RANK * num_ranks
     gen = torch.Generator().manual_seed(rank)
@@ -25,6 +22,17 @@ def _capture_refused(rank: int, num_ranks: int) -> None:
     topk_idx = torch.randn(NUM_TOKENS, num_experts, generator=gen).topk(NUM_TOPK).indices
     weights = torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen)
     rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    return num_experts, x, topk_idx, weights, rdma
+
+
+def _capture_refused(rank: int, num_ranks: int) -> None:
+    import pytest
+
+    import deep_ep_py
+    from deep_ep_py import device as ep_device
+    from deep_ep_py.errors import DeepEPError
+
+    num_experts, x, topk_idx, weights, rdma = _inputs(rank, num_ranks)
     buffer = deep_ep_py.Buffer(
         torch.distributed.group.WORLD, 1 << 23, rdma, low_latency_mode=True, explicitly_destroy=True
     )
@@ -93,12 +101,7 @@ def _capture_begins_on_half_zero(rank: int, num_ranks: int) -> None:
     import deep_ep_py
     from deep_ep_py.errors import DeepEPError
 
-    num_experts = EXPERTS_PER_RANK * num_ranks
-    gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
-    topk_idx = torch.randn(NUM_TOKENS, num_experts, generator=gen).topk(NUM_TOPK).indices
-    weights = torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen)
-    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    num_experts, x, topk_idx, weights, rdma = _inputs(rank, num_ranks)
     buffer = deep_ep_py.Buffer(
         torch.distributed.group.WORLD, 0, rdma, low_latency_mode=True, explicitly_destroy=True, backend="cuda"
     )
