@@ -477,20 +477,26 @@ class NvshmemContext:
     to the current CUDA device. The first context of a process starts NVSHMEM: group rank 0 makes the unique id,
     broadcast over the group, and every rank joins (nvshmem_init), after setting the variables of
     :func:`nvshmem_env_updates` in os.environ (a value already set is kept). ``num_symmetric_bytes``: what this
-    context will malloc in all (sizes the heap). ``share_gpu``: whether several ranks share a GPU; None detects it
-    (ranks on this host > its GPUs).
+    context will malloc in all (sizes the heap). ``reserve_bytes``: what a later context of the same user may ask
+    for, added to the heap NVSHMEM starts with where that heap cannot grow (see nvshmem_heap_grows), and not
+    counted as taken. ``share_gpu``: whether several ranks share a GPU; None detects it (ranks on this host > its
+    GPUs).
 
     NVSHMEM runs once per process (see _NvshmemWorld): a later context over the same global ranks joins the running
     instance and its heap, sized when it started; one over other ranks raises DeepEPError on every rank.
     finalize() frees what malloc() returned and leaves NVSHMEM up for the next context; finalize_nvshmem() ends it.
     """
 
-    def __init__(self, group: Any = None, num_symmetric_bytes: int = 0, share_gpu: bool | None = None) -> None:
+    def __init__(
+        self, group: Any = None, num_symmetric_bytes: int = 0, share_gpu: bool | None = None, reserve_bytes: int = 0
+    ) -> None:
         global _world
         self._finalized = True  # until initialised
         what = "NvshmemContext"
         if num_symmetric_bytes < 0:
             raise ValueError(f"{what}: num_symmetric_bytes must be >= 0, got {num_symmetric_bytes}")
+        if reserve_bytes < 0:
+            raise ValueError(f"{what}: reserve_bytes must be >= 0, got {reserve_bytes}")
         extension = _require_gpu_extension(what)
         _require_process_group(what)
         try:
@@ -514,9 +520,10 @@ class NvshmemContext:
             num_local_ranks = hosts.count(socket.gethostname())
             if share_gpu is None:
                 share_gpu = ranks_share_gpu(num_local_ranks, ep_device.device_count())
+            fixed_heap = not nvshmem_heap_grows(os.environ, platform.machine(), ep_device.emulated())
             env_set = nvshmem_env_updates(
                 os.environ,
-                num_symmetric_bytes=num_symmetric_bytes,
+                num_symmetric_bytes=num_symmetric_bytes + (reserve_bytes if fixed_heap else 0),
                 share_gpu=share_gpu,
                 single_host=num_local_ranks == num_ranks,
             )

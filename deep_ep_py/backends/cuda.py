@@ -97,7 +97,9 @@ class CudaBackend(ReferenceBackend):
             num_bytes = sizes.num_rdma_bytes
             if use_low_latency:
                 num_bytes += sync_words_bytes(topology.num_ranks)  # the clean barrier's words beside its buffer
-            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_bytes)
+            # Where the heap cannot grow, it starts with room for the deferred internode kernels too.
+            reserve = sizes.num_rdma_bytes if self._internode_deferred else 0
+            self.nvshmem = NvshmemContext(group, num_symmetric_bytes=num_bytes, reserve_bytes=reserve)
         if use_internode:
             from .internode import InternodeKernels
 
