@@ -99,9 +99,9 @@ void register_intranode(py::module_& m) {
         "intranode_notify",
         [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, uintptr_t is_token_in_rank,
            int num_tokens, uintptr_t num_tokens_per_expert, int num_local_experts, int expert_alignment,
-           int rows_per_round, uintptr_t send_pos, uintptr_t send_list, uintptr_t send_counts,
-           uintptr_t rank_prefix_matrix, uintptr_t host_counters, int host_sequence, int num_worst_tokens,
-           uintptr_t error_record,
+           int rows_per_round, int max_rounds, uintptr_t send_pos, uintptr_t send_list, uintptr_t send_counts,
+           uintptr_t rank_prefix_matrix, uintptr_t num_rounds_device, uintptr_t host_counters, int host_sequence,
+           int num_worst_tokens, uintptr_t error_record,
            double timeout_s, bool trap_on_error, uintptr_t stream) {
             const intranode::NotifyArgs args{as_ptr<const bool>(is_token_in_rank),
                                              num_tokens,
@@ -109,10 +109,12 @@ void register_intranode(py::module_& m) {
                                              num_local_experts,
                                              expert_alignment,
                                              rows_per_round,
+                                             max_rounds,
                                              as_ptr<int>(send_pos),
                                              as_ptr<int>(send_list),
                                              as_ptr<int>(send_counts),
                                              as_ptr<int>(rank_prefix_matrix),
+                                             as_ptr<int>(num_rounds_device),
                                              as_ptr<int>(host_counters),
                                              host_sequence,
                                              num_worst_tokens};
@@ -122,24 +124,27 @@ void register_intranode(py::module_& m) {
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("is_token_in_rank"),
         py::arg("num_tokens"), py::arg("num_tokens_per_expert"), py::arg("num_local_experts"),
-        py::arg("expert_alignment"), py::arg("rows_per_round"), py::arg("send_pos"), py::arg("send_list"),
-        py::arg("send_counts"), py::arg("rank_prefix_matrix"), py::arg("host_counters"), py::arg("host_sequence"),
+        py::arg("expert_alignment"), py::arg("rows_per_round"), py::arg("max_rounds"), py::arg("send_pos"),
+        py::arg("send_list"), py::arg("send_counts"), py::arg("rank_prefix_matrix"), py::arg("num_rounds_device"),
+        py::arg("host_counters"), py::arg("host_sequence"),
         py::arg("num_worst_tokens"), py::arg("error_record"), py::arg("timeout_s"), py::arg("trap_on_error") = false,
         py::arg("stream"),
-        "Dispatch notify on `stream`: send positions, counts to every rank, barrier, rank_prefix_matrix; with "
-        "host_sequence > 0 also the host counters (N, rounds, aligned per-expert counts, then the sequence).");
+        "Dispatch notify on `stream`: send positions, counts to every rank, barrier, rank_prefix_matrix, the rounds "
+        "the counts need (num_rounds_device, at most max_rounds); with host_sequence > 0 also the host counters (N, "
+        "rounds, aligned per-expert counts, then the sequence).");
 
     m.def(
         "intranode_dispatch",
-        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds, int rows_per_round,
-           uintptr_t x, int payload_bytes, uintptr_t x_scales, int num_scales, int64_t scale_stride_token,
-           int64_t scale_stride_group, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_tokens,
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds,
+           uintptr_t num_rounds_device, int rows_per_round, uintptr_t x, int payload_bytes, uintptr_t x_scales,
+           int num_scales, int64_t scale_stride_token, int64_t scale_stride_group, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk, int num_tokens,
            uintptr_t send_list, uintptr_t send_counts, uintptr_t rank_prefix_matrix, uintptr_t recv_x,
            uintptr_t recv_scales, uintptr_t recv_src_idx, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
            int num_recv_rows, bool pad_rows, int num_local_experts, int num_sms, uintptr_t error_record,
            double timeout_s, bool trap_on_error, uintptr_t stream, const std::vector<uintptr_t>& recv_arena_ptrs,
            size_t recv_arena_bytes, bool recv_in_arena) {
             intranode::DispatchArgs args{num_rounds,
+                                               as_ptr<const int>(num_rounds_device),
                                                rows_per_round,
                                                as_ptr<const void>(x),
                                                payload_bytes,
@@ -171,7 +176,7 @@ void register_intranode(py::module_& m) {
                                 reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
-        py::arg("rows_per_round"), py::arg("x"), py::arg("payload_bytes"), py::arg("x_scales"), py::arg("num_scales"),
+        py::arg("num_rounds_device"), py::arg("rows_per_round"), py::arg("x"), py::arg("payload_bytes"), py::arg("x_scales"), py::arg("num_scales"),
         py::arg("scale_stride_token"), py::arg("scale_stride_group"), py::arg("topk_idx"), py::arg("topk_weights"),
         py::arg("num_topk"), py::arg("num_tokens"), py::arg("send_list"), py::arg("send_counts"),
         py::arg("rank_prefix_matrix"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_src_idx"),
@@ -186,14 +191,15 @@ void register_intranode(py::module_& m) {
 
     m.def(
         "intranode_combine",
-        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds, int rows_per_round,
-           int hidden, uintptr_t x, int num_x_rows, uintptr_t topk_weights, int num_topk,
+        [](const std::vector<uintptr_t>& peer_ptrs, size_t num_bytes, int rank, int num_rounds,
+           uintptr_t num_rounds_device, int rows_per_round, int hidden, uintptr_t x, int num_x_rows, uintptr_t topk_weights, int num_topk,
            uintptr_t rank_prefix_matrix, uintptr_t send_pos, int num_tokens, uintptr_t bias0, uintptr_t bias1,
            uintptr_t acc_x, uintptr_t acc_weights, uintptr_t combined_x, uintptr_t combined_weights, int num_sms,
            uintptr_t error_record, double timeout_s, bool trap_on_error, uintptr_t stream,
            const std::vector<uintptr_t>& recv_arena_ptrs,
            size_t recv_arena_bytes, bool recv_in_arena) {
             intranode::CombineArgs args{num_rounds,
+                                              as_ptr<const int>(num_rounds_device),
                                               rows_per_round,
                                               hidden,
                                               as_ptr<const void>(x),
@@ -218,7 +224,7 @@ void register_intranode(py::module_& m) {
                                reinterpret_cast<cudaStream_t>(stream));
         },
         py::kw_only(), py::arg("peer_ptrs"), py::arg("num_bytes"), py::arg("rank"), py::arg("num_rounds"),
-        py::arg("rows_per_round"), py::arg("hidden"), py::arg("x"), py::arg("num_x_rows"), py::arg("topk_weights"),
+        py::arg("num_rounds_device"), py::arg("rows_per_round"), py::arg("hidden"), py::arg("x"), py::arg("num_x_rows"), py::arg("topk_weights"),
         py::arg("num_topk"), py::arg("rank_prefix_matrix"), py::arg("send_pos"), py::arg("num_tokens"),
         py::arg("bias0"), py::arg("bias1"), py::arg("acc_x"), py::arg("acc_weights"), py::arg("combined_x"),
         py::arg("combined_weights"), py::arg("num_sms"), py::arg("error_record"), py::arg("timeout_s"),

@@ -32,6 +32,14 @@ __device__ __forceinline__ void for_each_item_by_rank(const int* first_item, int
     }
 }
 
+// Whether this round's kernels (copies and barriers) have work. A launcher without a host sync (num_worst_tokens)
+// launches the most rounds the counts could need; the notify kernel writes how many they do need into
+// num_rounds_device, and the rounds past it return at once on every rank alike: every rank computes that count from
+// the same count matrix, so the ranks' barrier epochs stay in step.
+__device__ __forceinline__ bool round_is_live(const int* num_rounds_device, int round) {
+    return round < ptx::ld_volatile_global(num_rounds_device);
+}
+
 // The last statement of a copy kernel that wrote peer memory with plain (weak) stores: the next kernel's barrier
 // publishes them from other threads (its flag's release covers what those threads did), and a kernel boundary is a
 // documented ordering for this GPU's later work, not a system-scope release for another GPU's reader. One fence a

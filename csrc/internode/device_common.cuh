@@ -92,11 +92,6 @@ inline TimeoutContext timeout_context(const View& view, const WaitConfig& wait) 
     return TimeoutContext{wait.record, wait.timeout_ns, view.rank, -1, wait.trap_on_error};
 }
 
-// Whether this round's kernels have work: rounds past the device count return at once on every rank alike (they
-// all read the same num_rounds_device, computed from the same counts).
-__device__ __forceinline__ bool round_is_live(const int* num_rounds_device, int round) {
-    return round < ptx::ld_volatile_global(num_rounds_device);
-}
 
 // Rows of node-count `count` in the round starting at round_start.
 __device__ __forceinline__ int node_rows_in_round(const View& v, int count, int round_start) {

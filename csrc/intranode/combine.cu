@@ -37,6 +37,7 @@ struct CombineRoundParams {
     void* recv_arenas[kMaxRanks];
     bool one_copy;
     const DeviceErrorRecord* record;  // this rank's: the sender writes nothing once it gave up (rank_gave_up)
+    const int* num_rounds_device;     // rounds with rows (round_is_live); the last of them writes the bf16 sums
 };
 
 __device__ __forceinline__ bool rows_go_by_one_copy(const CombineRoundParams& p) {
@@ -46,7 +47,7 @@ __device__ __forceinline__ bool rows_go_by_one_copy(const CombineRoundParams& p)
 // Sender (the dispatch's receiver): row prefix_before(s) + round_start + j of x goes to slot (me, j) of source s,
 // the slot the dispatch took it from. None once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRoundParams p) {
-    if (rows_go_by_one_copy(p)) return;
+    if (rows_go_by_one_copy(p) || !round_is_live(p.num_rounds_device, p.round)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     __shared__ int s_first_row[kMaxRanks];
     const int num_ranks = p.peers.num_ranks;
@@ -82,15 +83,17 @@ __global__ void __launch_bounds__(kCopyThreads) combine_send_kernel(CombineRound
 // Reducer (the dispatch's source): one warp per token. Rank d's row of token t sits in slot (d, send_pos[t][d] - round
 // start) during the round that holds its ordinal. Sums go rank by rank from rank 0 (then the biases), so a one-round
 // combine adds in the reference's order. Across rounds the partial sums live in acc_x / acc_weights (float32):
-// round 0 writes them, later rounds add, the last round writes bf16.
+// round 0 writes them, later rounds add, the last live round (round_is_live) writes bf16.
 // Time: with several rounds every token's accumulator is read and written each round; sizing the staging so one
 // round suffices, or reducing only tokens complete in a round, removes that.
 __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineRoundParams p) {
     if (rows_go_by_one_copy(p)) return;
+    const int num_live_rounds = min(p.num_rounds, ptx::ld_volatile_global(p.num_rounds_device));
+    if (p.round >= num_live_rounds) return;
     const int num_ranks = p.peers.num_ranks;
     const int lane = lane_idx();
     const bool is_first = p.round == 0;
-    const bool is_last = p.round == p.num_rounds - 1;
+    const bool is_last = p.round == num_live_rounds - 1;
     const int round_start = p.round * p.rows_per_round;
     const CombineRowFormat& row = p.row;
     void* own_buffer = p.peers.base[p.peers.rank];
@@ -216,6 +219,7 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
     check_peers(peers);
     EP_HOST_ASSERT(wait.record != nullptr);
     EP_HOST_ASSERT(args.num_rounds >= 1);
+    EP_HOST_ASSERT(args.num_rounds_device != nullptr);
     EP_HOST_ASSERT(args.rows_per_round >= 1);
     EP_HOST_ASSERT(args.hidden > 0);
     EP_HOST_ASSERT_MSG(args.hidden % kBf16PerChunk == 0, "bf16 rows must be whole 16-byte chunks");
@@ -267,7 +271,8 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
                               args.combined_weights,
                               {},
                               args.one_copy,
-                              wait.record};
+                              wait.record,
+                              args.num_rounds_device};
     for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.one_copy) {
@@ -280,9 +285,11 @@ void combine(const PeerBuffers& peers, const CombineArgs& args, const WaitConfig
     for (int round = 0; round < args.num_rounds; ++round) {
         params.round = round;
         launch_kernel(copy_config, combine_send_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy, args.num_rounds_device,
+                       round);
         launch_kernel(copy_config, combine_reduce_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy, args.num_rounds_device,
+                       round);
     }
 }
 

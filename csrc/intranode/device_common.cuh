@@ -56,9 +56,10 @@ inline void check_one_copy(const PeerBuffers& peers, void* const* recv_arenas, c
 void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const WaitConfig& wait, cudaStream_t stream);
 
 // One block running cross_rank_barrier (notify.cu); with skip_when_one_copy, none when the publish kernel of this
-// one-copy dispatch noted that its rows go by the one-copy path (the rounds' barriers then have nothing to order).
+// one-copy dispatch noted that its rows go by the one-copy path (the rounds' barriers then have nothing to order);
+// with num_rounds_device, none in a round past the count (round_is_live).
 void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,
-                    bool skip_when_one_copy = false);
+                    bool skip_when_one_copy = false, const int* num_rounds_device = nullptr, int round = 0);
 
 // Whether a barrier flag shows epoch `epoch` or a later one. Epochs count barriers modulo 2^32, and a long job
 // passes 2^31 of them (hours of back-to-back calls at microseconds a barrier): "later" is the sign of the wrapped

@@ -39,6 +39,8 @@ struct DispatchRoundParams {
     void* recv_arenas[kMaxRanks];
     bool one_copy;
     const DeviceErrorRecord* record;  // this rank's: the senders write nothing once it gave up (rank_gave_up)
+    const int* num_rounds_device;     // rounds with rows (round_is_live)
+    int round;                        // of this launch: round_start / rows_per_round
 };
 
 __device__ __forceinline__ bool rows_go_by_one_copy(const DispatchRoundParams& p) {
@@ -52,7 +54,7 @@ __device__ __forceinline__ ReceivedRows received_rows(const DispatchRoundParams&
 // Sender: one warp per (destination, slot) of this round. Work items are numbered destination by destination;
 // s_first_item[d] is the first item of destination d. None once this rank gave up (rank_gave_up).
 __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRoundParams p) {
-    if (rows_go_by_one_copy(p)) return;
+    if (rows_go_by_one_copy(p) || !round_is_live(p.num_rounds_device, p.round)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     const int num_ranks = p.peers.num_ranks;
     if (threadIdx.x == 0) {
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
 // Receiver: one warp per (source, slot) of this round. Row `slot_idx` of source s's block is received row
 // prefix_before(s) + round_start + slot_idx: rows of s come in ordinal (= token) order, after those of ranks < s.
 __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRoundParams p) {
-    if (rows_go_by_one_copy(p)) return;
+    if (rows_go_by_one_copy(p) || !round_is_live(p.num_rounds_device, p.round)) return;
     __shared__ int s_first_item[kMaxRanks + 1];
     __shared__ int s_first_row[kMaxRanks];
     const int num_ranks = p.peers.num_ranks;
@@ -179,6 +181,8 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     check_peers(peers);
     EP_HOST_ASSERT(wait.record != nullptr);
     check_dispatch_row_args(args);
+    EP_HOST_ASSERT(args.num_rounds >= 1);
+    EP_HOST_ASSERT(args.num_rounds_device != nullptr);
     if (args.num_tokens > 0) EP_HOST_ASSERT(args.send_list != nullptr);
     EP_HOST_ASSERT(args.send_counts != nullptr);
     const DispatchRowFormat row = DispatchRowFormat::make(args.payload_bytes, args.num_scales, args.num_topk);
@@ -210,7 +214,9 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
                                args.num_local_experts,
                                {},
                                args.one_copy,
-                               wait.record};
+                               wait.record,
+                               args.num_rounds_device,
+                               0};
     for (int r = 0; r < kMaxRanks; ++r) params.recv_arenas[r] = args.recv_arenas[r];
     const LaunchConfig copy_config{dim3(args.num_sms), dim3(kCopyThreads), 0, stream, false};
     if (args.pad_rows) launch_kernel(copy_config, dispatch_pad_kernel, params);
@@ -226,11 +232,14 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     // copies and the 2 * num_rounds barriers (each a few microseconds of one block waiting on every peer);
     // overlapping the send of round r + 1 with the receive of round r is the first optimisation to make.
     for (int round = 0; round < args.num_rounds; ++round) {
+        params.round = round;
         params.round_start = round * args.rows_per_round;
         launch_kernel(copy_config, dispatch_send_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy, args.num_rounds_device,
+                       round);
         launch_kernel(copy_config, dispatch_recv_kernel, params);
-        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy);
+        launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy, args.num_rounds_device,
+                       round);
     }
 }
 

@@ -3,7 +3,9 @@
 //
 // A dispatch is: notify (send positions, counts to every peer, one barrier, rank_prefix_matrix and the host's
 // counts), then num_rounds rounds of [send kernel -> barrier -> receive kernel -> barrier]. A cached dispatch skips
-// notify; a combine runs the rounds in the reverse direction and reduces at the source.
+// notify; a combine runs the rounds in the reverse direction and reduces at the source. Without a host sync
+// (num_worst_tokens) the host launches the most rounds the counts could need, and those past the count the notify
+// found (num_rounds_device) return at once, barriers included, on every rank alike.
 //
 // One-copy dispatch (DispatchArgs::one_copy): the received tensors of every rank live in its receive arena, a
 // second IPC-mapped allocation, so senders write rows straight into them: [publish (each receiver writes where its
@@ -47,11 +49,13 @@ struct NotifyArgs {
     int num_local_experts;             // L <= kMaxLocalExperts
     int expert_alignment;              // >= 1
     int rows_per_round;                // B
+    int max_rounds;                    // rounds the launcher will launch at most: num_rounds_device is capped there
     // Outputs (device):
     int* send_pos;            // [T, R]: ordinal of token t among this rank's tokens for rank d, -1 when not sent
     int* send_list;           // [R, T]: token index of each ordinal (the first send_counts[d] entries of row d)
     int* send_counts;         // [R]
     int* rank_prefix_matrix;  // [R, R]: [i][r] = tokens rank r receives from ranks 0..i
+    int* num_rounds_device;   // [1]: rounds the count matrix needs, at least 1 (0 when the notify failed)
     // Host-mapped counters (device view of kNumHostCounters ints), filled when host_sequence > 0.
     int* host_counters;
     int host_sequence;
@@ -63,7 +67,8 @@ void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const Wai
 
 // The rounds of a dispatch (cached or not). N_cap = rows allocated in the received tensors.
 struct DispatchArgs {
-    int num_rounds;
+    int num_rounds;                 // launched; the kernels and barriers of rounds past *num_rounds_device do nothing
+    const int* num_rounds_device;   // [1], from the notify of the dispatch (or of the cached handle's)
     int rows_per_round;
     // Sender side.
     const void* x;             // [T, payload_bytes] row-major (bf16 or fp8)
@@ -100,7 +105,8 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
 
 // The rounds of a combine, with the handle of the dispatch it reverses.
 struct CombineArgs {
-    int num_rounds;
+    int num_rounds;                 // launched, as DispatchArgs
+    const int* num_rounds_device;   // [1], from the notify of the handle's dispatch
     int rows_per_round;
     int hidden;
     // Sender side (this rank as the dispatch's receiver).

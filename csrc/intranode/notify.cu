@@ -30,7 +30,9 @@ struct NotifyParams {
     int num_local_experts;
     int expert_alignment;
     int rows_per_round;
+    int max_rounds;
     int* rank_prefix_matrix;  // [R, R]
+    int* num_rounds_device;   // [1]
     int* host_counters;       // kNumHostCounters ints (device view of host memory), or nullptr
     int host_sequence;
     int num_worst_tokens;
@@ -58,7 +60,9 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
     if (!cross_rank_barrier(p.peers, p.timeout, WaitSite::kIntranodeNotifyBarrier)) {
         // The copy kernels queued behind this one read the matrix even now (with num_worst_tokens > 0 the host does
         // not wait for the counts): zeros, no rows from anyone, rather than the leftover memory of torch.empty,
-        // which could point them outside the tensors.
+        // which could point them outside the tensors. No rounds either: the barrier told every peer that this rank
+        // gave up, so theirs fail at once without this rank's.
+        if (tid == 0) *p.num_rounds_device = 0;
         for (int i = tid; i < num_ranks * num_ranks; i += kNotifyThreads) p.rank_prefix_matrix[i] = 0;
         return;
     }
@@ -76,6 +80,17 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         p.timeout, num_ranks, kNotifyThreads, p.num_worst_tokens,
         [&](int r) { return ptx::ld_volatile_global(&own->worst_tokens[r]); },
         p.rank_prefix_matrix + (num_ranks - 1) * num_ranks, WaitSite::kWorstTokensIntranode);
+    __shared__ int s_num_rounds;
+    if (tid == 0) {
+        int max_count = 0;
+        for (int s = 0; s < num_ranks; ++s)
+            for (int d = 0; d < num_ranks; ++d) max_count = max(max_count, ptx::ld_volatile_global(&own->send_counts[s][d]));
+        // At least one round: its barriers keep a fast peer's next notify from overwriting the counts read above.
+        // At most max_rounds, the rounds launched: that many hold every row while each rank receives at most
+        // num_worst_tokens, and past it check_worst_tokens has recorded the overflow on every rank.
+        s_num_rounds = min(max(1, (max_count + p.rows_per_round - 1) / p.rows_per_round), p.max_rounds);
+        *p.num_rounds_device = s_num_rounds;
+    }
     if (p.host_counters == nullptr) return;
 
     for (int local_expert = tid; local_expert < num_local; local_expert += kNotifyThreads) {
@@ -85,15 +100,10 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         p.host_counters[kCounterExpertBase + local_expert] = aligned;
     }
     if (tid == 0) {
-        int num_recv_tokens = 0, max_count = 0;
-        for (int s = 0; s < num_ranks; ++s) {
-            num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
-            for (int d = 0; d < num_ranks; ++d) max_count = max(max_count, ptx::ld_volatile_global(&own->send_counts[s][d]));
-        }
-        // At least one round: its barriers keep a fast peer's next notify from overwriting the counts read above.
-        const int num_rounds = max(1, (max_count + p.rows_per_round - 1) / p.rows_per_round);
+        int num_recv_tokens = 0;
+        for (int s = 0; s < num_ranks; ++s) num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
         p.host_counters[kCounterNumRecvTokens] = num_recv_tokens;
-        p.host_counters[kCounterNumRounds] = num_rounds;
+        p.host_counters[kCounterNumRounds] = s_num_rounds;
     }
     // Every value reaches host memory before the sequence number that tells the host they are fresh.
     __threadfence_system();
@@ -102,10 +112,12 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
 }
 
 __global__ void __launch_bounds__(kBarrierThreads)
-    barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site, bool skip_when_one_copy) {
-    // The note is the same on every rank (publish_kernel), so every rank skips the same barriers and the epochs stay
-    // in step.
+    barrier_kernel(PeerBuffers peers, TimeoutContext timeout, WaitSite site, bool skip_when_one_copy,
+                   const int* num_rounds_device, int round) {
+    // The note and the round count are the same on every rank (publish_kernel, notify_dispatch_kernel), so every
+    // rank skips the same barriers and the epochs stay in step.
     if (skip_when_one_copy && one_copy_noted(peers)) return;
+    if (num_rounds_device != nullptr && !round_is_live(num_rounds_device, round)) return;
     cross_rank_barrier(peers, timeout, site);
 }
 
@@ -126,9 +138,9 @@ __global__ void __launch_bounds__(kBarrierThreads)
 }  // namespace
 
 void launch_barrier(const PeerBuffers& peers, const WaitConfig& wait, WaitSite site, cudaStream_t stream,
-                    bool skip_when_one_copy) {
+                    bool skip_when_one_copy, const int* num_rounds_device, int round) {
     launch_kernel(LaunchConfig{dim3(1), dim3(kBarrierThreads), 0, stream, false}, barrier_kernel, peers,
-                  make_timeout_context(peers, wait), site, skip_when_one_copy);
+                  make_timeout_context(peers, wait), site, skip_when_one_copy, num_rounds_device, round);
 }
 
 void launch_publish(const PeerBuffers& peers, const RecvBlock& block, const WaitConfig& wait, cudaStream_t stream) {
@@ -154,6 +166,8 @@ void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const Wai
     EP_HOST_ASSERT(args.num_tokens_per_expert != nullptr);
     EP_HOST_ASSERT(args.send_counts != nullptr);
     EP_HOST_ASSERT(args.rank_prefix_matrix != nullptr);
+    EP_HOST_ASSERT(args.max_rounds >= 1);
+    EP_HOST_ASSERT(args.num_rounds_device != nullptr);
     if (args.num_tokens > 0) {
         EP_HOST_ASSERT(args.is_token_in_rank != nullptr);
         EP_HOST_ASSERT(args.send_pos != nullptr);
@@ -171,7 +185,9 @@ void notify_dispatch(const PeerBuffers& peers, const NotifyArgs& args, const Wai
                               args.num_local_experts,
                               args.expert_alignment,
                               args.rows_per_round,
+                              args.max_rounds,
                               args.rank_prefix_matrix,
+                              args.num_rounds_device,
                               args.host_sequence > 0 ? args.host_counters : nullptr,
                               args.host_sequence,
                               args.num_worst_tokens,

@@ -29,15 +29,10 @@ from ..errors import DeepEPError
 from ..runtime import device_bytes_view
 from ..topology import Topology
 from .reference import DispatchHandle
-from .round_kernels import RoundKernels
+from .round_kernels import UNBOUNDED_ROUNDS, RoundKernels
 from .tensor_args import aligned16, on_device, ptr
 
 __all__ = ["InternodeKernels", "InternodeState"]
-
-# Rounds launched when the host does not know the counts (num_worst_tokens) are bounded by this many: notify caps
-# the device's round count there, so the value only has to keep int arithmetic far from overflow.
-_UNBOUNDED_ROUNDS = 1 << 30
-
 
 @dataclasses.dataclass(frozen=True)
 class InternodeState:
@@ -296,7 +291,7 @@ class InternodeKernels(RoundKernels):
             max_rounds = max(1, math.ceil(num_forward_rows / rows_per_round))
             sequence = 0
         else:
-            max_rounds = _UNBOUNDED_ROUNDS
+            max_rounds = UNBOUNDED_ROUNDS
             sequence = self._next_sequence()
         self._ext.internode_notify(
             **self._common(),

@@ -32,7 +32,7 @@ from ..recv_arena import Part, RecvArena
 from ..runtime import PeerMappedBuffer, device_bytes_view
 from ..topology import Topology
 from .reference import DispatchHandle
-from .round_kernels import RoundKernels
+from .round_kernels import UNBOUNDED_ROUNDS, RoundKernels
 from .tensor_args import aligned16 as _aligned
 from .tensor_args import on_device as _on
 from .tensor_args import ptr as _ptr
@@ -47,13 +47,16 @@ class IntranodeState:
     send_pos int32 [T, R]: ordinal of token t among this rank's tokens for rank d (-1: not sent there).
     send_list int32 [R, T]: the token of each ordinal (first send_counts[d] entries of row d).
     send_counts int32 [R]: tokens this rank sends to each rank.
-    rows_per_round: B, rows per (source, destination) pair per round; num_rounds: rounds of every call on the handle.
+    rows_per_round: B, rows per (source, destination) pair per round; num_rounds: rounds the host launches in every
+    call on the handle; num_rounds_device int32 [1]: rounds the kernels run (<= num_rounds: without a host sync the
+    host launches the most the counts could need, and those past the notify's count return at once).
     slot_bytes: staging bytes per row reserved by the handle; num_local_experts: L; owner: the kernels' owner token.
     """
 
     send_pos: torch.Tensor
     send_list: torch.Tensor
     send_counts: torch.Tensor
+    num_rounds_device: torch.Tensor
     rows_per_round: int
     num_rounds: int
     slot_bytes: int
@@ -215,9 +218,16 @@ class IntranodeKernels(RoundKernels):
             send_list = torch.empty((num_ranks, num_tokens), dtype=torch.int32, device=device)
             send_counts = torch.empty((num_ranks,), dtype=torch.int32, device=device)
             rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
+            num_rounds_device = torch.empty((1,), dtype=torch.int32, device=device)
             sequence = 0
             if num_worst_tokens == 0:
                 sequence = self._next_sequence()
+                max_rounds = UNBOUNDED_ROUNDS
+            else:
+                # No host sync: every rank passes the same num_worst_tokens (the notify records a rank that does
+                # not), no (source, destination) pair carries more rows than that, so this many rounds carry
+                # everything, and every rank computes the same.
+                max_rounds = max(1, math.ceil(num_worst_tokens / rows_per_round))
             self._ext.intranode_notify(
                 **self._common(),
                 is_token_in_rank=is_token_in_rank.data_ptr(),
@@ -226,10 +236,12 @@ class IntranodeKernels(RoundKernels):
                 num_local_experts=num_local_experts,
                 expert_alignment=expert_alignment,
                 rows_per_round=rows_per_round,
+                max_rounds=max_rounds,
                 send_pos=send_pos.data_ptr(),
                 send_list=send_list.data_ptr(),
                 send_counts=send_counts.data_ptr(),
                 rank_prefix_matrix=rank_prefix_matrix.data_ptr(),
+                num_rounds_device=num_rounds_device.data_ptr(),
                 host_counters=self.host_counters.device_ptr if sequence else 0,
                 host_sequence=sequence,
                 num_worst_tokens=num_worst_tokens,
@@ -237,16 +249,14 @@ class IntranodeKernels(RoundKernels):
             if num_worst_tokens == 0:
                 num_recv_rows, num_rounds, per_expert = self._wait_counts(sequence, num_local_experts)
             else:
-                # No host sync: every rank passes the same num_worst_tokens (the notify records a rank that does
-                # not), no (source, destination) pair carries more rows than that, so this many rounds carry
-                # everything, and every rank computes the same.
                 num_recv_rows = num_worst_tokens
-                num_rounds = max(1, math.ceil(num_worst_tokens / rows_per_round))
+                num_rounds = max_rounds
                 per_expert = []
             state = IntranodeState(
                 send_pos=send_pos,
                 send_list=send_list,
                 send_counts=send_counts,
+                num_rounds_device=num_rounds_device,
                 rows_per_round=rows_per_round,
                 num_rounds=num_rounds,
                 slot_bytes=slot_bytes,
@@ -272,6 +282,7 @@ class IntranodeKernels(RoundKernels):
         self._ext.intranode_dispatch(
             **self._common(),
             num_rounds=num_rounds,
+            num_rounds_device=state.num_rounds_device.data_ptr(),
             rows_per_round=rows_per_round,
             x=x.data_ptr(),
             payload_bytes=hidden * x.element_size(),
@@ -369,6 +380,7 @@ class IntranodeKernels(RoundKernels):
         self._ext.intranode_combine(
             **self._common(),
             num_rounds=state.num_rounds,
+            num_rounds_device=state.num_rounds_device.data_ptr(),
             rows_per_round=state.rows_per_round,
             hidden=hidden,
             x=x.data_ptr(),

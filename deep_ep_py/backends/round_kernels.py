@@ -14,7 +14,7 @@ from ..device import is_current_stream_capturing
 from ..errors import DeepEPError
 from .reference import DispatchHandle
 
-__all__ = ["RoundKernels"]
+__all__ = ["RoundKernels", "UNBOUNDED_ROUNDS"]
 
 # Host waits get this much longer than device waits, so a peer that never arrives is reported by the device record
 # (which names the missing rank) rather than by the host's own deadline.
@@ -22,6 +22,10 @@ HOST_WAIT_EXTRA_S = 5.0
 
 # The host counters' sequence numbers run 1..MAX_HOST_SEQUENCE, then wrap to 1 (the kernels take an int).
 MAX_HOST_SEQUENCE = 2**31 - 1
+
+# max_rounds of a notify whose host waits for the counts and launches as many rounds as they need: no cap on the
+# device's round count, only int arithmetic kept far from overflow.
+UNBOUNDED_ROUNDS = 1 << 30
 
 # The owner of a handle's backend_state: a token unique for the process's lifetime (id() of a destroyed object can
 # be reused by a new one, which would then accept the old handles with their rows_per_round).

@@ -76,6 +76,8 @@ CASES = [
     ),
     Case("all_dropped", (6, 6, 6, 6), drop_prob=1.0),
     Case("worst", (15, 0, 22, 9), drop_prob=0.2, worst=True, num_biases=1),
+    # Launches ceil(num_worst_tokens / 4) rounds, more than the counts need at every rank count (the busiest pair
+    # carries at most 22 rows): the rounds past the notify's count must do nothing, barriers included.
     Case("worst_multi_round", (15, 3, 22, 9), fp8=True, worst=True, rows_per_round=4),
     Case("cached", (31, 5, 12, 17), drop_prob=0.25, cached=True),
     Case("cached_worst_multi_round", (31, 5, 12, 17), cached=True, worst=True, rows_per_round=6),
@@ -161,6 +163,22 @@ class IntranodePath(KernelsPath):
 
         check_close(f"{where} combined_x", combined_x, ref_x, COMBINE_RTOL, COMBINE_ATOL)
 
+    def after_dispatch(self, ctx, where: str, kernels, outputs, *, captured=False, check_note=True) -> None:
+        """The rounds the kernels ran (num_rounds_device) are the ones the busiest (source, destination) pair needs,
+        at least 1, whatever the host launched (without a host sync: the most the counts could need)."""
+        from brute_force import check, check_equal
+
+        handle = outputs[5]
+        state = handle.backend_state
+        matrix = handle.rank_prefix_matrix.cpu().to(torch.int64)  # [i][r]: rows r receives from ranks 0..i
+        pair_counts = torch.cat([matrix[:1], matrix[1:] - matrix[:-1]])
+        needed = max(1, -(-int(pair_counts.max()) // state.rows_per_round))
+        check_equal(f"{where} rounds the kernels ran", int(state.num_rounds_device.item()), needed)
+        if handle.num_worst_tokens == 0:
+            check_equal(f"{where} rounds launched", state.num_rounds, needed)
+        else:
+            check(state.num_rounds >= needed, f"{where}: launched {state.num_rounds} rounds, {needed} needed")
+
     def runs_at(self, case: Case, num_ranks: int) -> bool:
         """not_rank_1 needs a rank 1."""
         return num_ranks >= 2 or case.routing != "not_rank_1"
@@ -193,6 +211,7 @@ class IntranodeOneCopyPath(IntranodePath):
     def after_dispatch(self, ctx, where: str, kernels, outputs, *, captured=False, check_note=True) -> None:
         from brute_force import check, check_equal
 
+        super().after_dispatch(ctx, where, kernels, outputs, captured=captured, check_note=check_note)
         in_arena = kernels.recv_arena.contains(outputs[0])
         if captured:
             # Capture takes no block (a replay would write into whatever the block has become), so every rank's
