@@ -150,7 +150,8 @@ def environment(*, device_name: str, backend: str, has_kernels: bool, repo_dir: 
         "device_name": device_name,
         "backend": backend,
         "has_kernels": has_kernels,
-        "git_commit": git_commit(repo_dir),
+        # A copy of the tree without .git (a lent GPU machine's) names its commit through the GPU script's variable.
+        "git_commit": git_commit(repo_dir) or os.environ.get("GPU_CHECK_COMMIT"),
     }
     try:
         import deep_ep_py

@@ -403,8 +403,10 @@ def _graph_round_trip(
 
     Collective (every rank calls it, the kernels active on all alike). The graph runs on static copies of the
     inputs, refreshed with copy_ before each replay in time_iters' untimed setup. Returns (times, None); or
-    (None, "graph replay: <error>") on the rank where the warm-up, capture or replays failed and (None, None) on
-    the others: the error goes to stderr, never up, so the other rows stand.
+    (None, "graph replay: <error>") on the rank where the warm-up, the capture or the replays' device check failed
+    and (None, None) on the others: the error goes to stderr, not up, so the other rows stand. A replay that raises
+    (a CUDA error) does go up, since its peers wait in time_iters' barriers: the launcher then stops them, and the
+    rows saved before this one (_run_mode's checkpoint) are reported.
     """
     static_x = inputs.x.clone()
     static_topk_idx = inputs.topk_idx.clone()
@@ -543,8 +545,9 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig, partial_dir: str |
                 continue
         if os.environ.get(FAIL_MODE_ENV) == mode:
             raise RuntimeError(f"rank {rank}: {FAIL_MODE_ENV}={mode}")
+        checkpoint = (lambda: _save_partial(partial_dir, rank, out)) if partial_dir is not None else None
         with _mode_env(mode, cfg, num_ranks):
-            _run_mode(mode, cfg, rank, num_ranks, device, out)
+            _run_mode(mode, cfg, rank, num_ranks, device, out, checkpoint)
         if partial_dir is not None:
             _save_partial(partial_dir, rank, out)
             # Every rank has saved this mode before any starts the next: a rank failing there ends the launch, and
@@ -558,8 +561,17 @@ def bench_worker(rank: int, num_ranks: int, cfg: BenchConfig, partial_dir: str |
     return out
 
 
-def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: torch.device, out: dict) -> None:
-    """Build the mode's Buffer, time its paths into out["results"], destroy the Buffer (collective)."""
+def _run_mode(
+    mode: str,
+    cfg: BenchConfig,
+    rank: int,
+    num_ranks: int,
+    device: torch.device,
+    out: dict,
+    checkpoint: Callable[[], None] | None = None,
+) -> None:
+    """Build the mode's Buffer, time its paths into out["results"], destroy the Buffer (collective). checkpoint:
+    saves out, called on every rank before the CUDA-graph row, the step most likely to fail outright."""
     # The same seed for every mode: the normal and the internode rows time the same tokens and routing.
     torch.manual_seed(cfg.seed + rank)
     buffer = _make_buffer(cfg, num_ranks, mode)
@@ -603,6 +615,9 @@ def _run_mode(mode: str, cfg: BenchConfig, rank: int, num_ranks: int, device: to
                 " they need Buffer backend cuda and DEEP_EP_PY_UNVERIFIED_KERNELS=1)"
             )
         else:
+            if checkpoint is not None:
+                checkpoint()
+                dist.barrier()  # every rank has saved before any can fail in the graph (bench_worker says why)
             times, note = _graph_round_trip(buffer, cfg, device, ll_inputs, rank)
             if note:
                 out["notes"].append(note)

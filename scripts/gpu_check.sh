@@ -4,10 +4,12 @@
 # (hierarchical) path with the ranks playing several nodes (its tests, and its benchmark rows next to the intranode
 # rows on the same data), MPS down, and a summary table printed last. Every step logs to its own file in the log
 # directory and is timed; a failed step does not stop the others; the exit status is non-zero when any step failed.
-# The tests run one step per rank count, the broadest first: the first rank count of every path (intranode at
-# --ranks' first, internode at --internode-ranks' first), then the benchmark, then the other rank counts, then the
-# internode benchmark. So under --budget a short lease still covers every path once before it spends time on more
-# ranks.
+# The tests run one step per rank count, the broadest first: the tests at --ranks' first count (every path but
+# internode), the benchmark at --ranks' last count (where the targets are set, and the one that sizes SMs and memory
+# for the most ranks), the internode tests at --internode-ranks' first, then the other benchmark counts, the other
+# test counts, and the internode benchmark. So under --budget a short lease still covers every path once, with
+# figures, before it spends time on more rank counts; there the benchmark and internode test steps also get limits
+# of their own (BENCH_STEP_S, INTERNODE_TEST_STEP_S), so that one hang cannot take what the later steps need.
 #
 #   scripts/gpu_check.sh [--log-dir DIR] [--ranks "2 4 8"] [--internode-ranks "4 8"] [--quick] [--wheel-dir DIR]
 #                        [--skip STEP[,STEP]] [--tests-k EXPR] [--step-timeout SECONDS] [--budget SECONDS]
@@ -40,7 +42,9 @@
 # Environment: PYTHON (default python3), CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY (default /tmp/mps_pipe,
 # /tmp/mps_log), DEEP_EP_PY_TIMEOUT_S (device wait timeout; default here 10 s once MPS is up, else 30),
 # DEEP_EP_PY_TEST_TIMEOUT_S (a test launch's; 120 under --budget on a GPU), GPU_CHECK_BUILD_DIR (default build),
-# GPU_CHECK_COMMIT (the commit to report where the copy has no .git).
+# GPU_CHECK_COMMIT (the commit to report where the copy has no .git), GPU_CHECK_BENCH_STEP_S /
+# GPU_CHECK_INTERNODE_TEST_STEP_S (those steps' limits under --budget; default 150, 180),
+# DEEP_EP_PY_TRAP_ON_DEVICE_ERROR (default here never: a trap under MPS would end every rank).
 # Nothing is downloaded: the machine's own torch and NVSHMEM are used.
 
 # The step functions run through run_step, traps and `bash -c` (exported): shellcheck cannot see those calls.
@@ -184,6 +188,11 @@ ulimit -c 0
 if [ "$BUDGET_S" -gt 0 ] && [ "$DEVICE" = cuda ]; then
     export DEEP_EP_PY_TEST_TIMEOUT_S=${DEEP_EP_PY_TEST_TIMEOUT_S:-120}
 fi
+# A kernel that records an error in a launch captured into a CUDA graph traps by default, and under MPS a trap ends
+# every process on the GPU: one failing graph case would cost every test after it in its step ("an earlier case broke
+# the CUDA context") and the benchmark its rows. Here the record is enough (the tests check it after every replay);
+# the trap itself is tested where a test asks for it (test_trap_gpu, test_runtime_gpu).
+export DEEP_EP_PY_TRAP_ON_DEVICE_ERROR=${DEEP_EP_PY_TRAP_ON_DEVICE_ERROR:-never}
 # nvcc: on PATH, else in CUDA_HOME's bin, else where the toolkit installs itself (a bare machine may well have it
 # there only). CMake looks only at PATH, CUDACXX and CUDA_PATH, and without nvcc builds nothing but a warning.
 if ! command -v nvcc >/dev/null 2>&1; then
@@ -229,9 +238,11 @@ needs_extension() {
     esac
 }
 
-# What a budgeted run keeps back for its closing steps (MPS down, summary, archive), and the least time worth
-# starting a step with: one GPU test launch (N processes importing torch, NVSHMEM up) takes about that.
-CLOSING_RESERVE_S=15
+# What a budgeted run keeps back for its closing steps, and the least time worth starting a step with: one GPU test
+# launch (N processes importing torch, NVSHMEM up) takes about that. The reserve covers a step killed at its limit
+# (15 s of --kill-after past it), MPS down (up to 30 s, usually 1) and the figures' report (REPORT_TIMEOUT_S).
+CLOSING_RESERVE_S=45
+REPORT_TIMEOUT_S=20
 MIN_STEP_S=20
 TOTAL_STARTED=$SECONDS
 
@@ -375,7 +386,8 @@ print_figures() {
     [ "${#files[@]}" -gt 0 ] || return 0
     echo
     echo "==================== gpu_check figures ===================="
-    (cd "$REPO_DIR" && timeout 60 "$PYTHON" -m bench.report "${files[@]}") 2>&1 | tee "$LOG_DIR/figures.txt"
+    (cd "$REPO_DIR" && timeout "$REPORT_TIMEOUT_S" "$PYTHON" -m bench.report "${files[@]}") 2>&1 |
+        tee "$LOG_DIR/figures.txt"
 }
 
 # Prints the figures and the summary (also into LOG_DIR/summary.txt); returns the number of failed steps.
@@ -514,15 +526,15 @@ step_mps() {
     fi
     nvidia-cuda-mps-control -d || return 1
     MPS_STARTED=1
-    local waited=0
+    # By the clock: each probe may itself wait up to its own timeout.
+    local deadline=$((SECONDS + 10))
     until mps_control_answers; do
-        if [ "$waited" -ge 20 ]; then
+        if [ "$SECONDS" -ge "$deadline" ]; then
             echo "the MPS daemon did not answer within 10 s; its log:"
             cat "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null
             return 1
         fi
         sleep 0.5
-        waited=$((waited + 1))
     done
     echo "MPS daemon started: CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY=$CUDA_MPS_LOG_DIRECTORY"
 }
@@ -544,6 +556,12 @@ step_build() {
         if [ -f "$BUILD_DIR/CMakeCache.txt" ] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$BUILD_DIR/CMakeCache.txt"; then
             rm -rf "$BUILD_DIR/CMakeCache.txt" "$BUILD_DIR/CMakeFiles"
         fi
+    fi
+    # Nor one configured for a source tree elsewhere (a build directory copied along with the tree): CMake refuses it.
+    if [ -f "$BUILD_DIR/CMakeCache.txt" ] &&
+        ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$REPO_DIR" "$BUILD_DIR/CMakeCache.txt"; then
+        echo "gpu_check: $BUILD_DIR was configured for another source tree; configuring it anew"
+        rm -rf "$BUILD_DIR/CMakeCache.txt" "$BUILD_DIR/CMakeFiles"
     fi
     local python_path
     python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }
@@ -759,8 +777,21 @@ tests_step() {  # rank count: the GPU tier but the internode tests
     test_step_outcome
 }
 
+# Under --budget: the benchmark's steps and the internode test steps get at most these limits (a passing benchmark
+# step takes well under a minute on the GPU; the internode tests are the newest kernels, the likeliest to hang), so
+# that the steps after them keep their time.
+# (Environment GPU_CHECK_BENCH_STEP_S, GPU_CHECK_INTERNODE_TEST_STEP_S: other caps.)
+BENCH_STEP_S=$STEP_TIMEOUT_S
+INTERNODE_TEST_STEP_S=$STEP_TIMEOUT_S
+if [ "$BUDGET_S" -gt 0 ]; then
+    bench_cap=${GPU_CHECK_BENCH_STEP_S:-150}
+    internode_cap=${GPU_CHECK_INTERNODE_TEST_STEP_S:-180}
+    BENCH_STEP_S=$((STEP_TIMEOUT_S < bench_cap ? STEP_TIMEOUT_S : bench_cap))
+    INTERNODE_TEST_STEP_S=$((STEP_TIMEOUT_S < internode_cap ? STEP_TIMEOUT_S : internode_cap))
+fi
+
 tests_internode_step() {  # rank count
-    run_step "tests_internode_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" "${TIER_ENV[@]}" \
+    run_step "tests_internode_r$1" "$INTERNODE_TEST_STEP_S" env DEEP_EP_PY_GPU_TEST_RANKS="$1" "${TIER_ENV[@]}" \
         "$PYTHON" -m pytest -q -rfEs -m gpu "${INTERNODE_TESTS[@]}" \
         ${TESTS_K_ARGS[@]+"${TESTS_K_ARGS[@]}"} --junitxml="$LOG_DIR/pytest_internode_r$1.xml"
     test_step_outcome
@@ -780,7 +811,7 @@ bench_step() {  # rank count
     local json="$LOG_DIR/bench_r$1.json"
     local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,one_copy,low_latency" --json "$json")
     [ "$QUICK" -eq 1 ] && args+=(--quick)
-    run_step "bench_r$1" "$STEP_TIMEOUT_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
+    run_step "bench_r$1" "$BENCH_STEP_S" env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" \
         "$PYTHON" -m bench "${args[@]}"
     # A launch that failed or was cut short (SIGINT) still writes the rows of the modes every rank finished.
     if last_step_ran && [ -f "$json" ]; then
@@ -796,7 +827,7 @@ bench_internode_step() {  # rank count
     local args=("${BENCH_DEVICE_ARGS[@]}" --ranks "$1" --paths "normal,internode,internode_puts" --nodes 2
         --json "$json")
     [ "$QUICK" -eq 1 ] && args+=(--quick)
-    run_step "bench_internode_r$1" "$STEP_TIMEOUT_S" \
+    run_step "bench_internode_r$1" "$BENCH_STEP_S" \
         env DEEP_EP_PY_UNVERIFIED_KERNELS="${DEEP_EP_PY_UNVERIFIED_KERNELS:-1}" "$PYTHON" -m bench "${args[@]}"
     if last_step_ran && [ -f "$json" ]; then
         add_details "$json"
@@ -805,14 +836,16 @@ bench_internode_step() {  # rank count
     fi
 }
 
-# Every path once first (the first rank count of each), then the benchmark, then the other rank counts, then the
-# internode benchmark (its rows compare with intranode rows the benchmark above already gave).
+# Every path once first, with the figures at the most ranks in between (the header says why), then the other rank
+# counts, then the internode benchmark (its rows compare with intranode rows of the same launch).
 read -r -a RANK_LIST <<<"$RANKS"
 read -r -a INTERNODE_RANK_LIST <<<"$INTERNODE_RANKS"
+LAST_RANKS=${RANK_LIST[$((${#RANK_LIST[@]} - 1))]}
 tests_step "${RANK_LIST[0]}"
+bench_step "$LAST_RANKS"
 tests_internode_step "${INTERNODE_RANK_LIST[0]}"
 for num_ranks in "${RANK_LIST[@]}"; do
-    bench_step "$num_ranks"
+    [ "$num_ranks" = "$LAST_RANKS" ] || bench_step "$num_ranks"
 done
 for num_ranks in "${RANK_LIST[@]:1}"; do
     tests_step "$num_ranks"

@@ -490,3 +490,16 @@ def test_bench_kernels_active_detection(monkeypatch):
     assert _kernels_active(FakeBuffer(), "normal", cpu)
     assert not _kernels_active(FakeBuffer(), "normal", cuda)
     assert not _kernels_active(reference, "normal", cpu)
+
+
+def test_bench_json_names_the_commit_of_a_tree_without_git(tmp_path, monkeypatch):
+    """A lent GPU machine gets the tree without .git: the figures name the commit gpu_check.sh was given."""
+    from bench import report
+
+    monkeypatch.setenv("GPU_CHECK_COMMIT", "abc1234")
+    env = report.environment(device_name="x", backend="reference", has_kernels=False, repo_dir=str(tmp_path))
+    assert env["git_commit"] == "abc1234"
+    monkeypatch.delenv("GPU_CHECK_COMMIT")
+    assert report.environment(device_name="x", backend="reference", has_kernels=False, repo_dir=str(tmp_path))[
+        "git_commit"
+    ] is None

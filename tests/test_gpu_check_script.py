@@ -59,7 +59,7 @@ def script_command(
         "#!/usr/bin/env bash\n"
         f'[ "$1 $2" = "-m bench.report" ] && exec "{sys.executable}" "$@"\n'
         f'echo "ranks=${{DEEP_EP_PY_GPU_TEST_RANKS:-}} mps=${{DEEP_EP_PY_MPS:-}} timeout=${{DEEP_EP_PY_TIMEOUT_S:-}}'
-        f' omp=${{OMP_NUM_THREADS:-}} $*" >> "{calls}"\n'
+        f' omp=${{OMP_NUM_THREADS:-}} trap=${{DEEP_EP_PY_TRAP_ON_DEVICE_ERROR:-}} $*" >> "{calls}"\n'
         'printf "%b" "$FAKE_PYTHON_OUTPUT"\n'
         '[ "$2" = pytest ] && pytest_rc=${FAKE_PYTEST_RC:-0}\n'
         '[ "$1" = - ] && pytest_rc=${FAKE_PYTHON_STDIN_RC:-0}\n'
@@ -91,7 +91,7 @@ def script_command(
 
 
 def recorded_calls(tmp_path) -> list[str]:
-    """The stand-in's calls, one line each: "ranks=N mps=M timeout=S omp=T ARGS"."""
+    """The stand-in's calls, one line each: "ranks=N mps=M timeout=S omp=T trap=P ARGS"."""
     calls = tmp_path / "calls.txt"
     return calls.read_text().splitlines() if calls.exists() else []
 
@@ -113,7 +113,7 @@ def summary_rows(log_dir) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path):
+def test_steps_run_every_path_first_with_the_most_ranks_benchmark_then_more_ranks(tmp_path):
     # An earlier run's files in the log directory must not pass for this run's.
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "bench_r9.json").write_text("{}")
@@ -127,10 +127,10 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
     ran = [step for step, (status, _) in rows.items() if status == "PASS"]
     assert ran == [
         "tests_r2",
+        "bench_r8",
         "tests_internode_r4",
         "bench_r2",
         "bench_r4",
-        "bench_r8",
         "tests_r4",
         "tests_r8",
         "tests_internode_r8",
@@ -163,7 +163,7 @@ def test_steps_run_every_path_first_then_the_benchmark_then_more_ranks(tmp_path)
     assert set(intranode_files + internode_files) == gpu_modules
     assert rows["tests_r2"][1] == rows["tests_internode_r8"][1] == "passed=5 failed=0 skipped=1 error=0"
     bench_calls = [call.split() for call in calls if " -m bench " in f" {call} "]
-    assert [args[args.index("--ranks") + 1] for args in bench_calls] == ["2", "4", "8", "4", "8"]
+    assert [args[args.index("--ranks") + 1] for args in bench_calls] == ["8", "2", "4", "4", "8"]
     assert all(args[args.index("--device") + 1] == "cuda" for args in bench_calls)
     # The archive holds every log and the summary, under the log directory's name.
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:
@@ -275,16 +275,16 @@ def test_diagnostics_the_mps_logs_the_commit_and_the_ranks_threads(tmp_path):
 
 
 def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
-    # 42 s less the 15 s kept for the closing steps: the first step gets 27 s of its 1200, the stand-in sleeps past
+    # 72 s less the 45 s kept for the closing steps: the first step gets 27 s of its 1200, the stand-in sleeps past
     # that and is killed; nothing is left for the next steps.
     proc, calls, log_dir = run_script(
-        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2 4", "--internode-ranks", "4", "--budget", "42",
+        tmp_path, "--skip", MACHINE_STEPS, "--ranks", "2 4", "--internode-ranks", "4", "--budget", "72",
         "--archive", str(tmp_path / "gpu_check.tar.gz"), sleep_s=300, output="..F.\n..s",
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = summary_rows(log_dir)
     status, details = rows["tests_r2"]
-    assert status == "FAIL" and "what was left of --budget 42" in details, details
+    assert status == "FAIL" and "what was left of --budget 72" in details, details
     seconds_limit = int(details.split("timed out after ")[1].split()[0])
     assert 20 <= seconds_limit <= 27
     # pytest's totals never came: the progress it printed says how far it got.
@@ -296,6 +296,21 @@ def test_budget_cuts_a_step_short_then_starts_no_more(tmp_path):
     assert f"{len(later)} not started for the budget" in overall, proc.stdout
     assert len(calls) == 1
     assert tarfile.open(tmp_path / "gpu_check.tar.gz").getnames()
+
+
+def test_under_a_budget_the_benchmark_and_internode_tests_get_limits_of_their_own(tmp_path):
+    # Their limits stand in for the 150 s and 180 s they get under a budget; the other test steps keep --step-timeout.
+    proc, calls, log_dir = run_script(
+        tmp_path, "--skip", f"{MACHINE_STEPS},bench_internode", "--ranks", "2", "--internode-ranks", "4",
+        "--budget", "600", "--step-timeout", "4", sleep_s=30,
+        env={"GPU_CHECK_BENCH_STEP_S": "2", "GPU_CHECK_INTERNODE_TEST_STEP_S": "3"},
+    )  # fmt: skip
+    rows = summary_rows(log_dir)
+    for step, limit in (("tests_r2", 4), ("bench_r2", 2), ("tests_internode_r4", 3)):
+        status, details = rows[step]
+        assert status == "FAIL" and f"timed out after {limit} s" in details, (step, details)
+    # Graph cases record their errors instead of trapping, which under MPS would end every rank on the GPU.
+    assert calls and all(call.split()[4] == "trap=never" for call in calls), calls
 
 
 def test_a_step_past_its_timeout_gets_sigint_and_keeps_pytests_report(tmp_path):
