@@ -503,7 +503,7 @@ def _check_names_peer_that_gave_up(where: str, message: str, late: int) -> None:
 def late_peer_case(ctx, path: KernelsPath) -> str:
     """The last rank enters a dispatch of several rounds LATE_MARGIN_S after the device timeout, with num_worst_tokens
     > 0 so that no host waits for the counts: the others time out in the notify naming it (path.timeout_wait), tell
-    every peer they gave up, and go on through their rounds without waiting. The late rank must raise
+    every peer they gave up, and run none of their rounds (a failed notify counts none). The late rank must raise
     DeepEPTimeoutError naming one of them as a peer that gave up, with every returned row padding (its notify failed,
     so it receives no rows, and the others, having given up, wrote none into its staging), rather than pass their
     flags or counts, which ran ahead, at once and return the rows of their last round as its first. Returns the

@@ -164,8 +164,9 @@ class IntranodePath(KernelsPath):
         check_close(f"{where} combined_x", combined_x, ref_x, COMBINE_RTOL, COMBINE_ATOL)
 
     def after_dispatch(self, ctx, where: str, kernels, outputs, *, captured=False, check_note=True) -> None:
-        """The rounds the kernels ran (num_rounds_device) are the ones the busiest (source, destination) pair needs,
-        at least 1, whatever the host launched (without a host sync: the most the counts could need)."""
+        """The rounds the notify counted (num_rounds_device, which the kernels run) are the ones the busiest (source,
+        destination) pair needs, at least 1, whatever the host launched (without a host sync: the most the counts
+        could need). dead_rounds_case checks that the rounds past it run no barrier."""
         from brute_force import check, check_equal
 
         handle = outputs[5]
@@ -173,7 +174,7 @@ class IntranodePath(KernelsPath):
         matrix = handle.rank_prefix_matrix.cpu().to(torch.int64)  # [i][r]: rows r receives from ranks 0..i
         pair_counts = torch.cat([matrix[:1], matrix[1:] - matrix[:-1]])
         needed = max(1, -(-int(pair_counts.max()) // state.rows_per_round))
-        check_equal(f"{where} rounds the kernels ran", int(state.num_rounds_device.item()), needed)
+        check_equal(f"{where} rounds the notify counted", int(state.num_rounds_device.item()), needed)
         if handle.num_worst_tokens == 0:
             check_equal(f"{where} rounds launched", state.num_rounds, needed)
         else:
@@ -331,6 +332,44 @@ def _set_barrier_epoch(ctx, kernels, epoch: int) -> None:
     ctx.barrier()
 
 
+def _local_epoch(kernels) -> int:
+    """Barriers this rank has run (its control area's local_epoch), once its calls are done."""
+    from deep_ep_py.runtime import device_bytes_view
+
+    constants = kernels._constants
+    ep_device.synchronize()
+    control = device_bytes_view(kernels.buffer.local_ptr, constants["staging_offset"]).view(torch.int32)
+    return int(control[constants["local_epoch_offset"] // 4].item())
+
+
+# num_worst_tokens makes the host launch ceil(num_worst_tokens / 4) rounds, more than the busiest pair needs.
+DEAD_ROUNDS_CASE = Case("dead_rounds", (15, 3, 22, 9), drop_prob=0.1, worst=True, rows_per_round=4, cached=True)
+
+
+def dead_rounds_case(ctx, path: IntranodePath) -> None:
+    """The rounds past what the counts need run no barrier on any rank: a dispatch (notify barrier + 2 a round), its
+    cached dispatch and its combine (2 a round each) step the epoch by 1 + 6 * needed, not by the rounds launched,
+    and the results match the reference."""
+    import torch.distributed as dist
+    from brute_force import check, check_equal
+
+    case = DEAD_ROUNDS_CASE
+    reference, kernels = cases._reference_and_kernels(ctx, path, case)
+    inp, num_experts = path.inputs(case, ctx.num_ranks, ctx.rank, 0)
+    is_token_in_rank = reference.get_dispatch_layout(inp.topk_idx, num_experts)[3]
+    sent = is_token_in_rank.to(torch.int64).sum(dim=0).reshape(1, -1)
+    pair_counts = [torch.empty_like(sent) for _ in range(ctx.num_ranks)]
+    dist.all_gather(pair_counts, sent, group=ctx.group)
+    needed = max(1, -(-int(torch.cat(pair_counts).max()) // case.rows_per_round))
+    num_worst = cases._total_tokens(ctx, inp.x.shape[0]) + 3  # as _run_step passes it
+    launched = -(-num_worst // case.rows_per_round)
+    check(launched > needed, f"the case launches {launched} rounds for the {needed} needed: no round to skip")
+    before = _local_epoch(kernels)
+    cases._run_step(ctx, path, case, reference, kernels, 0, 8)
+    kernels._check_device_errors("the dead-rounds test")
+    check_equal(f"{case.name} {path.label(ctx)}: barriers run", _local_epoch(kernels) - before, 1 + 6 * needed)
+
+
 def epoch_wrap_case(ctx, path: IntranodePath) -> None:
     """Barrier epochs past 2^31 (the int32 count wraps to -2^31): from 2^31 - 2 barriers, three barriers, each with
     another rank entering WRAP_LATE_S late; no rank may leave one before its late rank entered it (host times on the
@@ -389,6 +428,9 @@ def _batch(gpu_batch, num_ranks: int, path: IntranodePath = INTRANODE):
         wrap_test = "test_intranode_barrier_epochs_wrap"
         if path.name == INTRANODE.name and num_ranks >= 2 and selected(wrap_test, "num_ranks", num_ranks=num_ranks):
             extra.append(BatchCase("epoch_wrap", epoch_wrap_case, (path,), run_s=path.run_s(4 + NUM_WRAP_BARRIERS)))
+        dead_rounds_test = "test_intranode_rounds_past_the_counts_run_no_barrier"
+        if path.name == INTRANODE.name and selected(dead_rounds_test, "num_ranks", num_ranks=num_ranks):
+            extra.append(BatchCase("dead_rounds", dead_rounds_case, (path,), run_s=path.run_s(3)))
         return [
             *table_batch_cases(selected, path, f"test_{path.name}_matches_reference", num_ranks),
             *protocol_batch_cases(selected, path, num_ranks),
@@ -434,6 +476,11 @@ def test_intranode_worst_tokens_differ_between_ranks(require_gpu, gpu_batch, num
 @pytest.mark.gpu
 def test_intranode_back_to_back_calls(require_gpu, gpu_batch, num_ranks):
     _batch(gpu_batch, num_ranks)["back_to_back"].assert_passed()
+
+
+@pytest.mark.gpu
+def test_intranode_rounds_past_the_counts_run_no_barrier(require_gpu, gpu_batch, num_ranks):
+    _batch(gpu_batch, num_ranks)["dead_rounds"].assert_passed()
 
 
 @pytest.mark.gpu
