@@ -375,9 +375,10 @@ class RecvArena:
 def record_stream(tensor: torch.Tensor, stream: Any) -> None:
     """Tensor.record_stream for any tensor: through the arena that holds it (torch's own ignores arena memory, and
     fails on it with the cudaMallocAsync allocator), else torch's (nothing for CPU memory: see device.record_stream)."""
-    for arena in list(_ARENAS):
-        if arena.contains(tensor) and arena.record_stream(tensor, stream):
-            return
+    if _ARENAS:  # none in a process without one-copy Buffers (every low-latency call records its outputs)
+        for arena in list(_ARENAS):
+            if arena.contains(tensor) and arena.record_stream(tensor, stream):
+                return
     ep_device.record_stream(tensor, stream)
 
 

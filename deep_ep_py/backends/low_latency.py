@@ -316,8 +316,10 @@ class LowLatencyKernels:
             # column-major in the last two dims: [L, cols, R*M] storage seen as [L, R*M, cols]
             recv_x_scales = torch.empty(experts_per_rank, num_cols, num_slots, dtype=scale_dtype, device=device)
             recv_x_scales = recv_x_scales.transpose(1, 2)
-        src_info = torch.full((experts_per_rank, num_slots), -1, dtype=torch.int32, device=device)
-        src_topk_slot = torch.full((experts_per_rank, num_slots), -1, dtype=torch.int32, device=device)
+        # Not filled (a fill is a launch on the decode path): the receive writes every row of each (expert, source)
+        # range of layout_range, and the combine reads those rows only, bounds-checked.
+        src_info = torch.empty((experts_per_rank, num_slots), dtype=torch.int32, device=device)
+        src_topk_slot = torch.empty((experts_per_rank, num_slots), dtype=torch.int32, device=device)
         layout_range = torch.empty(experts_per_rank, num_ranks, dtype=torch.int64, device=device)
         recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
         recv_stats, finish_recv_stats = _accumulator(cumulative_local_expert_recv_stats, device)
