@@ -699,10 +699,13 @@ class Buffer:
         return (*result, event)
 
 
-def _tensors_in(result: Any) -> list[torch.Tensor]:
-    """Every tensor on the kernels' device (CUDA) in a (nested) result tuple, for record_stream."""
+def _tensors_in(result: Any, device_type: str | None = None) -> list[torch.Tensor]:
+    """Every tensor on the kernels' device (CUDA) in a (nested) result tuple, for record_stream. device_type: the
+    kernels' (ep_device.kernel_device_type()), looked up once per call rather than once per tensor."""
+    if device_type is None:
+        device_type = ep_device.kernel_device_type()
     if isinstance(result, torch.Tensor):
-        return [result] if ep_device.is_kernel_tensor(result) else []
+        return [result] if result.device.type == device_type else []
     if isinstance(result, (tuple, list)):
-        return [t for item in result for t in _tensors_in(item)]
+        return [t for item in result for t in _tensors_in(item, device_type)]
     return []

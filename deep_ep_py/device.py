@@ -32,6 +32,7 @@ __all__ = [
     "emulated",
     "is_current_stream_capturing",
     "is_kernel_tensor",
+    "kernel_device_type",
     "is_stream",
     "kernel_device",
     "new_event",
@@ -117,10 +118,15 @@ def kernel_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def kernel_device_type() -> str:
+    """The device type of the kernels' tensors: "cuda", or "cpu" under emulation (never initialises CUDA)."""
+    return "cpu" if emulated() else "cuda"
+
+
 def is_kernel_tensor(tensor: torch.Tensor) -> bool:
     """Whether the kernels can take this tensor (it lives on their device): a CUDA tensor, or under emulation a CPU
     tensor. Decided on the device type alone, so that it never initialises CUDA."""
-    return tensor.device.type == ("cpu" if emulated() else "cuda")
+    return tensor.device.type == kernel_device_type()
 
 
 def current_stream(device: torch.device | int | None = None) -> Any:

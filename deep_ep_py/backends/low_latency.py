@@ -243,6 +243,11 @@ class LowLatencyKernels:
             "emulated_node_size": self.emulated_node_size,
         }
 
+    def _receive_launch_args(self, send_launch: dict[str, Any], return_recv_hook: bool) -> dict[str, Any]:
+        """The launch arguments of a receive: its send's when it follows at once (same stream, same capture); taken
+        anew when a hook launches it later, whose capture state (and so trap setting) is that of its own moment."""
+        return self._launch_args() if return_recv_hook else send_launch
+
     def _with_hook(self, receive: Callable[[], None], return_recv_hook: bool, what: str) -> Callable[[], None]:
         """Without a hook the receive launches now; with one, hook() launches it (once) on the stream of the call,
         which its send and outputs were ordered on, whichever stream is current when hook() runs."""
@@ -352,7 +357,8 @@ class LowLatencyKernels:
             "cumulative_recv_stats_ptr": _ptr(recv_stats),
             "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
-        self._C.low_latency_dispatch_send(**args, **self._launch_args())
+        launch = self._launch_args()
+        self._C.low_latency_dispatch_send(**args, **launch)
         handle = LowLatencyHandle(
             src_info=src_info,
             layout_range=layout_range,
@@ -372,7 +378,7 @@ class LowLatencyKernels:
 
         def receive() -> None:
             assert tensors
-            self._C.low_latency_dispatch_recv(**args, **self._launch_args())
+            self._C.low_latency_dispatch_recv(**args, **self._receive_launch_args(launch, return_recv_hook))
             finish_recv_stats()
             finish_wait_stats()
 
@@ -448,13 +454,14 @@ class LowLatencyKernels:
             "out_ptr": _ptr(combined),
             "wait_recv_cost_stats_ptr": _ptr(wait_stats),
         }
-        self._C.low_latency_combine_send(**args, **self._launch_args())
+        launch = self._launch_args()
+        self._C.low_latency_combine_send(**args, **launch)
         # As in dispatch: everything the receive touches lives until it is launched, results included.
         tensors = (source, topk_idx, topk_weights, handle, combined, wait_stats)
 
         def receive() -> None:
             assert tensors
-            self._C.low_latency_combine_recv(**args, **self._launch_args())
+            self._C.low_latency_combine_recv(**args, **self._receive_launch_args(launch, return_recv_hook))
             finish_wait_stats()
 
         return combined, self._with_hook(receive, return_recv_hook, "low_latency_combine")

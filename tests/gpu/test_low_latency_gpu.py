@@ -1002,13 +1002,18 @@ def _batch(gpu_batch, num_ranks: int, reach: str = "p2p"):
         if selected("test_ranks_with_other_shapes_are_reported", "num_ranks", num_ranks=num_ranks):
             cases.append(BatchCase("shape_mismatch", _shape_mismatch_case))
         if selected("test_repeated_calls_and_cuda_graph", "num_ranks", num_ranks=num_ranks):
-            # Last: the CUDA graph. 2 x num_iters round trips of a few ms; the budget stays well under the device
-            # machine's 10 minutes per command even at 1000 iterations, so a hang is reported, not cut off. On the
-            # CPU emulator the repeated calls alone (no CUDA graphs there).
+            # Last: the CUDA graph. On a GPU 2 x num_iters round trips of a few ms: a budget of 0.05 s an iteration
+            # keeps it (110 s at 1000) under the GPU script's 240 s step limit, so that a hang there is reported by
+            # the batch, with every rank's stack, rather than cut off with the step. On the CPU emulator the repeated
+            # calls alone (no CUDA graphs there), at about 0.03-0.1 s each on 2 cores.
             num_iters, with_graph = _num_iters(), not emulated_tier()
+            seconds_per_iter = 0.2 if emulated_tier() else 0.05
             cases.append(
                 BatchCase(
-                    "repeat_and_cuda_graph", _repeat_and_graph_case, (num_iters, with_graph), 120 + 0.2 * num_iters
+                    "repeat_and_cuda_graph",
+                    _repeat_and_graph_case,
+                    (num_iters, with_graph),
+                    60 + seconds_per_iter * num_iters,
                 )
             )
         return cases
