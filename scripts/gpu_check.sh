@@ -549,19 +549,14 @@ step_wheel() {
 }
 
 step_build() {
-    local generator=()
-    if command -v ninja >/dev/null 2>&1; then
-        generator=(-G Ninja)
-        # A build directory configured with another generator cannot be reused: start its configuration over.
-        if [ -f "$BUILD_DIR/CMakeCache.txt" ] && ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$BUILD_DIR/CMakeCache.txt"; then
-            rm -rf "$BUILD_DIR/CMakeCache.txt" "$BUILD_DIR/CMakeFiles"
-        fi
-    fi
-    # Nor one configured for a source tree elsewhere (a build directory copied along with the tree): CMake refuses it.
-    if [ -f "$BUILD_DIR/CMakeCache.txt" ] &&
-        ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$REPO_DIR" "$BUILD_DIR/CMakeCache.txt"; then
-        echo "gpu_check: $BUILD_DIR was configured for another source tree; configuring it anew"
-        rm -rf "$BUILD_DIR/CMakeCache.txt" "$BUILD_DIR/CMakeFiles"
+    local generator=() cache="$BUILD_DIR/CMakeCache.txt"
+    command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
+    # CMake refuses a build directory configured with another generator or for a source tree elsewhere (one copied
+    # along with the tree): start its configuration over.
+    if [ -f "$cache" ] && { ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$REPO_DIR" "$cache" ||
+        { [ "${#generator[@]}" -gt 0 ] && ! grep -qxF 'CMAKE_GENERATOR:INTERNAL=Ninja' "$cache"; }; }; then
+        echo "gpu_check: $BUILD_DIR was configured for another source tree or generator; configuring it anew"
+        rm -rf "$cache" "$BUILD_DIR/CMakeFiles"
     fi
     local python_path
     python_path=$(command -v "$PYTHON") || { echo "$PYTHON not found"; return 1; }

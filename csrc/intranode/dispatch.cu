@@ -14,7 +14,6 @@ namespace {
 
 struct DispatchRoundParams {
     PeerBuffers peers;
-    int round_start;  // round * rows_per_round: first ordinal of this round
     int rows_per_round;
     DispatchRowFormat row;
     const uint8_t* x;
@@ -40,8 +39,11 @@ struct DispatchRoundParams {
     bool one_copy;
     const DeviceErrorRecord* record;  // this rank's: the senders write nothing once it gave up (rank_gave_up)
     const int* num_rounds_device;     // rounds with rows (round_is_live)
-    int round;                        // of this launch: round_start / rows_per_round
+    int round;                        // of this launch
 };
+
+// The first ordinal of this launch's round.
+__device__ __forceinline__ int round_start(const DispatchRoundParams& p) { return p.round * p.rows_per_round; }
 
 __device__ __forceinline__ bool rows_go_by_one_copy(const DispatchRoundParams& p) {
     return p.one_copy && one_copy_noted(p.peers);
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
         int total = 0;
         for (int dst = 0; dst < num_ranks; ++dst) {
             s_first_item[dst] = total;
-            total += rows_in_round(p.send_counts[dst], p.round_start, p.rows_per_round);
+            total += rows_in_round(p.send_counts[dst], round_start(p), p.rows_per_round);
         }
         s_first_item[num_ranks] = rank_gave_up(p.record) ? 0 : total;
     }
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_send_kernel(DispatchRou
     const int lane = lane_idx();
     const DispatchRowFormat& row = p.row;
     for_each_item_by_rank(s_first_item, num_ranks, [&](int dst, int slot_idx) {
-        const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + p.round_start + slot_idx];
+        const int token = p.send_list[static_cast<int64_t>(dst) * p.num_tokens + round_start(p) + slot_idx];
         uint8_t* slot = staging_slot(p.peers.base[dst], p.peers.rank, slot_idx, p.rows_per_round, row.stride);
         pack_dispatch_row(slot, row, p.x, p.x_scales, p.scale_stride_token, p.scale_stride_group, p.topk_idx,
                           p.topk_weights, token, lane);
@@ -91,8 +93,8 @@ __global__ void __launch_bounds__(kCopyThreads) dispatch_recv_kernel(DispatchRou
             const int start = prefix_before(p.rank_prefix_matrix, num_ranks, src, rank);
             const int count = p.rank_prefix_matrix[src * num_ranks + rank] - start;
             s_first_item[src] = total;
-            s_first_row[src] = start + p.round_start;
-            total += rows_in_round(count, p.round_start, p.rows_per_round);
+            s_first_row[src] = start + round_start(p);
+            total += rows_in_round(count, round_start(p), p.rows_per_round);
         }
         s_first_item[num_ranks] = total;
     }
@@ -192,7 +194,6 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     if (args.one_copy) check_one_copy(peers, args.recv_arenas, args.recv_block, args.num_recv_rows);
 
     DispatchRoundParams params{peers,
-                               0,
                                args.rows_per_round,
                                row,
                                static_cast<const uint8_t*>(args.x),
@@ -233,7 +234,6 @@ void dispatch(const PeerBuffers& peers, const DispatchArgs& args, const WaitConf
     // overlapping the send of round r + 1 with the receive of round r is the first optimisation to make.
     for (int round = 0; round < args.num_rounds; ++round) {
         params.round = round;
-        params.round_start = round * args.rows_per_round;
         launch_kernel(copy_config, dispatch_send_kernel, params);
         launch_barrier(peers, wait, WaitSite::kIntranodeRoundBarrier, stream, args.one_copy, args.num_rounds_device,
                        round);

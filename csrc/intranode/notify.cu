@@ -80,16 +80,17 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         p.timeout, num_ranks, kNotifyThreads, p.num_worst_tokens,
         [&](int r) { return ptx::ld_volatile_global(&own->worst_tokens[r]); },
         p.rank_prefix_matrix + (num_ranks - 1) * num_ranks, WaitSite::kWorstTokensIntranode);
-    __shared__ int s_num_rounds;
+    int num_rounds = 0;  // thread 0's, which writes it here and into the host counters below
     if (tid == 0) {
         int max_count = 0;
         for (int s = 0; s < num_ranks; ++s)
-            for (int d = 0; d < num_ranks; ++d) max_count = max(max_count, ptx::ld_volatile_global(&own->send_counts[s][d]));
+            for (int d = 0; d < num_ranks; ++d)
+                max_count = max(max_count, ptx::ld_volatile_global(&own->send_counts[s][d]));
         // At least one round: its barriers keep a fast peer's next notify from overwriting the counts read above.
         // At most max_rounds, the rounds launched: that many hold every row while each rank receives at most
         // num_worst_tokens, and past it check_worst_tokens has recorded the overflow on every rank.
-        s_num_rounds = min(max(1, (max_count + p.rows_per_round - 1) / p.rows_per_round), p.max_rounds);
-        *p.num_rounds_device = s_num_rounds;
+        num_rounds = min(max(1, (max_count + p.rows_per_round - 1) / p.rows_per_round), p.max_rounds);
+        *p.num_rounds_device = num_rounds;
     }
     if (p.host_counters == nullptr) return;
 
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kNotifyThreads) notify_dispatch_kernel(NotifyP
         int num_recv_tokens = 0;
         for (int s = 0; s < num_ranks; ++s) num_recv_tokens += ptx::ld_volatile_global(&own->send_counts[s][rank]);
         p.host_counters[kCounterNumRecvTokens] = num_recv_tokens;
-        p.host_counters[kCounterNumRounds] = s_num_rounds;
+        p.host_counters[kCounterNumRounds] = num_rounds;
     }
     // Every value reaches host memory before the sequence number that tells the host they are fresh.
     __threadfence_system();

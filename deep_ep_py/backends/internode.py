@@ -34,6 +34,7 @@ from .tensor_args import aligned16, on_device, ptr
 
 __all__ = ["InternodeKernels", "InternodeState"]
 
+
 @dataclasses.dataclass(frozen=True)
 class InternodeState:
     """What the kernels keep in DispatchHandle.backend_state.

@@ -173,7 +173,7 @@ class IntranodePath(KernelsPath):
         state = handle.backend_state
         matrix = handle.rank_prefix_matrix.cpu().to(torch.int64)  # [i][r]: rows r receives from ranks 0..i
         pair_counts = torch.cat([matrix[:1], matrix[1:] - matrix[:-1]])
-        needed = max(1, -(-int(pair_counts.max()) // state.rows_per_round))
+        needed = _rounds_needed(int(pair_counts.max()), state.rows_per_round)
         check_equal(f"{where} rounds the notify counted", int(state.num_rounds_device.item()), needed)
         if handle.num_worst_tokens == 0:
             check_equal(f"{where} rounds launched", state.num_rounds, needed)
@@ -332,6 +332,11 @@ def _set_barrier_epoch(ctx, kernels, epoch: int) -> None:
     ctx.barrier()
 
 
+def _rounds_needed(max_pair_count: int, rows_per_round: int) -> int:
+    """The rounds the busiest (source, destination) pair needs, at least 1 (as the notify kernel counts them)."""
+    return max(1, -(-max_pair_count // rows_per_round))
+
+
 def _local_epoch(kernels) -> int:
     """Barriers this rank has run (its control area's local_epoch), once its calls are done."""
     from deep_ep_py.runtime import device_bytes_view
@@ -360,7 +365,7 @@ def dead_rounds_case(ctx, path: IntranodePath) -> None:
     sent = is_token_in_rank.to(torch.int64).sum(dim=0).reshape(1, -1)
     pair_counts = [torch.empty_like(sent) for _ in range(ctx.num_ranks)]
     dist.all_gather(pair_counts, sent, group=ctx.group)
-    needed = max(1, -(-int(torch.cat(pair_counts).max()) // case.rows_per_round))
+    needed = _rounds_needed(int(torch.cat(pair_counts).max()), case.rows_per_round)
     num_worst = cases._total_tokens(ctx, inp.x.shape[0]) + 3  # as _run_step passes it
     launched = -(-num_worst // case.rows_per_round)
     check(launched > needed, f"the case launches {launched} rounds for the {needed} needed: no round to skip")
