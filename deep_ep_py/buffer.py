@@ -286,11 +286,17 @@ class Buffer:
             return result, EventOverlap(EventHandle() if async_finish else None)
         compute = ep_device.current_stream()
         comm = self.get_comm_stream()
-        if previous_event is not None and previous_event.event is not None:
+        after_previous_event = previous_event is not None and previous_event.event is not None
+        if after_previous_event:
             previous_event.event.stream_wait(comm)
         else:
             comm.wait_stream(compute)
-        with ep_device.stream(comm):
+        # The results come from the caller's stream's pool, as DeepEP's do without allocate_on_comm_stream, only
+        # where the communication stream waits for all of the caller's work: after previous_event alone, memory
+        # the caller's stream freed may still be read there by kernels queued after that event, and the allocator
+        # would hand it out at once. Handle state and scratch always live on the communication stream.
+        results_on_caller_stream = not allocate_on_comm_stream and not after_previous_event
+        with ep_device.stream(comm), ep_device.outputs_allocated_on(compute if results_on_caller_stream else None):
             try:
                 result = work()
             except BaseException:
@@ -299,11 +305,13 @@ class Buffer:
                 compute.wait_stream(comm)
                 raise
             done = EventHandle.recorded_on(comm)
-        # Outputs were allocated on the communication stream and will be used on the compute stream.
-        for tensor in _tensors_in(result):
+        # What came from the communication stream's pool will be used on the caller's.
+        results = _tensors_in(result)
+        for tensor in results:
             self._backend.record_stream(tensor, compute)
         if async_finish:
-            for tensor in inputs:
+            # The caller may free inputs, and results from its own pool, before the communication stream is done.
+            for tensor in (*inputs, *results) if results_on_caller_stream else inputs:
                 if tensor is not None and ep_device.is_kernel_tensor(tensor):
                     self._backend.record_stream(tensor, comm)
             return result, EventOverlap(done, extra_tensors=[t for t in inputs if t is not None])
@@ -432,7 +440,8 @@ class Buffer:
             previous_event,
             async_finish,
             allocate_on_comm_stream,
-            inputs=(values, scales, is_token_in_rank, topk_idx, topk_weights),
+            # A cached dispatch reads the handle's tensors too, and is_token_in_rank in it came from the caller's pool.
+            inputs=(values, scales, is_token_in_rank, topk_idx, topk_weights, *_tensors_in(handle)),
         )
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle = result
         recv = (recv_x, recv_scales) if scales is not None else recv_x
@@ -473,7 +482,7 @@ class Buffer:
             previous_event,
             async_finish,
             allocate_on_comm_stream,
-            inputs=(x, topk_weights, *biases),
+            inputs=(x, topk_weights, *biases, *_tensors_in(handle)),
         )
         return combined_x, combined_weights, event
 

@@ -26,6 +26,7 @@ from ._ext import emulated
 __all__ = [
     "CpuEvent",
     "CpuStream",
+    "allocating_outputs",
     "available",
     "current_stream",
     "device_count",
@@ -37,6 +38,7 @@ __all__ = [
     "kernel_device",
     "new_event",
     "new_stream",
+    "outputs_allocated_on",
     "record_stream",
     "stream",
     "synchronize",
@@ -158,6 +160,31 @@ def _current_cpu_stream_set_to(s: Any) -> Iterator[None]:
         yield
     finally:
         _current_cpu_stream.stream = previous
+
+
+# Per thread, the stream outputs_allocated_on named (None: outputs are allocated on the current stream).
+_output_stream = threading.local()
+
+
+@contextlib.contextmanager
+def outputs_allocated_on(s: Any) -> Iterator[None]:
+    """Within: allocating_outputs() makes `s` current, so that a call's results come from the pool of `s` in torch's
+    caching allocator (DeepEP's allocate_on_comm_stream=False: the caller's stream) while its work runs on
+    another. None: on whatever stream is current."""
+    previous = getattr(_output_stream, "stream", None)
+    _output_stream.stream = s
+    try:
+        yield
+    finally:
+        _output_stream.stream = previous
+
+
+def allocating_outputs() -> contextlib.AbstractContextManager:
+    """Around the torch.empty calls of results handed to the caller (never around scratch memory, which the work's
+    stream uses and frees, nor around launches or fills, which must stay in the work's stream order): the stream
+    outputs_allocated_on named is current within; a no-op where none was named."""
+    s = getattr(_output_stream, "stream", None)
+    return contextlib.nullcontext() if s is None else stream(s)
 
 
 def on_stream_of_now(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:

@@ -104,6 +104,36 @@ def test_host_timeout_releases_the_gil(ext):
     assert num_steps > 10
 
 
+# Mangled C++ namespaces of libtorch (at::, c10::, torch::): an extension that references none of them, nor links a
+# torch library, works with whichever torch is installed, which is what lets one build serve every torch version.
+_TORCH_SYMBOL_PREFIXES = ("_ZN2at", "_ZN3c10", "_ZN5torch", "_ZNK2at", "_ZNK3c10", "_ZNK5torch")
+
+
+@pytest.mark.parametrize("name", ["deep_ep_py._C", "deep_ep_py._C_emu"])
+def test_extension_does_not_link_torch(name):
+    import shutil
+    import subprocess
+
+    module = _ext._load(name)
+    if module is None:
+        if EXPECT_KERNELS:
+            pytest.fail(f"DEEP_EP_PY_EXPECT_KERNELS=1 but {name} is not built")
+        pytest.skip(f"{name} is not built")
+    if shutil.which("readelf") is None or shutil.which("nm") is None:
+        pytest.skip("binutils (readelf, nm) not installed")
+    path = module.__file__
+    dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert needed, f"readelf listed no NEEDED libraries of {path}:\n{dynamic}"
+    torch_libraries = [lib for lib in needed if lib.startswith(("libtorch", "libc10"))]
+    assert not torch_libraries, f"{name} links {torch_libraries}: it would be tied to one torch version"
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True)
+    symbols = [line.split()[-1] for line in undefined.stdout.splitlines() if line.strip()]
+    assert symbols, f"nm listed no undefined symbols of {path}"
+    from_torch = [symbol for symbol in symbols if symbol.startswith(_TORCH_SYMBOL_PREFIXES)]
+    assert not from_torch, f"{name} needs torch symbols {from_torch[:5]}: it would be tied to one torch version"
+
+
 def test_build_info(ext):
     info = ext.build_info()
     for key in ("cuda_version", "cuda_archs", "nvshmem_version"):

@@ -25,7 +25,7 @@ from .. import config as ep_config
 from .._ext import load_extension
 from ..config import Config
 from ..device import available as device_available
-from ..device import current_stream, is_current_stream_capturing, is_kernel_tensor
+from ..device import allocating_outputs, current_stream, is_current_stream_capturing, is_kernel_tensor
 from ..runtime import device_bytes_view
 from .reference import DispatchHandle, LowLatencyHandle, ReferenceBackend
 
@@ -136,10 +136,13 @@ class CudaBackend(ReferenceBackend):
         # found out of range, in an earlier call: raised here, once.
         self._layout_errors.check_and_reset("get_dispatch_layout (an earlier call's topk_idx)")
         num_nodes = self.topology.num_nodes
-        num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
-        num_tokens_per_rdma_rank = torch.empty(num_nodes, dtype=torch.int32, device=device) if num_nodes > 1 else None
-        num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-        is_token_in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
+        with allocating_outputs():
+            num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
+            num_tokens_per_rdma_rank = (
+                torch.empty(num_nodes, dtype=torch.int32, device=device) if num_nodes > 1 else None
+            )
+            num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+            is_token_in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=device)
         self._C.get_dispatch_layout(
             topk_idx.data_ptr(),
             num_tokens,

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from .. import config
 from ..device import current_stream, is_current_stream_capturing, record_stream, synchronize
 from ..errors import DeepEPError
+from ..recv_arena import Part
 from ..runtime import device_bytes_view
 from ..topology import Topology
 from .reference import DispatchHandle
@@ -189,11 +190,17 @@ class InternodeKernels(RoundKernels):
 
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_scales = x_scales.shape[1] if x_scales is not None else 0
-        recv_x = self._empty((num_recv_rows, hidden), x.dtype, device)
-        recv_scales = self._empty((num_recv_rows, num_scales), torch.float32, device) if x_scales is not None else None
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights = self._empty_outputs(
+            [
+                Part((num_recv_rows, hidden), x.dtype),
+                Part((num_recv_rows, num_scales), torch.float32) if x_scales is not None else None,
+                Part((num_recv_rows, num_topk), torch.int64) if num_topk else None,
+                Part((num_recv_rows, num_topk), torch.float32) if num_topk else None,
+            ],
+            device,
+        )
+        assert recv_x is not None
         recv_src_idx = self._empty((num_recv_rows,), torch.int32, device) if handle is None else None
-        recv_topk_idx = self._empty((num_recv_rows, num_topk), torch.int64, device) if num_topk else None
-        recv_topk_weights = self._empty((num_recv_rows, num_topk), torch.float32, device) if num_topk else None
         self._ext.internode_dispatch(
             **self._common(),
             num_rounds=state.num_rounds,

@@ -266,18 +266,25 @@ class IntranodeKernels(RoundKernels):
 
         num_topk = topk_idx.shape[1] if topk_idx is not None else 0
         num_scales = x_scales.shape[1] if x_scales is not None else 0
+        src_idx_part = Part((num_recv_rows,), torch.int32) if handle is None else None
         parts = [
             Part((num_recv_rows, hidden), x.dtype),
             Part((num_recv_rows, num_scales), torch.float32) if x_scales is not None else None,
-            Part((num_recv_rows,), torch.int32) if handle is None else None,
+            src_idx_part,
             Part((num_recv_rows, num_topk), torch.int64) if num_topk else None,
             Part((num_recv_rows, num_topk), torch.float32) if num_topk else None,
         ]
         outputs = self._arena_outputs(parts, device)
         in_arena = outputs is not None
         if outputs is None:
-            outputs = [self._empty(part.shape, part.dtype, device) if part is not None else None for part in parts]
-        recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
+            recv_x, recv_scales, _, recv_topk_idx, recv_topk_weights = self._empty_outputs(
+                [part if part is not src_idx_part else None for part in parts], device
+            )
+            # Handle state, which later calls read on the communication stream: allocated there.
+            recv_src_idx = self._empty(src_idx_part.shape, src_idx_part.dtype, device) if src_idx_part else None
+        else:
+            recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
+        assert recv_x is not None
         arena = self.recv_arena_buffer
         self._ext.intranode_dispatch(
             **self._common(),

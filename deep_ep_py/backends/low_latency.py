@@ -31,7 +31,14 @@ import torch.distributed as dist
 
 from .. import config
 from .._ext import emulated
-from ..device import current_stream, is_current_stream_capturing, kernel_device, on_stream_of_now, synchronize
+from ..device import (
+    allocating_outputs,
+    current_stream,
+    is_current_stream_capturing,
+    kernel_device,
+    on_stream_of_now,
+    synchronize,
+)
 from ..errors import DeepEPError
 from ..runtime import device_bytes_view
 from ..topology import Topology
@@ -311,22 +318,28 @@ class LowLatencyKernels:
 
         device = self.device
         num_slots = num_ranks * max_tokens
-        recv_x = torch.empty(
-            experts_per_rank, num_slots, hidden, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=device
-        )
-        recv_x_scales = None
-        if use_fp8:
-            num_cols = hidden // (4 * config.FP8_GROUP_SIZE) if use_ue8m0 else hidden // config.FP8_GROUP_SIZE
-            scale_dtype = torch.int32 if use_ue8m0 else torch.float32
-            # column-major in the last two dims: [L, cols, R*M] storage seen as [L, R*M, cols]
-            recv_x_scales = torch.empty(experts_per_rank, num_cols, num_slots, dtype=scale_dtype, device=device)
-            recv_x_scales = recv_x_scales.transpose(1, 2)
-        # Not filled (a fill is a launch on the decode path): the receive writes every row of each (expert, source)
-        # range of layout_range, and the combine reads those rows only, bounds-checked.
+        with allocating_outputs():
+            recv_x = torch.empty(
+                experts_per_rank,
+                num_slots,
+                hidden,
+                dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                device=device,
+            )
+            recv_x_scales = None
+            if use_fp8:
+                num_cols = hidden // (4 * config.FP8_GROUP_SIZE) if use_ue8m0 else hidden // config.FP8_GROUP_SIZE
+                scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+                # column-major in the last two dims: [L, cols, R*M] storage seen as [L, R*M, cols]
+                recv_x_scales = torch.empty(experts_per_rank, num_cols, num_slots, dtype=scale_dtype, device=device)
+                recv_x_scales = recv_x_scales.transpose(1, 2)
+            recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
+        # Handle state, read by the combine on the communication stream: allocated on the current one. Not filled
+        # (a fill is a launch on the decode path): the receive writes every row of each (expert, source) range of
+        # layout_range, and the combine reads those rows only, bounds-checked.
         src_info = torch.empty((experts_per_rank, num_slots), dtype=torch.int32, device=device)
         src_topk_slot = torch.empty((experts_per_rank, num_slots), dtype=torch.int32, device=device)
         layout_range = torch.empty(experts_per_rank, num_ranks, dtype=torch.int64, device=device)
-        recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
         recv_stats, finish_recv_stats = _accumulator(cumulative_local_expert_recv_stats, device)
         wait_stats, finish_wait_stats = _accumulator(dispatch_wait_recv_cost_stats, device)
         # Last, after everything that can raise: a call that raised on the host took no half (ranks stay in step).
@@ -430,7 +443,11 @@ class LowLatencyKernels:
         source = self.combine_buffer(handle, half_idx) if zero_copy else _aligned16(x)
         topk_idx = topk_idx.to(self.device).contiguous()
         topk_weights = topk_weights.to(self.device).contiguous()
-        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        if out is not None:
+            combined = out
+        else:
+            with allocating_outputs():
+                combined = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         wait_stats, finish_wait_stats = _accumulator(combine_wait_recv_cost_stats, self.device)
         args = {
             "num_max_dispatch_tokens_per_rank": max_tokens,

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from .. import config as ep_config
-from ..device import is_current_stream_capturing
+from ..device import allocating_outputs, is_current_stream_capturing
 from ..errors import DeepEPError
+from ..recv_arena import Part
 from .reference import DispatchHandle
 
 __all__ = ["RoundKernels", "UNBOUNDED_ROUNDS"]
@@ -67,7 +68,18 @@ class RoundKernels:
         self.error_record.check(what)
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype, device=device)
+        """Fresh handle state on the current (communication) stream, where later calls read it; poisoned for tests."""
+        return self._poisoned(torch.empty(shape, dtype=dtype, device=device))
+
+    def _empty_outputs(self, parts: list[Part | None], device: torch.device) -> list[torch.Tensor | None]:
+        """Fresh results for the caller, one per part (None stays None): allocated where allocating_outputs() says
+        (the caller's stream unless allocate_on_comm_stream), then poisoned for tests on the current stream, so that
+        the fill runs before this call's kernels write them."""
+        with allocating_outputs():
+            outputs = [torch.empty(p.shape, dtype=p.dtype, device=device) if p is not None else None for p in parts]
+        return [self._poisoned(out) if out is not None else None for out in outputs]
+
+    def _poisoned(self, out: torch.Tensor) -> torch.Tensor:
         if self.debug_poison_byte is not None:
             out.view(torch.uint8).fill_(self.debug_poison_byte)
         return out
@@ -76,16 +88,19 @@ class RoundKernels:
         self, num_tokens: int, hidden: int, num_topk: int, several_rounds: bool, device: torch.device
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(acc_x float32 [T, H], acc_weights float32 [T, K], combined_x bf16 [T, H], combined_weights float32
-        [T, K]) of a combine; the float32 accumulators only when the combine runs in several rounds, the weights
-        only with top-k weights (K > 0)."""
+        [T, K]) of a combine; the float32 accumulators (scratch, on the current stream) only when the combine runs
+        in several rounds, the weights only with top-k weights (K > 0)."""
         acc_x = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device) if several_rounds else None
         acc_weights = (
             torch.empty((num_tokens, num_topk), dtype=torch.float32, device=device)
             if several_rounds and num_topk
             else None
         )
-        combined_x = self._empty((num_tokens, hidden), torch.bfloat16, device)
-        combined_weights = self._empty((num_tokens, num_topk), torch.float32, device) if num_topk else None
+        combined_x, combined_weights = self._empty_outputs(
+            [Part((num_tokens, hidden), torch.bfloat16), Part((num_tokens, num_topk), torch.float32) if num_topk else None],
+            device,
+        )
+        assert combined_x is not None
         return acc_x, acc_weights, combined_x, combined_weights
 
     def _next_sequence(self) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from kernel_device import tier_device
+from result_streams import check_results_allocated_on_the_callers_stream
 
 from deep_ep_py import device as ep_device
 from deep_ep_py.runtime import finalize_nvshmem
@@ -125,6 +126,7 @@ def _compare(rank: int, num_ranks: int) -> None:
     _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
     _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
     _check_async_combine_keeps_the_handle(rebuilt, x, topk_idx, weights, num_experts, want_out)
+    check_results_allocated_on_the_callers_stream(rebuilt, x, topk_idx, weights, num_experts, MAX_TOKENS)
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
     _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
     _check_graph_through_buffer(rebuilt, num_experts, rank)

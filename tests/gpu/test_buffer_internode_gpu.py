@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from kernel_device import tier_device
+from result_streams import check_results_allocated_on_the_callers_stream
 
 from deep_ep_py import device as ep_device
 from deep_ep_py.runtime import finalize_nvshmem
@@ -124,6 +125,7 @@ def _compare(rank: int, num_ranks: int, topology_from: str, unverified_kernels: 
         assert got_list == want_list, f"{where}: per-expert counts {got_list} != {want_list}"
         _assert_combined_close(f"{where} combined_x", got_combined, want_combined, magnitude)
         _assert_combined_close(f"{where} combined |x|", got_magnitude, magnitude, magnitude)
+    check_results_allocated_on_the_callers_stream(cuda, x, topk_idx, weights, num_experts, low_latency_tokens=None)
     for buffer in buffers.values():
         buffer.destroy()
     finalize_nvshmem()
