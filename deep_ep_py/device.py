@@ -148,35 +148,30 @@ def new_stream() -> Any:
 def stream(s: Any) -> contextlib.AbstractContextManager:
     """torch.cuda.stream(s): `s` is the current stream inside the with block (this thread's, under emulation)."""
     if emulated():
-        return _current_cpu_stream_set_to(s)
+        return _set_in_this_thread(_current_cpu_stream, s)
     return torch.cuda.stream(s)
 
 
 @contextlib.contextmanager
-def _current_cpu_stream_set_to(s: Any) -> Iterator[None]:
-    previous = getattr(_current_cpu_stream, "stream", None)
-    _current_cpu_stream.stream = s
+def _set_in_this_thread(local: threading.local, s: Any) -> Iterator[None]:
+    """local.stream = s within, for this thread."""
+    previous = getattr(local, "stream", None)
+    local.stream = s
     try:
         yield
     finally:
-        _current_cpu_stream.stream = previous
+        local.stream = previous
 
 
 # Per thread, the stream outputs_allocated_on named (None: outputs are allocated on the current stream).
 _output_stream = threading.local()
 
 
-@contextlib.contextmanager
-def outputs_allocated_on(s: Any) -> Iterator[None]:
+def outputs_allocated_on(s: Any) -> contextlib.AbstractContextManager:
     """Within: allocating_outputs() makes `s` current, so that a call's results come from the pool of `s` in torch's
     caching allocator (DeepEP's allocate_on_comm_stream=False: the caller's stream) while its work runs on
     another. None: on whatever stream is current."""
-    previous = getattr(_output_stream, "stream", None)
-    _output_stream.stream = s
-    try:
-        yield
-    finally:
-        _output_stream.stream = previous
+    return _set_in_this_thread(_output_stream, s)
 
 
 def allocating_outputs() -> contextlib.AbstractContextManager:

@@ -158,7 +158,7 @@ class ReferenceBackend:
         recv_counts = counts[:, rank].tolist()
         num_recv_tokens = sum(recv_counts)
 
-        per_token = [x.cpu()]
+        per_token = [_byte_view_of_fp8(x.cpu())]
         if x_scales is not None:
             per_token.append(x_scales.cpu())
         if topk_idx is not None:
@@ -209,7 +209,7 @@ class ReferenceBackend:
         )
         to_device = lambda t: t.to(device) if t is not None else None
         return (
-            recv_x.to(device),
+            recv_x.to(device).view(x.dtype),
             to_device(recv_x_scales),
             to_device(recv_topk_idx),
             to_device(recv_topk_weights),
@@ -337,6 +337,7 @@ class ReferenceBackend:
             payload, scales = fp8.per_token_cast_to_fp8(x.cpu(), round_scale=round_scale, use_ue8m0=use_ue8m0)
         else:
             payload, scales = x.cpu(), None
+        payload = _byte_view_of_fp8(payload)
         fields_per_dest = []
         for dst in range(num_ranks):
             rows = dest == dst
@@ -412,7 +413,7 @@ class ReferenceBackend:
 
         def receive() -> None:
             index = (recv_expert.long().to(device), position.to(device))
-            recv_x.index_put_(index, recv_payload.to(device))
+            _byte_view_of_fp8(recv_x).index_put_(index, recv_payload.to(device))
             if recv_x_scales is not None:
                 recv_x_scales.index_put_(index, recv_scales.to(device))
             if cumulative_local_expert_recv_stats is not None:
@@ -518,6 +519,12 @@ class ReferenceBackend:
     def destroy(self) -> None:
         """Release what the backend holds (the reference holds only host-side state)."""
         self.combine_buffers.clear()
+
+
+def _byte_view_of_fp8(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor, or its bytes where it is FP8: torch before 2.10 or so (2.9 has none) lacks CPU indexing kernels for
+    float8 dtypes, and the reference only moves FP8 values, never computes with them."""
+    return tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
 
 
 def _pad_rows(tensor: torch.Tensor | None, num_rows: int, fill: float) -> torch.Tensor | None:

@@ -96,10 +96,9 @@ class RoundKernels:
             if several_rounds and num_topk
             else None
         )
-        combined_x, combined_weights = self._empty_outputs(
-            [Part((num_tokens, hidden), torch.bfloat16), Part((num_tokens, num_topk), torch.float32) if num_topk else None],
-            device,
-        )
+        weights = Part((num_tokens, num_topk), torch.float32) if num_topk else None
+        combined = Part((num_tokens, hidden), torch.bfloat16)
+        combined_x, combined_weights = self._empty_outputs([combined, weights], device)
         assert combined_x is not None
         return acc_x, acc_weights, combined_x, combined_weights
 
