@@ -20,6 +20,8 @@ def check_results_allocated_on_the_callers_stream(
 
     if not unverified_kernels_enabled():
         return  # the reference fallback's torch ops allocate on the stream they run on
+    if getattr(buffer, "num_recv_arena_bytes", 0):
+        return  # dispatch results come from the receive arena, not from either pool
     compute, comm = ep_device.current_stream(), buffer.get_comm_stream()
     allocated_on: dict[int, str] = {}
     real_empty = torch.empty
@@ -31,7 +33,12 @@ def check_results_allocated_on_the_callers_stream(
         return tensor
 
     def streams_of(tensors: dict) -> dict:
-        return {name: allocated_on.get(tensor.data_ptr(), "not by torch.empty") for name, tensor in tensors.items()}
+        # Empty tensors all have data_ptr 0 and hold no memory of either pool.
+        return {
+            name: allocated_on.get(tensor.data_ptr(), "not by torch.empty")
+            for name, tensor in tensors.items()
+            if tensor.numel() > 0
+        }
 
     def normal(**kwargs) -> tuple[dict, dict]:
         per_rank, per_rdma, per_expert, in_rank, event = buffer.get_dispatch_layout(topk_idx, num_experts, **kwargs)
