@@ -277,13 +277,10 @@ class IntranodeKernels(RoundKernels):
         outputs = self._arena_outputs(parts, device)
         in_arena = outputs is not None
         if outputs is None:
-            recv_x, recv_scales, _, recv_topk_idx, recv_topk_weights = self._empty_outputs(
-                [part if part is not src_idx_part else None for part in parts], device
-            )
-            # Handle state, which later calls read on the communication stream: allocated there.
-            recv_src_idx = self._empty(src_idx_part.shape, src_idx_part.dtype, device) if src_idx_part else None
-        else:
-            recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
+            outputs = self._empty_outputs([None if part is src_idx_part else part for part in parts], device)
+            # src_idx is handle state, which later calls read on the communication stream: allocated there.
+            outputs[2] = self._empty(src_idx_part.shape, src_idx_part.dtype, device) if src_idx_part else None
+        recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights = outputs
         assert recv_x is not None
         arena = self.recv_arena_buffer
         self._ext.intranode_dispatch(
