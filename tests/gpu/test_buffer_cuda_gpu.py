@@ -21,8 +21,8 @@ NUM_TOKENS, HIDDEN, NUM_TOPK, EXPERTS_PER_RANK, MAX_TOKENS = 96, 256, 4, 4, 128
 COMBINE_TOLERANCE = 1e-2  # bf16 rounding of float32 sums that may be added in another order
 
 
-def _inputs(rank: int, num_experts: int, device: torch.device):
-    gen = torch.Generator().manual_seed(1000 + rank)
+def _inputs(rank: int, num_experts: int, device: torch.device, seed: int = 1000):
+    gen = torch.Generator().manual_seed(seed + rank)
     x = torch.randn(NUM_TOKENS, HIDDEN, generator=gen).to(torch.bfloat16)
     topk_idx = torch.randn(NUM_TOKENS, num_experts, generator=gen).topk(NUM_TOPK).indices
     topk_idx[torch.rand(NUM_TOKENS, NUM_TOPK, generator=gen) < 0.1] = -1
@@ -48,6 +48,25 @@ def _normal(buffer, x, topk_idx, weights, num_experts):
     return [per_rank, per_expert, in_rank, recv_x, recv_idx, recv_w, handle[0]], per_expert_list, combined, combined_w
 
 
+def _assert_normal_matches(got, want, rank: int) -> None:
+    """_normal's results of the kernels against the reference's: exact but for the combine's float32 sums."""
+    (got_outputs, got_list, got_combined, got_w), (want_outputs, want_list, want_combined, want_w) = got, want
+    for i, (g, w) in enumerate(zip(got_outputs, want_outputs)):
+        assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: normal-mode output {i} differs"
+    assert got_list == want_list, f"rank {rank}: per-expert counts {got_list} != {want_list}"
+    torch.testing.assert_close(got_combined.float(), want_combined.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-6)
+
+
+def _assert_low_latency_matches(got, want, where: str) -> None:
+    """(rows per expert, recv_count, combined) of the kernels against the reference's."""
+    (got_rows, got_count, got_out), (want_rows, want_count, want_out) = got, want
+    assert torch.equal(got_count.cpu(), want_count.cpu()), f"{where}: recv_count differs"
+    for e, (g, w) in enumerate(zip(got_rows, want_rows)):
+        assert torch.equal(g.cpu(), w.cpu()), f"{where}: rows of local expert {e} differ"
+    torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+
+
 def _check_kernels_took(buffer, module: str, handle) -> None:
     """With the kernels on, the call went by them (their module owns its handle), not the reference fallback: a
     wiring slip in backends/cuda.py would otherwise pass as a match with the reference."""
@@ -65,13 +84,16 @@ def _low_latency(buffer, x, topk_idx, weights, num_experts):
         x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False, return_recv_hook=True
     )
     hook()
-    valid = [recv_x[e, : int(recv_count[e])] for e in range(recv_x.shape[0])]
-    # row order within an expert is the implementation's: compare sorted rows
-    rows = [v.float().sort(dim=0).values for v in valid]
+    rows = _rows_per_expert(recv_x, recv_count)
     out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
     ep_device.synchronize()
     _check_kernels_took(buffer, "low_latency", handle)
     return rows, recv_count, out
+
+
+def _rows_per_expert(recv_x, recv_count) -> list[torch.Tensor]:
+    """Each local expert's received rows, sorted: the row order within an expert is the implementation's."""
+    return [recv_x[e, : int(recv_count[e])].float().sort(dim=0).values for e in range(recv_x.shape[0])]
 
 
 def _compare(rank: int, num_ranks: int) -> None:
@@ -90,22 +112,11 @@ def _compare(rank: int, num_ranks: int) -> None:
     assert buffers["cuda"].backend == "cuda"
     x, topk_idx, weights = _inputs(rank, num_experts, device)
     for _ in range(3):  # repeated calls: no stale state between them
-        got, got_list, got_combined, got_w = _normal(buffers["cuda"], x, topk_idx, weights, num_experts)
-        want, want_list, want_combined, want_w = _normal(buffers["reference"], x, topk_idx, weights, num_experts)
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: normal-mode output {i} differs"
-        assert got_list == want_list, f"rank {rank}: per-expert counts {got_list} != {want_list}"
-        torch.testing.assert_close(
-            got_combined.float(), want_combined.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE
-        )
-        torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-6)
-
-        got_rows, got_count, got_out = _low_latency(buffers["cuda"], x, topk_idx, weights, num_experts)
-        want_rows, want_count, want_out = _low_latency(buffers["reference"], x, topk_idx, weights, num_experts)
-        assert torch.equal(got_count.cpu(), want_count.cpu()), f"rank {rank}: recv_count differs"
-        for e, (g, w) in enumerate(zip(got_rows, want_rows)):
-            assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: rows of local expert {e} differ"
-        torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+        got = _normal(buffers["cuda"], x, topk_idx, weights, num_experts)
+        _assert_normal_matches(got, _normal(buffers["reference"], x, topk_idx, weights, num_experts), rank)
+        want_low_latency = _low_latency(buffers["reference"], x, topk_idx, weights, num_experts)
+        got = _low_latency(buffers["cuda"], x, topk_idx, weights, num_experts)
+        _assert_low_latency_matches(got, want_low_latency, f"rank {rank}")
     for buffer in buffers.values():
         buffer.destroy()
 
@@ -118,17 +129,14 @@ def _compare(rank: int, num_ranks: int) -> None:
     )
     if rebuilt._backend.low_latency is not None:  # None where the kernels are off (the reference serves)
         assert rebuilt._backend.low_latency.mask_on_timeout, "enable_shrink did not reach the low-latency kernels"
-    got_rows, got_count, got_out = _low_latency(rebuilt, x, topk_idx, weights, num_experts)
-    assert torch.equal(got_count.cpu(), want_count.cpu()), f"rank {rank}: recv_count differs after the rebuild"
-    for e, (g, w) in enumerate(zip(got_rows, want_rows)):
-        assert torch.equal(g.cpu(), w.cpu()), f"rank {rank}: rows of local expert {e} differ after the rebuild"
-    torch.testing.assert_close(got_out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    got = _low_latency(rebuilt, x, topk_idx, weights, num_experts)
+    _assert_low_latency_matches(got, want_low_latency, f"rank {rank} after the rebuild")
     _check_unchecked_id_raises_next_layout(rebuilt, topk_idx, num_experts, rank)
-    _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, (want_rows, want_count, want_out))
-    _check_async_combine_keeps_the_handle(rebuilt, x, topk_idx, weights, num_experts, want_out)
+    _check_hooks_run_on_the_call_stream(rebuilt, x, topk_idx, weights, num_experts, want_low_latency)
+    _check_async_combine_keeps_the_handle(rebuilt, x, topk_idx, weights, num_experts, want_low_latency[2])
     check_results_allocated_on_the_callers_stream(rebuilt, x, topk_idx, weights, num_experts, MAX_TOKENS)
     _check_low_latency_id_raises_next_call(rebuilt, x, topk_idx, num_experts, rank)
-    _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_out)
+    _check_local_buffer_tensor(rebuilt, x, topk_idx, weights, num_experts, rank, want_low_latency[2])
     _check_graph_through_buffer(rebuilt, num_experts, rank)
     _check_experts_switch_needs_clean(rebuilt, x, weights, num_experts, rank)
     rebuilt.destroy()
@@ -164,7 +172,6 @@ def _check_unchecked_id_raises_next_layout(buffer, topk_idx, num_experts: int, r
 def _check_hooks_run_on_the_call_stream(buffer, x, topk_idx, weights, num_experts: int, want) -> None:
     """vLLM's and SGLang's micro-batch overlap call one batch's hook from the other batch's stream: the receive
     still runs on the stream of the call (as DeepEP's), so the results read there are complete."""
-    want_rows, want_count, want_out = want
     call_stream, other_stream = ep_device.new_stream(), ep_device.new_stream()
     call_stream.wait_stream(ep_device.current_stream())
     with ep_device.stream(call_stream):
@@ -176,17 +183,14 @@ def _check_hooks_run_on_the_call_stream(buffer, x, topk_idx, weights, num_expert
         hook()
     with ep_device.stream(call_stream):
         count = recv_count.clone()
-        rows = [recv_x[e, : int(count[e])].float().sort(dim=0).values for e in range(recv_x.shape[0])]
+        rows = _rows_per_expert(recv_x, count)
         out, _, hook = buffer.low_latency_combine(recv_x, topk_idx, weights, handle, return_recv_hook=True)
     with ep_device.stream(other_stream):
         hook()
     with ep_device.stream(call_stream):
         out = out.clone()
     call_stream.synchronize()
-    assert torch.equal(count.cpu(), want_count.cpu()), "recv_count differs with the hook run from another stream"
-    for e, (g, w) in enumerate(zip(rows, want_rows)):
-        assert torch.equal(g.cpu(), w.cpu()), f"rows of local expert {e} differ with the hook run from another stream"
-    torch.testing.assert_close(out.float(), want_out.float(), rtol=COMBINE_TOLERANCE, atol=COMBINE_TOLERANCE)
+    _assert_low_latency_matches((rows, count, out), want, "with the hooks run from another stream")
 
 
 def _check_async_combine_keeps_the_handle(buffer, x, topk_idx, weights, num_experts: int, want_out) -> None:
@@ -394,6 +398,59 @@ def test_buffer_cuda_matches_reference(
 ) -> None:
     env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": unverified_kernels, "DEEP_EP_PY_TIMEOUT_S": "30"}
     launch(_compare, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)
+
+
+def _two_buffers_at_once(rank: int, num_ranks: int) -> None:
+    """Two cuda Buffers alive in one process with their calls interleaved: vLLM's dual-batch overlap keeps a
+    low-latency Buffer per micro-batch, and SGLang's auto mode makes normal-mode calls on a Buffer that also serves
+    low latency. Both batches are sent before either is received (the second first), and the second Buffer runs a
+    normal-mode dispatch and combine in between: each Buffer's symmetric memory, signals, buffer halves, IPC
+    buffer and error record are its own, so every result is the reference Buffer's for the same batch."""
+    import deep_ep_py
+
+    device = ep_device.kernel_device()
+    num_experts = EXPERTS_PER_RANK * num_ranks
+    group = dist.group.WORLD
+    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
+    nvl = max(config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) for config in configs)
+    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    options = {"low_latency_mode": True, "explicitly_destroy": True}
+    buffers = [
+        deep_ep_py.Buffer(group, 0, rdma, backend="cuda", **options),
+        deep_ep_py.Buffer(group, nvl, rdma, backend="cuda", **options),
+    ]
+    reference = deep_ep_py.Buffer(group, nvl, rdma, backend="reference", **options)
+    batches = [_inputs(rank, num_experts, device, seed) for seed in (1000, 2000)]
+    want_low_latency = [_low_latency(reference, *batch, num_experts) for batch in batches]
+    want_normal = _normal(reference, *batches[0], num_experts)
+    for step in range(3):  # each Buffer alternates its halves: both halves of both, and back to the first
+        sends = [
+            buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False, return_recv_hook=True)
+            for buffer, (x, topk_idx, _) in zip(buffers, batches)
+        ]
+        _assert_normal_matches(_normal(buffers[1], *batches[0], num_experts), want_normal, rank)
+        for *_, hook in reversed(sends):
+            hook()
+        rows = [_rows_per_expert(recv_x, recv_count) for recv_x, recv_count, *_ in sends]
+        combines = [
+            buffer.low_latency_combine(recv_x, topk_idx, weights, handle, return_recv_hook=True)
+            for buffer, (recv_x, _, handle, _, _), (_, topk_idx, weights) in zip(buffers, sends, batches)
+        ]
+        for *_, hook in combines:
+            hook()
+        ep_device.synchronize()
+        for i, buffer in enumerate(buffers):
+            _check_kernels_took(buffer, "low_latency", sends[i][2])
+            got = (rows[i], sends[i][1], combines[i][0])
+            _assert_low_latency_matches(got, want_low_latency[i], f"rank {rank} step {step} Buffer {i}")
+    for buffer in (*buffers, reference):
+        buffer.destroy()
+    finalize_nvshmem()
+
+
+def test_two_buffers_alive_at_once(require_gpu, num_ranks: int, launch_timeout_s: float) -> None:
+    env = {"DEEP_EP_PY_UNVERIFIED_KERNELS": "1", "DEEP_EP_PY_TIMEOUT_S": "30"}
+    launch(_two_buffers_at_once, num_ranks, timeout_s=launch_timeout_s, device=tier_device(), env=env)
 
 
 def _shrink_through_buffer(rank: int, num_ranks: int) -> None:
