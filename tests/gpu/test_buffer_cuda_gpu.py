@@ -96,15 +96,22 @@ def _rows_per_expert(recv_x, recv_count) -> list[torch.Tensor]:
     return [recv_x[e, : int(recv_count[e])].float().sort(dim=0).values for e in range(recv_x.shape[0])]
 
 
+def _buffer_bytes(num_ranks: int, num_experts: int) -> tuple[int, int]:
+    """(num_nvl_bytes, num_rdma_bytes) of a Buffer for both modes at this file's sizes."""
+    import deep_ep_py
+
+    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
+    nvl = max(config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) for config in configs)
+    return nvl, deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+
+
 def _compare(rank: int, num_ranks: int) -> None:
     import deep_ep_py
 
     device = ep_device.kernel_device()
     num_experts = EXPERTS_PER_RANK * num_ranks
     group = dist.group.WORLD
-    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
-    nvl = max(config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) for config in configs)
-    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    nvl, rdma = _buffer_bytes(num_ranks, num_experts)
     buffers = {
         name: deep_ep_py.Buffer(group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True, backend=name)
         for name in ("cuda", "reference")
@@ -411,9 +418,7 @@ def _two_buffers_at_once(rank: int, num_ranks: int) -> None:
     device = ep_device.kernel_device()
     num_experts = EXPERTS_PER_RANK * num_ranks
     group = dist.group.WORLD
-    configs = (deep_ep_py.Buffer.get_dispatch_config(num_ranks), deep_ep_py.Buffer.get_combine_config(num_ranks))
-    nvl = max(config.get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks) for config in configs)
-    rdma = deep_ep_py.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, num_experts)
+    nvl, rdma = _buffer_bytes(num_ranks, num_experts)
     options = {"low_latency_mode": True, "explicitly_destroy": True}
     buffers = [
         deep_ep_py.Buffer(group, 0, rdma, backend="cuda", **options),
