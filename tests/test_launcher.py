@@ -3,6 +3,7 @@ deep_ep_py.testing.batch: many cases in one launch, each failure, hang or broken
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import time
@@ -63,6 +64,19 @@ def _exit_on_rank(rank: int, num_ranks: int, bad_rank: int):
 
 def _read_env(rank: int, num_ranks: int):
     return os.environ.get(_ENV_NAME), _ENV_AT_IMPORT
+
+
+def _fresh_tensors(rank: int, num_ranks: int):
+    return torch.empty(3).tolist(), torch.empty(2, dtype=torch.int32).tolist()
+
+
+def test_emulated_ranks_get_garbage_in_fresh_tensors():
+    """Under the emulator, as on a GPU, a fresh tensor does not read as zeros: a kernel that reads what it never
+    wrote fails the GPU tier there too. Plain CPU ranks keep torch's defaults."""
+    emulated = launch(_fresh_tensors, 2, device="emulated", timeout_s=120)
+    for floats, ints in emulated:
+        assert all(math.isnan(v) for v in floats) and ints == [2**31 - 1] * 2, (floats, ints)
+    assert not torch.are_deterministic_algorithms_enabled(), "the launch changed the parent's torch settings"
 
 
 def _assert_all_dead(pid_dir: str, num_ranks: int) -> None:

@@ -30,6 +30,12 @@
 
 namespace ep_emu {
 
+// What fresh emulated allocations (cudaMalloc, cudaHostAlloc, nvshmem_align) hold. A GPU's fresh memory holds
+// whatever was there before, not zeros, so code that reads memory it never wrote must fail here too rather than
+// pass on the zero pages of a new mapping. 0x7F bytes read as int 2139062143 (past any index or count) and as
+// float and bf16 3.4e38 (a sum that takes one in overflows), and as no flag, epoch or -1 sentinel the kernels use.
+constexpr unsigned char kUninitializedByte = 0x7F;
+
 // Runs `body` as every thread of a grid-by-block launch and returns when all have finished (launches are
 // synchronous: a stream is always idle between calls). One launch at a time per process.
 void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body);

@@ -563,6 +563,7 @@ void* nvshmem_align(size_t alignment, size_t size) {
         if (offset > start) state.free_ranges.emplace(start, offset - start);
         if (end > offset + size) state.free_ranges.emplace(offset + size, end - (offset + size));
         state.allocations.emplace(offset, size);
+        std::memset(state.heaps[state.my_pe] + offset, ep_emu::kUninitializedByte, size);
         // NVSHMEM's allocation is a barrier too: no PE touches a peer's block before that peer has it.
         barrier_all("nvshmem_align");
         return state.heaps[state.my_pe] + offset;

@@ -18,6 +18,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "emu_device.hpp"
+
 namespace {
 
 constexpr char kHandleMagic[8] = {'D', 'E', 'E', 'P', 'E', 'M', 'U', '1'};
@@ -161,6 +163,7 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
         close(fd);
         return fail(cudaErrorMemoryAllocation);
     }
+    std::memset(memory, ep_emu::kUninitializedByte, size);
     std::lock_guard<std::mutex> lock(allocations_mutex);
     allocations[memory] = Allocation{fd, size};
     *ptr = memory;
@@ -177,8 +180,10 @@ cudaError_t cudaMemset(void* ptr, int value, size_t count) {
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) { return cudaMemset(ptr, value, count); }
 
 cudaError_t cudaHostAlloc(void** ptr, size_t size, unsigned int) {
-    *ptr = std::calloc(size == 0 ? 1 : size, 1);
-    return *ptr != nullptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+    *ptr = std::malloc(size == 0 ? 1 : size);
+    if (*ptr == nullptr) return fail(cudaErrorMemoryAllocation);
+    std::memset(*ptr, ep_emu::kUninitializedByte, size);
+    return cudaSuccess;
 }
 
 cudaError_t cudaFreeHost(void* ptr) {

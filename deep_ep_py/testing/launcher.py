@@ -93,10 +93,19 @@ def find_free_port() -> int:
 
 
 def _bind_device(spec: _RankSpec) -> None:
-    """Select what this rank computes on: nothing to do on the CPU; rank % device_count on CUDA."""
+    """Select what this rank computes on: nothing to do on the CPU; rank % device_count on CUDA. Under the
+    emulator, fresh tensors hold garbage as a GPU's do."""
+    import torch
+
+    if spec.device == "emulated":
+        # torch.empty on a GPU returns what the caching allocator last held there; on the CPU large tensors come
+        # from fresh zero pages, so a kernel that reads an output, a handle tensor or scratch before writing it
+        # passed here and failed on a GPU. With deterministic algorithms on, torch fills every fresh tensor (NaN,
+        # the largest integer); warn_only keeps the ops that have no deterministic version running.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
     if spec.device != "cuda":
         return
-    import torch
 
     num_devices = torch.cuda.device_count()
     if num_devices < 1:

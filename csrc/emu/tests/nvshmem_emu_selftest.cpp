@@ -148,6 +148,8 @@ void allocation(int me, int n) {
     CHECK(reinterpret_cast<uintptr_t>(c) % (size_t{2} << 20) == 0);
     CHECK(nvshmem_align(8, size_t{1} << 30) == nullptr);
     CHECK(nvshmem_align(8, 0) == nullptr);
+    // A fresh block holds garbage, as NVSHMEM's heap does on a GPU: code that reads before it writes fails here.
+    for (const uint8_t* block : {a, b, c}) CHECK(block[0] == ep_emu::kUninitializedByte && block[99] == block[0]);
 
     // Every PE got the same layout: each writes its offsets into row `me` of every PE's table.
     uint64_t* table = symmetric<uint64_t>(static_cast<size_t>(n) * 3);
@@ -290,10 +292,15 @@ void late_network_writes_scenario(const nvshmemx_uniqueid_t& id, int me) {
     uint8_t* recv = symmetric<uint8_t>(2 * kRow);
     int* header = symmetric<int>(1);
     uint64_t* signal = symmetric<uint64_t>(1);
+    uint64_t* ready = symmetric<uint64_t>(1);
     for (size_t i = 0; i < 2 * kRow; ++i) send[i] = pattern(me, 1, i);
     nvshmem_barrier_all();
     CHECK(nvshmem_ptr(recv, 1 - me) == nullptr);
+    // A PE still leaving the barrier delivers the puts that reach it by then (it may: NVSHMEM promises visibility
+    // after a barrier, not invisibility before one), so PE 0 puts only once PE 1 says it has left.
+    if (me == 1) kernel([&] { if (threadIdx.x == 0) nvshmemx_signal_op(ready, 1, NVSHMEM_SIGNAL_SET, 0); });
     if (me == 0) {
+        kernel([&] { if (threadIdx.x == 0) wait_at_least(ready, 1); });
         kernel([&] {
             nvshmemx_putmem_nbi_warp(recv, send, kRow, 1);
             if (threadIdx.x == 0) {
