@@ -79,6 +79,22 @@ def test_emulated_ranks_get_garbage_in_fresh_tensors():
     assert not torch.are_deterministic_algorithms_enabled(), "the launch changed the parent's torch settings"
 
 
+def _write_to_stdout(rank: int, num_ranks: int):
+    print(f"print-from-rank-{rank}")
+    os.write(1, f"fd1-from-rank-{rank}\n".encode())  # as a C++ library such as Gloo writes
+    return rank
+
+
+def test_rank_stdout_goes_to_stderr(capfd):
+    """The caller's stdout is its own: the bench's table is parsed from it, and Gloo in torch 2.9 prints a line from
+    every rank there as the group starts. What a rank writes reaches stderr instead, nothing lost."""
+    assert launch(_write_to_stdout, 2, timeout_s=60) == [0, 1]
+    out, err = capfd.readouterr()
+    assert "from-rank-" not in out, out
+    for rank in range(2):
+        assert f"print-from-rank-{rank}" in err and f"fd1-from-rank-{rank}" in err, err
+
+
 def _assert_all_dead(pid_dir: str, num_ranks: int) -> None:
     pids = []
     for rank in range(num_ranks):

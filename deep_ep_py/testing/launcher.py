@@ -12,6 +12,8 @@ Failures:
 - a rank that has not reported after ``timeout_s`` seconds fails it with :class:`TimeoutError` naming the ranks
   that did not finish.
 In every case the children are terminated, then killed, and reaped: no process outlives ``launch``.
+What a rank writes to its stdout (print, and C++ libraries such as Gloo and NVSHMEM) goes to stderr: the caller's
+stdout carries only what the caller prints.
 
 Devices: ``device="cpu"`` (the default) leaves CUDA alone. ``device="cuda"`` makes rank ``r`` call
 ``torch.cuda.set_device(r % torch.cuda.device_count())`` before init_process_group (in :func:`_bind_device`, the
@@ -34,6 +36,7 @@ import multiprocessing.connection
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -114,6 +117,11 @@ def _bind_device(spec: _RankSpec) -> None:
 
 
 def _child_main(spec: _RankSpec, payload: bytes, conn: multiprocessing.connection.Connection) -> None:
+    # A rank returns its result through conn; what it writes is diagnostics. File descriptor 1 goes to stderr, so
+    # the caller's stdout holds only what the caller prints: C++ libraries write there too, and Gloo in torch 2.9
+    # prints "[Gloo] Rank 0 is connected to 1 peer ranks..." from every rank, piece by piece, into the bench's table.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     # The environment was already set by the parent at spawn time; setting it again is a no-op that also keeps
     # this function usable on its own.
     os.environ.update(spec.env)
